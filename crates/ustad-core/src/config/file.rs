@@ -1,0 +1,433 @@
+//! `ustad.toml`: the raw file schema, and its translation into a [`Config`] that remembers
+//! where each value was written, so validation errors can name the line and column.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use toml::Spanned;
+
+use super::value::{Command, DurationValue, ListenAddr, Readiness, Signal, Size, SocketMode};
+use super::{
+    Config, ConfigError, DEFAULT_BACKLOG, Diagnostic, Location, PoolSpec, SocketSpec, SpanTable,
+};
+
+/// Settings that may be given at the top level as defaults for every pool.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    kill_timeout: Option<DurationValue>,
+    restart_delay: Option<DurationValue>,
+    ready: Option<Readiness>,
+    ready_timeout: Option<DurationValue>,
+    min_uptime: Option<DurationValue>,
+    stop_signal: Option<Signal>,
+    ttl: Option<DurationValue>,
+    strict: Option<bool>,
+    silent: Option<bool>,
+    #[serde(default)]
+    sockets: IndexMap<Spanned<String>, Spanned<RawSocket>>,
+    #[serde(default)]
+    pools: IndexMap<Spanned<String>, Spanned<RawPool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSocket {
+    listen: Spanned<ListenAddr>,
+    mode: Option<Spanned<SocketMode>>,
+    backlog: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    command: Spanned<Command>,
+    size: Option<Spanned<Size>>,
+    #[serde(default)]
+    sockets: Vec<Spanned<String>>,
+    ready: Option<Spanned<Readiness>>,
+    ready_timeout: Option<Spanned<DurationValue>>,
+    #[serde(default)]
+    env: IndexMap<Spanned<String>, EnvValue>,
+    cwd: Option<PathBuf>,
+    ttl: Option<Spanned<DurationValue>>,
+    strict: Option<bool>,
+    kill_timeout: Option<DurationValue>,
+    restart_delay: Option<DurationValue>,
+    min_uptime: Option<DurationValue>,
+    stop_signal: Option<Signal>,
+    silent: Option<bool>,
+}
+
+/// An environment value: a string, or a number or boolean written without quotes
+/// (`PORT = 3000`), which is passed on as its text.
+#[derive(Debug)]
+struct EnvValue(String);
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EnvVisitor;
+        impl Visitor<'_> for EnvVisitor {
+            type Value = EnvValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(EnvVisitor)
+    }
+}
+
+/// Parses and validates `text`, read from `path`.
+pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let raw: RawConfig = toml::from_str(text).map_err(|error| {
+        let message = error.message().to_owned();
+        let diagnostic = match error.span() {
+            Some(span) => Diagnostic::at_span(&origin, text, span, message),
+            None => Diagnostic::unlocated(&origin, message),
+        };
+        ConfigError::Invalid {
+            diagnostics: vec![diagnostic],
+        }
+    })?;
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let (config, spans) = resolve(raw, base_dir);
+    match config.validate() {
+        Ok(()) => Ok(config),
+        Err(problems) => {
+            let mut diagnostics: Vec<(usize, Diagnostic)> = problems
+                .into_iter()
+                .map(|problem| match spans.get(&problem.at) {
+                    Some(span) => (
+                        span.start,
+                        Diagnostic::at_span(&origin, text, span.clone(), problem.message),
+                    ),
+                    None => (0, Diagnostic::unlocated(&origin, problem.to_string())),
+                })
+                .collect();
+            diagnostics.sort_by_key(|(start, _)| *start);
+            Err(ConfigError::Invalid {
+                diagnostics: diagnostics.into_iter().map(|(_, d)| d).collect(),
+            })
+        }
+    }
+}
+
+/// Turns the raw file into a [`Config`], applying top-level defaults, and records where each
+/// checked value was written.
+fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
+    let mut spans = SpanTable::new();
+    let mut config = Config::default();
+
+    for (name, socket) in raw.sockets {
+        let name_span = name.span();
+        let name = name.into_inner();
+        let socket_span = socket.span();
+        let socket = socket.into_inner();
+        spans.insert(Location::Socket(name.clone()), name_span);
+        spans.insert(
+            Location::SocketField(name.clone(), "listen"),
+            socket.listen.span(),
+        );
+        if let Some(mode) = &socket.mode {
+            spans.insert(Location::SocketField(name.clone(), "mode"), mode.span());
+        }
+        spans.insert(
+            Location::SocketField(name.clone(), "backlog"),
+            socket.backlog.as_ref().map_or(socket_span, Spanned::span),
+        );
+        let spec = SocketSpec {
+            listen: socket.listen.into_inner(),
+            mode: socket.mode.map(Spanned::into_inner).unwrap_or_default(),
+            backlog: socket.backlog.map_or(DEFAULT_BACKLOG, Spanned::into_inner),
+        };
+        config.sockets.insert(name, spec);
+    }
+
+    for (name, pool) in raw.pools {
+        let name_span = name.span();
+        let name = name.into_inner();
+        let pool = pool.into_inner();
+        spans.insert(Location::Pool(name.clone()), name_span.clone());
+        let field = |field: &'static str| Location::PoolField(name.clone(), field);
+        spans.insert(field("command"), pool.command.span());
+        let mut spec = PoolSpec::new(pool.command.into_inner());
+        if let Some(size) = pool.size {
+            spans.insert(field("size"), size.span());
+            spec.size = size.into_inner();
+        }
+        for (index, socket) in pool.sockets.iter().enumerate() {
+            spans.insert(Location::PoolSocket(name.clone(), index), socket.span());
+        }
+        spec.sockets = pool.sockets.into_iter().map(Spanned::into_inner).collect();
+        // A pool-level value wins over the top-level default, which wins over the built-in one.
+        let ready = pool.ready.map(|r| {
+            spans.insert(field("ready"), r.span());
+            r.into_inner()
+        });
+        spec.ready = ready.or(raw.ready).unwrap_or(spec.ready);
+        let ready_timeout = pool.ready_timeout.map(|t| {
+            spans.insert(field("ready_timeout"), t.span());
+            t.into_inner()
+        });
+        if let Some(timeout) = ready_timeout.or(raw.ready_timeout) {
+            spec.ready_timeout = timeout.0;
+        }
+        for (key, value) in pool.env {
+            spans.insert(
+                Location::PoolEnv(name.clone(), key.get_ref().clone()),
+                key.span(),
+            );
+            spec.env.insert(key.into_inner(), value.0);
+        }
+        spec.cwd = pool.cwd.map(|cwd| base_dir.join(cwd));
+        let ttl = pool.ttl.map(|t| {
+            spans.insert(field("ttl"), t.span());
+            t.into_inner()
+        });
+        spec.ttl = ttl.or(raw.ttl).map(|t| t.0);
+        spec.strict = pool.strict.or(raw.strict).unwrap_or(spec.strict);
+        spec.silent = pool.silent.or(raw.silent).unwrap_or(spec.silent);
+        if let Some(t) = pool.kill_timeout.or(raw.kill_timeout) {
+            spec.kill_timeout = t.0;
+        }
+        if let Some(t) = pool.restart_delay.or(raw.restart_delay) {
+            spec.restart_delay = t.0;
+        }
+        if let Some(t) = pool.min_uptime.or(raw.min_uptime) {
+            spec.min_uptime = t.0;
+        }
+        spec.stop_signal = pool
+            .stop_signal
+            .or(raw.stop_signal)
+            .unwrap_or(spec.stop_signal);
+        // Problems of a field that was not written in this pool point at the pool's name.
+        for field_name in ["ready", "ready_timeout", "ttl"] {
+            spans
+                .entry(Location::PoolField(name.clone(), field_name))
+                .or_insert_with(|| name_span.clone());
+        }
+        config.pools.insert(name, spec);
+    }
+    (config, spans)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, String> {
+        Config::from_toml(text, Path::new("/etc/app/ustad.toml")).map_err(|e| e.to_string())
+    }
+
+    const FULL: &str = r#"
+kill_timeout = "30s"
+restart_delay = "1s"
+
+[sockets.http]
+listen = "127.0.0.1:8000"
+mode = "shared"
+backlog = 1024
+
+[sockets.admin]
+listen = "unix:/run/app.sock"
+
+[pools.web]
+command = ["node", "app.js"]
+size = 4
+sockets = ["http", "admin"]
+ready = "notify"
+ready_timeout = "30s"
+env = { NODE_ENV = "production", PORT = 3000 }
+cwd = "app"
+ttl = "1h"
+strict = false
+kill_timeout = "60s"
+restart_delay = "2s"
+stop_signal = "SIGTERM"
+silent = false
+
+[pools.jobs]
+command = "python3 worker.py --queue 'high prio'"
+size = "auto"
+"#;
+
+    #[test]
+    fn the_documented_example_loads_with_defaults_applied() {
+        let config = load(FULL).unwrap();
+        assert_eq!(config.sockets.len(), 2);
+        assert_eq!(
+            config.sockets["admin"].listen,
+            ListenAddr::Unix("/run/app.sock".into())
+        );
+        let web = &config.pools["web"];
+        assert_eq!(web.command.words(), ["node", "app.js"]);
+        assert_eq!(web.size, Size::fixed(4).unwrap());
+        assert_eq!(web.sockets, ["http", "admin"]);
+        assert_eq!(web.ready, Readiness::Notify);
+        assert_eq!(web.env["PORT"], "3000");
+        assert_eq!(web.cwd.as_deref(), Some(Path::new("/etc/app/app")));
+        assert_eq!(web.ttl, Some(Duration::from_secs(3600)));
+        assert_eq!(web.kill_timeout, Duration::from_secs(60));
+        assert_eq!(web.restart_delay, Duration::from_secs(2));
+        let jobs = &config.pools["jobs"];
+        assert_eq!(
+            jobs.command.words(),
+            ["python3", "worker.py", "--queue", "high prio"]
+        );
+        assert_eq!(jobs.size, Size::Auto);
+        assert_eq!(
+            jobs.kill_timeout,
+            Duration::from_secs(30),
+            "top-level default"
+        );
+        assert_eq!(
+            jobs.restart_delay,
+            Duration::from_secs(1),
+            "top-level default"
+        );
+        assert_eq!(config.pools.keys().collect::<Vec<_>>(), ["web", "jobs"]);
+        assert_eq!(config.summary(), "2 sockets, 2 pools: web ×4, jobs ×auto");
+    }
+
+    /// Each bad config names the file, line and column of the offending value.
+    #[test]
+    fn every_error_has_file_line_and_column() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "[pools.web]\ncommand = [\"a\"]\nsizes = 2\n",
+                "ustad.toml:3:1: unknown field `sizes`",
+                "unknown key",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\nkill_timeout = \"soon\"\n",
+                "ustad.toml:3:16: invalid duration `soon`",
+                "bad duration",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\nkill_timeout = 30\n",
+                "ustad.toml:3:16: a duration needs a unit",
+                "duration without unit",
+            ),
+            (
+                "[sockets.http]\nlisten = \"127.0.0.1:8000\"\n[pools.web]\ncommand = [\"a\"]\nsockets = [\"htp\"]\n",
+                "ustad.toml:5:12: unknown socket `htp` (defined sockets: http)",
+                "unknown socket",
+            ),
+            (
+                "[pools.web]\ncommand = []\n",
+                "ustad.toml:2:11: the command is empty",
+                "empty command",
+            ),
+            (
+                "[pools.web]\ncommand = \"  \"\n",
+                "ustad.toml:2:11: the command is empty",
+                "blank command string",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\nsize = 0\n",
+                "ustad.toml:3:8: size must be at least 1",
+                "size 0",
+            ),
+            (
+                "[sockets.a]\nlisten = \"127.0.0.1:8000\"\n[sockets.b]\nlisten = \"127.0.0.1:8000\"\n[pools.web]\ncommand = [\"a\"]\n",
+                "ustad.toml:4:10: `127.0.0.1:8000` is already used by socket `a`",
+                "duplicate listen address",
+            ),
+            (
+                "[sockets.a]\nlisten = \"0.0.0.0:8000\"\n[sockets.b]\nlisten = \"127.0.0.1:8000\"\n[pools.web]\ncommand = [\"a\"]\n",
+                "ustad.toml:4:10: `127.0.0.1:8000` is already used by socket `a`",
+                "wildcard overlaps",
+            ),
+            (
+                "[pools.web]\nsize = 2\n",
+                "ustad.toml:1:1: missing field `command`",
+                "missing command",
+            ),
+            (
+                "",
+                "ustad.toml: configuration: no pools defined",
+                "no pools",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\nready = \"yes\"\n",
+                "ustad.toml:3:9: invalid readiness `yes`",
+                "bad readiness",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\nready = \"delay:40s\"\n",
+                "ustad.toml:3:9: the ready delay (40s) must be shorter than ready_timeout (30s)",
+                "delay longer than timeout",
+            ),
+            (
+                "[pools.\"web:1\"]\ncommand = [\"a\"]\n",
+                "ustad.toml:1:8: invalid name `web:1`",
+                "bad pool name",
+            ),
+            (
+                "[sockets.u]\nlisten = \"unix:/tmp/x.sock\"\nmode = \"reuseport\"\n[pools.web]\ncommand = [\"a\"]\n",
+                "ustad.toml:3:8: mode = \"reuseport\" needs a TCP address",
+                "reuseport on unix",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\nstop_signal = \"SIGNOPE\"\n",
+                "ustad.toml:3:15: unknown signal `SIGNOPE`",
+                "bad signal",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\n[pools.web]\n",
+                "ustad.toml:3:8: duplicate key",
+                "duplicate pool",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"\n",
+                "ustad.toml:2:",
+                "syntax error",
+            ),
+        ];
+        for (text, expected, case) in cases {
+            let error = Config::from_toml(text, Path::new("ustad.toml"))
+                .expect_err(case)
+                .to_string();
+            assert!(
+                error.starts_with(expected),
+                "{case}: expected an error starting with\n  {expected}\ngot\n  {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_in_file_order() {
+        let text = "[pools.web]\ncommand = [\"a\"]\nsockets = [\"x\", \"y\"]\n";
+        let error = Config::from_toml(text, Path::new("u.toml")).unwrap_err();
+        let ConfigError::Invalid { diagnostics } = error else {
+            panic!("expected Invalid")
+        };
+        let positions: Vec<_> = diagnostics.iter().map(|d| d.position).collect();
+        assert_eq!(positions, [Some((3, 12)), Some((3, 17))]);
+    }
+
+    #[test]
+    fn a_missing_file_is_a_read_error_naming_it() {
+        let error = Config::from_file("/nonexistent/ustad.toml").unwrap_err();
+        assert!(matches!(error, ConfigError::Read { .. }));
+        assert!(error.to_string().contains("/nonexistent/ustad.toml"));
+    }
+}

@@ -1,0 +1,362 @@
+//! The configuration model: named sockets and named pools, as the supervisor consumes them.
+//!
+//! A [`Config`] comes from `ustad.toml` ([`Config::from_file`]), from command-line flags, or
+//! from code; all three end in [`Config::validate`], so they accept and refuse the same things.
+//! Single values (durations, sizes, addresses…) are checked when they are parsed (see
+//! [`value`]); `validate` checks what involves several of them (a pool naming an unknown
+//! socket, two sockets on one address…). Problems are reported by [`Location`], which the file
+//! loader turns into line and column.
+
+mod error;
+mod file;
+pub mod value;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+
+pub use error::{ConfigError, Diagnostic};
+pub use value::{Command, ListenAddr, Readiness, Signal, Size, SocketMode};
+
+/// Default `kill_timeout`: how long a worker may take to stop before it is killed.
+pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `restart_delay`: the pause before a worker that exited on its own is replaced.
+pub const DEFAULT_RESTART_DELAY: Duration = Duration::from_secs(1);
+/// Default `ready_timeout`: how long a new worker may take to become ready.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `min_uptime`: a worker that exits sooner counts as a failed start (backoff grows).
+pub const DEFAULT_MIN_UPTIME: Duration = Duration::from_secs(5);
+/// Default listen backlog.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+
+/// A whole cluster: the sockets the primary binds and the pools of workers it runs.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Config {
+    /// Listening sockets by name, in the order they were declared.
+    pub sockets: IndexMap<String, SocketSpec>,
+    /// Pools by name, in the order they were declared (the first is the one SIGTTIN/SIGTTOU
+    /// scale).
+    pub pools: IndexMap<String, PoolSpec>,
+}
+
+/// A listening socket the primary binds and hands to workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketSpec {
+    /// Where it listens.
+    pub listen: ListenAddr,
+    /// One socket for all workers, or one `SO_REUSEPORT` socket per slot.
+    pub mode: SocketMode,
+    /// The `listen(2)` backlog (capped by `net.core.somaxconn`).
+    pub backlog: u32,
+}
+
+impl SocketSpec {
+    /// A shared socket with the default backlog.
+    pub fn new(listen: ListenAddr) -> SocketSpec {
+        SocketSpec {
+            listen,
+            mode: SocketMode::Shared,
+            backlog: DEFAULT_BACKLOG,
+        }
+    }
+}
+
+/// One pool: a command run as `size` interchangeable workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// What each worker runs.
+    pub command: Command,
+    /// How many workers.
+    pub size: Size,
+    /// The sockets each worker receives, as fds 3, 4, … in this order.
+    pub sockets: Vec<String>,
+    /// When a new worker counts as ready.
+    pub ready: Readiness,
+    /// A worker not ready this long after it was spawned is killed (a failed start).
+    pub ready_timeout: Duration,
+    /// Extra environment, on top of the primary's own.
+    pub env: IndexMap<String, String>,
+    /// The workers' working directory (default: the primary's).
+    pub cwd: Option<PathBuf>,
+    /// Recycle each worker after this long (±10% jitter), by rolling replacement.
+    pub ttl: Option<Duration>,
+    /// Never run more than `size` workers, even while replacing one (stop, then start).
+    pub strict: bool,
+    /// How long a worker may take to stop after `stop_signal` before its group is killed.
+    pub kill_timeout: Duration,
+    /// The pause before a worker that exited on its own is replaced.
+    pub restart_delay: Duration,
+    /// A worker that exits sooner than this after it was spawned counts as a failed start.
+    pub min_uptime: Duration,
+    /// The signal that asks a worker to stop gracefully.
+    pub stop_signal: Signal,
+    /// Drop the workers' stdout and stderr instead of relaying them.
+    pub silent: bool,
+}
+
+impl PoolSpec {
+    /// A pool of one worker running `command`, with every other setting at its default.
+    pub fn new(command: Command) -> PoolSpec {
+        PoolSpec {
+            command,
+            size: Size::fixed(1).expect("1 is not zero"),
+            sockets: Vec::new(),
+            ready: Readiness::None,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            env: IndexMap::new(),
+            cwd: None,
+            ttl: None,
+            strict: false,
+            kill_timeout: DEFAULT_KILL_TIMEOUT,
+            restart_delay: DEFAULT_RESTART_DELAY,
+            min_uptime: DEFAULT_MIN_UPTIME,
+            stop_signal: Signal::TERM,
+            silent: false,
+        }
+    }
+}
+
+/// Where in a configuration a problem is: the file loader maps it to a line and column, the
+/// command line to a flag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Location {
+    /// The configuration as a whole.
+    Config,
+    /// The declaration of a socket.
+    Socket(String),
+    /// One setting of a socket.
+    SocketField(String, &'static str),
+    /// The declaration of a pool.
+    Pool(String),
+    /// One setting of a pool.
+    PoolField(String, &'static str),
+    /// The n-th entry of a pool's `sockets` list.
+    PoolSocket(String, usize),
+    /// One variable of a pool's `env`.
+    PoolEnv(String, String),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Config => f.write_str("configuration"),
+            Location::Socket(name) => write!(f, "socket `{name}`"),
+            Location::SocketField(name, field) => write!(f, "socket `{name}`, `{field}`"),
+            Location::Pool(name) => write!(f, "pool `{name}`"),
+            Location::PoolField(name, field) => write!(f, "pool `{name}`, `{field}`"),
+            Location::PoolSocket(name, index) => write!(f, "pool `{name}`, `sockets[{index}]`"),
+            Location::PoolEnv(name, key) => write!(f, "pool `{name}`, env `{key}`"),
+        }
+    }
+}
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where it is.
+    pub at: Location,
+    /// What is wrong, and what to do about it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+/// Names of pools and sockets appear in log prefixes, environment variables and
+/// `LISTEN_FDNAMES` (which is `:`-separated): keep them to a safe alphabet.
+fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name `{name}`: use 1 to 64 letters, digits, `_`, `-` or `.`"
+        ))
+    }
+}
+
+/// Whether two TCP listen addresses would collide when bound without `SO_REUSEPORT`.
+fn tcp_addresses_collide(a: &SocketAddr, b: &SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    // On Linux `[::]` is dual-stack by default, so it overlaps every IPv4 address too.
+    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn from_file(path: impl Into<PathBuf>) -> Result<Config, ConfigError> {
+        let path = path.into();
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Config::from_toml(&text, &path)
+    }
+
+    /// Parses and validates config text; `path` names it in errors and anchors relative `cwd`s.
+    pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Config, ConfigError> {
+        file::parse(text, path)
+    }
+
+    /// Checks everything that involves more than one value. Every problem is returned, not
+    /// just the first.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut problem = |at: Location, message: String| problems.push(Problem { at, message });
+
+        if self.pools.is_empty() {
+            problem(
+                Location::Config,
+                "no pools defined: add a `[pools.NAME]` table with a `command`".to_owned(),
+            );
+        }
+
+        let mut seen_listen: Vec<(&str, &ListenAddr)> = Vec::new();
+        for (name, socket) in &self.sockets {
+            if let Err(message) = check_name(name) {
+                problem(Location::Socket(name.clone()), message);
+            }
+            if socket.backlog == 0 {
+                problem(
+                    Location::SocketField(name.clone(), "backlog"),
+                    "backlog must be at least 1".to_owned(),
+                );
+            }
+            if socket.mode == SocketMode::ReusePort && matches!(socket.listen, ListenAddr::Unix(_))
+            {
+                problem(
+                    Location::SocketField(name.clone(), "mode"),
+                    "mode = \"reuseport\" needs a TCP address; Linux does not balance Unix sockets with SO_REUSEPORT".to_owned(),
+                );
+            }
+            for (other_name, other) in &seen_listen {
+                let collide = match (&socket.listen, other) {
+                    (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => tcp_addresses_collide(a, b),
+                    (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
+                    _ => false,
+                };
+                if collide {
+                    problem(
+                        Location::SocketField(name.clone(), "listen"),
+                        format!(
+                            "`{}` is already used by socket `{other_name}` ({other}); each address can be bound once",
+                            socket.listen
+                        ),
+                    );
+                }
+            }
+            seen_listen.push((name, &socket.listen));
+        }
+
+        for (name, pool) in &self.pools {
+            if let Err(message) = check_name(name) {
+                problem(Location::Pool(name.clone()), message);
+            }
+            for (index, socket) in pool.sockets.iter().enumerate() {
+                if !self.sockets.contains_key(socket) {
+                    let known = if self.sockets.is_empty() {
+                        "no sockets are defined; add a `[sockets.NAME]` table".to_owned()
+                    } else {
+                        let names: Vec<&str> = self.sockets.keys().map(String::as_str).collect();
+                        format!("defined sockets: {}", names.join(", "))
+                    };
+                    problem(
+                        Location::PoolSocket(name.clone(), index),
+                        format!("unknown socket `{socket}` ({known})"),
+                    );
+                } else if pool.sockets[..index].contains(socket) {
+                    problem(
+                        Location::PoolSocket(name.clone(), index),
+                        format!("socket `{socket}` is listed twice"),
+                    );
+                }
+            }
+            if pool.ready_timeout.is_zero() {
+                problem(
+                    Location::PoolField(name.clone(), "ready_timeout"),
+                    "ready_timeout must be longer than 0s".to_owned(),
+                );
+            }
+            if let Readiness::Delay(delay) = pool.ready {
+                if delay >= pool.ready_timeout {
+                    problem(
+                        Location::PoolField(name.clone(), "ready"),
+                        format!(
+                            "the ready delay ({}) must be shorter than ready_timeout ({})",
+                            value::format_duration(delay),
+                            value::format_duration(pool.ready_timeout)
+                        ),
+                    );
+                }
+            }
+            if pool.ttl.is_some_and(|ttl| ttl.is_zero()) {
+                problem(
+                    Location::PoolField(name.clone(), "ttl"),
+                    "ttl must be longer than 0s (leave it out to never recycle)".to_owned(),
+                );
+            }
+            for (key, value) in &pool.env {
+                if key.is_empty() || key.contains('=') || key.contains('\0') {
+                    problem(
+                        Location::PoolEnv(name.clone(), key.clone()),
+                        format!("invalid environment variable name `{key}`"),
+                    );
+                } else if value.contains('\0') {
+                    problem(
+                        Location::PoolEnv(name.clone(), key.clone()),
+                        format!("the value of `{key}` contains a NUL byte"),
+                    );
+                }
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The sockets a pool uses, with their specs, in fd order.
+    pub fn pool_sockets<'a>(
+        &'a self,
+        pool: &'a PoolSpec,
+    ) -> impl Iterator<Item = (&'a str, &'a SocketSpec)> + 'a {
+        pool.sockets
+            .iter()
+            .filter_map(|name| self.sockets.get(name).map(|spec| (name.as_str(), spec)))
+    }
+
+    /// A one-line summary: `2 sockets, 3 pools: web ×4, jobs ×2, cron ×1`.
+    pub fn summary(&self) -> String {
+        let pools: Vec<String> = self
+            .pools
+            .iter()
+            .map(|(name, pool)| format!("{name} ×{}", pool.size))
+            .collect();
+        let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+        format!(
+            "{}, {}: {}",
+            plural(self.sockets.len(), "socket"),
+            plural(self.pools.len(), "pool"),
+            pools.join(", ")
+        )
+    }
+}
+
+/// Source positions of a parsed file's values, by location (byte ranges into the text).
+pub(crate) type SpanTable = HashMap<Location, std::ops::Range<usize>>;

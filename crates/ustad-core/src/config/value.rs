@@ -1,0 +1,532 @@
+//! The value types of a configuration, each parsed from the one string syntax that the config
+//! file, the command-line flags and the library builder all share.
+//!
+//! Every type here implements `FromStr` with an error message that says what was expected, and
+//! `Deserialize` through it, so a bad value in `ustad.toml` is reported at its own line and
+//! column, and the same bad value in a flag names the flag (clap uses the same `FromStr`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+/// Parses a human duration: `"30s"`, `"1m30s"`, `"500ms"`, `"1h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if trimmed == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(trimmed).map_err(|error| {
+        format!("invalid duration `{text}` ({error}); expected a number with a unit, like \"30s\", \"500ms\" or \"1m30s\"")
+    })
+}
+
+/// Formats a duration the way the config file spells it (`1m 30s`, `500ms`).
+pub fn format_duration(duration: Duration) -> String {
+    if duration.is_zero() {
+        return "0s".to_owned();
+    }
+    humantime::format_duration(duration).to_string()
+}
+
+/// A duration as written in the config file: a string such as `"30s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DurationValue(pub(crate) Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string like \"30s\"")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<DurationValue, E> {
+                parse_duration(text).map(DurationValue).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<DurationValue, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{n}s\" or \"{n}ms\" instead of {n}"
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<DurationValue, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{n}s\" instead of {n}"
+                )))
+            }
+        }
+        deserializer.deserialize_any(DurationVisitor)
+    }
+}
+
+/// How many workers a pool runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    /// Exactly this many.
+    Fixed(NonZeroUsize),
+    /// One per core available to this process (`std::thread::available_parallelism`).
+    Auto,
+}
+
+impl Size {
+    /// The number of workers this size means on this machine.
+    pub fn count(self) -> usize {
+        match self {
+            Size::Fixed(n) => n.get(),
+            Size::Auto => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        }
+    }
+
+    /// A fixed size; `None` for zero.
+    pub fn fixed(n: usize) -> Option<Size> {
+        NonZeroUsize::new(n).map(Size::Fixed)
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Size::Fixed(n) => write!(f, "{n}"),
+            Size::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+fn size_from_int(n: i64) -> Result<Size, String> {
+    if n < 1 {
+        return Err(format!(
+            "size must be at least 1 (got {n}); remove the pool to run no workers"
+        ));
+    }
+    usize::try_from(n)
+        .ok()
+        .and_then(Size::fixed)
+        .ok_or_else(|| format!("size {n} is too large"))
+}
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Size, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("auto") {
+            return Ok(Size::Auto);
+        }
+        match text.parse::<i64>() {
+            Ok(n) => size_from_int(n),
+            Err(_) => Err(format!(
+                "invalid size `{text}`: expected a number of workers (1 or more) or \"auto\""
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of workers or \"auto\"")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Size, E> {
+                size_from_int(n).map_err(E::custom)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Size, E> {
+                if text.trim().parse::<i64>().is_ok() {
+                    return Err(E::custom(format!(
+                        "write the size as a number, without quotes: size = {}",
+                        text.trim()
+                    )));
+                }
+                text.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+/// When a freshly started worker counts as ready to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// The worker sends `READY=1` over `NOTIFY_SOCKET` (the sd_notify protocol).
+    Notify,
+    /// The worker is ready this long after it was spawned.
+    Delay(Duration),
+    /// The worker is ready as soon as it is spawned.
+    None,
+}
+
+impl fmt::Display for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Readiness::Notify => f.write_str("notify"),
+            Readiness::Delay(d) => write!(f, "delay:{}", format_duration(*d)),
+            Readiness::None => f.write_str("none"),
+        }
+    }
+}
+
+impl FromStr for Readiness {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Readiness, String> {
+        let trimmed = text.trim();
+        match trimmed {
+            "notify" => Ok(Readiness::Notify),
+            "none" => Ok(Readiness::None),
+            _ => match trimmed.strip_prefix("delay:") {
+                Some(delay) => parse_duration(delay).map(Readiness::Delay),
+                None => Err(format!(
+                    "invalid readiness `{text}`: expected \"notify\", \"delay:DURATION\" (like \"delay:2s\") or \"none\""
+                )),
+            },
+        }
+    }
+}
+
+/// Where a socket listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// A TCP address: `127.0.0.1:8000`, `[::]:8000`. Port 0 picks a free port.
+    Tcp(SocketAddr),
+    /// A Unix stream socket path: `unix:/run/app.sock`.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<ListenAddr, String> {
+        let trimmed = text.trim();
+        if let Some(path) = trimmed.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("`unix:` needs a path, like \"unix:/run/app.sock\"".to_owned());
+            }
+            // sun_path holds 108 bytes including the terminating NUL.
+            if path.len() > 107 {
+                return Err(format!(
+                    "unix socket path is {} bytes long; Linux allows at most 107",
+                    path.len()
+                ));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        trimmed.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+            format!(
+                "invalid listen address `{text}`: expected IP:PORT (\"127.0.0.1:8000\", \"[::]:8000\") or \"unix:/path/to.sock\""
+            )
+        })
+    }
+}
+
+/// How a socket is shared among the workers that use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SocketMode {
+    /// One listening socket; every worker accepts from it.
+    #[default]
+    Shared,
+    /// One `SO_REUSEPORT` socket per slot; the kernel spreads connections across them.
+    ReusePort,
+}
+
+impl fmt::Display for SocketMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SocketMode::Shared => "shared",
+            SocketMode::ReusePort => "reuseport",
+        })
+    }
+}
+
+impl FromStr for SocketMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<SocketMode, String> {
+        match text.trim() {
+            "shared" => Ok(SocketMode::Shared),
+            "reuseport" => Ok(SocketMode::ReusePort),
+            _ => Err(format!(
+                "invalid socket mode `{text}`: expected \"shared\" or \"reuseport\""
+            )),
+        }
+    }
+}
+
+/// A signal, by name (`"SIGTERM"`, `"TERM"`) or number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Signal(i32);
+
+/// The signals a user may name, with their Linux numbers.
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("ABRT", libc::SIGABRT),
+    ("KILL", libc::SIGKILL),
+    ("USR1", libc::SIGUSR1),
+    ("USR2", libc::SIGUSR2),
+    ("ALRM", libc::SIGALRM),
+    ("TERM", libc::SIGTERM),
+    ("CONT", libc::SIGCONT),
+    ("STOP", libc::SIGSTOP),
+    ("TSTP", libc::SIGTSTP),
+    ("WINCH", libc::SIGWINCH),
+];
+
+impl Signal {
+    /// SIGTERM, the default stop signal.
+    pub const TERM: Signal = Signal(libc::SIGTERM);
+    /// SIGKILL.
+    pub const KILL: Signal = Signal(libc::SIGKILL);
+    /// SIGINT.
+    pub const INT: Signal = Signal(libc::SIGINT);
+    /// SIGQUIT.
+    pub const QUIT: Signal = Signal(libc::SIGQUIT);
+    /// SIGABRT.
+    pub const ABRT: Signal = Signal(libc::SIGABRT);
+
+    /// The signal's number.
+    pub fn number(self) -> i32 {
+        self.0
+    }
+
+    /// The signal for a number, if it is a valid one (1..=64).
+    pub fn from_number(number: i32) -> Option<Signal> {
+        (1..=64).contains(&number).then_some(Signal(number))
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match SIGNALS.iter().find(|(_, n)| *n == self.0) {
+            Some((name, _)) => write!(f, "SIG{name}"),
+            None => write!(f, "signal {}", self.0),
+        }
+    }
+}
+
+impl FromStr for Signal {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Signal, String> {
+        let trimmed = text.trim();
+        if let Ok(number) = trimmed.parse::<i32>() {
+            return Signal::from_number(number)
+                .ok_or_else(|| format!("invalid signal number {number}"));
+        }
+        let upper = trimmed.to_ascii_uppercase();
+        let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+        SIGNALS
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|(_, number)| Signal(*number))
+            .ok_or_else(|| {
+                format!(
+                    "unknown signal `{text}`: expected a name such as \"SIGTERM\", \"SIGINT\" or \"SIGQUIT\""
+                )
+            })
+    }
+}
+
+/// The program a pool runs and its arguments. Never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command(Vec<String>);
+
+impl Command {
+    /// A command from its words; an error if there are none or the program is empty.
+    pub fn new<I, S>(words: I) -> Result<Command, String>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let words: Vec<String> = words.into_iter().map(Into::into).collect();
+        match words.first() {
+            None => Err("the command is empty: name the program to run".to_owned()),
+            Some(program) if program.trim().is_empty() => {
+                Err("the command's program is an empty string".to_owned())
+            }
+            Some(_) if words.iter().any(|w| w.contains('\0')) => {
+                Err("the command contains a NUL byte".to_owned())
+            }
+            Some(_) => Ok(Command(words)),
+        }
+    }
+
+    /// Splits a command line the way a POSIX shell would split words (quotes, escapes), but
+    /// runs no shell: no variables, globs or pipes.
+    pub fn parse_line(line: &str) -> Result<Command, String> {
+        let words = shell_words::split(line)
+            .map_err(|error| format!("cannot split command `{line}`: {error}"))?;
+        Command::new(words)
+    }
+
+    /// The program: a path, or a name looked up in `PATH`.
+    pub fn program(&self) -> &str {
+        &self.0[0]
+    }
+
+    /// The arguments after the program.
+    pub fn args(&self) -> &[String] {
+        &self.0[1..]
+    }
+
+    /// All words, program first.
+    pub fn words(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&shell_words::join(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CommandVisitor;
+        impl<'de> Visitor<'de> for CommandVisitor {
+            type Value = Command;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a command: an array of strings, or one string split like a shell line")
+            }
+            fn visit_str<E: de::Error>(self, line: &str) -> Result<Command, E> {
+                Command::parse_line(line).map_err(E::custom)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Command, A::Error> {
+                let mut words = Vec::new();
+                while let Some(word) = seq.next_element::<String>()? {
+                    words.push(word);
+                }
+                Command::new(words).map_err(de::Error::custom)
+            }
+        }
+        deserializer.deserialize_any(CommandVisitor)
+    }
+}
+
+macro_rules! deserialize_from_str {
+    ($($ty:ty => $what:literal),* $(,)?) => {$(
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct FromStrVisitor;
+                impl Visitor<'_> for FromStrVisitor {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str($what)
+                    }
+                    fn visit_str<E: de::Error>(self, text: &str) -> Result<$ty, E> {
+                        text.parse().map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(FromStrVisitor)
+            }
+        }
+    )*};
+}
+
+deserialize_from_str! {
+    Readiness => "\"notify\", \"delay:DURATION\" or \"none\"",
+    ListenAddr => "a listen address string like \"127.0.0.1:8000\" or \"unix:/run/app.sock\"",
+    SocketMode => "\"shared\" or \"reuseport\"",
+    Signal => "a signal name string like \"SIGTERM\"",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_units_and_accept_compound_forms() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(
+            parse_duration("30")
+                .unwrap_err()
+                .contains("expected a number with a unit")
+        );
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn size_is_positive_or_auto() {
+        assert_eq!("4".parse::<Size>(), Ok(Size::fixed(4).unwrap()));
+        assert_eq!("auto".parse::<Size>(), Ok(Size::Auto));
+        assert!("0".parse::<Size>().unwrap_err().contains("at least 1"));
+        assert!("-2".parse::<Size>().is_err());
+        assert!("lots".parse::<Size>().is_err());
+        assert!(Size::Auto.count() >= 1);
+    }
+
+    #[test]
+    fn readiness_forms() {
+        assert_eq!("notify".parse::<Readiness>(), Ok(Readiness::Notify));
+        assert_eq!("none".parse::<Readiness>(), Ok(Readiness::None));
+        assert_eq!(
+            "delay:2s".parse::<Readiness>(),
+            Ok(Readiness::Delay(Duration::from_secs(2)))
+        );
+        assert!("delay:".parse::<Readiness>().is_err());
+        assert!("ready".parse::<Readiness>().unwrap_err().contains("notify"));
+        assert_eq!(
+            Readiness::Delay(Duration::from_secs(2)).to_string(),
+            "delay:2s"
+        );
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            "127.0.0.1:8000".parse::<ListenAddr>(),
+            Ok(ListenAddr::Tcp("127.0.0.1:8000".parse().unwrap()))
+        );
+        assert_eq!(
+            "[::]:8000".parse::<ListenAddr>(),
+            Ok(ListenAddr::Tcp("[::]:8000".parse().unwrap()))
+        );
+        assert_eq!(
+            "unix:/run/app.sock".parse::<ListenAddr>(),
+            Ok(ListenAddr::Unix("/run/app.sock".into()))
+        );
+        assert!("localhost:8000".parse::<ListenAddr>().is_err());
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!(
+            format!("unix:/{}", "a".repeat(120))
+                .parse::<ListenAddr>()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!("SIGTERM".parse::<Signal>(), Ok(Signal::TERM));
+        assert_eq!("term".parse::<Signal>(), Ok(Signal::TERM));
+        assert_eq!("15".parse::<Signal>(), Ok(Signal::TERM));
+        assert_eq!("SIGQUIT".parse::<Signal>().unwrap().to_string(), "SIGQUIT");
+        assert!("SIGFOO".parse::<Signal>().is_err());
+        assert!("0".parse::<Signal>().is_err());
+    }
+
+    #[test]
+    fn commands_split_like_a_shell_but_run_none() {
+        let command = Command::parse_line("python3 -c 'print(1)'").unwrap();
+        assert_eq!(command.program(), "python3");
+        assert_eq!(command.args(), ["-c", "print(1)"]);
+        assert!(Command::parse_line("").is_err());
+        assert!(Command::parse_line("'unclosed").is_err());
+        assert!(Command::new(Vec::<String>::new()).is_err());
+        assert!(Command::new([""]).is_err());
+    }
+}

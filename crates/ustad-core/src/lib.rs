@@ -1,0 +1,2 @@
+//! The ustad engine.
+pub mod config;
