@@ -1,2 +1,3 @@
 //! The ustad engine.
 pub mod config;
+pub mod plan;

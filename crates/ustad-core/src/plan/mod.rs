@@ -1,0 +1,982 @@
+//! The supervisor's decisions as plain data: which worker to start, stop or replace, and when.
+//!
+//! [`Plan`] is a pure state machine. It is fed [`Event`]s and the current time, and answers
+//! with [`Action`]s for the process layer and [`Notice`]s for the log. It never reads a clock,
+//! touches a process or sleeps, so its tests drive it with synthetic time and no processes.
+//!
+//! # Model
+//! - A **pool** has `size` **slots**. A slot holds at most one *current* worker (starting or
+//!   serving) and, during a replacement, one *replacement* that is starting.
+//! - Every worker belongs to a **generation** of its pool. A **rollout** to generation `g`
+//!   replaces, one slot at a time, every worker older than `g`: start the replacement, wait
+//!   until it is ready, then ask the old one to stop. A pool never has more than one extra
+//!   worker alive (`strict` pools: none; the old one is stopped first).
+//! - A worker asked to stop is *detached* from its slot: it no longer counts as serving, and the
+//!   slot is not refilled until it has exited.
+//! - A worker that exits without being asked leaves its slot empty; the slot is refilled after
+//!   `restart_delay`, or after an exponential backoff when starts keep failing.
+
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, PoolSpec, Readiness, Signal};
+
+pub use types::{
+    Action, Event, ExitCause, ExitStatus, KillCause, Notice, RolloutTrigger, StopReason, WorkerId,
+    WorkerMessage, WorkerRef,
+};
+
+/// The longest pause between two attempts to start a worker in a failing slot.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The shortest backoff step, used when `restart_delay` is zero.
+const MIN_BACKOFF_STEP: Duration = Duration::from_millis(100);
+
+/// The state of one worker process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Spawned, not yet ready.
+    Starting {
+        /// When it is killed unless ready.
+        deadline: Instant,
+        /// With `ready = "delay:…"`: when it becomes ready.
+        ready_at: Option<Instant>,
+    },
+    /// Serving.
+    Ready {
+        /// Since when.
+        since: Instant,
+    },
+    /// Asked to stop (or killed); waiting for it to exit.
+    Stopping {
+        /// Why.
+        reason: StopReason,
+        /// When its process group gets SIGKILL; `None` once it has.
+        kill_at: Option<Instant>,
+    },
+}
+
+/// One worker, as the plan sees it.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// Its id.
+    pub id: WorkerId,
+    /// Index of its pool in [`Plan::pools`].
+    pool: usize,
+    /// Its slot.
+    pub slot: usize,
+    /// Its generation.
+    pub generation: u64,
+    /// Its pid (and process group id), once spawned.
+    pub pid: Option<u32>,
+    /// When it was spawned.
+    pub spawned_at: Instant,
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// When its `ttl` runs out.
+    ttl_at: Option<Instant>,
+    /// It sent `STOPPING=1`.
+    announced_stop: bool,
+    /// Its last `STATUS=` text.
+    pub status: Option<String>,
+    /// The settings it was started with.
+    spec: Arc<PoolSpec>,
+}
+
+/// One position in a pool.
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    /// The worker holding the slot (starting or ready).
+    current: Option<WorkerId>,
+    /// A worker starting to take the slot over, and why the current one is being replaced.
+    replacement: Option<(WorkerId, StopReason)>,
+    /// A replacement wanted as soon as the pool is free to start one.
+    pending: Option<StopReason>,
+    /// Failed starts in a row.
+    failures: u32,
+    /// An empty slot is not refilled before this time.
+    respawn_at: Option<Instant>,
+}
+
+/// The part a worker plays in its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// It holds the slot.
+    Current,
+    /// It is starting to take the slot over from the current one, for this reason.
+    Replacement(StopReason),
+    /// It was asked to stop and no longer holds the slot.
+    Detached,
+}
+
+/// A rolling restart in progress.
+#[derive(Debug, Clone)]
+struct Rollout {
+    generation: u64,
+    spec: Arc<PoolSpec>,
+    started: Instant,
+    replaced: usize,
+}
+
+/// One pool.
+#[derive(Debug, Clone)]
+struct Pool {
+    name: Arc<str>,
+    /// The settings workers are (re)started with outside a rollout.
+    spec: Arc<PoolSpec>,
+    /// The generation of `spec`.
+    generation: u64,
+    slots: Vec<Slot>,
+    rollout: Option<Rollout>,
+}
+
+impl Pool {
+    /// The generation and settings for a worker started into an empty slot now.
+    fn spawn_target(&self) -> (u64, Arc<PoolSpec>) {
+        match &self.rollout {
+            Some(rollout) => (rollout.generation, rollout.spec.clone()),
+            None => (self.generation, self.spec.clone()),
+        }
+    }
+}
+
+/// What the plan decided in answer to one call.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Outcome {
+    /// To perform, in order.
+    pub actions: Vec<Action>,
+    /// To log, in order.
+    pub notices: Vec<Notice>,
+}
+
+/// The supervisor's state machine. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pools: Vec<Pool>,
+    workers: BTreeMap<WorkerId, Worker>,
+    next_id: u64,
+    shutdown: Option<bool>,
+    exited: bool,
+    rng: u64,
+    out: Outcome,
+}
+
+impl Plan {
+    /// A plan for `config`, with no workers yet; call [`Plan::start`] to start them.
+    /// `seed` drives the `ttl` jitter.
+    pub fn new(config: &Config, seed: u64) -> Plan {
+        let pools = config
+            .pools
+            .iter()
+            .map(|(name, spec)| Pool {
+                name: Arc::from(name.as_str()),
+                spec: Arc::new(spec.clone()),
+                generation: 1,
+                slots: vec![Slot::default(); spec.size.count()],
+                rollout: None,
+            })
+            .collect();
+        Plan {
+            pools,
+            workers: BTreeMap::new(),
+            next_id: 1,
+            shutdown: None,
+            exited: false,
+            rng: seed | 1,
+            out: Outcome::default(),
+        }
+    }
+
+    /// Starts every pool's workers.
+    pub fn start(&mut self, now: Instant) -> Outcome {
+        self.settle(now)
+    }
+
+    /// Handles one event.
+    pub fn handle(&mut self, event: Event, now: Instant) -> Outcome {
+        match event {
+            Event::Spawned { id, pid } => self.on_spawned(id, pid, now),
+            Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error, now),
+            Event::Exited { id, status } => self.on_exited(id, status, now),
+            Event::Message { id, message } => self.on_message(id, message, now),
+            Event::Rollout {
+                pool,
+                trigger,
+                spec,
+            } => self.on_rollout(pool, trigger, spec, now),
+            Event::Scale { pool, size } => self.on_scale(&pool, size, now),
+            Event::Shutdown { immediate } => self.on_shutdown(immediate, now),
+        }
+        self.settle(now)
+    }
+
+    /// Acts on every deadline that has passed by `now`.
+    pub fn tick(&mut self, now: Instant) -> Outcome {
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            let Some(worker) = self.workers.get(&id) else {
+                continue;
+            };
+            match worker.phase {
+                Phase::Starting { ready_at, deadline } => {
+                    if ready_at.is_some_and(|at| at <= now) {
+                        self.become_ready(id, now);
+                    } else if deadline <= now {
+                        self.on_ready_timeout(id, now);
+                    }
+                }
+                Phase::Stopping {
+                    kill_at: Some(at), ..
+                } if at <= now => {
+                    let timeout = worker.spec.kill_timeout;
+                    self.kill(id, KillCause::KillTimeout(timeout));
+                }
+                Phase::Ready { .. } if worker.ttl_at.is_some_and(|at| at <= now) => {
+                    let (pool, slot) = (worker.pool, worker.slot);
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.ttl_at = None;
+                    }
+                    if self.pools[pool]
+                        .slots
+                        .get(slot)
+                        .is_some_and(|s| s.current == Some(id))
+                    {
+                        self.queue_replacement(pool, slot, StopReason::Ttl);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.settle(now)
+    }
+
+    /// The next time [`Plan::tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.values().flat_map(|w| {
+            let phase = match w.phase {
+                Phase::Starting { deadline, ready_at } => {
+                    Some(ready_at.map_or(deadline, |at| at.min(deadline)))
+                }
+                Phase::Stopping { kill_at, .. } => kill_at,
+                Phase::Ready { .. } => None,
+            };
+            [
+                phase,
+                w.ttl_at.filter(|_| matches!(w.phase, Phase::Ready { .. })),
+            ]
+        });
+        // An empty slot waiting for a detached worker to exit waits for that event, not a time.
+        let slots = self.pools.iter().enumerate().flat_map(|(pool, p)| {
+            p.slots.iter().enumerate().map(move |(slot, s)| {
+                let empty = s.current.is_none() && s.replacement.is_none();
+                s.respawn_at
+                    .filter(|_| empty && !self.has_detached(pool, slot))
+            })
+        });
+        workers.chain(slots).flatten().min()
+    }
+
+    /// The worker with this id, if alive.
+    pub fn worker(&self, id: WorkerId) -> Option<&Worker> {
+        self.workers.get(&id)
+    }
+
+    /// The worker with this pid, if alive.
+    pub fn worker_by_pid(&self, pid: u32) -> Option<&Worker> {
+        self.workers.values().find(|w| w.pid == Some(pid))
+    }
+
+    /// Every live worker, by id.
+    pub fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.values()
+    }
+
+    /// How to name a worker in logs.
+    pub fn worker_ref(&self, id: WorkerId) -> Option<WorkerRef> {
+        self.workers.get(&id).map(|w| self.reference(w))
+    }
+
+    /// The pool names, in order, with their current sizes.
+    pub fn pools(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.pools.iter().map(|p| (&*p.name, p.slots.len()))
+    }
+
+    /// Whether the plan is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_some()
+    }
+
+    // ----- events -------------------------------------------------------------------------
+
+    fn on_spawned(&mut self, id: WorkerId, pid: u32, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        worker.pid = Some(pid);
+        if let Phase::Stopping { .. } = worker.phase {
+            // Asked to stop before its pid was known: do it now.
+            self.out.actions.push(Action::Kill { id, pid });
+            return;
+        }
+        let generation = worker.generation;
+        let readiness = worker.spec.ready;
+        let notice = Notice::Spawned {
+            worker: self.reference(&self.workers[&id]),
+            generation,
+        };
+        self.out.notices.push(notice);
+        match readiness {
+            Readiness::None => self.become_ready(id, now),
+            Readiness::Delay(delay) => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    if let Phase::Starting { ready_at, .. } = &mut w.phase {
+                        *ready_at = Some(now + delay);
+                    }
+                }
+            }
+            Readiness::Notify => {}
+        }
+    }
+
+    fn on_spawn_failed(&mut self, id: WorkerId, error: String, now: Instant) {
+        let Some(worker) = self.workers.remove(&id) else {
+            return;
+        };
+        self.out.notices.push(Notice::SpawnFailed {
+            worker: self.reference(&worker),
+            error: error.clone(),
+        });
+        self.lost_unasked(&worker, &format!("could not be started: {error}"), now);
+    }
+
+    fn on_exited(&mut self, id: WorkerId, status: ExitStatus, now: Instant) {
+        let Some(worker) = self.workers.remove(&id) else {
+            return;
+        };
+        let cause = match worker.phase {
+            Phase::Stopping { reason, .. } => ExitCause::Stopped(reason),
+            _ if worker.announced_stop => ExitCause::Announced,
+            _ => ExitCause::Crashed,
+        };
+        self.out.notices.push(Notice::Exited {
+            worker: self.reference(&worker),
+            status,
+            cause,
+            uptime: now.saturating_duration_since(worker.spawned_at),
+        });
+        if !matches!(worker.phase, Phase::Stopping { .. }) {
+            self.lost_unasked(&worker, &format!("exited with {status}"), now);
+        }
+    }
+
+    fn on_message(&mut self, id: WorkerId, message: WorkerMessage, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let (pool, slot) = (worker.pool, worker.slot);
+        let serving = matches!(worker.phase, Phase::Ready { .. });
+        match message {
+            WorkerMessage::Ready => {
+                if matches!(worker.phase, Phase::Starting { .. }) {
+                    self.become_ready(id, now);
+                }
+            }
+            WorkerMessage::Status(text) => {
+                if worker.status.as_deref() != Some(&text) {
+                    worker.status = Some(text.clone());
+                    let worker = self.reference(&self.workers[&id]);
+                    self.out.notices.push(Notice::Status { worker, text });
+                }
+            }
+            WorkerMessage::Stopping => {
+                if matches!(worker.phase, Phase::Stopping { .. }) {
+                    return;
+                }
+                worker.announced_stop = true;
+                if serving && self.is_current(pool, slot, id) {
+                    self.queue_replacement(pool, slot, StopReason::Announced);
+                }
+            }
+            WorkerMessage::RequestRestart => {
+                if serving && self.is_current(pool, slot, id) {
+                    self.queue_replacement(pool, slot, StopReason::Requested);
+                }
+            }
+        }
+    }
+
+    fn on_rollout(
+        &mut self,
+        pool: Option<String>,
+        trigger: RolloutTrigger,
+        spec: Option<Arc<PoolSpec>>,
+        now: Instant,
+    ) {
+        if self.shutdown.is_some() {
+            self.refuse("a rolling restart was requested during shutdown".to_owned());
+            return;
+        }
+        let targets: Vec<usize> = match &pool {
+            None => (0..self.pools.len()).collect(),
+            Some(name) => match self.pool_index(name) {
+                Some(index) => vec![index],
+                None => {
+                    self.refuse(format!("rolling restart of unknown pool `{name}`"));
+                    return;
+                }
+            },
+        };
+        for index in targets {
+            let p = &mut self.pools[index];
+            let superseded = p.rollout.as_ref().map(|r| r.generation);
+            let generation = superseded.unwrap_or(p.generation).max(p.generation) + 1;
+            let spec = spec.clone().unwrap_or_else(|| {
+                p.rollout
+                    .as_ref()
+                    .map_or(p.spec.clone(), |r| r.spec.clone())
+            });
+            let size = spec.size.count();
+            p.rollout = Some(Rollout {
+                generation,
+                spec,
+                started: now,
+                replaced: 0,
+            });
+            self.out.notices.push(Notice::RolloutStarted {
+                pool: p.name.clone(),
+                generation,
+                trigger,
+                superseded,
+            });
+            if size != p.slots.len() {
+                self.resize(index, size, now);
+            }
+        }
+    }
+
+    fn on_scale(&mut self, pool: &str, size: usize, now: Instant) {
+        if self.shutdown.is_some() {
+            self.refuse(format!("scaling pool `{pool}` during shutdown"));
+            return;
+        }
+        let Some(index) = self.pool_index(pool) else {
+            self.refuse(format!("scaling unknown pool `{pool}`"));
+            return;
+        };
+        if size == 0 {
+            self.refuse(format!("pool `{pool}` cannot shrink below 1 worker"));
+            return;
+        }
+        self.resize(index, size, now);
+    }
+
+    fn on_shutdown(&mut self, immediate: bool, now: Instant) {
+        if self.shutdown == Some(true) || (self.shutdown == Some(false) && !immediate) {
+            return;
+        }
+        self.shutdown = Some(immediate);
+        self.out.notices.push(Notice::ShutdownStarted {
+            immediate,
+            workers: self.workers.len(),
+        });
+        for pool in &mut self.pools {
+            pool.rollout = None;
+            for slot in &mut pool.slots {
+                *slot = Slot::default();
+            }
+        }
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            if immediate {
+                self.kill(id, KillCause::ShutdownNow);
+            } else {
+                self.stop(id, StopReason::Shutdown, now);
+            }
+        }
+    }
+
+    // ----- transitions --------------------------------------------------------------------
+
+    fn become_ready(&mut self, id: WorkerId, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let after = now.saturating_duration_since(worker.spawned_at);
+        worker.phase = Phase::Ready { since: now };
+        let ttl = worker.spec.ttl;
+        let (pool, slot) = (worker.pool, worker.slot);
+        if let Some(ttl) = ttl {
+            let at = now + self.jitter(ttl);
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.ttl_at = Some(at);
+            }
+        }
+        let notice = Notice::Ready {
+            worker: self.reference(&self.workers[&id]),
+            after,
+        };
+        self.out.notices.push(notice);
+
+        let p = &mut self.pools[pool];
+        let Some(s) = p.slots.get_mut(slot) else {
+            return;
+        };
+        match s.replacement {
+            Some((replacement, reason)) if replacement == id => {
+                s.replacement = None;
+                s.respawn_at = None;
+                let old = s.current.replace(id);
+                if let Some(old) = old {
+                    self.stop(old, reason, now);
+                }
+            }
+            _ if s.current == Some(id) => {}
+            _ => return,
+        }
+        // Workers of the rollout generation count as replaced, whether they replaced a serving
+        // worker or filled an empty slot (strict pools, restarts during a rollout).
+        let generation = self.workers[&id].generation;
+        if let Some(rollout) = &mut self.pools[pool].rollout {
+            if generation == rollout.generation {
+                rollout.replaced += 1;
+            }
+        }
+    }
+
+    fn on_ready_timeout(&mut self, id: WorkerId, now: Instant) {
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
+        let timeout = worker.spec.ready_timeout;
+        let snapshot = worker.clone();
+        let role = self.detach(&snapshot);
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.phase = Phase::Stopping {
+                reason: StopReason::ReadyTimeout,
+                kill_at: Some(now),
+            };
+        }
+        self.kill(id, KillCause::ReadyTimeout(timeout));
+        let why = format!(
+            "was not ready within ready_timeout ({})",
+            crate::config::value::format_duration(timeout)
+        );
+        self.after_failed_start(&snapshot, role, &why, now);
+    }
+
+    /// A worker that was not asked to stop is gone (exited, or could not be spawned).
+    fn lost_unasked(&mut self, worker: &Worker, why: &str, now: Instant) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        let role = self.detach(worker);
+        let stayed_up = matches!(worker.phase, Phase::Ready { .. })
+            && now.saturating_duration_since(worker.spawned_at) >= worker.spec.min_uptime;
+        if !stayed_up {
+            self.after_failed_start(worker, role, why, now);
+            return;
+        }
+        let pool = &mut self.pools[worker.pool];
+        let Some(slot) = pool.slots.get_mut(worker.slot) else {
+            return;
+        };
+        slot.failures = 0;
+        if role == Role::Current && slot.replacement.is_none() {
+            let delay = worker.spec.restart_delay;
+            slot.respawn_at = Some(now + delay);
+            self.out.notices.push(Notice::RestartScheduled {
+                pool: pool.name.clone(),
+                slot: worker.slot,
+                delay,
+                failures: 0,
+            });
+        }
+    }
+
+    /// Bookkeeping after a worker failed to start (or died before `min_uptime`): a failed
+    /// replacement leaves the old worker serving and stops the rollout; a failed worker in an
+    /// empty slot backs the slot off.
+    fn after_failed_start(&mut self, worker: &Worker, role: Role, why: &str, now: Instant) {
+        let failed = self.reference(worker);
+        let pool = &mut self.pools[worker.pool];
+        let Some(slot) = pool.slots.get_mut(worker.slot) else {
+            return;
+        };
+        let abandoned = match role {
+            Role::Replacement(reason) => {
+                slot.pending = None;
+                Some(reason)
+            }
+            Role::Current | Role::Detached => None,
+        };
+        if role != Role::Detached && slot.current.is_none() && slot.replacement.is_none() {
+            slot.failures += 1;
+            let delay = backoff(worker.spec.restart_delay, slot.failures);
+            slot.respawn_at = Some(now + delay);
+            self.out.notices.push(Notice::RestartScheduled {
+                pool: pool.name.clone(),
+                slot: worker.slot,
+                delay,
+                failures: slot.failures,
+            });
+        }
+        let current = slot.current;
+        let of_rollout =
+            worker.generation > pool.generation || abandoned == Some(StopReason::Rollout);
+        if of_rollout {
+            if let Some(rollout) = pool.rollout.take() {
+                self.out.notices.push(Notice::RolloutAborted {
+                    pool: pool.name.clone(),
+                    generation: rollout.generation,
+                    replaced: rollout.replaced,
+                    size: pool.slots.len(),
+                    why: format!("new worker {failed} {why}"),
+                });
+                return;
+            }
+        }
+        let (Some(reason), Some(current)) = (abandoned, current) else {
+            return;
+        };
+        if reason == StopReason::Ttl {
+            // Try again after another ttl rather than right away.
+            let ttl = self.workers.get(&current).and_then(|w| w.spec.ttl);
+            if let Some(ttl) = ttl {
+                let at = now + self.jitter(ttl);
+                if let Some(w) = self.workers.get_mut(&current) {
+                    w.ttl_at = Some(at);
+                }
+            }
+        }
+        if let Some(worker) = self.worker_ref(current) {
+            self.out.notices.push(Notice::ReplaceAbandoned {
+                worker,
+                reason,
+                why: format!("new worker {failed} {why}"),
+            });
+        }
+    }
+
+    /// Asks a worker to stop with its pool's stop signal; it gets SIGKILL after `kill_timeout`.
+    fn stop(&mut self, id: WorkerId, reason: StopReason, now: Instant) {
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
+        if matches!(worker.phase, Phase::Stopping { .. }) {
+            return;
+        }
+        let snapshot = worker.clone();
+        self.detach(&snapshot);
+        let signal = snapshot.spec.stop_signal;
+        let kill_at = Some(now + snapshot.spec.kill_timeout);
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.phase = Phase::Stopping { reason, kill_at };
+        }
+        self.out.notices.push(Notice::Stopping {
+            worker: self.reference(&snapshot),
+            reason,
+            signal,
+        });
+        // Without a pid (not spawned yet), `on_spawned` kills it as soon as the pid is known.
+        if let Some(pid) = snapshot.pid {
+            self.out.actions.push(Action::Signal { id, pid, signal });
+        }
+    }
+
+    /// Sends SIGKILL to a worker's process group.
+    fn kill(&mut self, id: WorkerId, cause: KillCause) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if let Phase::Stopping { kill_at: None, .. } = worker.phase {
+            return;
+        }
+        let reason = match worker.phase {
+            Phase::Stopping { reason, .. } => reason,
+            _ => StopReason::Shutdown,
+        };
+        worker.phase = Phase::Stopping {
+            reason,
+            kill_at: None,
+        };
+        let snapshot = worker.clone();
+        self.detach(&snapshot);
+        self.out.notices.push(Notice::Killed {
+            worker: self.reference(&snapshot),
+            cause,
+        });
+        if let Some(pid) = snapshot.pid {
+            self.out.actions.push(Action::Kill { id, pid });
+        }
+    }
+
+    /// Removes a worker from its slot, and says which role it had there.
+    fn detach(&mut self, worker: &Worker) -> Role {
+        let Some(slot) = self.pools[worker.pool].slots.get_mut(worker.slot) else {
+            return Role::Detached;
+        };
+        if slot.current == Some(worker.id) {
+            slot.current = None;
+            return Role::Current;
+        }
+        match slot.replacement {
+            Some((id, reason)) if id == worker.id => {
+                slot.replacement = None;
+                Role::Replacement(reason)
+            }
+            _ => Role::Detached,
+        }
+    }
+
+    fn queue_replacement(&mut self, pool: usize, slot: usize, reason: StopReason) {
+        let s = &mut self.pools[pool].slots[slot];
+        if s.pending.is_some() || s.replacement.is_some() {
+            return;
+        }
+        s.pending = Some(reason);
+        if let Some(current) = s.current {
+            if let Some(worker) = self.worker_ref(current) {
+                self.out
+                    .notices
+                    .push(Notice::ReplaceQueued { worker, reason });
+            }
+        }
+    }
+
+    fn resize(&mut self, index: usize, size: usize, now: Instant) {
+        let pool = &mut self.pools[index];
+        let from = pool.slots.len();
+        if size == from {
+            return;
+        }
+        self.out.notices.push(Notice::Scaled {
+            pool: pool.name.clone(),
+            from,
+            to: size,
+        });
+        if size > from {
+            pool.slots.resize(size, Slot::default());
+            return;
+        }
+        let removed: Vec<Slot> = pool.slots.drain(size..).collect();
+        for slot in removed.into_iter().rev() {
+            let ids = slot
+                .replacement
+                .map(|(id, _)| id)
+                .into_iter()
+                .chain(slot.current);
+            for id in ids.collect::<Vec<_>>() {
+                self.stop(id, StopReason::Scale, now);
+            }
+        }
+    }
+
+    /// After any change: fill empty slots, start the next replacement, finish rollouts, and
+    /// exit once a shutdown has emptied everything. Returns what was decided.
+    fn settle(&mut self, now: Instant) -> Outcome {
+        if self.shutdown.is_some() {
+            if self.workers.is_empty() && !self.exited {
+                self.exited = true;
+                self.out.notices.push(Notice::AllStopped);
+                self.out.actions.push(Action::Exit);
+            }
+            return std::mem::take(&mut self.out);
+        }
+        for pool in 0..self.pools.len() {
+            self.fill_empty_slots(pool, now);
+            self.start_next_replacement(pool, now);
+            self.finish_rollout(pool, now);
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn fill_empty_slots(&mut self, pool: usize, now: Instant) {
+        for slot in 0..self.pools[pool].slots.len() {
+            let s = &self.pools[pool].slots[slot];
+            let empty = s.current.is_none() && s.replacement.is_none();
+            if empty && s.respawn_at.is_none_or(|at| at <= now) && !self.has_detached(pool, slot) {
+                let id = self.spawn(pool, slot, now);
+                let s = &mut self.pools[pool].slots[slot];
+                s.current = Some(id);
+                s.respawn_at = None;
+            }
+        }
+    }
+
+    fn start_next_replacement(&mut self, pool: usize, now: Instant) {
+        let p = &self.pools[pool];
+        let strict = p.spawn_target().1.strict;
+        let stopping = self
+            .workers
+            .values()
+            .any(|w| w.pool == pool && matches!(w.phase, Phase::Stopping { .. }));
+        let replacing = p.slots.iter().any(|s| s.replacement.is_some());
+        let unsettled = p.slots.iter().any(|s| {
+            s.current
+                .is_none_or(|id| !matches!(self.workers[&id].phase, Phase::Ready { .. }))
+        });
+        // One replacement at a time per pool, and never while an old worker is still draining:
+        // at most one extra worker alive (none when strict).
+        if stopping || replacing || (strict && unsettled) {
+            return;
+        }
+        let outdated = |s: &Slot| -> Option<StopReason> {
+            let worker = &self.workers[&s.current?];
+            if !matches!(worker.phase, Phase::Ready { .. }) {
+                return None;
+            }
+            match &p.rollout {
+                Some(rollout) if worker.generation < rollout.generation => {
+                    Some(StopReason::Rollout)
+                }
+                _ => s.pending,
+            }
+        };
+        let Some((slot, reason)) = p
+            .slots
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| outdated(s).map(|r| (i, r)))
+        else {
+            return;
+        };
+        self.pools[pool].slots[slot].pending = None;
+        if strict {
+            let old = self.pools[pool].slots[slot]
+                .current
+                .expect("outdated implies current");
+            self.stop(old, reason, now);
+        } else {
+            let id = self.spawn(pool, slot, now);
+            self.pools[pool].slots[slot].replacement = Some((id, reason));
+        }
+    }
+
+    fn finish_rollout(&mut self, pool: usize, now: Instant) {
+        let p = &self.pools[pool];
+        let Some(rollout) = &p.rollout else { return };
+        let done = p.slots.iter().all(|s| {
+            s.replacement.is_none()
+                && s.current.is_some_and(|id| {
+                    let w = &self.workers[&id];
+                    w.generation >= rollout.generation && matches!(w.phase, Phase::Ready { .. })
+                })
+        });
+        if !done {
+            return;
+        }
+        let p = &mut self.pools[pool];
+        let rollout = p.rollout.take().expect("checked above");
+        p.generation = rollout.generation;
+        p.spec = rollout.spec;
+        self.out.notices.push(Notice::RolloutFinished {
+            pool: p.name.clone(),
+            generation: rollout.generation,
+            replaced: rollout.replaced,
+            elapsed: now.saturating_duration_since(rollout.started),
+        });
+    }
+
+    fn spawn(&mut self, pool: usize, slot: usize, now: Instant) -> WorkerId {
+        let id = WorkerId(self.next_id);
+        self.next_id += 1;
+        let p = &self.pools[pool];
+        let (generation, spec) = p.spawn_target();
+        self.out.actions.push(Action::Spawn {
+            id,
+            pool: p.name.clone(),
+            slot,
+            generation,
+            spec: spec.clone(),
+        });
+        let deadline = now + spec.ready_timeout;
+        self.workers.insert(
+            id,
+            Worker {
+                id,
+                pool,
+                slot,
+                generation,
+                pid: None,
+                spawned_at: now,
+                phase: Phase::Starting {
+                    deadline,
+                    ready_at: None,
+                },
+                ttl_at: None,
+                announced_stop: false,
+                status: None,
+                spec,
+            },
+        );
+        id
+    }
+
+    // ----- helpers ------------------------------------------------------------------------
+
+    fn is_current(&self, pool: usize, slot: usize, id: WorkerId) -> bool {
+        self.pools[pool]
+            .slots
+            .get(slot)
+            .is_some_and(|s| s.current == Some(id))
+    }
+
+    /// Whether a worker detached from this slot is still alive.
+    fn has_detached(&self, pool: usize, slot: usize) -> bool {
+        self.workers
+            .values()
+            .any(|w| w.pool == pool && w.slot == slot && matches!(w.phase, Phase::Stopping { .. }))
+    }
+
+    fn pool_index(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| &*p.name == name)
+    }
+
+    fn reference(&self, worker: &Worker) -> WorkerRef {
+        WorkerRef {
+            pool: self.pools[worker.pool].name.clone(),
+            slot: worker.slot,
+            id: worker.id,
+            pid: worker.pid,
+        }
+    }
+
+    fn refuse(&mut self, why: String) {
+        self.out.notices.push(Notice::Refused { why });
+    }
+
+    /// `ttl` ± 10%, so that workers started together are not all recycled together.
+    fn jitter(&mut self, ttl: Duration) -> Duration {
+        // xorshift64*: plenty for spreading deadlines; not for anything secret.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let random = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let unit = (random >> 11) as f64 / (1u64 << 53) as f64; // in [0, 1)
+        ttl.mul_f64(0.9 + 0.2 * unit)
+    }
+}
+
+/// The pause before the next start in a slot after `failures` failed starts in a row:
+/// `restart_delay`, then doubling, capped at [`MAX_BACKOFF`].
+pub fn backoff(restart_delay: Duration, failures: u32) -> Duration {
+    if failures <= 1 {
+        return restart_delay.min(MAX_BACKOFF);
+    }
+    let step = restart_delay.max(MIN_BACKOFF_STEP);
+    let factor = 1u32 << (failures - 1).min(16);
+    step.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
+#[doc(hidden)]
+impl Plan {
+    /// Stop signal of a live worker (used by tests and the process layer).
+    pub fn stop_signal_of(&self, id: WorkerId) -> Option<Signal> {
+        self.workers.get(&id).map(|w| w.spec.stop_signal)
+    }
+}

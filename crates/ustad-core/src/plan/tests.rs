@@ -1,0 +1,856 @@
+//! The plan driven with synthetic time and pretend processes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::config::{Command, Config, PoolSpec, Readiness, Signal, Size};
+
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+
+fn pool(size: usize, ready: Readiness) -> PoolSpec {
+    let mut spec = PoolSpec::new(Command::new(["app"]).unwrap());
+    spec.size = Size::fixed(size).unwrap();
+    spec.ready = ready;
+    spec.ready_timeout = 10 * S;
+    spec.kill_timeout = 5 * S;
+    spec.restart_delay = S;
+    spec.min_uptime = 5 * S;
+    spec
+}
+
+fn config(pools: &[(&str, PoolSpec)]) -> Config {
+    let mut config = Config::default();
+    for (name, spec) in pools {
+        config.pools.insert((*name).to_owned(), spec.clone());
+    }
+    config
+}
+
+/// A pretend process layer: spawns succeed at once with made-up pids, signals are recorded,
+/// and processes exit only when the test says so.
+struct Sim {
+    plan: Plan,
+    now: Instant,
+    next_pid: u32,
+    notices: Vec<Notice>,
+    signals: Vec<(WorkerId, Signal)>,
+    kills: Vec<WorkerId>,
+    spawns: Vec<(WorkerId, String, usize, u64)>,
+    alive: BTreeMap<WorkerId, String>,
+    exited: bool,
+    /// Per pool: the most workers alive at once.
+    peak: BTreeMap<String, usize>,
+}
+
+impl Sim {
+    fn new(config: &Config) -> Sim {
+        let mut plan = Plan::new(config, 7);
+        let now = Instant::now();
+        let outcome = plan.start(now);
+        let mut sim = Sim {
+            plan,
+            now,
+            next_pid: 1000,
+            notices: Vec::new(),
+            signals: Vec::new(),
+            kills: Vec::new(),
+            spawns: Vec::new(),
+            alive: BTreeMap::new(),
+            exited: false,
+            peak: BTreeMap::new(),
+        };
+        sim.apply(outcome);
+        sim
+    }
+
+    fn apply(&mut self, outcome: Outcome) {
+        let mut queue = vec![outcome];
+        while let Some(outcome) = queue.pop() {
+            self.notices.extend(outcome.notices);
+            for action in outcome.actions {
+                match action {
+                    Action::Spawn {
+                        id,
+                        pool,
+                        slot,
+                        generation,
+                        ..
+                    } => {
+                        self.spawns.push((id, pool.to_string(), slot, generation));
+                        self.alive.insert(id, pool.to_string());
+                        let alive = self.alive.values().filter(|p| **p == *pool).count();
+                        let peak = self.peak.entry(pool.to_string()).or_default();
+                        *peak = (*peak).max(alive);
+                        self.next_pid += 1;
+                        let event = Event::Spawned {
+                            id,
+                            pid: self.next_pid,
+                        };
+                        queue.push(self.plan.handle(event, self.now));
+                    }
+                    Action::Signal { id, signal, .. } => self.signals.push((id, signal)),
+                    Action::Kill { id, .. } => self.kills.push(id),
+                    Action::Exit => self.exited = true,
+                }
+            }
+        }
+        // The process layer ticks whenever a deadline has passed.
+        if self.plan.next_deadline().is_some_and(|d| d <= self.now) {
+            let outcome = self.plan.tick(self.now);
+            self.apply(outcome);
+        }
+        assert!(
+            self.plan.next_deadline().is_none_or(|d| d > self.now),
+            "a deadline is left in the past after tick"
+        );
+    }
+
+    fn handle(&mut self, event: Event) {
+        let outcome = self.plan.handle(event, self.now);
+        self.apply(outcome);
+    }
+
+    /// Moves time forward, ticking at every deadline on the way.
+    fn advance(&mut self, by: Duration) {
+        let end = self.now + by;
+        while let Some(deadline) = self.plan.next_deadline().filter(|d| *d <= end) {
+            self.now = deadline;
+            let outcome = self.plan.tick(self.now);
+            self.apply(outcome);
+        }
+        self.now = end;
+    }
+
+    fn exit(&mut self, id: WorkerId, status: ExitStatus) {
+        self.alive.remove(&id);
+        self.handle(Event::Exited { id, status });
+    }
+
+    fn ready(&mut self, id: WorkerId) {
+        self.handle(Event::Message {
+            id,
+            message: WorkerMessage::Ready,
+        });
+    }
+
+    fn message(&mut self, id: WorkerId, message: WorkerMessage) {
+        self.handle(Event::Message { id, message });
+    }
+
+    /// Exits every worker that was signalled or killed and is still alive.
+    fn exit_stopped(&mut self) {
+        let stopped: Vec<WorkerId> = self
+            .signals
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(self.kills.iter().copied())
+            .filter(|id| self.alive.contains_key(id))
+            .collect();
+        for id in stopped {
+            if self.alive.contains_key(&id) {
+                self.exit(id, ExitStatus::Code(0));
+            }
+        }
+    }
+
+    /// Live workers of a pool: (slot, id, generation, ready).
+    fn workers(&self, pool: &str) -> Vec<(usize, WorkerId, u64, bool)> {
+        let mut workers: Vec<_> = self
+            .plan
+            .workers()
+            .filter(|w| self.alive.get(&w.id).is_some_and(|p| p == pool))
+            .map(|w| {
+                (
+                    w.slot,
+                    w.id,
+                    w.generation,
+                    matches!(w.phase, Phase::Ready { .. }),
+                )
+            })
+            .collect();
+        workers.sort();
+        workers
+    }
+
+    /// Ids of ready workers that hold their slot (not stopping).
+    fn serving(&self, pool: &str) -> Vec<WorkerId> {
+        self.plan
+            .workers()
+            .filter(|w| self.alive.get(&w.id).is_some_and(|p| p == pool))
+            .filter(|w| matches!(w.phase, Phase::Ready { .. }))
+            .map(|w| w.id)
+            .collect()
+    }
+
+    fn starting(&self) -> Vec<WorkerId> {
+        self.plan
+            .workers()
+            .filter(|w| matches!(w.phase, Phase::Starting { .. }))
+            .map(|w| w.id)
+            .collect()
+    }
+
+    fn count(&self, f: impl Fn(&Notice) -> bool) -> usize {
+        self.notices.iter().filter(|n| f(n)).count()
+    }
+
+    fn restart_delays(&self) -> Vec<(Duration, u32)> {
+        self.notices
+            .iter()
+            .filter_map(|n| match n {
+                Notice::RestartScheduled {
+                    delay, failures, ..
+                } => Some((*delay, *failures)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn start_fills_every_slot_of_every_pool_with_increasing_ids() {
+    let sim = Sim::new(&config(&[
+        ("web", pool(3, Readiness::None)),
+        ("jobs", pool(2, Readiness::None)),
+    ]));
+    let spawned: Vec<_> = sim
+        .spawns
+        .iter()
+        .map(|(id, p, s, g)| (id.0, p.as_str(), *s, *g))
+        .collect();
+    assert_eq!(
+        spawned,
+        [
+            (1, "web", 0, 1),
+            (2, "web", 1, 1),
+            (3, "web", 2, 1),
+            (4, "jobs", 0, 1),
+            (5, "jobs", 1, 1)
+        ]
+    );
+    assert_eq!(
+        sim.serving("web").len(),
+        3,
+        "ready = none: ready once spawned"
+    );
+}
+
+#[test]
+fn notify_workers_are_ready_only_on_ready_and_killed_at_ready_timeout() {
+    let mut sim = Sim::new(&config(&[("web", pool(2, Readiness::Notify))]));
+    assert!(sim.serving("web").is_empty());
+    sim.ready(WorkerId(1));
+    assert_eq!(sim.serving("web"), [WorkerId(1)]);
+
+    sim.advance(10 * S - MS);
+    assert!(sim.kills.is_empty());
+    sim.advance(MS);
+    assert_eq!(
+        sim.kills,
+        [WorkerId(2)],
+        "not ready within ready_timeout: killed"
+    );
+    sim.exit(WorkerId(2), ExitStatus::Signal(9));
+    assert_eq!(sim.restart_delays(), [(S, 1)]);
+    sim.advance(S);
+    assert_eq!(
+        sim.spawns.last().map(|s| (s.0, s.2)),
+        Some((WorkerId(3), 1)),
+        "same slot"
+    );
+}
+
+#[test]
+fn delay_readiness() {
+    let mut sim = Sim::new(&config(&[("web", pool(1, Readiness::Delay(2 * S)))]));
+    sim.advance(2 * S - MS);
+    assert!(sim.serving("web").is_empty());
+    sim.advance(MS);
+    assert_eq!(sim.serving("web"), [WorkerId(1)]);
+}
+
+#[test]
+fn failed_starts_back_off_exponentially_up_to_a_cap() {
+    let mut spec = pool(1, Readiness::None);
+    spec.restart_delay = S;
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    for _ in 0..10 {
+        let id = *sim.serving("web").first().expect("a worker was started");
+        sim.advance(100 * MS);
+        sim.exit(id, ExitStatus::Code(1));
+        let (delay, _) = *sim.restart_delays().last().unwrap();
+        sim.advance(delay);
+    }
+    let delays: Vec<u64> = sim
+        .restart_delays()
+        .iter()
+        .map(|(d, _)| d.as_secs())
+        .collect();
+    assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+    let failures: Vec<u32> = sim.restart_delays().iter().map(|(_, f)| *f).collect();
+    assert_eq!(failures, (1..=10).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_worker_that_stayed_up_resets_the_backoff() {
+    let mut sim = Sim::new(&config(&[("web", pool(1, Readiness::None))]));
+    sim.advance(MS);
+    sim.exit(WorkerId(1), ExitStatus::Code(1));
+    sim.advance(S);
+    sim.advance(MS);
+    sim.exit(WorkerId(2), ExitStatus::Code(1));
+    sim.advance(2 * S);
+    sim.advance(6 * S); // past min_uptime
+    sim.exit(WorkerId(3), ExitStatus::Signal(9));
+    assert_eq!(sim.restart_delays(), [(S, 1), (2 * S, 2), (S, 0)]);
+    let crash = sim.count(|n| {
+        matches!(
+            n,
+            Notice::Exited {
+                cause: ExitCause::Crashed,
+                ..
+            }
+        )
+    });
+    assert_eq!(crash, 3);
+}
+
+#[test]
+fn restart_delay_zero_restarts_at_once_then_backs_off_from_100ms() {
+    let mut spec = pool(1, Readiness::None);
+    spec.restart_delay = Duration::ZERO;
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    for _ in 0..4 {
+        let id = sim.serving("web")[0];
+        sim.exit(id, ExitStatus::Code(1));
+        sim.advance(S);
+    }
+    let delays: Vec<u128> = sim
+        .restart_delays()
+        .iter()
+        .map(|(d, _)| d.as_millis())
+        .collect();
+    assert_eq!(delays, [0, 200, 400, 800]);
+}
+
+#[test]
+fn spawn_failure_is_a_failed_start() {
+    let mut sim = Sim::new(&config(&[("web", pool(1, Readiness::None))]));
+    // Pretend the next spawn fails.
+    sim.exit(WorkerId(1), ExitStatus::Code(1));
+    sim.advance(S);
+    let id = WorkerId(2);
+    let outcome = sim.plan.handle(
+        Event::SpawnFailed {
+            id,
+            error: "not found".into(),
+        },
+        sim.now,
+    );
+    sim.apply(outcome);
+    assert!(
+        sim.notices
+            .iter()
+            .any(|n| matches!(n, Notice::SpawnFailed { .. }))
+    );
+    assert_eq!(sim.restart_delays().last(), Some(&(2 * S, 2)));
+}
+
+fn ready_pool(size: usize, strict: bool) -> Sim {
+    let mut spec = pool(size, Readiness::Notify);
+    spec.strict = strict;
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    sim.advance(10 * S);
+    sim
+}
+
+fn rollout(sim: &mut Sim) {
+    sim.handle(Event::Rollout {
+        pool: None,
+        trigger: RolloutTrigger::Restart,
+        spec: None,
+    });
+}
+
+/// Drives a rollout to the end: every new worker becomes ready, every stopped one exits.
+fn finish(sim: &mut Sim) {
+    for _ in 0..100 {
+        for id in sim.starting() {
+            sim.ready(id);
+        }
+        sim.exit_stopped();
+        if sim.starting().is_empty()
+            && sim
+                .signals
+                .iter()
+                .all(|(id, _)| !sim.alive.contains_key(id))
+        {
+            break;
+        }
+    }
+}
+
+#[test]
+fn rolling_restart_replaces_one_slot_at_a_time_ready_before_stop() {
+    let mut sim = ready_pool(3, false);
+    rollout(&mut sim);
+    // Only slot 0's replacement starts; nobody is stopped yet.
+    assert_eq!(sim.starting(), [WorkerId(4)]);
+    assert!(sim.signals.is_empty());
+    sim.advance(5 * S);
+    assert_eq!(
+        sim.starting(),
+        [WorkerId(4)],
+        "no second replacement while one is starting"
+    );
+    sim.ready(WorkerId(4));
+    assert_eq!(
+        sim.signals,
+        [(WorkerId(1), Signal::TERM)],
+        "old one stopped once the new one is ready"
+    );
+    assert!(
+        sim.starting().is_empty(),
+        "next slot waits until the old worker has exited"
+    );
+    sim.exit(WorkerId(1), ExitStatus::Code(0));
+    assert_eq!(sim.starting(), [WorkerId(5)]);
+    assert_eq!(sim.spawns.last().map(|s| s.2), Some(1), "slot 1 next");
+    finish(&mut sim);
+    let workers = sim.workers("web");
+    assert_eq!(
+        workers.iter().map(|w| (w.0, w.2, w.3)).collect::<Vec<_>>(),
+        [(0, 2, true), (1, 2, true), (2, 2, true)]
+    );
+    assert_eq!(sim.peak["web"], 4, "never more than one extra worker");
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::RolloutFinished {
+            generation: 2,
+            replaced: 3,
+            ..
+        }
+    )));
+    let stops: Vec<_> = sim
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::Stopping { worker, reason, .. } => Some((worker.id.0, *reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        stops,
+        [
+            (1, StopReason::Rollout),
+            (2, StopReason::Rollout),
+            (3, StopReason::Rollout)
+        ]
+    );
+}
+
+#[test]
+fn a_replacement_that_never_gets_ready_stops_the_rollout_and_keeps_the_old_workers() {
+    let mut sim = ready_pool(3, false);
+    rollout(&mut sim);
+    sim.ready(WorkerId(4));
+    sim.exit(WorkerId(1), ExitStatus::Code(0));
+    // Slot 1's replacement hangs.
+    sim.advance(10 * S);
+    assert_eq!(sim.kills, [WorkerId(5)]);
+    sim.exit(WorkerId(5), ExitStatus::Signal(9));
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::RolloutAborted {
+            generation: 2,
+            replaced: 1,
+            size: 3,
+            ..
+        }
+    )));
+    sim.advance(60 * S);
+    assert!(
+        sim.starting().is_empty(),
+        "no further replacement after the abort"
+    );
+    let mut serving = sim.serving("web");
+    serving.sort();
+    assert_eq!(serving, [WorkerId(2), WorkerId(3), WorkerId(4)]);
+    assert_eq!(
+        sim.signals.len(),
+        1,
+        "no old worker but the first was stopped"
+    );
+    // A crash of an old worker is restarted with the live (old) generation.
+    sim.exit(WorkerId(2), ExitStatus::Code(1));
+    sim.advance(S);
+    assert_eq!(sim.spawns.last().map(|s| (s.2, s.3)), Some((1, 1)));
+}
+
+#[test]
+fn a_replacement_that_crashes_stops_the_rollout() {
+    let mut sim = ready_pool(2, false);
+    rollout(&mut sim);
+    sim.exit(WorkerId(3), ExitStatus::Code(3));
+    assert!(
+        sim.notices
+            .iter()
+            .any(|n| matches!(n, Notice::RolloutAborted { replaced: 0, .. }))
+    );
+    assert!(sim.signals.is_empty());
+    assert_eq!(sim.serving("web").len(), 2);
+}
+
+#[test]
+fn strict_rollout_stops_first_and_never_exceeds_size() {
+    let mut sim = ready_pool(3, true);
+    rollout(&mut sim);
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::TERM)]);
+    assert!(
+        sim.starting().is_empty(),
+        "strict: the slot is refilled only after the old exits"
+    );
+    sim.exit(WorkerId(1), ExitStatus::Code(0));
+    assert_eq!(sim.starting(), [WorkerId(4)]);
+    finish(&mut sim);
+    assert_eq!(sim.peak["web"], 3);
+    assert!(sim.workers("web").iter().all(|w| w.2 == 2 && w.3));
+}
+
+#[test]
+fn rollout_requests_during_a_rollout_are_coalesced() {
+    let mut sim = ready_pool(3, false);
+    rollout(&mut sim);
+    sim.ready(WorkerId(4));
+    rollout(&mut sim);
+    rollout(&mut sim);
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::RolloutStarted {
+            generation: 4,
+            superseded: Some(3),
+            ..
+        }
+    )));
+    finish(&mut sim);
+    assert_eq!(sim.peak["web"], 4, "still at most one extra worker");
+    assert!(
+        sim.workers("web").iter().all(|w| w.2 == 4),
+        "everyone runs the newest generation"
+    );
+    assert_eq!(
+        sim.count(|n| matches!(n, Notice::RolloutFinished { .. })),
+        1
+    );
+}
+
+#[test]
+fn a_rollout_with_new_settings_uses_them_and_makes_them_live() {
+    let mut sim = ready_pool(2, false);
+    let mut spec = pool(2, Readiness::Notify);
+    spec.command = Command::new(["app", "--v2"]).unwrap();
+    let spec = Arc::new(spec);
+    sim.handle(Event::Rollout {
+        pool: Some("web".into()),
+        trigger: RolloutTrigger::Reload,
+        spec: Some(spec),
+    });
+    finish(&mut sim);
+    // A crash afterwards restarts with the new command.
+    let id = sim.serving("web")[0];
+    sim.advance(10 * S);
+    sim.exit(id, ExitStatus::Code(1));
+    let outcome = sim.plan.tick(sim.now + S);
+    let spawned: Vec<_> = outcome
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Spawn {
+                spec, generation, ..
+            } => Some((spec.command.words().to_vec(), *generation)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spawned, [(vec!["app".to_owned(), "--v2".to_owned()], 2)]);
+}
+
+#[test]
+fn rollout_of_an_unknown_pool_is_refused() {
+    let mut sim = ready_pool(1, false);
+    sim.handle(Event::Rollout {
+        pool: Some("nope".into()),
+        trigger: RolloutTrigger::Restart,
+        spec: None,
+    });
+    assert!(
+        sim.notices
+            .iter()
+            .any(|n| matches!(n, Notice::Refused { .. }))
+    );
+    assert!(sim.starting().is_empty());
+}
+
+#[test]
+fn a_crash_of_the_old_worker_during_its_replacement_needs_no_extra_restart() {
+    let mut sim = ready_pool(1, false);
+    rollout(&mut sim);
+    sim.advance(S);
+    sim.exit(WorkerId(1), ExitStatus::Signal(9));
+    sim.advance(3 * S);
+    assert_eq!(
+        sim.starting(),
+        [WorkerId(2)],
+        "no restart while the replacement is starting"
+    );
+    sim.ready(WorkerId(2));
+    assert_eq!(sim.serving("web"), [WorkerId(2)]);
+    assert!(
+        sim.notices
+            .iter()
+            .any(|n| matches!(n, Notice::RolloutFinished { .. }))
+    );
+}
+
+#[test]
+fn stop_escalates_to_sigkill_after_kill_timeout() {
+    let mut sim = ready_pool(1, false);
+    sim.handle(Event::Shutdown { immediate: false });
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::TERM)]);
+    sim.advance(5 * S - MS);
+    assert!(sim.kills.is_empty());
+    sim.advance(MS);
+    assert_eq!(sim.kills, [WorkerId(1)]);
+    assert!(!sim.exited);
+    sim.exit(WorkerId(1), ExitStatus::Signal(9));
+    assert!(sim.exited);
+}
+
+#[test]
+fn graceful_shutdown_stops_everyone_and_restarts_nobody() {
+    let mut sim = Sim::new(&config(&[
+        ("web", pool(2, Readiness::None)),
+        ("jobs", pool(1, Readiness::Notify)),
+    ]));
+    sim.handle(Event::Shutdown { immediate: false });
+    assert_eq!(sim.signals.len(), 3, "starting workers are stopped too");
+    sim.exit(WorkerId(1), ExitStatus::Code(0));
+    sim.exit(WorkerId(2), ExitStatus::Code(1));
+    sim.advance(60 * S);
+    assert_eq!(sim.spawns.len(), 3, "nothing restarted during shutdown");
+    assert!(!sim.exited);
+    sim.exit(WorkerId(3), ExitStatus::Code(0));
+    assert!(sim.exited);
+}
+
+#[test]
+fn a_second_shutdown_kills_at_once() {
+    let mut sim = ready_pool(2, false);
+    sim.handle(Event::Shutdown { immediate: false });
+    sim.handle(Event::Shutdown { immediate: false });
+    assert!(
+        sim.kills.is_empty(),
+        "a repeated graceful request changes nothing"
+    );
+    sim.handle(Event::Shutdown { immediate: true });
+    assert_eq!(sim.kills, [WorkerId(1), WorkerId(2)]);
+}
+
+#[test]
+fn scaling_adds_slots_and_stops_the_highest_ones() {
+    let mut sim = ready_pool(2, false);
+    sim.handle(Event::Scale {
+        pool: "web".into(),
+        size: 4,
+    });
+    assert_eq!(
+        sim.spawns.iter().map(|s| s.2).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    sim.handle(Event::Scale {
+        pool: "web".into(),
+        size: 1,
+    });
+    let stopped: Vec<_> = sim
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::Stopping {
+                worker,
+                reason: StopReason::Scale,
+                ..
+            } => Some(worker.slot),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stopped, [3, 2, 1]);
+    sim.handle(Event::Scale {
+        pool: "web".into(),
+        size: 0,
+    });
+    assert!(
+        sim.notices
+            .iter()
+            .any(|n| matches!(n, Notice::Refused { .. }))
+    );
+    sim.exit_stopped();
+    assert_eq!(sim.plan.workers().count(), 1);
+}
+
+#[test]
+fn regrowing_a_slot_waits_for_its_stopping_worker() {
+    let mut sim = ready_pool(2, false);
+    sim.handle(Event::Scale {
+        pool: "web".into(),
+        size: 1,
+    });
+    sim.handle(Event::Scale {
+        pool: "web".into(),
+        size: 2,
+    });
+    assert_eq!(sim.spawns.len(), 2, "slot 1's old worker is still draining");
+    sim.exit(WorkerId(2), ExitStatus::Code(0));
+    assert_eq!(sim.spawns.len(), 3);
+}
+
+#[test]
+fn ttl_recycles_each_worker_by_rolling_replacement_with_jitter() {
+    let mut spec = pool(3, Readiness::None);
+    spec.ttl = Some(100 * S);
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    sim.advance(90 * S - MS);
+    assert_eq!(sim.spawns.len(), 3, "nothing before ttl - 10%");
+    // Let the replacements go through as they come.
+    for _ in 0..200 {
+        sim.advance(S);
+        sim.exit_stopped();
+    }
+    let ttl_stops: Vec<_> = sim
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::Stopping {
+                worker,
+                reason: StopReason::Ttl,
+                ..
+            } => Some(worker.id),
+            _ => None,
+        })
+        .collect();
+    for original in [WorkerId(1), WorkerId(2), WorkerId(3)] {
+        assert!(
+            ttl_stops.contains(&original),
+            "{original} recycled: {ttl_stops:?}"
+        );
+    }
+    assert!(
+        ttl_stops.len() >= 3,
+        "every original worker recycled: {ttl_stops:?}"
+    );
+    assert!(sim.peak["web"] <= 4);
+    let queued = sim.count(|n| {
+        matches!(
+            n,
+            Notice::ReplaceQueued {
+                reason: StopReason::Ttl,
+                ..
+            }
+        )
+    });
+    assert!(queued >= 3);
+}
+
+#[test]
+fn ttl_jitter_stays_within_ten_percent_and_varies() {
+    let mut plan = Plan::new(&Config::default(), 12345);
+    let samples: Vec<Duration> = (0..1000).map(|_| plan.jitter(100 * S)).collect();
+    assert!(samples.iter().all(|d| *d >= 90 * S && *d <= 110 * S));
+    let distinct: std::collections::BTreeSet<_> = samples.iter().collect();
+    assert!(distinct.len() > 900);
+}
+
+#[test]
+fn a_worker_asking_for_restart_is_replaced_after_its_successor_is_ready() {
+    let mut sim = ready_pool(2, false);
+    sim.message(WorkerId(2), WorkerMessage::RequestRestart);
+    assert_eq!(sim.starting(), [WorkerId(3)]);
+    assert_eq!(sim.spawns.last().map(|s| s.2), Some(1));
+    assert!(sim.signals.is_empty());
+    sim.ready(WorkerId(3));
+    assert_eq!(sim.signals, [(WorkerId(2), Signal::TERM)]);
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::Stopping {
+            reason: StopReason::Requested,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_worker_announcing_stopping_gets_a_successor_and_its_exit_is_not_a_crash() {
+    let mut sim = ready_pool(1, false);
+    sim.message(WorkerId(1), WorkerMessage::Stopping);
+    assert_eq!(sim.starting(), [WorkerId(2)]);
+    sim.exit(WorkerId(1), ExitStatus::Code(0));
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::Exited {
+            cause: ExitCause::Announced,
+            ..
+        }
+    )));
+    assert_eq!(
+        sim.spawns.len(),
+        2,
+        "its exit does not start a second successor"
+    );
+    sim.ready(WorkerId(2));
+    assert_eq!(sim.serving("web"), [WorkerId(2)]);
+}
+
+#[test]
+fn a_failed_ttl_replacement_keeps_the_worker_and_tries_again_later() {
+    let mut spec = pool(1, Readiness::Notify);
+    spec.ttl = Some(100 * S);
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    sim.ready(WorkerId(1));
+    sim.advance(111 * S);
+    assert_eq!(sim.starting(), [WorkerId(2)]);
+    sim.exit(WorkerId(2), ExitStatus::Code(1));
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::ReplaceAbandoned {
+            reason: StopReason::Ttl,
+            ..
+        }
+    )));
+    assert_eq!(sim.serving("web"), [WorkerId(1)]);
+    sim.advance(111 * S);
+    assert_eq!(
+        sim.starting(),
+        [WorkerId(3)],
+        "tried again after another ttl"
+    );
+}
+
+#[test]
+fn messages_from_stopping_workers_are_ignored() {
+    let mut sim = ready_pool(1, false);
+    sim.message(WorkerId(1), WorkerMessage::Status("busy".into()));
+    sim.message(WorkerId(1), WorkerMessage::Status("busy".into()));
+    assert_eq!(
+        sim.count(|n| matches!(n, Notice::Status { .. })),
+        1,
+        "unchanged status is not logged twice"
+    );
+    sim.handle(Event::Shutdown { immediate: false });
+    sim.message(WorkerId(1), WorkerMessage::RequestRestart);
+    sim.message(WorkerId(1), WorkerMessage::Ready);
+    assert_eq!(sim.spawns.len(), 1);
+}

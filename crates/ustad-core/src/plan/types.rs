@@ -1,0 +1,596 @@
+//! The vocabulary of the plan: what goes in (events), what comes out (actions to perform and
+//! notices to log), and the reasons attached to them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::value::format_duration;
+use crate::config::{PoolSpec, Signal};
+
+/// A worker's identity for the life of the primary: unique and increasing, never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerId(pub u64);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// Exit code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+}
+
+impl From<std::process::ExitStatus> for ExitStatus {
+    fn from(status: std::process::ExitStatus) -> ExitStatus {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitStatus::Code(code),
+            (None, Some(signal)) => ExitStatus::Signal(signal),
+            // Stopped/continued statuses are not exits; `wait` does not report them.
+            (None, None) => ExitStatus::Code(-1),
+        }
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(code) => write!(f, "exit code {code}"),
+            ExitStatus::Signal(number) => match Signal::from_number(*number) {
+                Some(signal) => write!(f, "{signal}"),
+                None => write!(f, "signal {number}"),
+            },
+        }
+    }
+}
+
+/// What the sd_notify channel (or the library's IPC) said about a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerMessage {
+    /// `READY=1`: the worker serves.
+    Ready,
+    /// `STOPPING=1`: the worker is shutting down on its own.
+    Stopping,
+    /// `STATUS=…`: a free-form status line.
+    Status(String),
+    /// `USTAD_REQUEST=restart`: the worker asks to be replaced (rolling).
+    RequestRestart,
+}
+
+/// Why a whole pool is being replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutTrigger {
+    /// The configuration was re-read (SIGHUP).
+    Reload,
+    /// Restart with the same configuration (SIGUSR2).
+    Restart,
+}
+
+impl fmt::Display for RolloutTrigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RolloutTrigger::Reload => "reload",
+            RolloutTrigger::Restart => "restart",
+        })
+    }
+}
+
+/// Inputs to the plan besides the passing of time.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A worker process was started.
+    Spawned {
+        /// Which worker.
+        id: WorkerId,
+        /// Its pid, which is also its process group id.
+        pid: u32,
+    },
+    /// A worker process could not be started (command missing, not executable…).
+    SpawnFailed {
+        /// Which worker.
+        id: WorkerId,
+        /// Why, for the log.
+        error: String,
+    },
+    /// A worker process ended and was reaped.
+    Exited {
+        /// Which worker.
+        id: WorkerId,
+        /// How.
+        status: ExitStatus,
+    },
+    /// A worker said something over its notify channel.
+    Message {
+        /// Which worker.
+        id: WorkerId,
+        /// What.
+        message: WorkerMessage,
+    },
+    /// Replace every worker of a pool (or of every pool), one slot at a time.
+    Rollout {
+        /// The pool, or `None` for every pool.
+        pool: Option<String>,
+        /// Why.
+        trigger: RolloutTrigger,
+        /// New settings for the replacements (a reloaded config); `None` keeps the current ones.
+        spec: Option<Arc<PoolSpec>>,
+    },
+    /// Grow or shrink a pool.
+    Scale {
+        /// The pool.
+        pool: String,
+        /// The new number of workers (at least 1).
+        size: usize,
+    },
+    /// Stop everything and exit.
+    Shutdown {
+        /// Kill every worker's process group now instead of asking them to stop.
+        immediate: bool,
+    },
+}
+
+/// Things the process layer must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start a worker process.
+    Spawn {
+        /// The new worker's id.
+        id: WorkerId,
+        /// Its pool.
+        pool: Arc<str>,
+        /// Its slot (`USTAD_WORKER_INDEX`).
+        slot: usize,
+        /// The pool generation it belongs to.
+        generation: u64,
+        /// What to run.
+        spec: Arc<PoolSpec>,
+    },
+    /// Send a signal to a worker's process group.
+    Signal {
+        /// Which worker.
+        id: WorkerId,
+        /// Its process group.
+        pid: u32,
+        /// Which signal.
+        signal: Signal,
+    },
+    /// Send SIGKILL to a worker's process group.
+    Kill {
+        /// Which worker.
+        id: WorkerId,
+        /// Its process group.
+        pid: u32,
+    },
+    /// Every worker has stopped after a shutdown: the primary may exit.
+    Exit,
+}
+
+/// A worker as named in notices: pool, slot, id and pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRef {
+    /// The pool's name.
+    pub pool: Arc<str>,
+    /// The slot.
+    pub slot: usize,
+    /// The worker's id.
+    pub id: WorkerId,
+    /// Its pid, once spawned.
+    pub pid: Option<u32>,
+}
+
+impl fmt::Display for WorkerRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{} (id {}", self.pool, self.slot, self.id)?;
+        if let Some(pid) = self.pid {
+            write!(f, ", pid {pid}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// Why the supervisor asked a worker to stop (or replaced it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Replaced in a rolling restart of its pool.
+    Rollout,
+    /// Its `ttl` ran out.
+    Ttl,
+    /// It asked to be replaced (`USTAD_REQUEST=restart`).
+    Requested,
+    /// It announced `STOPPING=1`; a successor was started.
+    Announced,
+    /// An operator restarted this worker.
+    Restart,
+    /// Its pool shrank.
+    Scale,
+    /// The primary is shutting down.
+    Shutdown,
+    /// It did not become ready within `ready_timeout`.
+    ReadyTimeout,
+}
+
+impl StopReason {
+    /// A short machine-readable name, used in JSON logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Rollout => "rollout",
+            StopReason::Ttl => "ttl",
+            StopReason::Requested => "request",
+            StopReason::Announced => "announced",
+            StopReason::Restart => "restart",
+            StopReason::Scale => "scale",
+            StopReason::Shutdown => "shutdown",
+            StopReason::ReadyTimeout => "ready_timeout",
+        }
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StopReason::Rollout => "rolling restart",
+            StopReason::Ttl => "ttl reached",
+            StopReason::Requested => "the worker asked to be replaced",
+            StopReason::Announced => "the worker announced STOPPING=1",
+            StopReason::Restart => "restart requested",
+            StopReason::Scale => "pool scaled down",
+            StopReason::Shutdown => "shutdown",
+            StopReason::ReadyTimeout => "not ready within ready_timeout",
+        })
+    }
+}
+
+/// Why a worker's process group got SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillCause {
+    /// It did not exit within `kill_timeout` after the stop signal.
+    KillTimeout(Duration),
+    /// It did not become ready within `ready_timeout`.
+    ReadyTimeout(Duration),
+    /// An immediate shutdown (second SIGINT/SIGTERM).
+    ShutdownNow,
+}
+
+impl fmt::Display for KillCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KillCause::KillTimeout(t) => {
+                write!(
+                    f,
+                    "still running {} after the stop signal (kill_timeout)",
+                    format_duration(*t)
+                )
+            }
+            KillCause::ReadyTimeout(t) => {
+                write!(f, "not ready after {} (ready_timeout)", format_duration(*t))
+            }
+            KillCause::ShutdownNow => f.write_str("immediate shutdown"),
+        }
+    }
+}
+
+/// How an exit came about, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCause {
+    /// The supervisor had asked it to stop.
+    Stopped(StopReason),
+    /// It exited on its own after announcing `STOPPING=1`.
+    Announced,
+    /// It exited without being asked: a crash.
+    Crashed,
+}
+
+impl ExitCause {
+    /// A short machine-readable name, used in JSON logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitCause::Stopped(reason) => reason.as_str(),
+            ExitCause::Announced => "announced",
+            ExitCause::Crashed => "crash",
+        }
+    }
+}
+
+impl fmt::Display for ExitCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitCause::Stopped(reason) => write!(f, "stopped: {reason}"),
+            ExitCause::Announced => f.write_str("after announcing STOPPING=1"),
+            ExitCause::Crashed => f.write_str("crashed: it was not asked to stop"),
+        }
+    }
+}
+
+/// Lifecycle events worth logging (and, later, publishing to clients).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// A worker process was started.
+    Spawned {
+        /// Which.
+        worker: WorkerRef,
+        /// Its generation.
+        generation: u64,
+    },
+    /// A worker process could not be started.
+    SpawnFailed {
+        /// Which.
+        worker: WorkerRef,
+        /// Why.
+        error: String,
+    },
+    /// A worker became ready.
+    Ready {
+        /// Which.
+        worker: WorkerRef,
+        /// Time from spawn to ready.
+        after: Duration,
+    },
+    /// A worker was asked to stop.
+    Stopping {
+        /// Which.
+        worker: WorkerRef,
+        /// Why.
+        reason: StopReason,
+        /// With which signal.
+        signal: Signal,
+    },
+    /// A worker's process group got SIGKILL.
+    Killed {
+        /// Which.
+        worker: WorkerRef,
+        /// Why.
+        cause: KillCause,
+    },
+    /// A worker process ended.
+    Exited {
+        /// Which.
+        worker: WorkerRef,
+        /// How.
+        status: ExitStatus,
+        /// Why.
+        cause: ExitCause,
+        /// How long it ran.
+        uptime: Duration,
+    },
+    /// An empty slot will be filled after a delay.
+    RestartScheduled {
+        /// The pool.
+        pool: Arc<str>,
+        /// The slot.
+        slot: usize,
+        /// When.
+        delay: Duration,
+        /// Consecutive failed starts in this slot (0 after a worker that had stayed up).
+        failures: u32,
+    },
+    /// A worker will be replaced as soon as its pool is not busy replacing another.
+    ReplaceQueued {
+        /// Which.
+        worker: WorkerRef,
+        /// Why.
+        reason: StopReason,
+    },
+    /// A replacement for a single worker failed; the worker keeps serving.
+    ReplaceAbandoned {
+        /// The worker that keeps serving.
+        worker: WorkerRef,
+        /// Why it was to be replaced.
+        reason: StopReason,
+        /// What went wrong.
+        why: String,
+    },
+    /// A rolling restart of a pool began.
+    RolloutStarted {
+        /// The pool.
+        pool: Arc<str>,
+        /// The generation being rolled out.
+        generation: u64,
+        /// Why.
+        trigger: RolloutTrigger,
+        /// It superseded an unfinished rollout.
+        superseded: Option<u64>,
+    },
+    /// Every worker of a pool now belongs to the new generation.
+    RolloutFinished {
+        /// The pool.
+        pool: Arc<str>,
+        /// The generation now live.
+        generation: u64,
+        /// Workers replaced.
+        replaced: usize,
+        /// How long it took.
+        elapsed: Duration,
+    },
+    /// A rollout stopped because a new worker failed; the old workers keep serving.
+    RolloutAborted {
+        /// The pool.
+        pool: Arc<str>,
+        /// The generation that failed.
+        generation: u64,
+        /// Workers already replaced.
+        replaced: usize,
+        /// The pool's size.
+        size: usize,
+        /// What went wrong.
+        why: String,
+    },
+    /// A pool's size changed.
+    Scaled {
+        /// The pool.
+        pool: Arc<str>,
+        /// Old size.
+        from: usize,
+        /// New size.
+        to: usize,
+    },
+    /// A worker's `STATUS=` changed.
+    Status {
+        /// Which.
+        worker: WorkerRef,
+        /// The text.
+        text: String,
+    },
+    /// A request was refused (unknown pool, bad size, shutting down…).
+    Refused {
+        /// What and why.
+        why: String,
+    },
+    /// Shutdown began.
+    ShutdownStarted {
+        /// Kill now rather than ask.
+        immediate: bool,
+        /// Workers still running.
+        workers: usize,
+    },
+    /// Every worker has stopped.
+    AllStopped,
+}
+
+impl fmt::Display for Notice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = |duration: &Duration| format_duration(round_ms(*duration));
+        match self {
+            Notice::Spawned { worker, generation } => {
+                write!(f, "{worker} spawned (generation {generation})")
+            }
+            Notice::SpawnFailed { worker, error } => {
+                write!(f, "{worker} could not be started: {error}")
+            }
+            Notice::Ready { worker, after } => write!(f, "{worker} ready after {}", d(after)),
+            Notice::Stopping {
+                worker,
+                reason,
+                signal,
+            } => {
+                write!(
+                    f,
+                    "{worker} stopping ({reason}): sent {signal} to its process group"
+                )
+            }
+            Notice::Killed { worker, cause } => {
+                write!(f, "{worker} killed (SIGKILL to its process group): {cause}")
+            }
+            Notice::Exited {
+                worker,
+                status,
+                cause,
+                uptime,
+            } => {
+                write!(
+                    f,
+                    "{worker} exited with {status} after {}, {cause}",
+                    d(uptime)
+                )
+            }
+            Notice::RestartScheduled {
+                pool,
+                slot,
+                delay,
+                failures: 0,
+            } => {
+                write!(f, "{pool}.{slot} will be restarted in {}", d(delay))
+            }
+            Notice::RestartScheduled {
+                pool,
+                slot,
+                delay,
+                failures,
+            } => write!(
+                f,
+                "{pool}.{slot} failed to start {failures} time{} in a row; backing off, next attempt in {}",
+                if *failures == 1 { "" } else { "s" },
+                d(delay)
+            ),
+            Notice::ReplaceQueued { worker, reason } => {
+                write!(f, "{worker} will be replaced ({reason})")
+            }
+            Notice::ReplaceAbandoned {
+                worker,
+                reason,
+                why,
+            } => write!(
+                f,
+                "{worker} keeps serving: its replacement ({reason}) failed: {why}"
+            ),
+            Notice::RolloutStarted {
+                pool,
+                generation,
+                trigger,
+                superseded,
+            } => {
+                write!(
+                    f,
+                    "rolling restart of pool {pool} to generation {generation} ({trigger})"
+                )?;
+                if let Some(old) = superseded {
+                    write!(f, "; supersedes the unfinished rollout of generation {old}")?;
+                }
+                Ok(())
+            }
+            Notice::RolloutFinished {
+                pool,
+                generation,
+                replaced,
+                elapsed,
+            } => write!(
+                f,
+                "rolling restart of pool {pool} finished: generation {generation} live, {replaced} worker{} replaced in {}",
+                if *replaced == 1 { "" } else { "s" },
+                d(elapsed)
+            ),
+            Notice::RolloutAborted {
+                pool,
+                generation,
+                replaced,
+                size,
+                why,
+            } => write!(
+                f,
+                "rolling restart of pool {pool} to generation {generation} stopped: {why}; {replaced} of {size} replaced, the others keep serving"
+            ),
+            Notice::Scaled { pool, from, to } => {
+                write!(f, "pool {pool} scaled from {from} to {to}")
+            }
+            Notice::Status { worker, text } => write!(f, "{worker} status: {text}"),
+            Notice::Refused { why } => write!(f, "refused: {why}"),
+            Notice::ShutdownStarted {
+                immediate: false,
+                workers,
+            } => write!(
+                f,
+                "shutting down: stopping {workers} worker{} gracefully (send the signal again to kill them now)",
+                if *workers == 1 { "" } else { "s" }
+            ),
+            Notice::ShutdownStarted {
+                immediate: true,
+                workers,
+            } => {
+                write!(
+                    f,
+                    "shutting down now: killing {workers} worker{}",
+                    if *workers == 1 { "" } else { "s" }
+                )
+            }
+            Notice::AllStopped => f.write_str("all workers stopped"),
+        }
+    }
+}
+
+/// Durations in logs are shown to the millisecond.
+fn round_ms(duration: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+}
