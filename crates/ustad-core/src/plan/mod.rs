@@ -973,10 +973,14 @@ pub fn backoff(restart_delay: Duration, failures: u32) -> Duration {
     step.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
-#[doc(hidden)]
 impl Plan {
-    /// Stop signal of a live worker (used by tests and the process layer).
+    /// The stop signal of a live worker.
     pub fn stop_signal_of(&self, id: WorkerId) -> Option<Signal> {
         self.workers.get(&id).map(|w| w.spec.stop_signal)
+    }
+
+    /// The kill timeout of a live worker.
+    pub fn kill_timeout_of(&self, id: WorkerId) -> Option<Duration> {
+        self.workers.get(&id).map(|w| w.spec.kill_timeout)
     }
 }

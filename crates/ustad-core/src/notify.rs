@@ -1,0 +1,286 @@
+//! The receiving side of sd_notify: the `NOTIFY_SOCKET` workers report readiness and status to.
+//!
+//! One datagram socket serves every worker. The kernel stamps each datagram with the sender's
+//! credentials (`SO_PASSCRED`), so a datagram is attributed to a worker by the pid that sent
+//! it, never by anything it says: a worker cannot mark another one ready. The socket lives in
+//! a private directory (mode 0700) under `$XDG_RUNTIME_DIR` or the temp dir.
+//!
+//! Nothing a worker sends can hurt the primary: a datagram is read into a fixed buffer
+//! (oversized ones are truncated by the kernel and rejected), file descriptors passed along are
+//! closed at once, and anything that is not `KEY=VALUE` lines of UTF-8 is rejected whole.
+
+use std::io::{self, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, recvmsg, sockopt,
+};
+use tokio::io::Interest;
+
+use crate::plan::WorkerMessage;
+
+/// The largest datagram accepted, as systemd's `NOTIFY_BUFFER_MAX`.
+pub const MAX_DATAGRAM: usize = 4096;
+/// File descriptors accepted (and closed) along with one datagram; more are discarded by the
+/// kernel.
+const MAX_FDS: usize = 16;
+
+/// One datagram, as received.
+#[derive(Debug)]
+pub struct Datagram {
+    /// The sender's pid, from the kernel (absent only if credentials were not passed).
+    pub pid: Option<u32>,
+    /// What it said, or why it was rejected.
+    pub content: Result<Vec<WorkerMessage>, String>,
+}
+
+/// The primary's notify socket.
+#[derive(Debug)]
+pub struct NotifySocket {
+    socket: tokio::net::UnixDatagram,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    /// Binds a fresh socket in a private directory. Must be called within a tokio runtime.
+    pub fn bind() -> io::Result<NotifySocket> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|dir| dir.is_dir() && dir.as_os_str().len() < 60)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new().prefix("ustad-").tempdir_in(base)?;
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path)?;
+        socket.set_nonblocking(true)?;
+        sockopt::set_socket_passcred(&socket, true)?;
+        Ok(NotifySocket {
+            socket: tokio::net::UnixDatagram::from_std(socket)?,
+            path,
+            _dir: dir,
+        })
+    }
+
+    /// The path to give workers as `NOTIFY_SOCKET`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next datagram.
+    pub async fn recv(&self) -> io::Result<Datagram> {
+        self.socket
+            .async_io(Interest::READABLE, || receive(&self.socket))
+            .await
+    }
+}
+
+fn receive(socket: impl AsFd) -> io::Result<Datagram> {
+    let mut buffer = [0u8; MAX_DATAGRAM];
+    let mut space =
+        [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let message = recvmsg(
+        socket,
+        &mut [IoSliceMut::new(&mut buffer)],
+        &mut control,
+        RecvFlags::DONTWAIT | RecvFlags::TRUNC | RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut pid = None;
+    let mut fds = 0usize;
+    for ancillary in control.drain() {
+        match ancillary {
+            RecvAncillaryMessage::ScmCredentials(credentials) => {
+                pid = u32::try_from(credentials.pid.as_raw_nonzero().get()).ok();
+            }
+            // Dropping the OwnedFds closes them: the primary keeps nothing a worker sends.
+            RecvAncillaryMessage::ScmRights(received) => fds += received.count(),
+            _ => {}
+        }
+    }
+    let truncated = message.flags.contains(ReturnFlags::TRUNC) || message.bytes > buffer.len();
+    let content = if truncated {
+        Err(format!("datagram larger than {MAX_DATAGRAM} bytes"))
+    } else if message.flags.contains(ReturnFlags::CTRUNC) || fds > 0 {
+        Err("datagram carried file descriptors (FDSTORE is not supported); closed them".to_owned())
+    } else {
+        parse(&buffer[..message.bytes])
+    };
+    Ok(Datagram { pid, content })
+}
+
+/// Keys of the sd_notify protocol that ustad accepts and has no use for.
+const IGNORED_KEYS: &[&str] = &[
+    "MAINPID",
+    "RELOADING",
+    "MONOTONIC_USEC",
+    "ERRNO",
+    "BUSERROR",
+    "EXIT_STATUS",
+    "WATCHDOG",
+    "WATCHDOG_USEC",
+    "EXTEND_TIMEOUT_USEC",
+    "FDSTORE",
+    "FDSTOREREMOVE",
+    "FDNAME",
+    "FDPOLL",
+    "BARRIER",
+    "NOTIFYACCESS",
+];
+
+/// Parses one datagram: `KEY=VALUE` lines. Unknown keys are ignored, as systemd does; anything
+/// malformed rejects the whole datagram.
+pub fn parse(bytes: &[u8]) -> Result<Vec<WorkerMessage>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "datagram is not UTF-8".to_owned())?;
+    if text.trim().is_empty() {
+        return Err("empty datagram".to_owned());
+    }
+    let mut messages = Vec::new();
+    for (number, line) in text.split('\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!(
+                "line {} is not KEY=VALUE: {:?}",
+                number + 1,
+                shorten(line)
+            ));
+        };
+        let flag = |name: &str, message: WorkerMessage| {
+            if value == "1" {
+                Ok(Some(message))
+            } else {
+                Err(format!("{name} must be 1, got {:?}", shorten(value)))
+            }
+        };
+        let message = match key {
+            "READY" => flag("READY", WorkerMessage::Ready)?,
+            "STOPPING" => flag("STOPPING", WorkerMessage::Stopping)?,
+            "STATUS" => Some(WorkerMessage::Status(shorten(value))),
+            "USTAD_REQUEST" if value == "restart" => Some(WorkerMessage::RequestRestart),
+            "USTAD_REQUEST" => {
+                return Err(format!(
+                    "unknown USTAD_REQUEST {:?} (expected \"restart\")",
+                    shorten(value)
+                ));
+            }
+            _ if IGNORED_KEYS.contains(&key) => None,
+            _ if key.is_empty()
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') =>
+            {
+                return Err(format!(
+                    "line {} has an invalid key {:?}",
+                    number + 1,
+                    shorten(key)
+                ));
+            }
+            _ => None,
+        };
+        messages.extend(message);
+    }
+    Ok(messages)
+}
+
+/// Worker-supplied text is cut to a sane length before it reaches the log.
+fn shorten(text: &str) -> String {
+    const LIMIT: usize = 200;
+    if text.len() <= LIMIT {
+        return text.to_owned();
+    }
+    let mut end = LIMIT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_protocol_lines_ustad_understands() {
+        assert_eq!(parse(b"READY=1"), Ok(vec![WorkerMessage::Ready]));
+        assert_eq!(
+            parse(b"READY=1\nSTATUS=serving 4 clients\nMAINPID=42\n"),
+            Ok(vec![
+                WorkerMessage::Ready,
+                WorkerMessage::Status("serving 4 clients".into())
+            ])
+        );
+        assert_eq!(parse(b"STOPPING=1"), Ok(vec![WorkerMessage::Stopping]));
+        assert_eq!(
+            parse(b"USTAD_REQUEST=restart"),
+            Ok(vec![WorkerMessage::RequestRestart])
+        );
+        assert_eq!(parse(b"X_CUSTOM=1"), Ok(vec![]), "unknown keys are ignored");
+        assert_eq!(
+            parse(b"STATUS="),
+            Ok(vec![WorkerMessage::Status(String::new())])
+        );
+    }
+
+    #[test]
+    fn garbage_is_rejected_whole() {
+        assert!(parse(b"\xff\xfe").unwrap_err().contains("UTF-8"));
+        assert!(parse(b"").unwrap_err().contains("empty"));
+        assert!(
+            parse(b"READY=1\nhello")
+                .unwrap_err()
+                .contains("line 2 is not KEY=VALUE")
+        );
+        assert!(parse(b"READY=yes").unwrap_err().contains("READY must be 1"));
+        assert!(parse(b"USTAD_REQUEST=explode").is_err());
+        assert!(parse(b"bad key=1").is_err());
+        let long = format!("STATUS={}", "x".repeat(1000));
+        let Ok(messages) = parse(long.as_bytes()) else {
+            panic!()
+        };
+        let [WorkerMessage::Status(status)] = &messages[..] else {
+            panic!()
+        };
+        assert!(status.len() < 210, "long status text is shortened");
+    }
+
+    #[tokio::test]
+    async fn datagrams_are_attributed_by_the_kernels_credentials() {
+        let socket = NotifySocket::bind().unwrap();
+        let sender = UnixDatagram::unbound().unwrap();
+        sender.send_to(b"READY=1", socket.path()).unwrap();
+        let datagram = socket.recv().await.unwrap();
+        assert_eq!(datagram.pid, Some(std::process::id()));
+        assert_eq!(datagram.content, Ok(vec![WorkerMessage::Ready]));
+
+        sender
+            .send_to(&vec![b'A'; MAX_DATAGRAM + 10], socket.path())
+            .unwrap();
+        let datagram = socket.recv().await.unwrap();
+        assert!(datagram.content.unwrap_err().contains("larger than"));
+    }
+
+    #[tokio::test]
+    async fn passed_file_descriptors_are_closed_and_the_datagram_rejected() {
+        let socket = NotifySocket::bind().unwrap();
+        let sender = UnixDatagram::unbound().unwrap();
+        sender.connect(socket.path()).unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fds = [file.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(
+            &sender,
+            &[io::IoSlice::new(b"FDSTORE=1")],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
+        let datagram = socket.recv().await.unwrap();
+        assert!(datagram.content.unwrap_err().contains("file descriptors"));
+    }
+}

@@ -1,0 +1,283 @@
+//! Relaying workers' stdout and stderr, line by line, with a `pool.slot | ` prefix.
+//!
+//! Memory stays bounded however much a worker writes: a line longer than [`MAX_LINE`] is cut
+//! into several prefixed lines (nothing is dropped), and lines go through a bounded queue to a
+//! single writer. When the primary's own output is slow, the queue fills, the readers wait and
+//! the workers block in `write` — backpressure, as with any pipe, instead of a buffer that
+//! grows until the machine swaps (PM2's daemon is known to reach gigabytes that way).
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::mpsc;
+
+/// The longest line relayed in one piece, in bytes.
+pub const MAX_LINE: usize = 16 * 1024;
+/// Lines queued between the readers and the writer.
+const QUEUE: usize = 1024;
+
+/// How prefixes look.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OutputStyle {
+    /// Colour prefixes on stdout (it is a terminal).
+    pub color_stdout: bool,
+    /// Colour prefixes on stderr.
+    pub color_stderr: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug)]
+struct Line {
+    stream: Stream,
+    prefix: Arc<Prefix>,
+    text: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Prefix {
+    name: String,
+    color: u8,
+}
+
+/// The relay: one writer task, and two reader tasks per worker.
+#[derive(Debug, Clone)]
+pub struct OutputRelay {
+    queue: mpsc::Sender<Line>,
+}
+
+impl OutputRelay {
+    /// Starts the writer task (on the current tokio runtime).
+    pub fn start(style: OutputStyle) -> OutputRelay {
+        let (queue, lines) = mpsc::channel(QUEUE);
+        tokio::spawn(write_lines(
+            lines,
+            style,
+            tokio::io::stdout(),
+            tokio::io::stderr(),
+        ));
+        OutputRelay { queue }
+    }
+
+    /// Relays a worker's output streams until they close.
+    pub fn attach(
+        &self,
+        pool: &str,
+        slot: usize,
+        stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
+        stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
+    ) {
+        // Six distinguishable ANSI colours (31–36), by slot.
+        let prefix = Arc::new(Prefix {
+            name: format!("{pool}.{slot}"),
+            color: 31 + (slot % 6) as u8,
+        });
+        if let Some(stdout) = stdout {
+            tokio::spawn(read_lines(
+                stdout,
+                Stream::Stdout,
+                prefix.clone(),
+                self.queue.clone(),
+            ));
+        }
+        if let Some(stderr) = stderr {
+            tokio::spawn(read_lines(
+                stderr,
+                Stream::Stderr,
+                prefix,
+                self.queue.clone(),
+            ));
+        }
+    }
+}
+
+async fn read_lines(
+    reader: impl AsyncRead + Unpin,
+    stream: Stream,
+    prefix: Arc<Prefix>,
+    queue: mpsc::Sender<Line>,
+) {
+    let mut reader = BufReader::with_capacity(MAX_LINE, reader);
+    let mut line = Vec::new();
+    loop {
+        let chunk = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(chunk) => chunk,
+        };
+        let room = MAX_LINE - line.len();
+        let (take, complete) = match chunk.iter().position(|b| *b == b'\n') {
+            // The newline is taken along and then dropped, so a line never exceeds MAX_LINE.
+            Some(end) if end <= room => (end + 1, true),
+            _ => (chunk.len().min(room), false),
+        };
+        line.extend_from_slice(&chunk[..take]);
+        reader.consume(take);
+        if complete || line.len() >= MAX_LINE {
+            if complete {
+                line.pop();
+            }
+            let text = std::mem::take(&mut line);
+            let sent = queue
+                .send(Line {
+                    stream,
+                    prefix: prefix.clone(),
+                    text,
+                })
+                .await;
+            if sent.is_err() {
+                break;
+            }
+        }
+    }
+    if !line.is_empty() {
+        let _ = queue
+            .send(Line {
+                stream,
+                prefix,
+                text: line,
+            })
+            .await;
+    }
+}
+
+async fn write_lines(
+    mut lines: mpsc::Receiver<Line>,
+    style: OutputStyle,
+    stdout: impl AsyncWrite + Unpin,
+    stderr: impl AsyncWrite + Unpin,
+) {
+    let mut stdout = BufWriter::new(stdout);
+    let mut stderr = BufWriter::new(stderr);
+    let mut width = 0;
+    while let Some(first) = lines.recv().await {
+        let mut batch = vec![first];
+        // Write whatever else is already queued before flushing, up to a bound.
+        while batch.len() < 256 {
+            match lines.try_recv() {
+                Ok(line) => batch.push(line),
+                Err(_) => break,
+            }
+        }
+        for line in batch {
+            width = width.max(line.prefix.name.len());
+            // A closed or failing output (EPIPE) must not stop the relay: the workers would
+            // block on full pipes.
+            let _ = match line.stream {
+                Stream::Stdout => {
+                    let text = format_line(&line.prefix, width, style.color_stdout, &line.text);
+                    stdout.write_all(&text).await
+                }
+                Stream::Stderr => {
+                    let text = format_line(&line.prefix, width, style.color_stderr, &line.text);
+                    stderr.write_all(&text).await
+                }
+            };
+        }
+        let _ = stdout.flush().await;
+        let _ = stderr.flush().await;
+    }
+}
+
+fn format_line(prefix: &Prefix, width: usize, color: bool, text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(width + text.len() + 16);
+    let name = format!("{:width$}", prefix.name);
+    if color {
+        out.extend_from_slice(format!("\x1b[{}m{name}\x1b[0m | ", prefix.color).as_bytes());
+    } else {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b" | ");
+    }
+    out.extend_from_slice(text.strip_suffix(b"\r").unwrap_or(text));
+    out.push(b'\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn relay(input: &[u8]) -> Vec<Vec<u8>> {
+        let (queue, mut lines) = mpsc::channel(QUEUE);
+        let prefix = Arc::new(Prefix {
+            name: "web.0".into(),
+            color: 31,
+        });
+        read_lines(input, Stream::Stdout, prefix, queue).await;
+        let mut out = Vec::new();
+        while let Ok(line) = lines.try_recv() {
+            out.push(line.text);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn lines_are_split_at_newlines_and_a_last_partial_line_is_kept() {
+        assert_eq!(
+            relay(b"one\ntwo\nthree").await,
+            [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_is_cut_into_bounded_pieces_without_loss() {
+        let input = vec![b'x'; MAX_LINE * 3 + 10];
+        let lines = relay(&input).await;
+        assert_eq!(
+            lines.iter().map(Vec::len).collect::<Vec<_>>(),
+            [MAX_LINE, MAX_LINE, MAX_LINE, 10]
+        );
+    }
+
+    #[test]
+    fn prefixes_are_aligned_and_coloured_only_when_asked() {
+        let prefix = Prefix {
+            name: "web.2".into(),
+            color: 33,
+        };
+        assert_eq!(format_line(&prefix, 7, false, b"hi\r"), b"web.2   | hi\n");
+        assert_eq!(
+            format_line(&prefix, 5, true, b"hi"),
+            b"\x1b[33mweb.2\x1b[0m | hi\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_writer_prefixes_each_stream() {
+        let (queue, lines) = mpsc::channel(QUEUE);
+        let (out_write, mut out_read) = tokio::io::duplex(1 << 16);
+        let (err_write, mut err_read) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(write_lines(
+            lines,
+            OutputStyle::default(),
+            out_write,
+            err_write,
+        ));
+        let prefix = Arc::new(Prefix {
+            name: "jobs.1".into(),
+            color: 32,
+        });
+        read_lines(
+            &b"to stdout\n"[..],
+            Stream::Stdout,
+            prefix.clone(),
+            queue.clone(),
+        )
+        .await;
+        read_lines(&b"to stderr\n"[..], Stream::Stderr, prefix, queue).await;
+        writer.await.unwrap();
+        let mut out = String::new();
+        let mut err = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut out_read, &mut out)
+            .await
+            .unwrap();
+        tokio::io::AsyncReadExt::read_to_string(&mut err_read, &mut err)
+            .await
+            .unwrap();
+        assert_eq!(out, "jobs.1 | to stdout\n");
+        assert_eq!(err, "jobs.1 | to stderr\n");
+    }
+}

@@ -1,0 +1,312 @@
+//! Starting a worker process: resolve its program, build its environment, place its sockets at
+//! fds 3, 4, … and start it in its own process group.
+//!
+//! The environment a worker gets, on top of the primary's own and its pool's `env`:
+//! `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID` (its own pid) when it has sockets;
+//! `NOTIFY_SOCKET` when its pool uses `ready = "notify"`; `USTAD_POOL`, `USTAD_WORKER_ID`,
+//! `USTAD_WORKER_INDEX` and `USTAD_GENERATION`. Variables of those names inherited by the
+//! primary are never passed on: a worker must not see its supervisor's own socket activation.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use crate::config::{PoolSpec, Readiness};
+use crate::plan::WorkerId;
+use crate::sys::{self, ExecImage, LISTEN_FDS_START};
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    /// The program was not found in `PATH` (or at the given path).
+    #[error("command not found: `{program}` (looked in {searched})")]
+    NotFound {
+        /// The program as configured.
+        program: String,
+        /// Where it was looked for.
+        searched: String,
+    },
+    /// The program exists but cannot be executed.
+    #[error("`{}` is not executable: {reason}", path.display())]
+    NotExecutable {
+        /// The resolved path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The working directory does not exist.
+    #[error("working directory {} does not exist", path.display())]
+    NoCwd {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// Preparing or performing the spawn failed.
+    #[error("cannot start `{program}`: {source}")]
+    Io {
+        /// The program.
+        program: String,
+        /// The error from the OS.
+        source: std::io::Error,
+    },
+}
+
+/// Everything needed to start one worker.
+#[derive(Debug)]
+pub struct WorkerLaunch<'a> {
+    /// Its id.
+    pub id: WorkerId,
+    /// Its pool's name.
+    pub pool: &'a str,
+    /// Its slot.
+    pub slot: usize,
+    /// Its generation.
+    pub generation: u64,
+    /// What to run.
+    pub spec: &'a PoolSpec,
+    /// Its sockets, in fd order: name and the primary's fd.
+    pub sockets: Vec<(&'a str, BorrowedFd<'a>)>,
+    /// The primary's notify socket path, given when the pool uses `ready = "notify"`.
+    pub notify_socket: Option<&'a Path>,
+}
+
+/// Variables the primary never passes on from its own environment.
+fn is_reserved(key: &OsStr) -> bool {
+    const RESERVED: &[&str] = &[
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    ];
+    let key = key.as_bytes();
+    RESERVED.iter().any(|r| r.as_bytes() == key) || key.starts_with(b"USTAD_")
+}
+
+fn env_entry(key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> CString {
+    let mut entry = key.as_ref().as_bytes().to_vec();
+    entry.push(b'=');
+    entry.extend_from_slice(value.as_ref().as_bytes());
+    // Keys and values with NUL bytes are rejected by config validation; the inherited
+    // environment cannot contain any.
+    CString::new(entry).unwrap_or_default()
+}
+
+/// The environment of a worker, except `LISTEN_PID`, which the child fills in itself.
+fn worker_env(launch: &WorkerLaunch<'_>) -> Vec<CString> {
+    let spec = launch.spec;
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(key, _)| !is_reserved(key) && !spec.env.contains_key(&*key.to_string_lossy()))
+        .map(|(key, value)| env_entry(key, value))
+        .collect();
+    env.extend(
+        spec.env
+            .iter()
+            .filter(|(k, _)| !is_reserved(OsStr::new(k)))
+            .map(|(k, v)| env_entry(k, v)),
+    );
+    if !launch.sockets.is_empty() {
+        env.push(env_entry("LISTEN_FDS", launch.sockets.len().to_string()));
+        let names: Vec<&str> = launch.sockets.iter().map(|(name, _)| *name).collect();
+        env.push(env_entry("LISTEN_FDNAMES", names.join(":")));
+    }
+    if let Some(path) = launch.notify_socket {
+        env.push(env_entry("NOTIFY_SOCKET", path));
+    }
+    env.push(env_entry("USTAD_POOL", launch.pool));
+    env.push(env_entry("USTAD_WORKER_ID", launch.id.0.to_string()));
+    env.push(env_entry("USTAD_WORKER_INDEX", launch.slot.to_string()));
+    env.push(env_entry("USTAD_GENERATION", launch.generation.to_string()));
+    env
+}
+
+/// Finds the program the way `execvp` would, but before forking, so that a missing or
+/// non-executable program is a clear error rather than an exit code 127.
+pub fn resolve_program(spec: &PoolSpec) -> Result<PathBuf, SpawnError> {
+    let program = spec.command.program();
+    let cwd = spec.cwd.clone().unwrap_or_else(|| PathBuf::from("."));
+    let executable = |path: &Path| -> Result<(), String> {
+        let metadata = std::fs::metadata(path).map_err(|e| e.to_string())?;
+        if metadata.is_dir() {
+            return Err("it is a directory".to_owned());
+        }
+        rustix::fs::access(path, rustix::fs::Access::EXEC_OK).map_err(|e| e.to_string())
+    };
+    if program.contains('/') {
+        // Relative to the worker's working directory, as the child will resolve it.
+        let path = PathBuf::from(program);
+        let checked = if path.is_absolute() {
+            path.clone()
+        } else {
+            cwd.join(&path)
+        };
+        if !checked.exists() {
+            return Err(SpawnError::NotFound {
+                program: program.to_owned(),
+                searched: checked.display().to_string(),
+            });
+        }
+        return executable(&checked)
+            .map(|()| path)
+            .map_err(|reason| SpawnError::NotExecutable {
+                path: checked,
+                reason,
+            });
+    }
+    let path_var: OsString = spec
+        .env
+        .get("PATH")
+        .map(OsString::from)
+        .or_else(|| std::env::var_os("PATH"))
+        .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+    let mut denied = None;
+    for dir in std::env::split_paths(&path_var) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let candidate = dir.join(program);
+        let checked = if candidate.is_absolute() {
+            candidate.clone()
+        } else {
+            cwd.join(&candidate)
+        };
+        if !checked.is_file() {
+            continue;
+        }
+        match executable(&checked) {
+            Ok(()) => return Ok(candidate),
+            Err(reason) => denied = denied.or(Some((checked, reason))),
+        }
+    }
+    match denied {
+        Some((path, reason)) => Err(SpawnError::NotExecutable { path, reason }),
+        None => Err(SpawnError::NotFound {
+            program: program.to_owned(),
+            searched: format!("PATH={}", path_var.to_string_lossy()),
+        }),
+    }
+}
+
+/// Starts a worker: in its own process group, with stdin from `/dev/null`, stdout and stderr
+/// piped to the primary (or discarded when the pool is `silent`), dying with the primary.
+///
+/// Must be called from the supervisor's long-lived thread (see [`crate::sys`]).
+pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, SpawnError> {
+    let spec = launch.spec;
+    let program_name = spec.command.program().to_owned();
+    let io_error = |source| SpawnError::Io {
+        program: program_name.clone(),
+        source,
+    };
+    if let Some(cwd) = &spec.cwd {
+        if !cwd.is_dir() {
+            return Err(SpawnError::NoCwd { path: cwd.clone() });
+        }
+    }
+    let program = resolve_program(spec)?;
+    let program_c = CString::new(program.clone().into_os_string().into_vec())
+        .map_err(|e| io_error(std::io::Error::other(e)))?;
+    let argv: Vec<CString> = spec
+        .command
+        .words()
+        .iter()
+        .map(|w| CString::new(w.as_bytes()).unwrap_or_default())
+        .collect();
+    let image = ExecImage::new(
+        program_c,
+        argv,
+        worker_env(launch),
+        !launch.sockets.is_empty(),
+    );
+
+    // Move the sockets above the range they will be placed into, and keep std's own pipes
+    // above it too, so that placing them clobbers nothing.
+    let count = launch.sockets.len() as RawFd;
+    let above = LISTEN_FDS_START + count;
+    let _reserved = sys::reserve_low_fds(above).map_err(io_error)?;
+    let fds: Vec<OwnedFd> = launch
+        .sockets
+        .iter()
+        .map(|(_, fd)| rustix::io::fcntl_dupfd_cloexec(fd, above).map_err(std::io::Error::from))
+        .collect::<Result<_, _>>()
+        .map_err(io_error)?;
+
+    let mut command = tokio::process::Command::new(&program);
+    command
+        .args(spec.command.args())
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(false);
+    if spec.silent {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+    } else {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    if let Some(cwd) = &spec.cwd {
+        command.current_dir(cwd);
+    }
+    sys::prepare_worker(&mut command, image, fds, rustix::process::getpid());
+    command
+        .spawn()
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EACCES | libc::ENOEXEC) => SpawnError::NotExecutable {
+                path: program.clone(),
+                reason: source.to_string(),
+            },
+            Some(libc::ENOENT) => SpawnError::NotFound {
+                program: spec.command.program().to_owned(),
+                searched: format!("{} (or its interpreter)", program.display()),
+            },
+            _ => io_error(source),
+        })
+}
+
+/// Whether a pool's workers get `NOTIFY_SOCKET`.
+pub fn wants_notify(spec: &PoolSpec) -> bool {
+    spec.ready == Readiness::Notify
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Command;
+
+    fn spec(words: &[&str]) -> PoolSpec {
+        PoolSpec::new(Command::new(words.iter().copied()).unwrap())
+    }
+
+    #[test]
+    fn programs_are_found_in_path_or_refused_clearly() {
+        let found = resolve_program(&spec(&["sh", "-c", "true"])).unwrap();
+        assert!(found.ends_with("sh"), "{found:?}");
+        let missing = resolve_program(&spec(&["no-such-program-ustad"])).unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .starts_with("command not found: `no-such-program-ustad`")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain.txt");
+        std::fs::write(&plain, "not a program").unwrap();
+        let not_exec = resolve_program(&spec(&[plain.to_str().unwrap()])).unwrap_err();
+        assert!(
+            matches!(not_exec, SpawnError::NotExecutable { .. }),
+            "{not_exec}"
+        );
+        let dir = resolve_program(&spec(&["/tmp"])).unwrap_err();
+        assert!(dir.to_string().contains("directory"), "{dir}");
+    }
+
+    #[test]
+    fn reserved_variables_are_never_inherited() {
+        assert!(is_reserved(OsStr::new("LISTEN_FDS")));
+        assert!(is_reserved(OsStr::new("NOTIFY_SOCKET")));
+        assert!(is_reserved(OsStr::new("USTAD_WORKER_ID")));
+        assert!(!is_reserved(OsStr::new("PATH")));
+    }
+}

@@ -1,0 +1,190 @@
+//! Lifecycle notices as `tracing` events: a readable message, plus structured fields (`event`,
+//! `pool`, `slot`, `id`, `pid`, …) that the JSON log format turns into keys for scripts and
+//! tests.
+
+use tracing::{error, info, warn};
+
+use crate::plan::{ExitStatus, Notice, WorkerRef};
+
+fn ms(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Logs one notice.
+pub(crate) fn notice(notice: &Notice) {
+    let worker_fields = |w: &WorkerRef| {
+        (
+            w.pool.to_string(),
+            w.slot as u64,
+            w.id.0,
+            w.pid.map_or(0, u64::from),
+        )
+    };
+    match notice {
+        Notice::Spawned { worker, generation } => {
+            let (pool, slot, id, pid) = worker_fields(worker);
+            info!(
+                event = "spawned",
+                pool, slot, id, pid, generation, "{notice}"
+            );
+        }
+        Notice::SpawnFailed { worker, error } => {
+            let (pool, slot, id, _) = worker_fields(worker);
+            error!(event = "spawn_failed", pool, slot, id, error = %error, "{notice}");
+        }
+        Notice::Ready { worker, after } => {
+            let (pool, slot, id, pid) = worker_fields(worker);
+            info!(
+                event = "ready",
+                pool,
+                slot,
+                id,
+                pid,
+                after_ms = ms(*after),
+                "{notice}"
+            );
+        }
+        Notice::Stopping {
+            worker,
+            reason,
+            signal,
+        } => {
+            let (pool, slot, id, pid) = worker_fields(worker);
+            info!(event = "stopping", pool, slot, id, pid, reason = reason.as_str(), signal = %signal, "{notice}");
+        }
+        Notice::Killed { worker, cause } => {
+            let (pool, slot, id, pid) = worker_fields(worker);
+            warn!(event = "killed", pool, slot, id, pid, why = %cause, "{notice}");
+        }
+        Notice::Exited {
+            worker,
+            status,
+            cause,
+            uptime,
+        } => {
+            let (pool, slot, id, pid) = worker_fields(worker);
+            let reason = cause.as_str();
+            let uptime_ms = ms(*uptime);
+            match status {
+                ExitStatus::Code(code) if matches!(cause, crate::plan::ExitCause::Crashed) => {
+                    warn!(
+                        event = "exited",
+                        pool, slot, id, pid, code, reason, uptime_ms, "{notice}"
+                    );
+                }
+                ExitStatus::Code(code) => {
+                    info!(
+                        event = "exited",
+                        pool, slot, id, pid, code, reason, uptime_ms, "{notice}"
+                    );
+                }
+                ExitStatus::Signal(signal) if matches!(cause, crate::plan::ExitCause::Crashed) => {
+                    warn!(
+                        event = "exited",
+                        pool, slot, id, pid, signal, reason, uptime_ms, "{notice}"
+                    );
+                }
+                ExitStatus::Signal(signal) => {
+                    info!(
+                        event = "exited",
+                        pool, slot, id, pid, signal, reason, uptime_ms, "{notice}"
+                    );
+                }
+            }
+        }
+        Notice::RestartScheduled {
+            pool,
+            slot,
+            delay,
+            failures,
+        } => {
+            let pool = pool.to_string();
+            let delay_ms = ms(*delay);
+            if *failures > 0 {
+                warn!(
+                    event = "restart_scheduled",
+                    pool, slot, delay_ms, failures, "{notice}"
+                );
+            } else {
+                info!(
+                    event = "restart_scheduled",
+                    pool, slot, delay_ms, failures, "{notice}"
+                );
+            }
+        }
+        Notice::ReplaceQueued { worker, reason } => {
+            let (pool, slot, id, pid) = worker_fields(worker);
+            info!(
+                event = "replace_queued",
+                pool,
+                slot,
+                id,
+                pid,
+                reason = reason.as_str(),
+                "{notice}"
+            );
+        }
+        Notice::ReplaceAbandoned {
+            worker,
+            reason,
+            why,
+        } => {
+            let (pool, slot, id, pid) = worker_fields(worker);
+            warn!(event = "replace_abandoned", pool, slot, id, pid, reason = reason.as_str(), why = %why, "{notice}");
+        }
+        Notice::RolloutStarted {
+            pool,
+            generation,
+            trigger,
+            superseded,
+        } => {
+            let pool = pool.to_string();
+            let superseded = superseded.unwrap_or(0);
+            info!(event = "rollout_started", pool, generation, reason = %trigger, superseded, "{notice}");
+        }
+        Notice::RolloutFinished {
+            pool,
+            generation,
+            replaced,
+            elapsed,
+        } => {
+            let pool = pool.to_string();
+            info!(
+                event = "rollout_finished",
+                pool,
+                generation,
+                replaced,
+                elapsed_ms = ms(*elapsed),
+                "{notice}"
+            );
+        }
+        Notice::RolloutAborted {
+            pool,
+            generation,
+            replaced,
+            size,
+            why,
+        } => {
+            let pool = pool.to_string();
+            error!(event = "rollout_aborted", pool, generation, replaced, size, why = %why, "{notice}");
+        }
+        Notice::Scaled { pool, from, to } => {
+            let pool = pool.to_string();
+            info!(event = "scaled", pool, from, to, "{notice}");
+        }
+        Notice::Status { worker, text } => {
+            let (pool, slot, id, pid) = worker_fields(worker);
+            info!(event = "status", pool, slot, id, pid, text = %text, "{notice}");
+        }
+        Notice::Refused { why } => warn!(event = "refused", why = %why, "{notice}"),
+        Notice::ShutdownStarted { immediate, workers } => {
+            info!(
+                event = "shutdown",
+                graceful = !immediate,
+                workers,
+                "{notice}"
+            );
+        }
+        Notice::AllStopped => info!(event = "stopped", "{notice}"),
+    }
+}

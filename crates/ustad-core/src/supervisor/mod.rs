@@ -1,0 +1,613 @@
+//! The process layer around the [`Plan`]: binds sockets, spawns and signals workers, reads the
+//! notify socket and signals, and feeds everything that happens back to the plan.
+//!
+//! It runs on a tokio `current_thread` runtime, on the thread that called it, for the life of
+//! the primary: `PR_SET_PDEATHSIG` ties each worker to the thread that forked it.
+
+mod log;
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, kill_process_group, set_child_subreaper, test_kill_process_group};
+use tokio::signal::unix::{Signal as SignalStream, SignalKind, signal};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, ConfigError, PoolSpec, Problem, Signal};
+use crate::notify::{Datagram, NotifySocket};
+use crate::output::{OutputRelay, OutputStyle};
+use crate::plan::{Action, Event, ExitStatus, Notice, Phase, Plan, RolloutTrigger, WorkerId};
+use crate::procfs;
+use crate::sockets::{BindError, Listeners};
+use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
+
+/// Re-reads the configuration (on SIGHUP).
+pub type Reload = Box<dyn FnMut() -> Result<Config, ConfigError>>;
+
+/// How the supervisor runs.
+#[non_exhaustive]
+pub struct Options {
+    /// Re-reads the configuration on SIGHUP; without it SIGHUP restarts with the running one.
+    pub reload: Option<Reload>,
+    /// How workers' output is prefixed.
+    pub output: OutputStyle,
+    /// Become a child subreaper (`PR_SET_CHILD_SUBREAPER`), so that processes escaping a
+    /// worker's process group are re-parented to the primary and cleaned up at exit.
+    pub subreaper: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            reload: None,
+            output: OutputStyle::default(),
+            subreaper: true,
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("reload", &self.reload.is_some())
+            .field("output", &self.output)
+            .field("subreaper", &self.subreaper)
+            .finish()
+    }
+}
+
+/// Why the supervisor could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SupervisorError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<Problem>),
+    /// A socket could not be bound; nothing was started.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// Setting up the primary failed.
+    #[error("cannot {what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The supervisor was called from a multi-threaded runtime.
+    #[error(
+        "the supervisor must run on a tokio current_thread runtime (workers die with the thread that forked them)"
+    )]
+    NotCurrentThread,
+}
+
+/// Runs the cluster until it is told to stop (SIGINT/SIGTERM) and every worker has exited.
+///
+/// Binds every socket first: if one cannot be bound, returns [`SupervisorError::Bind`]
+/// without starting anything. Signals: SIGINT/SIGTERM stop gracefully (a second one kills at
+/// once), SIGHUP reloads and rolls every pool, SIGUSR2 rolls every pool with the running
+/// configuration, SIGTTIN/SIGTTOU add/remove a worker of the first pool.
+pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorError> {
+    config.validate().map_err(SupervisorError::Invalid)?;
+    if tokio::runtime::Handle::current().runtime_flavor()
+        != tokio::runtime::RuntimeFlavor::CurrentThread
+    {
+        return Err(SupervisorError::NotCurrentThread);
+    }
+    let setup = |what| move |source| SupervisorError::Setup { what, source };
+    let listeners = Listeners::bind(&config)?;
+    for (socket, address) in listeners.addresses() {
+        info!(event = "listening", socket = %socket, address = %address, "socket {socket} listening on {address}");
+    }
+    if options.subreaper {
+        enable_subreaper().map_err(setup("become a child subreaper"))?;
+    }
+    let mut signals = Signals::new().map_err(setup("install signal handlers"))?;
+    let notify = NotifySocket::bind().map_err(setup("bind the notify socket"))?;
+    let (exits, mut exited) = mpsc::unbounded_channel();
+    let seed = u64::from(std::process::id())
+        ^ Instant::now().elapsed().as_nanos() as u64
+        ^ 0x9e37_79b9_7f4a_7c15;
+    let mut runtime = Runtime {
+        plan: Plan::new(&config, seed),
+        config,
+        listeners,
+        notify,
+        output: OutputRelay::start(options.output),
+        exits,
+        lingering: Vec::new(),
+        finished: false,
+        rejections: RateLimit::default(),
+    };
+    let outcome = runtime.plan.start(Instant::now());
+    runtime.perform(outcome);
+
+    while !(runtime.finished && runtime.lingering.is_empty()) {
+        let deadline = [
+            runtime.plan.next_deadline(),
+            runtime.lingering.iter().map(|l| l.deadline).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some((id, status)) = exited.recv() => runtime.on_exit(id, status),
+            _ = signals.interrupt.recv() => runtime.on_stop_signal("SIGINT"),
+            _ = signals.terminate.recv() => runtime.on_stop_signal("SIGTERM"),
+            _ = signals.hangup.recv() => runtime.on_reload(options.reload.as_mut()),
+            _ = signals.user2.recv() => {
+                info!(event = "signal", signal = "SIGUSR2", "SIGUSR2: rolling restart of every pool");
+                runtime.handle(Event::Rollout { pool: None, trigger: RolloutTrigger::Restart, spec: None });
+            }
+            _ = signals.tty_in.recv() => runtime.scale_first_pool(1),
+            _ = signals.tty_out.recv() => runtime.scale_first_pool(-1),
+            _ = signals.child.recv() => runtime.on_child_signal(),
+            datagram = runtime.notify.recv() => runtime.on_datagram(datagram),
+            () = sleep => runtime.on_deadline(),
+        }
+    }
+    runtime.kill_adopted_orphans().await;
+    Ok(())
+}
+
+fn enable_subreaper() -> io::Result<()> {
+    // rustix passes the pid as prctl's flag argument: any non-zero value turns it on.
+    set_child_subreaper(Some(rustix::process::getpid())).map_err(io::Error::from)
+}
+
+struct Signals {
+    interrupt: SignalStream,
+    terminate: SignalStream,
+    hangup: SignalStream,
+    user2: SignalStream,
+    tty_in: SignalStream,
+    tty_out: SignalStream,
+    child: SignalStream,
+}
+
+impl Signals {
+    fn new() -> io::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+            user2: signal(SignalKind::user_defined2())?,
+            tty_in: signal(SignalKind::from_raw(libc::SIGTTIN))?,
+            tty_out: signal(SignalKind::from_raw(libc::SIGTTOU))?,
+            child: signal(SignalKind::child())?,
+        })
+    }
+}
+
+/// A process group whose leader (the worker) has exited while other members remain: they get
+/// SIGKILL at `deadline` unless they are gone by then.
+#[derive(Debug)]
+struct Lingering {
+    pgid: u32,
+    deadline: Instant,
+}
+
+/// Limits how often rejected notify datagrams are logged, so a hostile worker cannot flood
+/// the log.
+#[derive(Debug, Default)]
+struct RateLimit {
+    window_start: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    const PER_WINDOW: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    /// Whether to log this one; also returns how many were suppressed since the last one.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .window_start
+            .is_none_or(|start| now.duration_since(start) >= Self::WINDOW)
+        {
+            self.window_start = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < Self::PER_WINDOW {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+struct Runtime {
+    plan: Plan,
+    config: Config,
+    listeners: Listeners,
+    notify: NotifySocket,
+    output: OutputRelay,
+    exits: mpsc::UnboundedSender<(WorkerId, ExitStatus)>,
+    lingering: Vec<Lingering>,
+    finished: bool,
+    rejections: RateLimit,
+}
+
+impl Runtime {
+    fn handle(&mut self, event: Event) {
+        let outcome = self.plan.handle(event, Instant::now());
+        self.perform(outcome);
+    }
+
+    /// Logs the notices and performs the actions of an outcome, and of the outcomes those
+    /// actions lead to.
+    fn perform(&mut self, outcome: crate::plan::Outcome) {
+        let mut queue = VecDeque::from([outcome]);
+        while let Some(outcome) = queue.pop_front() {
+            for notice in &outcome.notices {
+                log::notice(notice);
+                if let Notice::Scaled { pool, from, to } = notice {
+                    if to < from {
+                        self.listeners.release_slots(pool, *to);
+                    }
+                }
+            }
+            for action in outcome.actions {
+                match action {
+                    Action::Spawn {
+                        id,
+                        pool,
+                        slot,
+                        generation,
+                        spec,
+                    } => {
+                        let event = self.spawn(id, &pool, slot, generation, &spec);
+                        queue.push_back(self.plan.handle(event, Instant::now()));
+                    }
+                    Action::Signal { pid, signal, .. } => signal_group(pid, signal),
+                    Action::Kill { pid, .. } => signal_group(pid, Signal::KILL),
+                    Action::Exit => self.finished = true,
+                }
+            }
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        id: WorkerId,
+        pool: &str,
+        slot: usize,
+        generation: u64,
+        spec: &Arc<PoolSpec>,
+    ) -> Event {
+        if let Err(error) = self.listeners.ensure_slot(&spec.sockets, pool, slot) {
+            return Event::SpawnFailed {
+                id,
+                error: error.to_string(),
+            };
+        }
+        let launch = WorkerLaunch {
+            id,
+            pool,
+            slot,
+            generation,
+            spec,
+            sockets: self.listeners.fds(&spec.sockets, pool, slot),
+            notify_socket: wants_notify(spec).then(|| self.notify.path()),
+        };
+        let mut child = match spawn_worker(&launch) {
+            Ok(child) => child,
+            Err(error) => {
+                return Event::SpawnFailed {
+                    id,
+                    error: error.to_string(),
+                };
+            }
+        };
+        let Some(pid) = child.id() else {
+            return Event::SpawnFailed {
+                id,
+                error: "the process vanished at once".to_owned(),
+            };
+        };
+        self.output
+            .attach(pool, slot, child.stdout.take(), child.stderr.take());
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => ExitStatus::from(status),
+                Err(error) => {
+                    error!("waiting for worker pid {pid} failed: {error}");
+                    ExitStatus::Code(-1)
+                }
+            };
+            let _ = exits.send((id, status));
+        });
+        Event::Spawned { id, pid }
+    }
+
+    fn on_exit(&mut self, id: WorkerId, status: ExitStatus) {
+        // Other members of the worker's process group outlive it only until the deadline of
+        // its stop (or, after a crash, for one kill_timeout after the stop signal).
+        if let Some(worker) = self.plan.worker(id) {
+            if let Some(pgid) = worker.pid.filter(|pid| group_exists(*pid)) {
+                let now = Instant::now();
+                let deadline = match worker.phase {
+                    Phase::Stopping { kill_at, .. } => kill_at.unwrap_or(now),
+                    _ => {
+                        signal_group(pgid, worker_stop_signal(&self.plan, id));
+                        now + worker_kill_timeout(&self.plan, id)
+                    }
+                };
+                if self.plan.is_shutting_down() || deadline > now {
+                    debug!(
+                        pgid,
+                        "worker pid {pgid} exited; waiting for the rest of its process group"
+                    );
+                }
+                self.lingering.push(Lingering { pgid, deadline });
+            }
+        }
+        self.handle(Event::Exited { id, status });
+        self.check_lingering();
+    }
+
+    fn on_stop_signal(&mut self, name: &str) {
+        let immediate = self.plan.is_shutting_down();
+        info!(
+            event = "signal",
+            signal = name,
+            "{name}: {}",
+            if immediate {
+                "stopping now"
+            } else {
+                "stopping gracefully"
+            }
+        );
+        if immediate {
+            for lingering in self.lingering.drain(..) {
+                signal_group(lingering.pgid, Signal::KILL);
+            }
+        }
+        self.handle(Event::Shutdown { immediate });
+    }
+
+    fn on_reload(&mut self, reload: Option<&mut Reload>) {
+        let Some(reload) = reload else {
+            info!(
+                event = "signal",
+                signal = "SIGHUP",
+                "SIGHUP: rolling restart of every pool (no config file to re-read)"
+            );
+            self.handle(Event::Rollout {
+                pool: None,
+                trigger: RolloutTrigger::Reload,
+                spec: None,
+            });
+            return;
+        };
+        info!(
+            event = "signal",
+            signal = "SIGHUP",
+            "SIGHUP: re-reading the configuration"
+        );
+        let config = match reload() {
+            Ok(config) => config,
+            Err(error) => {
+                error!(
+                    event = "reload_failed",
+                    "configuration not reloaded, the cluster keeps running as it is:\n{error}"
+                );
+                return;
+            }
+        };
+        let same_pools = config.pools.keys().eq(self.config.pools.keys());
+        if config.sockets != self.config.sockets || !same_pools {
+            error!(
+                event = "reload_failed",
+                "configuration not reloaded: adding, removing or changing sockets or pools needs a restart of ustad for now; the cluster keeps running as it is"
+            );
+            return;
+        }
+        for (name, spec) in &config.pools {
+            self.handle(Event::Rollout {
+                pool: Some(name.clone()),
+                trigger: RolloutTrigger::Reload,
+                spec: Some(Arc::new(spec.clone())),
+            });
+        }
+        self.config = config;
+    }
+
+    fn scale_first_pool(&mut self, delta: isize) {
+        let Some((pool, size)) = self.plan.pools().next().map(|(p, s)| (p.to_owned(), s)) else {
+            return;
+        };
+        let signal = if delta > 0 { "SIGTTIN" } else { "SIGTTOU" };
+        info!(
+            event = "signal",
+            signal,
+            "{signal}: {} a worker of pool {pool}",
+            if delta > 0 { "adding" } else { "removing" }
+        );
+        let size = size.saturating_add_signed(delta);
+        self.handle(Event::Scale { pool, size });
+    }
+
+    fn on_datagram(&mut self, received: io::Result<Datagram>) {
+        let now = Instant::now();
+        let datagram = match received {
+            Ok(datagram) => datagram,
+            Err(error) => {
+                if let Some(suppressed) = self.rejections.allow(now) {
+                    warn!(
+                        event = "notify_error",
+                        suppressed, "reading the notify socket failed: {error}"
+                    );
+                }
+                return;
+            }
+        };
+        let worker = datagram.pid.and_then(|pid| self.attribute(pid));
+        match (worker, datagram.content) {
+            (Some(id), Ok(messages)) => {
+                for message in messages {
+                    self.handle(Event::Message { id, message });
+                }
+            }
+            (worker, content) => {
+                let why = match (&worker, content) {
+                    (None, _) => "the sender is not a worker of this primary".to_owned(),
+                    (Some(_), Err(why)) => why,
+                    (Some(_), Ok(_)) => unreachable!("handled above"),
+                };
+                if let Some(suppressed) = self.rejections.allow(now) {
+                    let from = match worker.and_then(|id| self.plan.worker_ref(id)) {
+                        Some(worker) => format!("worker {worker}"),
+                        None => format!(
+                            "pid {}",
+                            datagram
+                                .pid
+                                .map_or_else(|| "?".to_owned(), |p| p.to_string())
+                        ),
+                    };
+                    let pid = datagram.pid.unwrap_or(0);
+                    warn!(event = "notify_rejected", pid, suppressed, why = %why, "notify datagram from {from} dropped: {why}");
+                }
+            }
+        }
+    }
+
+    /// The worker a notify sender belongs to: the worker itself, or a process in its group.
+    fn attribute(&self, pid: u32) -> Option<WorkerId> {
+        if let Some(worker) = self.plan.worker_by_pid(pid) {
+            return Some(worker.id);
+        }
+        let group = procfs::stat(pid)?.pgrp;
+        self.plan.worker_by_pid(group).map(|w| w.id)
+    }
+
+    fn on_deadline(&mut self) {
+        let now = Instant::now();
+        let outcome = self.plan.tick(now);
+        self.perform(outcome);
+        self.lingering.retain(|lingering| {
+            if lingering.deadline > now {
+                return true;
+            }
+            if group_exists(lingering.pgid) {
+                warn!(
+                    event = "killed",
+                    pgid = lingering.pgid,
+                    "killing what is left of the process group of exited worker pid {}",
+                    lingering.pgid
+                );
+                signal_group(lingering.pgid, Signal::KILL);
+            }
+            false
+        });
+    }
+
+    fn on_child_signal(&mut self) {
+        self.reap_adopted();
+        self.check_lingering();
+    }
+
+    fn check_lingering(&mut self) {
+        self.lingering
+            .retain(|lingering| group_exists(lingering.pgid));
+    }
+
+    /// Reaps zombies among this process's children that are not workers: processes adopted
+    /// as a subreaper (or as PID 1). Workers are reaped by their own tasks.
+    fn reap_adopted(&self) {
+        for pid in procfs::own_children() {
+            if self.plan.worker_by_pid(pid).is_some() {
+                continue;
+            }
+            if procfs::stat(pid).is_some_and(|stat| stat.state == 'Z') {
+                if let Some(raw) = Pid::from_raw(pid as i32) {
+                    let _ =
+                        rustix::process::waitpid(Some(raw), rustix::process::WaitOptions::NOHANG);
+                    debug!(pid, "reaped adopted process {pid}");
+                }
+            }
+        }
+    }
+
+    /// At exit, every worker is gone; any process still a child of ours escaped a worker's
+    /// process group (e.g. with `setsid`) and was adopted: ask it to stop, then kill it.
+    async fn kill_adopted_orphans(&self) {
+        let orphans: Vec<u32> = procfs::own_children()
+            .into_iter()
+            .filter(|pid| procfs::stat(*pid).is_some_and(|s| s.state != 'Z'))
+            .collect();
+        if orphans.is_empty() {
+            self.reap_adopted();
+            return;
+        }
+        for pid in &orphans {
+            warn!(
+                event = "orphan",
+                pid,
+                "stopping pid {pid} ({}), left behind by a worker",
+                procfs::cmdline(*pid)
+            );
+            if let Some(raw) = Pid::from_raw(*pid as i32) {
+                let _ = rustix::process::kill_process(raw, rustix::process::Signal::TERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            self.reap_adopted();
+            if orphans
+                .iter()
+                .all(|pid| !procfs::own_children().contains(pid))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for pid in orphans {
+            if let Some(raw) = Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(raw, rustix::process::Signal::KILL);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.reap_adopted();
+    }
+}
+
+fn worker_stop_signal(plan: &Plan, id: WorkerId) -> Signal {
+    plan.stop_signal_of(id).unwrap_or(Signal::TERM)
+}
+
+fn worker_kill_timeout(plan: &Plan, id: WorkerId) -> Duration {
+    plan.kill_timeout_of(id).unwrap_or(Duration::from_secs(10))
+}
+
+/// Sends a signal to a process group; a group that is already gone is not an error.
+fn signal_group(pgid: u32, signal: Signal) {
+    let (Some(pid), Some(signal)) = (
+        Pid::from_raw(pgid as i32),
+        rustix::process::Signal::from_named_raw(signal.number()),
+    ) else {
+        return;
+    };
+    if let Err(error) = kill_process_group(pid, signal) {
+        if error != rustix::io::Errno::SRCH {
+            warn!("cannot send {signal:?} to process group {pgid}: {error}");
+        }
+    }
+}
+
+fn group_exists(pgid: u32) -> bool {
+    Pid::from_raw(pgid as i32).is_some_and(|pid| test_kill_process_group(pid).is_ok())
+}

@@ -1,0 +1,228 @@
+//! Every `unsafe` block of the engine: what runs in a worker between `fork` and `exec`.
+//!
+//! Between `fork` and `exec` the child is a copy of a possibly multi-threaded process: it may
+//! only make async-signal-safe calls. Nothing here allocates, locks or logs after the fork.
+//! Everything the child needs (argv, envp, the fd plan, the `LISTEN_PID=` buffer) is built
+//! before the fork by [`ExecImage::new`].
+//!
+//! # Caveats
+//! - `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process.
+//!   Workers must be spawned from the supervisor's own long-lived thread (a tokio
+//!   `current_thread` runtime on the main thread), never from `spawn_blocking`.
+//! - `PR_SET_PDEATHSIG` is cleared when the worker execs a set-user-ID or set-group-ID program
+//!   or one with file capabilities.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, c_char};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+use rustix::process::{Pid, getpid, getppid, set_parent_process_death_signal};
+
+/// The first fd a worker's sockets are placed at (`SD_LISTEN_FDS_START`).
+pub(crate) const LISTEN_FDS_START: RawFd = 3;
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// `LISTEN_PID=` + up to 20 digits + NUL.
+const LISTEN_PID_LEN: usize = LISTEN_PID_PREFIX.len() + 21;
+
+/// An `execve` call prepared in advance: argv, envp and the `LISTEN_PID=` slot that the child
+/// fills with its own pid.
+pub(crate) struct ExecImage {
+    program: CString,
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
+    /// A heap buffer holding `LISTEN_PID=<pid>\0`, written by the child after the fork. Owned
+    /// through a raw pointer because `envp_ptrs` points into it too.
+    listen_pid: *mut [u8; LISTEN_PID_LEN],
+    argv_ptrs: Vec<*const c_char>,
+    envp_ptrs: Vec<*const c_char>,
+}
+
+// SAFETY: the raw pointers point into heap buffers owned by the same value (the CStrings and
+// the `listen_pid` box), which stay put when the value moves. They are only dereferenced by
+// `execve` and by `fill_listen_pid`, in the forked child, which has a single thread.
+unsafe impl Send for ExecImage {}
+// SAFETY: as above; a shared `&ExecImage` gives no access to the buffers.
+unsafe impl Sync for ExecImage {}
+
+impl ExecImage {
+    /// Prepares `execve(program, argv, envp)`; with `listen_pid`, envp gets a
+    /// `LISTEN_PID=<the child's own pid>` entry filled in after the fork.
+    pub(crate) fn new(
+        program: CString,
+        argv: Vec<CString>,
+        envp: Vec<CString>,
+        listen_pid: bool,
+    ) -> ExecImage {
+        let mut buffer = Box::new([0u8; LISTEN_PID_LEN]);
+        buffer[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+        let listen_pid_ptr = Box::into_raw(buffer);
+        let argv_ptrs = argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain([ptr::null()])
+            .collect();
+        let mut envp_ptrs: Vec<*const c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+        if listen_pid {
+            envp_ptrs.push(listen_pid_ptr.cast::<c_char>().cast_const());
+        }
+        envp_ptrs.push(ptr::null());
+        ExecImage {
+            program,
+            _argv: argv,
+            _envp: envp,
+            listen_pid: listen_pid_ptr,
+            argv_ptrs,
+            envp_ptrs,
+        }
+    }
+
+    /// Writes the calling process's pid into the `LISTEN_PID=` buffer. Async-signal-safe.
+    fn fill_listen_pid(&mut self) {
+        let mut digits = [0u8; 20];
+        let mut n = getpid().as_raw_nonzero().get().unsigned_abs();
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (n % 10) as u8;
+            len += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        // SAFETY: `listen_pid` came from `Box::into_raw` in `new` and is freed only in `drop`;
+        // `&mut self` guarantees no other access through this value right now.
+        let buffer = unsafe { &mut *self.listen_pid };
+        let start = LISTEN_PID_PREFIX.len();
+        for (i, digit) in digits[..len].iter().rev().enumerate() {
+            buffer[start + i] = *digit;
+        }
+        buffer[start + len] = 0;
+    }
+}
+
+impl Drop for ExecImage {
+    fn drop(&mut self) {
+        // SAFETY: `listen_pid` came from `Box::into_raw` in `new` and is freed only here.
+        drop(unsafe { Box::from_raw(self.listen_pid) });
+    }
+}
+
+/// Arranges for `command` to become the worker: dies with the primary, gets `fds` as
+/// 3, 4, …, marks every other inherited fd close-on-exec, learns its own pid for
+/// `LISTEN_PID`, and is executed with `image` (never with the `Command`'s own program and
+/// environment, which only serve `std` as descriptions).
+///
+/// `fds` must not be in the range `3..3 + fds.len()` and no fd std opens for the spawn may be
+/// either (see [`reserve_low_fds`]), so that moving the fds into place clobbers nothing.
+pub(crate) fn prepare_worker(
+    command: &mut tokio::process::Command,
+    mut image: ExecImage,
+    fds: Vec<OwnedFd>,
+    parent: Pid,
+) {
+    let raw_fds: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    // The owned fds are closed in the parent when `command` is dropped after spawning.
+    let keep_alive = fds;
+    let first_unused = LISTEN_FDS_START + raw_fds.len() as RawFd;
+    let child_setup = move || -> io::Result<()> {
+        let _ = &keep_alive;
+        // Die with the primary; if it already died before the prctl, its pid is gone.
+        set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+        if getppid() != Some(parent) {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        for (index, fd) in raw_fds.iter().enumerate() {
+            let target = LISTEN_FDS_START + index as RawFd;
+            // SAFETY: dup2 is async-signal-safe; `fd` is open (owned by `keep_alive`) and the
+            // caller guarantees it is outside the target range. The new fd has no CLOEXEC.
+            if unsafe { libc::dup2(*fd, target) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // Any fd this process inherited without CLOEXEC (from whoever started the primary)
+        // must not leak into workers. The flag form keeps std's own error pipe usable. Linux
+        // 5.11+; older kernels refuse it, and then only our own (already CLOEXEC) fds exist.
+        // SAFETY: close_range is a plain syscall with integer arguments.
+        unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                first_unused as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+        }
+        image.fill_listen_pid();
+        // SAFETY: execve is async-signal-safe; program, argv and envp are NUL-terminated
+        // strings in NULL-terminated arrays, all built before the fork and owned by `image`.
+        unsafe {
+            libc::execve(
+                image.program.as_ptr(),
+                image.argv_ptrs.as_ptr(),
+                image.envp_ptrs.as_ptr(),
+            );
+        }
+        Err(io::Error::last_os_error())
+    };
+    // SAFETY: `child_setup` only makes async-signal-safe calls (prctl, getppid, dup2,
+    // close_range, getpid, execve) and writes into memory it owns; it neither allocates nor
+    // locks (io::Error::from_raw_os_error / last_os_error do not allocate).
+    unsafe {
+        command.pre_exec(child_setup);
+    }
+}
+
+/// Makes sure fds `3..upto` are open in this process, filling holes with `/dev/null`, so that
+/// the pipes std creates while spawning land above the range a worker's sockets are moved
+/// into. The returned fds must stay open until the spawn is done (they are close-on-exec).
+pub(crate) fn reserve_low_fds(upto: RawFd) -> io::Result<Vec<OwnedFd>> {
+    let mut reserved = Vec::new();
+    loop {
+        // Each open returns the lowest free fd; once that is at or above `upto`, no hole is
+        // left below it.
+        let fd: OwnedFd = std::fs::File::open("/dev/null")?.into();
+        if fd.as_raw_fd() >= upto {
+            return Ok(reserved);
+        }
+        reserved.push(fd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_pid_is_written_in_place_with_a_terminating_nul() {
+        let mut image = ExecImage::new(
+            CString::new("/bin/true").unwrap(),
+            vec![CString::new("true").unwrap()],
+            vec![CString::new("A=1").unwrap()],
+            true,
+        );
+        image.fill_listen_pid();
+        // SAFETY: the pointer is valid for the image's lifetime; test-only read.
+        let written = unsafe { std::ffi::CStr::from_ptr(image.envp_ptrs[1]) };
+        assert_eq!(
+            written.to_str().unwrap(),
+            format!("LISTEN_PID={}", std::process::id())
+        );
+        assert!(image.envp_ptrs[2].is_null());
+        assert!(image.argv_ptrs[1].is_null());
+    }
+
+    #[test]
+    fn reserving_low_fds_returns_only_fds_below_the_limit() {
+        // Other test threads open and close fds concurrently, so only what the call returns
+        // can be checked here; the integration tests check what workers receive.
+        let reserved = reserve_low_fds(40).unwrap();
+        let raw: Vec<RawFd> = reserved.iter().map(AsRawFd::as_raw_fd).collect();
+        assert!(raw.iter().all(|fd| (3..40).contains(fd)), "{raw:?}");
+        let mut distinct = raw.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), raw.len());
+    }
+}
