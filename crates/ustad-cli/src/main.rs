@@ -1,17 +1,44 @@
 //! `ustad`: run any program as a supervised cluster of worker processes.
+
+mod cli;
 mod demo;
+mod exit;
+mod logging;
+mod run;
 
-use std::time::Duration;
+use std::io::IsTerminal;
+use std::process::ExitCode;
 
-fn main() -> anyhow::Result<()> {
-    // Placeholder wiring until the CLI lands: `ustad demo-worker [--idle-grace D]`.
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("demo-worker") {
-        let idle_grace = match args.iter().position(|a| a == "--idle-grace") {
-            Some(i) => humantime::parse_duration(&args[i + 1])?,
-            None => Duration::from_secs(1),
-        };
-        return demo::run(demo::Options { idle_grace });
+use clap::Parser;
+use ustad_core::output::OutputStyle;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let (config, source) = match run::config_from_args(&args) {
+                Ok(found) => found,
+                Err(failure) => return failure.report(),
+            };
+            logging::init(cli.log_format, cli.color);
+            let output = OutputStyle {
+                color_stdout: logging::use_color(cli.color, std::io::stdout().is_terminal()),
+                color_stderr: logging::use_color(cli.color, std::io::stderr().is_terminal()),
+            };
+            match run::run(config, source, output) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(failure) => failure.report(),
+            }
+        }
+        Command::Check { config } => run::check(&config).unwrap_or_else(exit::Failure::report),
+        Command::DemoWorker { idle_grace } => match demo::run(demo::Options { idle_grace }) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ustad demo-worker: error: {error:#}");
+                ExitCode::from(exit::RUNTIME)
+            }
+        },
     }
-    anyhow::bail!("not yet")
 }

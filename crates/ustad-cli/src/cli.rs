@@ -1,0 +1,192 @@
+//! The command line: subcommands and flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ustad_core::config::value::parse_duration;
+use ustad_core::config::{Readiness, Signal, Size};
+
+/// Run any program as a supervised cluster of worker processes: shared sockets, readiness,
+/// restarts, zero-downtime rolling restarts, graceful stop.
+#[derive(Debug, Parser)]
+#[command(name = "ustad", version, about, long_about = None, max_term_width = 100)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+
+    /// Log format for ustad's own messages (on stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "USTAD_LOG_FORMAT")]
+    pub(crate) log_format: LogFormat,
+
+    /// Colour the output prefixes and log levels.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    pub(crate) color: ColorChoice,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a cluster: from a config file, from flags and a command, or the built-in demo.
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+    /// Validate a config file: exit 0 if it is valid, 2 with every problem otherwise.
+    Check {
+        /// The config file.
+        config: PathBuf,
+    },
+    /// The built-in hello-world HTTP worker (what `ustad run` runs without a command).
+    #[command(hide = true)]
+    DemoWorker {
+        /// How long an idle keep-alive connection is kept open after SIGTERM.
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        idle_grace: Duration,
+    },
+}
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  ustad run                                      demo: hello workers, one per core, on 127.0.0.1:8000
+  ustad run -w 4 -l 127.0.0.1:8000 -- node app.js
+  ustad run ustad.toml                           several named pools from a config file
+
+Signals to the primary:
+  SIGINT, SIGTERM   stop every worker gracefully, then exit (a second one kills them at once)
+  SIGHUP            re-read the config file and replace every worker, one slot at a time
+  SIGUSR2           replace every worker, one slot at a time, with the same configuration
+  SIGTTIN, SIGTTOU  add / remove one worker of the first pool";
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// A config file (`ustad.toml`) describing sockets and pools.
+    #[arg(value_name = "CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// The command each worker runs (after `--`). Without a command or config file, ustad
+    /// runs its built-in demo HTTP worker.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub(crate) command: Vec<String>,
+
+    #[command(flatten)]
+    pub(crate) pool: PoolFlags,
+}
+
+/// Flags that describe the single pool of a cluster started without a config file.
+#[derive(Debug, Args, Default)]
+pub(crate) struct PoolFlags {
+    /// Number of workers, or `auto` for one per core [default: auto for the demo, 1 otherwise].
+    #[arg(short = 'w', long, value_name = "N|auto")]
+    pub(crate) workers: Option<Size>,
+
+    /// Listen on this address and pass the socket to every worker as fd 3, 4, …
+    /// (`127.0.0.1:8000`, `[::]:8000`, `unix:/run/app.sock`; `NAME=ADDR` names it in
+    /// LISTEN_FDNAMES). Repeatable.
+    #[arg(short = 'l', long, value_name = "[NAME=]ADDR")]
+    pub(crate) listen: Vec<String>,
+
+    /// Give each worker its own SO_REUSEPORT socket instead of sharing one.
+    #[arg(long)]
+    pub(crate) reuseport: bool,
+
+    /// Listen backlog.
+    #[arg(long, value_name = "N")]
+    pub(crate) backlog: Option<u32>,
+
+    /// The pool's name, used in log prefixes and USTAD_POOL [default: web for the demo, app
+    /// otherwise].
+    #[arg(long, value_name = "NAME")]
+    pub(crate) pool: Option<String>,
+
+    /// When a worker is ready: `notify` (it sends READY=1), `delay:2s`, or `none`
+    /// [default: notify for the demo, none otherwise].
+    #[arg(long, value_name = "MODE")]
+    pub(crate) ready: Option<Readiness>,
+
+    /// Kill a worker that is not ready this long after it started [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) ready_timeout: Option<Duration>,
+
+    /// Time a worker gets to stop after the stop signal before its group is killed
+    /// [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) kill_timeout: Option<Duration>,
+
+    /// Pause before replacing a worker that exited on its own [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) restart_delay: Option<Duration>,
+
+    /// A worker that exits sooner than this after it started is a failed start
+    /// (restarts back off) [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) min_uptime: Option<Duration>,
+
+    /// Replace each worker after this long (±10%), by rolling replacement.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) ttl: Option<Duration>,
+
+    /// Never run more than the pool's size, even while replacing (stop, then start).
+    #[arg(long)]
+    pub(crate) strict: bool,
+
+    /// The signal that asks a worker to stop [default: SIGTERM].
+    #[arg(long, value_name = "SIGNAL")]
+    pub(crate) stop_signal: Option<Signal>,
+
+    /// Discard the workers' stdout and stderr.
+    #[arg(long)]
+    pub(crate) silent: bool,
+
+    /// Set an environment variable for the workers. Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub(crate) env: Vec<String>,
+
+    /// The workers' working directory.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) cwd: Option<PathBuf>,
+}
+
+impl PoolFlags {
+    /// The flags given, by name, for the "cannot combine with a config file" error.
+    pub(crate) fn given(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        let mut note = |set: bool, name| {
+            if set {
+                given.push(name);
+            }
+        };
+        note(self.workers.is_some(), "--workers");
+        note(!self.listen.is_empty(), "--listen");
+        note(self.reuseport, "--reuseport");
+        note(self.backlog.is_some(), "--backlog");
+        note(self.pool.is_some(), "--pool");
+        note(self.ready.is_some(), "--ready");
+        note(self.ready_timeout.is_some(), "--ready-timeout");
+        note(self.kill_timeout.is_some(), "--kill-timeout");
+        note(self.restart_delay.is_some(), "--restart-delay");
+        note(self.min_uptime.is_some(), "--min-uptime");
+        note(self.ttl.is_some(), "--ttl");
+        note(self.strict, "--strict");
+        note(self.stop_signal.is_some(), "--stop-signal");
+        note(self.silent, "--silent");
+        note(!self.env.is_empty(), "--env");
+        note(self.cwd.is_some(), "--cwd");
+        given
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// One readable line per event.
+    Text,
+    /// One JSON object per event, with the event's fields as keys.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ColorChoice {
+    /// When the output is a terminal and NO_COLOR is unset.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}

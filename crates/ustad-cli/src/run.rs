@@ -1,0 +1,344 @@
+//! `ustad run`: turns a config file, flags or the demo defaults into a [`Config`] and runs
+//! the supervisor on a current-thread runtime.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use ustad_core::config::{
+    Command, Config, ConfigError, Diagnostic, ListenAddr, Location, PoolSpec, Readiness, Size,
+    SocketMode, SocketSpec,
+};
+use ustad_core::output::OutputStyle;
+use ustad_core::supervisor::{self, Options, SupervisorError};
+
+use crate::cli::{PoolFlags, RunArgs};
+use crate::exit::{Failure, USAGE};
+
+/// The address the demo listens on unless `--listen` says otherwise.
+pub(crate) const DEMO_LISTEN: &str = "127.0.0.1:8000";
+
+/// Where the configuration came from, which decides what SIGHUP re-reads.
+pub(crate) enum Source {
+    File(PathBuf),
+    Flags,
+}
+
+/// Builds the configuration `ustad run` was asked for.
+pub(crate) fn config_from_args(args: &RunArgs) -> Result<(Config, Source), Failure> {
+    if let Some(path) = &args.config {
+        let given = args.pool.given();
+        if !given.is_empty() {
+            return Err(Failure::usage(format!(
+                "{} cannot be combined with a config file; set these in {} instead",
+                given.join(", "),
+                path.display()
+            )));
+        }
+        if !args.command.is_empty() {
+            return Err(Failure::usage(format!(
+                "a command after `--` cannot be combined with a config file ({}); give the command in the pool's `command`",
+                path.display()
+            )));
+        }
+        if !path.exists() && path.extension().is_none_or(|e| e != "toml") {
+            return Err(Failure::usage(format!(
+                "`{}` is not a config file; to run a command, put it after `--`: ustad run -- {}",
+                path.display(),
+                path.display()
+            )));
+        }
+        let config = Config::from_file(path).map_err(config_failure)?;
+        return Ok((config, Source::File(path.clone())));
+    }
+    let config = config_from_flags(&args.pool, &args.command)?;
+    Ok((config, Source::Flags))
+}
+
+fn config_failure(error: ConfigError) -> Failure {
+    match error {
+        ConfigError::Read { .. } => Failure::usage(error.to_string()),
+        ConfigError::Invalid { .. } => Failure {
+            code: USAGE,
+            message: error.to_string(),
+        },
+        _ => Failure::usage(error.to_string()),
+    }
+}
+
+/// The one-pool configuration that flags describe; without a command, the demo.
+pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result<Config, Failure> {
+    let demo = command.is_empty();
+    let command = if demo {
+        let exe = std::env::current_exe().map_err(|e| {
+            Failure::runtime(format!(
+                "cannot find the ustad executable to run the demo worker: {e}"
+            ))
+        })?;
+        Command::new([exe.to_string_lossy().into_owned(), "demo-worker".to_owned()])
+    } else {
+        Command::new(command.iter().cloned())
+    }
+    .map_err(|e| Failure::usage(format!("command: {e}")))?;
+
+    let mut config = Config::default();
+    let listens: Vec<String> = if demo && flags.listen.is_empty() {
+        vec![DEMO_LISTEN.to_owned()]
+    } else {
+        flags.listen.clone()
+    };
+    for (index, listen) in listens.iter().enumerate() {
+        let (name, address) = match listen.split_once('=') {
+            Some((name, address)) => (name.to_owned(), address),
+            None if index == 0 => ("listen".to_owned(), listen.as_str()),
+            None => (format!("listen{index}"), listen.as_str()),
+        };
+        let address: ListenAddr = address
+            .parse()
+            .map_err(|e| Failure::usage(format!("--listen {listen}: {e}")))?;
+        let mut socket = SocketSpec::new(address);
+        if flags.reuseport {
+            socket.mode = SocketMode::ReusePort;
+        }
+        if let Some(backlog) = flags.backlog {
+            socket.backlog = backlog;
+        }
+        if config.sockets.insert(name.clone(), socket).is_some() {
+            return Err(Failure::usage(format!(
+                "--listen: the name `{name}` is given twice"
+            )));
+        }
+    }
+    if flags.reuseport && listens.is_empty() {
+        return Err(Failure::usage("--reuseport needs --listen".to_owned()));
+    }
+
+    let mut pool = PoolSpec::new(command);
+    pool.sockets = config.sockets.keys().cloned().collect();
+    pool.size = flags.workers.unwrap_or(if demo {
+        Size::Auto
+    } else {
+        Size::fixed(1).expect("1 > 0")
+    });
+    pool.ready = flags.ready.unwrap_or(if demo {
+        Readiness::Notify
+    } else {
+        Readiness::None
+    });
+    if let Some(t) = flags.ready_timeout {
+        pool.ready_timeout = t;
+    }
+    if let Some(t) = flags.kill_timeout {
+        pool.kill_timeout = t;
+    }
+    if let Some(t) = flags.restart_delay {
+        pool.restart_delay = t;
+    }
+    if let Some(t) = flags.min_uptime {
+        pool.min_uptime = t;
+    }
+    pool.ttl = flags.ttl;
+    pool.strict = flags.strict;
+    pool.silent = flags.silent;
+    if let Some(signal) = flags.stop_signal {
+        pool.stop_signal = signal;
+    }
+    for entry in &flags.env {
+        let Some((key, value)) = entry.split_once('=') else {
+            return Err(Failure::usage(format!("--env {entry}: expected KEY=VALUE")));
+        };
+        pool.env.insert(key.to_owned(), value.to_owned());
+    }
+    pool.cwd = flags.cwd.clone();
+    let name = flags
+        .pool
+        .clone()
+        .unwrap_or_else(|| if demo { "web" } else { "app" }.to_owned());
+    config.pools.insert(name, pool);
+
+    config.validate().map_err(|problems| {
+        let diagnostics: Vec<Diagnostic> = problems
+            .iter()
+            .map(|p| Diagnostic::unlocated(flag_for(&p.at), p.message.clone()))
+            .collect();
+        Failure::usage(
+            diagnostics
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    })?;
+    Ok(config)
+}
+
+/// The flag that sets what a problem is about.
+fn flag_for(location: &Location) -> String {
+    match location {
+        Location::Socket(_) | Location::SocketField(_, "listen") | Location::PoolSocket(..) => {
+            "--listen".to_owned()
+        }
+        Location::SocketField(_, field) => format!("--{field}"),
+        Location::Pool(_) => "--pool".to_owned(),
+        Location::PoolField(_, field) => format!("--{}", field.replace('_', "-")),
+        Location::PoolEnv(..) => "--env".to_owned(),
+        _ => "command line".to_owned(),
+    }
+}
+
+/// Runs the supervisor until it stops.
+pub(crate) fn run(config: Config, source: Source, output: OutputStyle) -> Result<(), Failure> {
+    let reload: Option<supervisor::Reload> = match source {
+        Source::File(path) => Some(Box::new(move || Config::from_file(&path))),
+        Source::Flags => None,
+    };
+    let mut options = Options::default();
+    options.reload = reload;
+    options.output = output;
+    // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the runtime: {e}")))?;
+    runtime
+        .block_on(supervisor::run(config, options))
+        .map_err(|error| match error {
+            SupervisorError::Invalid(_) => Failure::usage(error.to_string()),
+            _ => Failure::runtime(error.to_string()),
+        })
+}
+
+/// `ustad check FILE`.
+pub(crate) fn check(path: &Path) -> Result<ExitCode, Failure> {
+    let config = Config::from_file(path).map_err(config_failure)?;
+    println!("{}: ok ({})", path.display(), config.summary());
+    for (name, pool) in &config.pools {
+        if let Err(error) = ustad_core::spawn::resolve_program(pool) {
+            eprintln!("warning: pool `{name}`: {error}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command as Sub};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Config, Failure> {
+        let cli = Cli::try_parse_from(args).map_err(|e| Failure::usage(e.to_string()))?;
+        let Sub::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        config_from_args(&run).map(|(config, _)| config)
+    }
+
+    #[test]
+    fn the_demo_is_the_default() {
+        let config = parse(&["ustad", "run"]).unwrap();
+        let web = &config.pools["web"];
+        assert_eq!(web.command.args(), ["demo-worker"]);
+        assert_eq!(web.size, Size::Auto);
+        assert_eq!(web.ready, Readiness::Notify);
+        assert_eq!(config.sockets["listen"].listen.to_string(), DEMO_LISTEN);
+    }
+
+    #[test]
+    fn flags_describe_one_pool() {
+        let config = parse(&[
+            "ustad",
+            "run",
+            "-w",
+            "4",
+            "-l",
+            "127.0.0.1:9000",
+            "-l",
+            "admin=unix:/tmp/a.sock",
+            "--reuseport",
+            "--ready",
+            "delay:1s",
+            "--kill-timeout",
+            "5s",
+            "-e",
+            "A=b",
+            "--",
+            "node",
+            "app.js",
+        ]);
+        // reuseport on a unix socket is refused, naming the flag.
+        let error = config.unwrap_err();
+        assert!(
+            error.message.contains("--mode") || error.message.contains("reuseport"),
+            "{}",
+            error.message
+        );
+
+        let config = parse(&[
+            "ustad",
+            "run",
+            "-w",
+            "4",
+            "-l",
+            "127.0.0.1:9000",
+            "-e",
+            "A=b",
+            "--",
+            "node",
+            "app.js",
+        ])
+        .unwrap();
+        let app = &config.pools["app"];
+        assert_eq!(app.command.words(), ["node", "app.js"]);
+        assert_eq!(app.size, Size::fixed(4).unwrap());
+        assert_eq!(app.sockets, ["listen"]);
+        assert_eq!(app.env["A"], "b");
+        assert_eq!(app.ready, Readiness::None);
+    }
+
+    #[test]
+    fn flags_and_a_config_file_never_silently_disagree() {
+        let error = parse(&["ustad", "run", "ustad.toml", "-w", "2"]).unwrap_err();
+        assert_eq!(error.code, USAGE);
+        assert!(
+            error
+                .message
+                .contains("--workers cannot be combined with a config file"),
+            "{}",
+            error.message
+        );
+        let error = parse(&["ustad", "run", "ustad.toml", "--", "node"]).unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("cannot be combined with a config file")
+        );
+    }
+
+    #[test]
+    fn a_command_without_dashes_gets_a_hint() {
+        let error = parse(&["ustad", "run", "node"]).unwrap_err();
+        assert!(
+            error.message.contains("ustad run -- node"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn bad_flag_values_name_the_flag() {
+        let error = parse(&["ustad", "run", "-w", "0"]).unwrap_err();
+        assert!(
+            error.message.contains("--workers") && error.message.contains("at least 1"),
+            "{}",
+            error.message
+        );
+        let error = parse(&["ustad", "run", "--ready", "delay:40s"]).unwrap_err();
+        assert!(error.message.contains("--ready"), "{}", error.message);
+        let error = parse(&["ustad", "run", "-l", "nowhere"]).unwrap_err();
+        assert!(
+            error.message.contains("--listen nowhere"),
+            "{}",
+            error.message
+        );
+    }
+}
