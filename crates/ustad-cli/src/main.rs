@@ -33,12 +33,19 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { config } => run::check(&config).unwrap_or_else(exit::Failure::report),
-        Command::DemoWorker { idle_grace } => match demo::run(demo::Options { idle_grace }) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("ustad demo-worker: error: {error:#}");
-                ExitCode::from(exit::RUNTIME)
-            }
-        },
+        Command::DemoWorker { idle_grace } => {
+            logging::init(cli.log_format, cli.color);
+            demo_worker(idle_grace)
+        }
+    }
+}
+
+fn demo_worker(idle_grace: std::time::Duration) -> ExitCode {
+    match demo::run(demo::Options { idle_grace }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ustad demo-worker: error: {error:#}");
+            ExitCode::from(exit::RUNTIME)
+        }
     }
 }
