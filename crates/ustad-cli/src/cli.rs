@@ -28,7 +28,7 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Run a cluster: from a config file, from flags and a command, or the built-in demo.
     #[command(after_help = RUN_EXAMPLES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a config file: exit 0 if it is valid, 2 with every problem otherwise.
     Check {
         /// The config file.
@@ -57,14 +57,11 @@ Signals to the primary:
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// A config file (`ustad.toml`) describing sockets and pools.
-    #[arg(value_name = "CONFIG")]
-    pub(crate) config: Option<PathBuf>,
-
-    /// The command each worker runs (after `--`). Without a command or config file, ustad
-    /// runs its built-in demo HTTP worker.
-    #[arg(last = true, value_name = "COMMAND")]
-    pub(crate) command: Vec<String>,
+    /// A config file (`ustad.toml`), or the command each worker runs. Put `--` before a
+    /// command that has flags of its own. With neither, ustad runs its built-in demo HTTP
+    /// worker.
+    #[arg(value_name = "CONFIG | COMMAND")]
+    pub(crate) args: Vec<String>,
 
     #[command(flatten)]
     pub(crate) pool: PoolFlags,

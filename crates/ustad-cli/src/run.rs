@@ -23,35 +23,33 @@ pub(crate) enum Source {
     Flags,
 }
 
-/// Builds the configuration `ustad run` was asked for.
+/// Builds the configuration `ustad run` was asked for: a single argument ending in `.toml`
+/// is a config file; anything else is the command of a one-pool cluster; nothing is the demo.
 pub(crate) fn config_from_args(args: &RunArgs) -> Result<(Config, Source), Failure> {
-    if let Some(path) = &args.config {
-        let given = args.pool.given();
-        if !given.is_empty() {
+    let config_file = match args.args.as_slice() {
+        [only] if only.ends_with(".toml") => Some(PathBuf::from(only)),
+        [first, rest @ ..] if first.ends_with(".toml") => {
             return Err(Failure::usage(format!(
-                "{} cannot be combined with a config file; set these in {} instead",
-                given.join(", "),
-                path.display()
+                "a config file takes no command (got `{}` after {first}); give the command in the pool's `command`",
+                rest.join(" ")
             )));
         }
-        if !args.command.is_empty() {
-            return Err(Failure::usage(format!(
-                "a command after `--` cannot be combined with a config file ({}); give the command in the pool's `command`",
-                path.display()
-            )));
-        }
-        if !path.exists() && path.extension().is_none_or(|e| e != "toml") {
-            return Err(Failure::usage(format!(
-                "`{}` is not a config file; to run a command, put it after `--`: ustad run -- {}",
-                path.display(),
-                path.display()
-            )));
-        }
-        let config = Config::from_file(path).map_err(config_failure)?;
-        return Ok((config, Source::File(path.clone())));
+        _ => None,
+    };
+    let Some(path) = config_file else {
+        let config = config_from_flags(&args.pool, &args.args)?;
+        return Ok((config, Source::Flags));
+    };
+    let given = args.pool.given();
+    if !given.is_empty() {
+        return Err(Failure::usage(format!(
+            "{} cannot be combined with a config file; set these in {} instead",
+            given.join(", "),
+            path.display()
+        )));
     }
-    let config = config_from_flags(&args.pool, &args.command)?;
-    Ok((config, Source::Flags))
+    let config = Config::from_file(&path).map_err(config_failure)?;
+    Ok((config, Source::File(path)))
 }
 
 fn config_failure(error: ConfigError) -> Failure {
@@ -308,19 +306,33 @@ mod tests {
         );
         let error = parse(&["ustad", "run", "ustad.toml", "--", "node"]).unwrap_err();
         assert!(
-            error
-                .message
-                .contains("cannot be combined with a config file")
+            error.message.contains("a config file takes no command"),
+            "{}",
+            error.message
         );
     }
 
     #[test]
-    fn a_command_without_dashes_gets_a_hint() {
-        let error = parse(&["ustad", "run", "node"]).unwrap_err();
-        assert!(
-            error.message.contains("ustad run -- node"),
-            "{}",
-            error.message
+    fn a_command_needs_dashes_only_for_its_own_flags() {
+        let config = parse(&["ustad", "run", "node", "app.js"]).unwrap();
+        assert_eq!(config.pools["app"].command.words(), ["node", "app.js"]);
+        let config = parse(&["ustad", "run", "node", "app.js", "-w", "2"]).unwrap();
+        assert_eq!(config.pools["app"].size, Size::fixed(2).unwrap());
+        assert!(parse(&["ustad", "run", "node", "--inspect", "app.js"]).is_err());
+        let config = parse(&[
+            "ustad",
+            "run",
+            "-w",
+            "2",
+            "--",
+            "node",
+            "--inspect",
+            "app.js",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.pools["app"].command.words(),
+            ["node", "--inspect", "app.js"]
         );
     }
 

@@ -7,14 +7,16 @@
 //! grows until the machine swaps (PM2's daemon is known to reach gigabytes that way).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// The longest line relayed in one piece, in bytes.
-pub const MAX_LINE: usize = 16 * 1024;
+pub const MAX_LINE: usize = 8 * 1024;
 /// Lines queued between the readers and the writer.
-const QUEUE: usize = 1024;
+const QUEUE: usize = 256;
 
 /// How prefixes look.
 #[derive(Debug, Clone, Copy, Default)]
@@ -45,27 +47,51 @@ struct Prefix {
 }
 
 /// The relay: one writer task, and two reader tasks per worker.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct OutputRelay {
     queue: mpsc::Sender<Line>,
+    readers: JoinSet<()>,
+    writer: JoinHandle<()>,
 }
 
 impl OutputRelay {
     /// Starts the writer task (on the current tokio runtime).
     pub fn start(style: OutputStyle) -> OutputRelay {
         let (queue, lines) = mpsc::channel(QUEUE);
-        tokio::spawn(write_lines(
+        let writer = tokio::spawn(write_lines(
             lines,
             style,
             tokio::io::stdout(),
             tokio::io::stderr(),
         ));
-        OutputRelay { queue }
+        OutputRelay {
+            queue,
+            readers: JoinSet::new(),
+            writer,
+        }
+    }
+
+    /// Relays what is still in the workers' pipes, then flushes. Readers whose pipe is still
+    /// held open (by a process that outlived its worker) are given up after `grace`.
+    pub async fn finish(self, grace: Duration) {
+        let OutputRelay {
+            queue,
+            mut readers,
+            writer,
+        } = self;
+        drop(queue);
+        let drained = tokio::time::timeout(grace, async {
+            while readers.join_next().await.is_some() {}
+        });
+        if drained.await.is_err() {
+            readers.shutdown().await;
+        }
+        let _ = tokio::time::timeout(grace, writer).await;
     }
 
     /// Relays a worker's output streams until they close.
     pub fn attach(
-        &self,
+        &mut self,
         pool: &str,
         slot: usize,
         stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
@@ -76,8 +102,10 @@ impl OutputRelay {
             name: format!("{pool}.{slot}"),
             color: 31 + (slot % 6) as u8,
         });
+        // Forget readers that are done, so the set does not grow with every restart.
+        while self.readers.try_join_next().is_some() {}
         if let Some(stdout) = stdout {
-            tokio::spawn(read_lines(
+            self.readers.spawn(read_lines(
                 stdout,
                 Stream::Stdout,
                 prefix.clone(),
@@ -85,7 +113,7 @@ impl OutputRelay {
             ));
         }
         if let Some(stderr) = stderr {
-            tokio::spawn(read_lines(
+            self.readers.spawn(read_lines(
                 stderr,
                 Stream::Stderr,
                 prefix,

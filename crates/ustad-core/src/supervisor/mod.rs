@@ -156,6 +156,7 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
         }
     }
     runtime.kill_adopted_orphans().await;
+    runtime.output.finish(Duration::from_secs(1)).await;
     Ok(())
 }
 

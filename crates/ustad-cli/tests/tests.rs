@@ -1,0 +1,12 @@
+//! Integration tests of the `ustad` binary: real primaries, real workers, real sockets on
+//! 127.0.0.1, real signals. Every process a test starts is killed when the test ends (the
+//! testkit's guards kill whole process groups), and every wait is bounded.
+
+mod compat;
+mod config;
+mod demo_worker;
+mod lifecycle;
+mod notify;
+mod rollout;
+mod util;
+mod workers;

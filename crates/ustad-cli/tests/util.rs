@@ -1,0 +1,110 @@
+//! Shared helpers: where the binaries are, starting clusters in temp dirs, reading events.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use ustad_testkit::cluster::{Cluster, LogEvent};
+use ustad_testkit::{TEST_WORKER, helper_bin};
+
+/// Generous bound for anything a test waits for.
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub(crate) fn ustad() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ustad"))
+}
+
+pub(crate) fn test_worker() -> String {
+    helper_bin(ustad(), TEST_WORKER)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A cluster with its own temp dir (which holds reports and config files).
+pub(crate) struct Run {
+    pub(crate) dir: TempDir,
+    pub(crate) cluster: Cluster,
+}
+
+impl Run {
+    /// `ustad run <args…>` in a fresh temp dir.
+    pub(crate) fn start(args: &[&str]) -> Run {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cluster = Cluster::start(ustad(), args, dir.path());
+        Run { dir, cluster }
+    }
+
+    /// `ustad run ustad.toml` with this config text.
+    pub(crate) fn with_config(text: &str) -> Run {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("ustad.toml"), text).expect("writing ustad.toml");
+        let cluster = Cluster::start(ustad(), &["run", "ustad.toml"], dir.path());
+        Run { dir, cluster }
+    }
+
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Waits until `count` workers have reported ready (since the start).
+    pub(crate) fn wait_ready(&self, count: usize) -> Vec<LogEvent> {
+        self.cluster.wait_events(|e| e.is("ready"), count, TIMEOUT)
+    }
+
+    pub(crate) fn addr(&self, socket: &str) -> SocketAddr {
+        self.cluster.listen_addr(socket)
+    }
+
+    /// Stops the primary with SIGTERM and asserts it exits 0.
+    pub(crate) fn stop(&mut self) {
+        self.cluster
+            .signal(ustad_testkit::Signal::TERM)
+            .expect("SIGTERM to the primary");
+        let status = self.cluster.wait_exit(TIMEOUT);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "primary exit status; stderr:\n{}",
+            self.cluster.stderr_tail(40)
+        );
+    }
+}
+
+/// `pid` of an event.
+pub(crate) fn pid(event: &LogEvent) -> u32 {
+    event
+        .u64("pid")
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("no pid in {event}"))
+}
+
+/// The most workers of `pool` alive at once, from the event sequence (spawned … exited).
+pub(crate) fn peak_alive(events: &[LogEvent], pool: &str) -> usize {
+    let mut alive = 0usize;
+    let mut peak = 0;
+    for event in events.iter().filter(|e| e.str("pool") == Some(pool)) {
+        if event.is("spawned") {
+            alive += 1;
+            peak = peak.max(alive);
+        } else if event.is("exited") {
+            alive -= 1;
+        }
+    }
+    peak
+}
+
+/// Pids of the workers of `pool` alive after the events so far.
+pub(crate) fn live_pids(events: &[LogEvent], pool: &str) -> BTreeMap<u64, u32> {
+    let mut live = BTreeMap::new();
+    for event in events.iter().filter(|e| e.str("pool") == Some(pool)) {
+        let id = event.u64("id").unwrap_or(0);
+        if event.is("spawned") {
+            live.insert(id, pid(event));
+        } else if event.is("exited") {
+            live.remove(&id);
+        }
+    }
+    live
+}
