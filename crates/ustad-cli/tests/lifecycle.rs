@@ -291,6 +291,47 @@ fn workers_die_with_a_sigkilled_primary_even_when_spawned_later() {
 }
 
 #[test]
+fn what_workers_started_dies_with_a_sigkilled_primary_too() {
+    let run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "--ready",
+        "notify",
+        "--",
+        &test_worker(),
+        "--grandchild",
+        "--report",
+        "report-{index}.json",
+    ]);
+    let workers: Vec<u32> = run.wait_ready(2).iter().map(pid).collect();
+    let grandchildren: Vec<u32> = (0..2)
+        .map(|i| {
+            let report = WorkerReport::wait_for(&run.path(&format!("report-{i}.json")), TIMEOUT);
+            report.grandchild_pid.expect("a grandchild")
+        })
+        .collect();
+    let guard = children_of(run.cluster.pid())
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "ustad-guard")
+        })
+        .expect("the primary runs a guard process");
+    run.cluster.signal(Signal::KILL).unwrap();
+    for pid in workers.iter().chain(&grandchildren) {
+        assert!(
+            wait_dead(*pid, Duration::from_secs(2)),
+            "pid {pid} outlived the primary"
+        );
+    }
+    assert!(
+        wait_dead(guard, Duration::from_secs(2)),
+        "the guard exits too"
+    );
+}
+
+#[test]
 fn sigttin_and_sigttou_add_and_remove_a_worker_of_the_first_pool() {
     let mut run = Run::start(&["run", "-w", "2", "--", &test_worker()]);
     run.wait_ready(2);

@@ -175,6 +175,135 @@ pub(crate) fn prepare_worker(
     }
 }
 
+/// Most process groups the guard tracks at once (workers alive, plus groups outliving them).
+pub(crate) const GUARD_CAPACITY: usize = 4096;
+
+/// One record on the guard's pipe: an operation byte and a pgid.
+pub(crate) const GUARD_RECORD: usize = 5;
+/// Track a process group.
+pub(crate) const GUARD_WATCH: u8 = b'+';
+/// Stop tracking a process group.
+pub(crate) const GUARD_FORGET: u8 = b'-';
+
+/// Forks the guard: a process that outlives the primary for an instant, to SIGKILL the
+/// process groups of its workers when the primary dies, whatever killed it. Workers die with
+/// the primary through `PR_SET_PDEATHSIG`, but what *they* started does not; the guard takes
+/// their whole groups down.
+///
+/// The guard is a plain `fork` without `exec`: between the two it may only make
+/// async-signal-safe calls, so it runs a loop of raw `read`s on a pipe into a table on its own
+/// stack, and `kill`s and `_exit`s when the pipe reaches end-of-file, which happens exactly
+/// when every copy of the write end is closed: when the primary has exited or died. Returns the
+/// write end (close-on-exec, so no worker inherits it) and the guard's pid.
+pub(crate) fn fork_guard() -> io::Result<(OwnedFd, Pid)> {
+    let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let read_fd = read_end.as_raw_fd();
+    let write_fd = write_end.as_raw_fd();
+    // SAFETY: fork is async-signal-safe; the child only makes async-signal-safe calls (see
+    // `guard_loop`) and never returns from this function.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            // SAFETY: in the forked child; `guard_loop` never returns.
+            unsafe { guard_loop(read_fd, write_fd) }
+        }
+        pid => {
+            drop(read_end);
+            let pid = Pid::from_raw(pid).ok_or_else(|| io::Error::other("fork returned pid 0"))?;
+            Ok((write_end, pid))
+        }
+    }
+}
+
+/// The guard's whole life, in the forked child.
+///
+/// # Safety
+/// Must only be called in a freshly forked child; it never returns.
+unsafe fn guard_loop(read_fd: RawFd, write_fd: RawFd) -> ! {
+    // SAFETY (for the block): plain syscalls with integer arguments and stack buffers.
+    unsafe {
+        libc::close(write_fd);
+        // Keep only the pipe: the guard must not hold the primary's sockets or pipes open.
+        if read_fd > 3 {
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                (read_fd - 1) as libc::c_uint,
+                0,
+            );
+        }
+        libc::syscall(
+            libc::SYS_close_range,
+            (read_fd + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        );
+        // A group of its own, deaf to the terminal and to the signals meant for the primary.
+        libc::setpgid(0, 0);
+        for signal in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+            libc::SIGPIPE,
+        ] {
+            libc::signal(signal, libc::SIG_IGN);
+        }
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        let name = b"ustad-guard\0";
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+        let mut groups = [0 as libc::pid_t; GUARD_CAPACITY];
+        let mut count = 0usize;
+        let mut record = [0u8; GUARD_RECORD];
+        let mut filled = 0usize;
+        loop {
+            let n = libc::read(
+                read_fd,
+                record[filled..].as_mut_ptr().cast(),
+                GUARD_RECORD - filled,
+            );
+            if n < 0 {
+                if *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+            filled += n as usize;
+            if filled < GUARD_RECORD {
+                continue;
+            }
+            filled = 0;
+            let pgid = libc::pid_t::from_ne_bytes([record[1], record[2], record[3], record[4]]);
+            match record[0] {
+                GUARD_WATCH if count < GUARD_CAPACITY => {
+                    groups[count] = pgid;
+                    count += 1;
+                }
+                GUARD_FORGET => {
+                    if let Some(i) = groups[..count].iter().position(|g| *g == pgid) {
+                        count -= 1;
+                        groups[i] = groups[count];
+                    }
+                }
+                _ => {}
+            }
+        }
+        // The primary is gone (or done): whatever it still ran goes with it.
+        for pgid in &groups[..count] {
+            libc::kill(-*pgid, libc::SIGKILL);
+        }
+        libc::_exit(0)
+    }
+}
+
 /// Makes sure fds `3..upto` are open in this process, filling holes with `/dev/null`, so that
 /// the pipes std creates while spawning land above the range a worker's sockets are moved
 /// into. The returned fds must stay open until the spawn is done (they are close-on-exec).

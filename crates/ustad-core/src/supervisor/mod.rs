@@ -4,6 +4,7 @@
 //! It runs on a tokio `current_thread` runtime, on the thread that called it, for the life of
 //! the primary: `PR_SET_PDEATHSIG` ties each worker to the thread that forked it.
 
+mod guard;
 mod log;
 
 use std::collections::VecDeque;
@@ -24,6 +25,8 @@ use crate::procfs;
 use crate::sockets::{BindError, Listeners};
 use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
 
+use self::guard::Guard;
+
 /// Re-reads the configuration (on SIGHUP).
 pub type Reload = Box<dyn FnMut() -> Result<Config, ConfigError>>;
 
@@ -37,6 +40,9 @@ pub struct Options {
     /// Become a child subreaper (`PR_SET_CHILD_SUBREAPER`), so that processes escaping a
     /// worker's process group are re-parented to the primary and cleaned up at exit.
     pub subreaper: bool,
+    /// Start a guard process that kills the workers' process groups if the primary dies (the
+    /// workers themselves die with it in any case, through `PR_SET_PDEATHSIG`).
+    pub guard: bool,
 }
 
 impl Default for Options {
@@ -45,6 +51,7 @@ impl Default for Options {
             reload: None,
             output: OutputStyle::default(),
             subreaper: true,
+            guard: true,
         }
     }
 }
@@ -55,6 +62,7 @@ impl std::fmt::Debug for Options {
             .field("reload", &self.reload.is_some())
             .field("output", &self.output)
             .field("subreaper", &self.subreaper)
+            .field("guard", &self.guard)
             .finish()
     }
 }
@@ -98,6 +106,11 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
         return Err(SupervisorError::NotCurrentThread);
     }
     let setup = |what| move |source| SupervisorError::Setup { what, source };
+    // Forked first, so that it holds none of the primary's sockets.
+    let guard = match options.guard {
+        true => Some(Guard::start().map_err(setup("start the guard process"))?),
+        false => None,
+    };
     let listeners = Listeners::bind(&config)?;
     for (socket, address) in listeners.addresses() {
         info!(event = "listening", socket = %socket, address = %address, "socket {socket} listening on {address}");
@@ -119,6 +132,7 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
         output: OutputRelay::start(options.output),
         exits,
         lingering: Vec::new(),
+        guard,
         finished: false,
         rejections: RateLimit::default(),
     };
@@ -157,6 +171,9 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
     }
     runtime.kill_adopted_orphans().await;
     runtime.output.finish(Duration::from_secs(1)).await;
+    if let Some(guard) = runtime.guard.take() {
+        guard.stop();
+    }
     Ok(())
 }
 
@@ -237,6 +254,7 @@ struct Runtime {
     output: OutputRelay,
     exits: mpsc::UnboundedSender<(WorkerId, ExitStatus)>,
     lingering: Vec<Lingering>,
+    guard: Option<Guard>,
     finished: bool,
     rejections: RateLimit,
 }
@@ -320,6 +338,9 @@ impl Runtime {
         };
         self.output
             .attach(pool, slot, child.stdout.take(), child.stderr.take());
+        if let Some(guard) = &mut self.guard {
+            guard.watch(pid);
+        }
         let exits = self.exits.clone();
         tokio::spawn(async move {
             let status = match child.wait().await {
@@ -338,26 +359,28 @@ impl Runtime {
         // Other members of the worker's process group outlive it only until the deadline of
         // its stop (or, after a crash, for one kill_timeout after the stop signal).
         if let Some(worker) = self.plan.worker(id) {
-            if let Some(pgid) = worker.pid.filter(|pid| group_exists(*pid)) {
+            if let Some(pgid) = worker.pid {
                 let now = Instant::now();
-                let deadline = match worker.phase {
-                    Phase::Stopping { kill_at, .. } => kill_at.unwrap_or(now),
-                    _ => {
-                        signal_group(pgid, worker_stop_signal(&self.plan, id));
-                        now + worker_kill_timeout(&self.plan, id)
-                    }
-                };
-                if self.plan.is_shutting_down() || deadline > now {
+                if group_exists(pgid) {
+                    let deadline = match worker.phase {
+                        Phase::Stopping { kill_at, .. } => kill_at.unwrap_or(now),
+                        _ => {
+                            signal_group(pgid, worker_stop_signal(&self.plan, id));
+                            now + worker_kill_timeout(&self.plan, id)
+                        }
+                    };
                     debug!(
                         pgid,
-                        "worker pid {pgid} exited; waiting for the rest of its process group"
+                        "worker pid {pgid} exited; the rest of its process group has until its deadline"
                     );
+                    self.lingering.push(Lingering { pgid, deadline });
+                } else if let Some(guard) = &mut self.guard {
+                    guard.forget(pgid);
                 }
-                self.lingering.push(Lingering { pgid, deadline });
             }
         }
         self.handle(Event::Exited { id, status });
-        self.check_lingering();
+        self.settle_lingering(None);
     }
 
     fn on_stop_signal(&mut self, name: &str) {
@@ -373,9 +396,11 @@ impl Runtime {
             }
         );
         if immediate {
-            for lingering in self.lingering.drain(..) {
-                signal_group(lingering.pgid, Signal::KILL);
+            let now = Instant::now();
+            for lingering in &mut self.lingering {
+                lingering.deadline = now;
             }
+            self.settle_lingering(Some(now));
         }
         self.handle(Event::Shutdown { immediate });
     }
@@ -499,11 +524,21 @@ impl Runtime {
         let now = Instant::now();
         let outcome = self.plan.tick(now);
         self.perform(outcome);
+        self.settle_lingering(Some(now));
+    }
+
+    fn on_child_signal(&mut self) {
+        self.reap_adopted();
+        self.settle_lingering(None);
+    }
+
+    /// Forgets groups that are gone; with `now`, kills those past their deadline.
+    fn settle_lingering(&mut self, now: Option<Instant>) {
+        let mut released = Vec::new();
         self.lingering.retain(|lingering| {
-            if lingering.deadline > now {
-                return true;
-            }
-            if group_exists(lingering.pgid) {
+            let alive = group_exists(lingering.pgid);
+            let expired = now.is_some_and(|now| lingering.deadline <= now);
+            if alive && expired {
                 warn!(
                     event = "killed",
                     pgid = lingering.pgid,
@@ -512,25 +547,28 @@ impl Runtime {
                 );
                 signal_group(lingering.pgid, Signal::KILL);
             }
-            false
+            let keep = alive && !expired;
+            if !keep {
+                released.push(lingering.pgid);
+            }
+            keep
         });
+        if let Some(guard) = &mut self.guard {
+            for pgid in released {
+                guard.forget(pgid);
+            }
+        }
     }
 
-    fn on_child_signal(&mut self) {
-        self.reap_adopted();
-        self.check_lingering();
-    }
-
-    fn check_lingering(&mut self) {
-        self.lingering
-            .retain(|lingering| group_exists(lingering.pgid));
+    fn is_guard(&self, pid: u32) -> bool {
+        self.guard.as_ref().is_some_and(|guard| guard.pid() == pid)
     }
 
     /// Reaps zombies among this process's children that are not workers: processes adopted
     /// as a subreaper (or as PID 1). Workers are reaped by their own tasks.
     fn reap_adopted(&self) {
         for pid in procfs::own_children() {
-            if self.plan.worker_by_pid(pid).is_some() {
+            if self.plan.worker_by_pid(pid).is_some() || self.is_guard(pid) {
                 continue;
             }
             if procfs::stat(pid).is_some_and(|stat| stat.state == 'Z') {
@@ -548,6 +586,7 @@ impl Runtime {
     async fn kill_adopted_orphans(&self) {
         let orphans: Vec<u32> = procfs::own_children()
             .into_iter()
+            .filter(|pid| !self.is_guard(*pid))
             .filter(|pid| procfs::stat(*pid).is_some_and(|s| s.state != 'Z'))
             .collect();
         if orphans.is_empty() {
