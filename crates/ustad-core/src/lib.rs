@@ -10,7 +10,7 @@
 //! 1. **Sockets first.** The primary binds every listening socket before it starts any worker
 //!    ([`sockets`]) and holds them for its whole life. Workers receive them as fds 3, 4, …
 //!    with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` set to the worker's own pid
-//!    ([`spawn`], [`sys`]), so a restarting worker never causes a refused connection: the
+//!    ([`spawn`]), so a restarting worker never causes a refused connection: the
 //!    kernel queues connections on a socket the primary still holds.
 //! 2. **Spawning.** Each worker runs in its own process group, with stdin from `/dev/null` and
 //!    stdout/stderr relayed line by line ([`output`]), and dies with the primary

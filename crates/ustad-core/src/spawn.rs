@@ -195,7 +195,8 @@ pub fn resolve_program(spec: &PoolSpec) -> Result<PathBuf, SpawnError> {
 /// Starts a worker: in its own process group, with stdin from `/dev/null`, stdout and stderr
 /// piped to the primary (or discarded when the pool is `silent`), dying with the primary.
 ///
-/// Must be called from the supervisor's long-lived thread (see [`crate::sys`]).
+/// Must be called from the supervisor's long-lived thread: `PR_SET_PDEATHSIG` fires when the
+/// thread that forked a worker exits.
 pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, SpawnError> {
     let spec = launch.spec;
     let program_name = spec.command.program().to_owned();
