@@ -453,6 +453,65 @@ fn poll(done: impl Fn() -> bool, what: &str) {
     }
 }
 
+/// In a container, ustad is PID 1: every orphan in the namespace becomes its child and must be
+/// reaped, and SIGTERM (which the kernel delivers to PID 1 only if it has a handler) stops it.
+#[test]
+fn as_pid_1_of_a_pid_namespace_ustad_reaps_orphans_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("ustad-as-pid-1");
+    // --kill-child: if unshare dies, the namespace's PID 1 (ustad) gets SIGKILL, and with it
+    // every process in the namespace.
+    let script = format!(
+        "#!/bin/sh\nexec unshare --map-root-user --pid --mount-proc --kill-child {} \"$@\"\n",
+        crate::util::ustad().display()
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let worker = test_worker();
+    let leave_orphans = format!("for i in 1 2 3; do (sleep 1 &); done; exec {worker}");
+    let mut cluster = ustad_testkit::cluster::Cluster::start(
+        &wrapper,
+        &["run", "--ready", "notify", "--", "sh", "-c", &leave_orphans],
+        dir.path(),
+    );
+    let ready = cluster.wait_event(|e| e.is("ready"), TIMEOUT);
+    assert_eq!(ready.u64("pid").map(|p| p > 1), Some(true));
+    let ustad = children_of(cluster.pid())
+        .into_iter()
+        .next()
+        .expect("unshare runs ustad");
+    let sleepers = || {
+        children_of(ustad)
+            .into_iter()
+            .filter(|pid| ustad_core::procfs::cmdline(*pid) == "sleep 1")
+            .count()
+    };
+    poll(|| sleepers() == 3, "the orphans are adopted by PID 1");
+    poll(
+        || {
+            let zombies = children_of(ustad)
+                .into_iter()
+                .filter(|pid| ustad_core::procfs::stat(*pid).is_some_and(|s| s.state == 'Z'))
+                .count();
+            sleepers() == 0 && zombies == 0
+        },
+        "the orphans are reaped",
+    );
+    let pid = rustix::process::Pid::from_raw(ustad as i32).unwrap();
+    rustix::process::kill_process(pid, Signal::TERM).unwrap();
+    assert_eq!(
+        cluster.wait_exit(TIMEOUT).code(),
+        Some(0),
+        "{}",
+        cluster.stderr_tail(20)
+    );
+    assert!(cluster.events().iter().any(|e| e.is("stopped")));
+}
+
 fn children_of(pid: u32) -> Vec<u32> {
     let mut children = Vec::new();
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
