@@ -323,11 +323,9 @@ impl Plan {
             self.out.actions.push(Action::Kill { id, pid });
             return;
         }
-        let generation = worker.generation;
         let readiness = worker.spec.ready;
         let notice = Notice::Spawned {
             worker: self.reference(&self.workers[&id]),
-            generation,
         };
         self.out.notices.push(notice);
         match readiness {
@@ -943,6 +941,7 @@ impl Plan {
             slot: worker.slot,
             id: worker.id,
             pid: worker.pid,
+            generation: worker.generation,
         }
     }
 

@@ -190,6 +190,8 @@ pub struct WorkerRef {
     pub id: WorkerId,
     /// Its pid, once spawned.
     pub pid: Option<u32>,
+    /// Its generation.
+    pub generation: u64,
 }
 
 impl fmt::Display for WorkerRef {
@@ -320,10 +322,8 @@ impl fmt::Display for ExitCause {
 pub enum Notice {
     /// A worker process was started.
     Spawned {
-        /// Which.
+        /// Which (with its generation).
         worker: WorkerRef,
-        /// Its generation.
-        generation: u64,
     },
     /// A worker process could not be started.
     SpawnFailed {
@@ -464,8 +464,8 @@ impl fmt::Display for Notice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = |duration: &Duration| format_duration(round_ms(*duration));
         match self {
-            Notice::Spawned { worker, generation } => {
-                write!(f, "{worker} spawned (generation {generation})")
+            Notice::Spawned { worker } => {
+                write!(f, "{worker} spawned (generation {})", worker.generation)
             }
             Notice::SpawnFailed { worker, error } => {
                 write!(f, "{worker} could not be started: {error}")

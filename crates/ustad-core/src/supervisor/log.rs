@@ -18,28 +18,30 @@ pub(crate) fn notice(notice: &Notice) {
             w.slot as u64,
             w.id.0,
             w.pid.map_or(0, u64::from),
+            w.generation,
         )
     };
     match notice {
-        Notice::Spawned { worker, generation } => {
-            let (pool, slot, id, pid) = worker_fields(worker);
+        Notice::Spawned { worker, .. } => {
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
             info!(
                 event = "spawned",
                 pool, slot, id, pid, generation, "{notice}"
             );
         }
         Notice::SpawnFailed { worker, error } => {
-            let (pool, slot, id, _) = worker_fields(worker);
-            error!(event = "spawn_failed", pool, slot, id, error = %error, "{notice}");
+            let (pool, slot, id, _, generation) = worker_fields(worker);
+            error!(event = "spawn_failed", pool, slot, id, generation, error = %error, "{notice}");
         }
         Notice::Ready { worker, after } => {
-            let (pool, slot, id, pid) = worker_fields(worker);
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
             info!(
                 event = "ready",
                 pool,
                 slot,
                 id,
                 pid,
+                generation,
                 after_ms = ms(*after),
                 "{notice}"
             );
@@ -49,12 +51,12 @@ pub(crate) fn notice(notice: &Notice) {
             reason,
             signal,
         } => {
-            let (pool, slot, id, pid) = worker_fields(worker);
-            info!(event = "stopping", pool, slot, id, pid, reason = reason.as_str(), signal = %signal, "{notice}");
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
+            info!(event = "stopping", pool, slot, id, pid, generation, reason = reason.as_str(), signal = %signal, "{notice}");
         }
         Notice::Killed { worker, cause } => {
-            let (pool, slot, id, pid) = worker_fields(worker);
-            warn!(event = "killed", pool, slot, id, pid, why = %cause, "{notice}");
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
+            warn!(event = "killed", pool, slot, id, pid, generation, why = %cause, "{notice}");
         }
         Notice::Exited {
             worker,
@@ -62,34 +64,23 @@ pub(crate) fn notice(notice: &Notice) {
             cause,
             uptime,
         } => {
-            let (pool, slot, id, pid) = worker_fields(worker);
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
             let reason = cause.as_str();
             let uptime_ms = ms(*uptime);
-            match status {
-                ExitStatus::Code(code) if matches!(cause, crate::plan::ExitCause::Crashed) => {
-                    warn!(
-                        event = "exited",
-                        pool, slot, id, pid, code, reason, uptime_ms, "{notice}"
-                    );
-                }
-                ExitStatus::Code(code) => {
-                    info!(
-                        event = "exited",
-                        pool, slot, id, pid, code, reason, uptime_ms, "{notice}"
-                    );
-                }
-                ExitStatus::Signal(signal) if matches!(cause, crate::plan::ExitCause::Crashed) => {
-                    warn!(
-                        event = "exited",
-                        pool, slot, id, pid, signal, reason, uptime_ms, "{notice}"
-                    );
-                }
-                ExitStatus::Signal(signal) => {
-                    info!(
-                        event = "exited",
-                        pool, slot, id, pid, signal, reason, uptime_ms, "{notice}"
-                    );
-                }
+            let (code, signal) = match status {
+                ExitStatus::Code(code) => (Some(*code), None),
+                ExitStatus::Signal(signal) => (None, Some(*signal)),
+            };
+            if matches!(cause, crate::plan::ExitCause::Crashed) {
+                warn!(
+                    event = "exited",
+                    pool, slot, id, pid, generation, code, signal, reason, uptime_ms, "{notice}"
+                );
+            } else {
+                info!(
+                    event = "exited",
+                    pool, slot, id, pid, generation, code, signal, reason, uptime_ms, "{notice}"
+                );
             }
         }
         Notice::RestartScheduled {
@@ -113,13 +104,14 @@ pub(crate) fn notice(notice: &Notice) {
             }
         }
         Notice::ReplaceQueued { worker, reason } => {
-            let (pool, slot, id, pid) = worker_fields(worker);
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
             info!(
                 event = "replace_queued",
                 pool,
                 slot,
                 id,
                 pid,
+                generation,
                 reason = reason.as_str(),
                 "{notice}"
             );
@@ -129,8 +121,8 @@ pub(crate) fn notice(notice: &Notice) {
             reason,
             why,
         } => {
-            let (pool, slot, id, pid) = worker_fields(worker);
-            warn!(event = "replace_abandoned", pool, slot, id, pid, reason = reason.as_str(), why = %why, "{notice}");
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
+            warn!(event = "replace_abandoned", pool, slot, id, pid, generation, reason = reason.as_str(), why = %why, "{notice}");
         }
         Notice::RolloutStarted {
             pool,
@@ -173,8 +165,8 @@ pub(crate) fn notice(notice: &Notice) {
             info!(event = "scaled", pool, from, to, "{notice}");
         }
         Notice::Status { worker, text } => {
-            let (pool, slot, id, pid) = worker_fields(worker);
-            info!(event = "status", pool, slot, id, pid, text = %text, "{notice}");
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
+            info!(event = "status", pool, slot, id, pid, generation, text = %text, "{notice}");
         }
         Notice::Refused { why } => warn!(event = "refused", why = %why, "{notice}"),
         Notice::ShutdownStarted { immediate, workers } => {
