@@ -11,7 +11,8 @@ use crate::sys::{self, GUARD_FORGET, GUARD_RECORD, GUARD_WATCH};
 
 #[derive(Debug)]
 pub(super) struct Guard {
-    pipe: std::fs::File,
+    /// `None` once closed.
+    pipe: Option<std::fs::File>,
     pid: Pid,
     broken: bool,
 }
@@ -20,7 +21,7 @@ impl Guard {
     pub(super) fn start() -> io::Result<Guard> {
         let (pipe, pid): (OwnedFd, Pid) = sys::fork_guard()?;
         Ok(Guard {
-            pipe: pipe.into(),
+            pipe: Some(pipe.into()),
             pid,
             broken: false,
         })
@@ -41,14 +42,14 @@ impl Guard {
     }
 
     fn send(&mut self, op: u8, pgid: u32) {
-        if self.broken {
+        let Some(pipe) = self.pipe.as_mut().filter(|_| !self.broken) else {
             return;
-        }
+        };
         let mut record = [0u8; GUARD_RECORD];
         record[0] = op;
         record[1..].copy_from_slice(&(pgid as i32).to_ne_bytes());
         // A record is smaller than PIPE_BUF, so the write is atomic.
-        if let Err(error) = self.pipe.write_all(&record) {
+        if let Err(error) = pipe.write_all(&record) {
             self.broken = true;
             warn!(
                 event = "guard_lost",
@@ -56,11 +57,12 @@ impl Guard {
             );
         }
     }
+}
 
-    /// Closes the pipe (the guard exits at once) and reaps the guard.
-    pub(super) fn stop(self) {
-        let Guard { pipe, pid, .. } = self;
-        drop(pipe);
-        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+impl Drop for Guard {
+    /// Closes the pipe, so the guard exits at once, and reaps it.
+    fn drop(&mut self) {
+        drop(self.pipe.take());
+        let _ = rustix::process::waitpid(Some(self.pid), rustix::process::WaitOptions::empty());
     }
 }

@@ -121,9 +121,10 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
     let mut signals = Signals::new().map_err(setup("install signal handlers"))?;
     let notify = NotifySocket::bind().map_err(setup("bind the notify socket"))?;
     let (exits, mut exited) = mpsc::unbounded_channel();
-    let seed = u64::from(std::process::id())
-        ^ Instant::now().elapsed().as_nanos() as u64
-        ^ 0x9e37_79b9_7f4a_7c15;
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_nanos() as u64);
+    let seed = u64::from(std::process::id()) ^ clock ^ 0x9e37_79b9_7f4a_7c15;
     let mut runtime = Runtime {
         plan: Plan::new(&config, seed),
         config,
@@ -171,9 +172,8 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
     }
     runtime.kill_adopted_orphans().await;
     runtime.output.finish(Duration::from_secs(1)).await;
-    if let Some(guard) = runtime.guard.take() {
-        guard.stop();
-    }
+    // Dropping the guard closes its pipe: it exits, and is reaped.
+    drop(runtime.guard.take());
     Ok(())
 }
 
