@@ -235,3 +235,48 @@ fn a_worker_flooding_its_stdout_does_not_grow_the_primary() {
     );
     run.stop();
 }
+
+/// The primary holds the listening socket while a worker restarts, so a connection made while
+/// no worker is running is queued by the kernel and answered by the replacement, not refused.
+fn a_connection_made_while_the_only_worker_restarts_is_served(reuseport: bool) {
+    let worker = test_worker();
+    let mut args = vec![
+        "run",
+        "-l",
+        "127.0.0.1:0",
+        "--restart-delay",
+        "500ms",
+        "--ready",
+        "notify",
+    ];
+    if reuseport {
+        args.push("--reuseport");
+    }
+    args.extend(["--", &worker, "--serve-http"]);
+    let mut run = Run::start(&args);
+    let addr = run.addr("listen");
+    let first = pid(&run.wait_ready(1)[0]);
+    let victim = rustix::process::Pid::from_raw(first as i32).unwrap();
+    rustix::process::kill_process(victim, ustad_testkit::Signal::KILL).unwrap();
+    run.cluster
+        .wait_event(|e| e.is("restart_scheduled"), TIMEOUT);
+    // No worker is running now; the replacement starts in about 500 ms.
+    let (status, headers, _) = load::get(addr).expect("the request is queued, not refused");
+    assert_eq!(status, 200);
+    let answered_by: u32 = headers["x-worker-pid"].parse().unwrap();
+    let replacement = run
+        .cluster
+        .wait_event(|e| e.is("ready") && e.u64("id") == Some(2), TIMEOUT);
+    assert_eq!(answered_by, pid(&replacement));
+    run.stop();
+}
+
+#[test]
+fn a_connection_made_while_the_only_worker_restarts_is_served_shared() {
+    a_connection_made_while_the_only_worker_restarts_is_served(false);
+}
+
+#[test]
+fn a_connection_made_while_the_only_worker_restarts_is_served_reuseport() {
+    a_connection_made_while_the_only_worker_restarts_is_served(true);
+}
