@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""The no-manager limit of bench/cluster.sh: bind one listening socket, start N copies of a
+command with it as fd 3 (systemd socket activation: LISTEN_FDS=1, LISTEN_PID = the copy's own
+pid), then only wait. Nothing supervises, restarts or balances anything.
+
+    launch.py HOST:PORT N COMMAND [ARG...]
+
+SIGTERM and SIGINT are passed on to the copies; it exits when they all have.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+
+def main() -> int:
+    if len(sys.argv) < 4:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    address, count, command = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    host, port = address.rsplit(":", 1)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, int(port)))
+    # ustad's default backlog, so that only the manager differs.
+    listener.listen(int(os.environ.get("BACKLOG", "1024")))
+    if listener.fileno() != 3:
+        os.dup2(listener.fileno(), 3)  # inheritable, unlike the socket itself
+    os.set_inheritable(3, True)
+    env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="http")
+    env.pop("LISTEN_PID", None)
+    # `exec` keeps the shell's pid, so $$ is the pid of the command itself.
+    wrapper = ["sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', "sh", *command]
+    children = [subprocess.Popen(wrapper, pass_fds=(3,), env=env) for _ in range(count)]
+
+    def forward(signum, _frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
