@@ -1,6 +1,7 @@
 //! Restarts, backoff, readiness timeouts, stopping (graceful, forced, on SIGKILL of the
 //! primary), scaling by signal, ttl, and cleaning up after workers.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ustad_testkit::Signal;
@@ -305,19 +306,20 @@ fn what_workers_started_dies_with_a_sigkilled_primary_too() {
         "report-{index}.json",
     ]);
     let workers: Vec<u32> = run.wait_ready(2).iter().map(pid).collect();
-    let grandchildren: Vec<u32> = (0..2)
-        .map(|i| {
-            let report = WorkerReport::wait_for(&run.path(&format!("report-{i}.json")), TIMEOUT);
-            report.grandchild_pid.expect("a grandchild")
-        })
+    let reports: Vec<WorkerReport> = (0..2)
+        .map(|i| WorkerReport::wait_for(&run.path(&format!("report-{i}.json")), TIMEOUT))
         .collect();
-    let guard = children_of(run.cluster.pid())
-        .into_iter()
-        .find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "ustad-guard")
-        })
-        .expect("the primary runs a guard process");
+    let grandchildren: Vec<u32> = reports
+        .iter()
+        .map(|report| report.grandchild_pid.expect("a grandchild"))
+        .collect();
+    let notify_socket = PathBuf::from(
+        reports[0].env["NOTIFY_SOCKET"]
+            .clone()
+            .expect("NOTIFY_SOCKET"),
+    );
+    assert!(notify_socket.exists());
+    let guard = guard_of(run.cluster.pid()).expect("the primary runs a guard process");
     run.cluster.signal(Signal::KILL).unwrap();
     for pid in workers.iter().chain(&grandchildren) {
         assert!(
@@ -329,6 +331,57 @@ fn what_workers_started_dies_with_a_sigkilled_primary_too() {
         wait_dead(guard, Duration::from_secs(2)),
         "the guard exits too"
     );
+    // The guard removed the notify socket and its directory, which the primary could not.
+    let dir = notify_socket.parent().unwrap();
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+}
+
+#[test]
+fn a_killed_guard_is_replaced_and_still_protects_every_worker_group() {
+    let run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "--ready",
+        "notify",
+        "--",
+        &test_worker(),
+        "--grandchild",
+        "--report",
+        "report-{index}.json",
+    ]);
+    let workers: Vec<u32> = run.wait_ready(2).iter().map(pid).collect();
+    let grandchildren: Vec<u32> = (0..2)
+        .map(|i| {
+            let report = WorkerReport::wait_for(&run.path(&format!("report-{i}.json")), TIMEOUT);
+            report.grandchild_pid.expect("a grandchild")
+        })
+        .collect();
+    let first = guard_of(run.cluster.pid()).expect("the primary runs a guard process");
+    kill(first, Signal::KILL);
+    let replaced = run.cluster.wait_event(|e| e.is("guard_replaced"), TIMEOUT);
+    assert_eq!(replaced.u64("pid"), Some(u64::from(first)));
+    let second = replaced.u64("new_pid").expect("new_pid") as u32;
+    assert_eq!(guard_of(run.cluster.pid()), Some(second));
+    run.cluster.signal(Signal::KILL).unwrap();
+    for pid in workers.iter().chain(&grandchildren) {
+        assert!(
+            wait_dead(*pid, Duration::from_secs(2)),
+            "pid {pid} outlived the primary"
+        );
+    }
+    assert!(
+        wait_dead(second, Duration::from_secs(2)),
+        "the new guard exits too"
+    );
+}
+
+/// The primary's guard process, found by its name among the primary's children.
+fn guard_of(primary: u32) -> Option<u32> {
+    children_of(primary).into_iter().find(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim() == "ustad-guard")
+    })
 }
 
 #[test]

@@ -12,6 +12,7 @@
 use std::io::{self, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
@@ -42,7 +43,7 @@ pub struct Datagram {
 pub struct NotifySocket {
     socket: tokio::net::UnixDatagram,
     path: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl NotifySocket {
@@ -52,7 +53,10 @@ impl NotifySocket {
             .map(PathBuf::from)
             .filter(|dir| dir.is_dir() && dir.as_os_str().len() < 60)
             .unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::Builder::new().prefix("ustad-").tempdir_in(base)?;
+        let dir = tempfile::Builder::new()
+            .prefix("ustad-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(base)?;
         let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path)?;
         socket.set_nonblocking(true)?;
@@ -60,13 +64,19 @@ impl NotifySocket {
         Ok(NotifySocket {
             socket: tokio::net::UnixDatagram::from_std(socket)?,
             path,
-            _dir: dir,
+            dir,
         })
     }
 
     /// The path to give workers as `NOTIFY_SOCKET`.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What to remove should the primary die without dropping this: the socket, then its
+    /// directory.
+    pub fn paths(&self) -> [PathBuf; 2] {
+        [self.path.clone(), self.dir.path().to_owned()]
     }
 
     /// Waits for the next datagram.
@@ -245,6 +255,17 @@ mod tests {
             panic!()
         };
         assert!(status.len() < 210, "long status text is shortened");
+    }
+
+    #[tokio::test]
+    async fn the_socket_lives_in_a_directory_only_its_owner_can_enter() {
+        let socket = NotifySocket::bind().unwrap();
+        let [path, dir] = socket.paths();
+        assert_eq!(path.parent(), Some(dir.as_path()));
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+        drop(socket);
+        assert!(!dir.exists());
     }
 
     #[tokio::test]

@@ -195,7 +195,13 @@ pub(crate) const GUARD_FORGET: u8 = b'-';
 /// stack, and `kill`s and `_exit`s when the pipe reaches end-of-file, which happens exactly
 /// when every copy of the write end is closed: when the primary has exited or died. Returns the
 /// write end (close-on-exec, so no worker inherits it) and the guard's pid.
-pub(crate) fn fork_guard() -> io::Result<(OwnedFd, Pid)> {
+///
+/// `cleanup` lists paths the guard removes when the primary is gone, in order (a socket file
+/// before its directory): files are unlinked, directories removed when empty. A primary that
+/// exits normally has removed them already; one that was SIGKILLed leaves no stale socket.
+pub(crate) fn fork_guard(cleanup: &[CString]) -> io::Result<(OwnedFd, Pid)> {
+    // Built before the fork: the guard may not allocate.
+    let cleanup: Vec<*const libc::c_char> = cleanup.iter().map(|path| path.as_ptr()).collect();
     let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let read_fd = read_end.as_raw_fd();
     let write_fd = write_end.as_raw_fd();
@@ -205,8 +211,9 @@ pub(crate) fn fork_guard() -> io::Result<(OwnedFd, Pid)> {
     match pid {
         -1 => Err(io::Error::last_os_error()),
         0 => {
-            // SAFETY: in the forked child; `guard_loop` never returns.
-            unsafe { guard_loop(read_fd, write_fd) }
+            // SAFETY: in the forked child; `guard_loop` never returns. The paths point into
+            // `CString`s the caller keeps alive, copied into the child's address space.
+            unsafe { guard_loop(read_fd, write_fd, &cleanup) }
         }
         pid => {
             drop(read_end);
@@ -219,8 +226,9 @@ pub(crate) fn fork_guard() -> io::Result<(OwnedFd, Pid)> {
 /// The guard's whole life, in the forked child.
 ///
 /// # Safety
-/// Must only be called in a freshly forked child; it never returns.
-unsafe fn guard_loop(read_fd: RawFd, write_fd: RawFd) -> ! {
+/// Must only be called in a freshly forked child; it never returns. Every pointer in `cleanup`
+/// must point to a NUL-terminated string.
+unsafe fn guard_loop(read_fd: RawFd, write_fd: RawFd, cleanup: &[*const libc::c_char]) -> ! {
     // SAFETY (for the block): plain syscalls with integer arguments and stack buffers.
     unsafe {
         libc::close(write_fd);
@@ -299,6 +307,13 @@ unsafe fn guard_loop(read_fd: RawFd, write_fd: RawFd) -> ! {
         // The primary is gone (or done): whatever it still ran goes with it.
         for pgid in &groups[..count] {
             libc::kill(-*pgid, libc::SIGKILL);
+        }
+        for path in cleanup {
+            // One of the two applies; the other fails harmlessly, as both do for a path the
+            // primary removed itself.
+            if libc::unlink(*path) != 0 {
+                libc::rmdir(*path);
+            }
         }
         libc::_exit(0)
     }

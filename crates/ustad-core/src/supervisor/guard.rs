@@ -1,8 +1,11 @@
 //! The primary's side of the guard (see `sys::fork_guard`): tells it which process groups to
 //! kill should the primary die.
 
+use std::ffi::CString;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 
 use rustix::process::Pid;
 use tracing::warn;
@@ -15,16 +18,35 @@ pub(super) struct Guard {
     pipe: Option<std::fs::File>,
     pid: Pid,
     broken: bool,
+    reaped: bool,
 }
 
 impl Guard {
-    pub(super) fn start() -> io::Result<Guard> {
-        let (pipe, pid): (OwnedFd, Pid) = sys::fork_guard()?;
+    /// Forks a guard that, once the primary is gone, kills the groups it was told to watch
+    /// and removes the `cleanup` paths (see `sys::fork_guard`).
+    pub(super) fn start(cleanup: &[PathBuf]) -> io::Result<Guard> {
+        let cleanup = cleanup
+            .iter()
+            .map(|path| CString::new(path.as_os_str().as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (pipe, pid): (OwnedFd, Pid) = sys::fork_guard(&cleanup)?;
         Ok(Guard {
             pipe: Some(pipe.into()),
             pid,
             broken: false,
+            reaped: false,
         })
+    }
+
+    /// Reaps the guard if it has exited (it only does so on its own when it was killed).
+    pub(super) fn has_exited(&mut self) -> bool {
+        if !self.reaped {
+            self.reaped = matches!(
+                rustix::process::waitpid(Some(self.pid), rustix::process::WaitOptions::NOHANG),
+                Ok(Some(_)) | Err(_)
+            );
+        }
+        self.reaped
     }
 
     pub(super) fn pid(&self) -> u32 {
@@ -63,6 +85,10 @@ impl Drop for Guard {
     /// Closes the pipe, so the guard exits at once, and reaps it.
     fn drop(&mut self) {
         drop(self.pipe.take());
+        if self.reaped {
+            // Waiting again could block on an unrelated child that reused the pid.
+            return;
+        }
         let _ = rustix::process::waitpid(Some(self.pid), rustix::process::WaitOptions::empty());
     }
 }

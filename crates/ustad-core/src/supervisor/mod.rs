@@ -9,6 +9,7 @@ mod log;
 
 use std::collections::VecDeque;
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,11 +107,6 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
         return Err(SupervisorError::NotCurrentThread);
     }
     let setup = |what| move |source| SupervisorError::Setup { what, source };
-    // Forked first, so that it holds none of the primary's sockets.
-    let guard = match options.guard {
-        true => Some(Guard::start().map_err(setup("start the guard process"))?),
-        false => None,
-    };
     let listeners = Listeners::bind(&config)?;
     for (socket, address) in listeners.addresses() {
         info!(event = "listening", socket = %socket, address = %address, "socket {socket} listening on {address}");
@@ -120,6 +116,11 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
     }
     let mut signals = Signals::new().map_err(setup("install signal handlers"))?;
     let notify = NotifySocket::bind().map_err(setup("bind the notify socket"))?;
+    let guard_cleanup = notify.paths().to_vec();
+    let guard = match options.guard {
+        true => Some(Guard::start(&guard_cleanup).map_err(setup("start the guard process"))?),
+        false => None,
+    };
     let (exits, mut exited) = mpsc::unbounded_channel();
     let clock = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -134,6 +135,7 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
         exits,
         lingering: Vec::new(),
         guard,
+        guard_cleanup,
         finished: false,
         rejections: RateLimit::default(),
     };
@@ -255,6 +257,8 @@ struct Runtime {
     exits: mpsc::UnboundedSender<(WorkerId, ExitStatus)>,
     lingering: Vec<Lingering>,
     guard: Option<Guard>,
+    /// What a guard removes when the primary dies (see `Guard::start`).
+    guard_cleanup: Vec<PathBuf>,
     finished: bool,
     rejections: RateLimit,
 }
@@ -528,6 +532,7 @@ impl Runtime {
     }
 
     fn on_child_signal(&mut self) {
+        self.replace_lost_guard();
         self.reap_adopted();
         self.settle_lingering(None);
     }
@@ -558,6 +563,45 @@ impl Runtime {
                 guard.forget(pgid);
             }
         }
+    }
+
+    /// A guard only exits on its own when something killed it: start another one and tell it
+    /// every process group there is to watch.
+    fn replace_lost_guard(&mut self) {
+        let Some(guard) = &mut self.guard else { return };
+        if !guard.has_exited() {
+            return;
+        }
+        let lost = guard.pid();
+        let mut guard = match Guard::start(&self.guard_cleanup) {
+            Ok(guard) => guard,
+            Err(error) => {
+                self.guard = None;
+                error!(
+                    event = "guard_lost",
+                    pid = lost,
+                    "the guard process (pid {lost}) was killed and cannot be replaced ({error}): if ustad is killed, what workers started may outlive it"
+                );
+                return;
+            }
+        };
+        let groups: Vec<u32> = self
+            .plan
+            .workers()
+            .filter_map(|worker| worker.pid)
+            .chain(self.lingering.iter().map(|lingering| lingering.pgid))
+            .collect();
+        for pgid in groups {
+            guard.watch(pgid);
+        }
+        warn!(
+            event = "guard_replaced",
+            pid = lost,
+            new_pid = guard.pid(),
+            "the guard process (pid {lost}) was killed; started a new one (pid {})",
+            guard.pid()
+        );
+        self.guard = Some(guard);
     }
 
     fn is_guard(&self, pid: u32) -> bool {
