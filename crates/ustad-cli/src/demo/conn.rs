@@ -131,15 +131,23 @@ impl Listener {
                 () = stop.started() => return,
                 accepted = self.accept(&server, &drain, &open) => accepted,
             };
-            if let Err(err) = accepted {
-                if is_transient(&err) {
+            match accepted {
+                Ok(()) => {
+                    // Let the new connection's task run before accepting the next one. Without
+                    // this, the worker that wakes first takes everything queued on a shared
+                    // socket (wrk's 64 connections all went to one of 2 workers), because an
+                    // accept costs far less than the other worker's wake-up.
+                    tokio::task::yield_now().await;
                     continue;
                 }
-                // Out of fds or memory: retrying at once would spin, so back off briefly.
-                tracing::warn!("accept failed: {err}");
-                tokio::select! {
-                    () = stop.started() => return,
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                Err(err) if is_transient(&err) => continue,
+                Err(err) => {
+                    // Out of fds or memory: retrying at once would spin, so back off briefly.
+                    tracing::warn!("accept failed: {err}");
+                    tokio::select! {
+                        () = stop.started() => return,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
                 }
             }
         }
