@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ustad_core::config::value::parse_duration;
-use ustad_core::config::{Readiness, Signal, Size};
+use ustad_core::config::{ByteSize, Readiness, Signal, Size};
 
 /// Run any program as a supervised cluster of worker processes: shared sockets, readiness,
 /// restarts, zero-downtime rolling restarts, graceful stop.
@@ -120,6 +120,16 @@ pub(crate) struct PoolFlags {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub(crate) ttl: Option<Duration>,
 
+    /// Replace a worker (rolling) whose process group's memory (RSS) stays above this,
+    /// e.g. 512MiB.
+    #[arg(long, value_name = "SIZE")]
+    pub(crate) max_memory: Option<ByteSize>,
+
+    /// Workers must send WATCHDOG=1 (sd_notify) this often, else they are killed as hung and
+    /// replaced; they get WATCHDOG_USEC.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) watchdog: Option<Duration>,
+
     /// Never run more than the pool's size, even while replacing (stop, then start).
     #[arg(long)]
     pub(crate) strict: bool,
@@ -161,6 +171,8 @@ impl PoolFlags {
         note(self.restart_delay.is_some(), "--restart-delay");
         note(self.min_uptime.is_some(), "--min-uptime");
         note(self.ttl.is_some(), "--ttl");
+        note(self.max_memory.is_some(), "--max-memory");
+        note(self.watchdog.is_some(), "--watchdog");
         note(self.strict, "--strict");
         note(self.stop_signal.is_some(), "--stop-signal");
         note(self.silent, "--silent");

@@ -135,6 +135,8 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
         pool.min_uptime = t;
     }
     pool.ttl = flags.ttl;
+    pool.max_memory = flags.max_memory;
+    pool.watchdog = flags.watchdog;
     pool.strict = flags.strict;
     pool.silent = flags.silent;
     if let Some(signal) = flags.stop_signal {

@@ -129,7 +129,6 @@ const IGNORED_KEYS: &[&str] = &[
     "ERRNO",
     "BUSERROR",
     "EXIT_STATUS",
-    "WATCHDOG",
     "WATCHDOG_USEC",
     "EXTEND_TIMEOUT_USEC",
     "FDSTORE",
@@ -170,6 +169,15 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<WorkerMessage>, String> {
             "READY" => flag("READY", WorkerMessage::Ready)?,
             "STOPPING" => flag("STOPPING", WorkerMessage::Stopping)?,
             "STATUS" => Some(WorkerMessage::Status(shorten(value))),
+            "WATCHDOG" if value == "1" => Some(WorkerMessage::Watchdog),
+            // systemd's "the service hung, act now", used by apps that detect it themselves.
+            "WATCHDOG" if value == "trigger" => Some(WorkerMessage::WatchdogTrigger),
+            "WATCHDOG" => {
+                return Err(format!(
+                    "WATCHDOG must be 1 or trigger, got {:?}",
+                    shorten(value)
+                ));
+            }
             "USTAD_REQUEST" if value == "restart" => Some(WorkerMessage::RequestRestart),
             "USTAD_REQUEST" => {
                 return Err(format!(
@@ -216,6 +224,12 @@ mod tests {
     #[test]
     fn the_protocol_lines_ustad_understands() {
         assert_eq!(parse(b"READY=1"), Ok(vec![WorkerMessage::Ready]));
+        assert_eq!(parse(b"WATCHDOG=1"), Ok(vec![WorkerMessage::Watchdog]));
+        assert_eq!(
+            parse(b"WATCHDOG=trigger"),
+            Ok(vec![WorkerMessage::WatchdogTrigger])
+        );
+        assert!(parse(b"WATCHDOG=2").unwrap_err().contains("WATCHDOG"));
         assert_eq!(
             parse(b"READY=1\nSTATUS=serving 4 clients\nMAINPID=42\n"),
             Ok(vec![

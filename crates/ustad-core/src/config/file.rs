@@ -9,7 +9,9 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;
 
-use super::value::{Command, DurationValue, ListenAddr, Readiness, Signal, Size, SocketMode};
+use super::value::{
+    ByteSize, Command, DurationValue, ListenAddr, Readiness, Signal, Size, SocketMode,
+};
 use super::{
     Config, ConfigError, DEFAULT_BACKLOG, Diagnostic, Location, PoolSpec, SocketSpec, SpanTable,
 };
@@ -27,6 +29,8 @@ struct RawConfig {
     ttl: Option<DurationValue>,
     strict: Option<bool>,
     silent: Option<bool>,
+    max_memory: Option<ByteSize>,
+    watchdog: Option<DurationValue>,
     #[serde(default)]
     sockets: IndexMap<Spanned<String>, Spanned<RawSocket>>,
     #[serde(default)]
@@ -60,6 +64,8 @@ struct RawPool {
     min_uptime: Option<DurationValue>,
     stop_signal: Option<Signal>,
     silent: Option<bool>,
+    max_memory: Option<ByteSize>,
+    watchdog: Option<Spanned<DurationValue>>,
 }
 
 /// An environment value: a string, or a number or boolean written without quotes
@@ -203,6 +209,12 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
         spec.ttl = ttl.or(raw.ttl).map(|t| t.0);
         spec.strict = pool.strict.or(raw.strict).unwrap_or(spec.strict);
         spec.silent = pool.silent.or(raw.silent).unwrap_or(spec.silent);
+        spec.max_memory = pool.max_memory.or(raw.max_memory);
+        let watchdog = pool.watchdog.map(|t| {
+            spans.insert(field("watchdog"), t.span());
+            t.into_inner()
+        });
+        spec.watchdog = watchdog.or(raw.watchdog).map(|t| t.0);
         if let Some(t) = pool.kill_timeout.or(raw.kill_timeout) {
             spec.kill_timeout = t.0;
         }
@@ -217,7 +229,7 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             .or(raw.stop_signal)
             .unwrap_or(spec.stop_signal);
         // Problems of a field that was not written in this pool point at the pool's name.
-        for field_name in ["ready", "ready_timeout", "ttl"] {
+        for field_name in ["ready", "ready_timeout", "ttl", "watchdog"] {
             spans
                 .entry(Location::PoolField(name.clone(), field_name))
                 .or_insert_with(|| name_span.clone());

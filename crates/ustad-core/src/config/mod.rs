@@ -20,7 +20,7 @@ use std::time::Duration;
 use indexmap::IndexMap;
 
 pub use error::{ConfigError, Diagnostic};
-pub use value::{Command, ListenAddr, Readiness, Signal, Size, SocketMode};
+pub use value::{ByteSize, Command, ListenAddr, Readiness, Signal, Size, SocketMode};
 
 /// Default `kill_timeout`: how long a worker may take to stop before it is killed.
 pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -96,6 +96,11 @@ pub struct PoolSpec {
     pub stop_signal: Signal,
     /// Drop the workers' stdout and stderr instead of relaying them.
     pub silent: bool,
+    /// Replace a worker (rolling) whose process group's RSS stays above this.
+    pub max_memory: Option<ByteSize>,
+    /// A worker must send `WATCHDOG=1` at least this often (it gets `WATCHDOG_USEC`), else it
+    /// is considered hung: killed with SIGABRT, then SIGKILL, and replaced.
+    pub watchdog: Option<Duration>,
 }
 
 impl PoolSpec {
@@ -116,6 +121,8 @@ impl PoolSpec {
             min_uptime: DEFAULT_MIN_UPTIME,
             stop_signal: Signal::TERM,
             silent: false,
+            max_memory: None,
+            watchdog: None,
         }
     }
 }
@@ -302,6 +309,12 @@ impl Config {
                         ),
                     );
                 }
+            }
+            if pool.watchdog.is_some_and(|watchdog| watchdog.is_zero()) {
+                problem(
+                    Location::PoolField(name.clone(), "watchdog"),
+                    "watchdog must be longer than 0s (leave it out to turn it off)".to_owned(),
+                );
             }
             if pool.ttl.is_some_and(|ttl| ttl.is_zero()) {
                 problem(

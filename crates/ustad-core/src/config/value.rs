@@ -64,6 +64,72 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
+/// An amount of memory: `"512MiB"`, `"1.5G"`, `"200M"`, `"1000000"` (bytes).
+///
+/// `K`, `M`, `G`, `T` and `KiB`, `MiB`, `GiB`, `TiB` are powers of 1024 (as PM2's
+/// `max_memory_restart` reads `200M`); `KB`, `MB`, `GB`, `TB` are powers of 1000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<ByteSize, String> {
+        let invalid = || {
+            format!(
+                "invalid amount of memory `{text}`: expected a number with a unit, like \"512MiB\", \"1.5G\" or \"800MB\""
+            )
+        };
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(trimmed.len());
+        let (number, unit) = trimmed.split_at(split);
+        let number: f64 = number.parse().map_err(|_| invalid())?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "t" | "tib" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            _ => return Err(invalid()),
+        };
+        let bytes = number * multiplier as f64;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(format!("amount of memory `{text}` is too large"));
+        }
+        if bytes < 1.0 {
+            return Err(format!("amount of memory `{text}` must be at least 1 byte"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
+        for (unit, size) in UNITS {
+            if self.0 >= size {
+                let value = self.0 as f64 / size as f64;
+                return if self.0 % size == 0 {
+                    write!(f, "{}{unit}", self.0 / size)
+                } else {
+                    write!(f, "{value:.1}{unit}")
+                };
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
 /// How many workers a pool runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Size {
@@ -440,6 +506,7 @@ deserialize_from_str! {
     ListenAddr => "a listen address string like \"127.0.0.1:8000\" or \"unix:/run/app.sock\"",
     SocketMode => "\"shared\" or \"reuseport\"",
     Signal => "a signal name string like \"SIGTERM\"",
+    ByteSize => "an amount of memory string like \"512MiB\"",
 }
 
 #[cfg(test)]
@@ -528,5 +595,21 @@ mod tests {
         assert!(Command::parse_line("'unclosed").is_err());
         assert!(Command::new(Vec::<String>::new()).is_err());
         assert!(Command::new([""]).is_err());
+    }
+
+    #[test]
+    fn memory_amounts_in_binary_and_decimal_units() {
+        assert_eq!("512MiB".parse(), Ok(ByteSize(512 << 20)));
+        assert_eq!("200M".parse(), Ok(ByteSize(200 << 20)));
+        assert_eq!("1.5G".parse(), Ok(ByteSize(3 << 29)));
+        assert_eq!("800MB".parse(), Ok(ByteSize(800_000_000)));
+        assert_eq!("4096".parse(), Ok(ByteSize(4096)));
+        assert_eq!(" 2 gib ".parse(), Ok(ByteSize(2 << 30)));
+        assert!("lots".parse::<ByteSize>().unwrap_err().contains("`lots`"));
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert!("0".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(512 << 20).to_string(), "512MiB");
+        assert_eq!(ByteSize(3 << 29).to_string(), "1.5GiB");
+        assert_eq!(ByteSize(100).to_string(), "100B");
     }
 }

@@ -34,6 +34,9 @@ pub use types::{
 
 /// The longest pause between two attempts to start a worker in a failing slot.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a worker's memory must stay above `max_memory` before it is replaced: one high
+/// sample (a burst) is not enough.
+pub const MEMORY_GRACE: Duration = Duration::from_secs(3);
 /// The shortest backoff step, used when `restart_delay` is zero.
 const MIN_BACKOFF_STEP: Duration = Duration::from_millis(100);
 
@@ -86,6 +89,35 @@ pub struct Worker {
     pub status: Option<String>,
     /// The settings it was started with.
     spec: Arc<PoolSpec>,
+    /// With a `watchdog`: when it is deemed hung unless it sends `WATCHDOG=1` first.
+    watchdog_at: Option<Instant>,
+    /// Its last sign of life: spawn, ready or `WATCHDOG=1`.
+    last_alive: Instant,
+    /// Since when its memory has been above `max_memory`.
+    over_memory_since: Option<Instant>,
+}
+
+impl Worker {
+    /// The settings it was started with.
+    pub fn spec(&self) -> &Arc<PoolSpec> {
+        &self.spec
+    }
+
+    /// Whether it is serving.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.phase, Phase::Ready { .. })
+    }
+}
+
+/// How the last worker of a slot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastExit {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Why.
+    pub cause: ExitCause,
+    /// When.
+    pub at: Instant,
 }
 
 /// One position in a pool.
@@ -101,6 +133,10 @@ struct Slot {
     failures: u32,
     /// An empty slot is not refilled before this time.
     respawn_at: Option<Instant>,
+    /// Workers of this slot that ended and were followed by another (crashes, replacements…).
+    restarts: u32,
+    /// How the last worker of this slot ended.
+    last_exit: Option<LastExit>,
 }
 
 /// The part a worker plays in its slot.
@@ -133,9 +169,26 @@ struct Pool {
     generation: u64,
     slots: Vec<Slot>,
     rollout: Option<Rollout>,
+    /// Removed from the configuration: no slots, its last workers are stopping. Kept so that
+    /// pool indices stay valid.
+    retired: bool,
+    /// Workers that ended and were replaced, by reason (`ExitCause::as_str`).
+    restarts: BTreeMap<&'static str, u64>,
 }
 
 impl Pool {
+    fn new(name: &str, spec: Arc<PoolSpec>) -> Pool {
+        Pool {
+            name: Arc::from(name),
+            slots: vec![Slot::default(); spec.size.count()],
+            spec,
+            generation: 1,
+            rollout: None,
+            retired: false,
+            restarts: BTreeMap::new(),
+        }
+    }
+
     /// The generation and settings for a worker started into an empty slot now.
     fn spawn_target(&self) -> (u64, Arc<PoolSpec>) {
         match &self.rollout {
@@ -173,13 +226,7 @@ impl Plan {
         let pools = config
             .pools
             .iter()
-            .map(|(name, spec)| Pool {
-                name: Arc::from(name.as_str()),
-                spec: Arc::new(spec.clone()),
-                generation: 1,
-                slots: vec![Slot::default(); spec.size.count()],
-                rollout: None,
-            })
+            .map(|(name, spec)| Pool::new(name, Arc::new(spec.clone())))
             .collect();
         Plan {
             pools,
@@ -210,7 +257,11 @@ impl Plan {
                 spec,
             } => self.on_rollout(pool, trigger, spec, now),
             Event::Scale { pool, size } => self.on_scale(&pool, size, now),
-            Event::Shutdown { immediate } => self.on_shutdown(immediate, now),
+            Event::Shutdown { immediate, timeout } => self.on_shutdown(immediate, timeout, now),
+            Event::AddPool { name, spec } => self.on_add_pool(name, spec),
+            Event::RemovePool { name } => self.on_remove_pool(&name, now),
+            Event::Replace { id } => self.on_replace(id),
+            Event::Memory { id, rss } => self.on_memory(id, rss, now),
         }
         self.settle(now)
     }
@@ -222,6 +273,12 @@ impl Plan {
             let Some(worker) = self.workers.get(&id) else {
                 continue;
             };
+            if worker.watchdog_at.is_some_and(|at| at <= now)
+                && !matches!(worker.phase, Phase::Stopping { .. })
+            {
+                self.hang(id, now);
+                continue;
+            }
             match worker.phase {
                 Phase::Starting { ready_at, deadline } => {
                     if ready_at.is_some_and(|at| at <= now) {
@@ -265,9 +322,11 @@ impl Plan {
                 Phase::Stopping { kill_at, .. } => kill_at,
                 Phase::Ready { .. } => None,
             };
+            let alive = !matches!(w.phase, Phase::Stopping { .. });
             [
                 phase,
                 w.ttl_at.filter(|_| matches!(w.phase, Phase::Ready { .. })),
+                w.watchdog_at.filter(|_| alive),
             ]
         });
         // An empty slot waiting for a detached worker to exit waits for that event, not a time.
@@ -303,7 +362,15 @@ impl Plan {
 
     /// The pool names, in order, with their current sizes.
     pub fn pools(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.pools.iter().map(|p| (&*p.name, p.slots.len()))
+        self.pools
+            .iter()
+            .filter(|p| !p.retired)
+            .map(|p| (&*p.name, p.slots.len()))
+    }
+
+    /// The name of a worker's pool.
+    pub fn pool_of(&self, worker: &Worker) -> &str {
+        &self.pools[worker.pool].name
     }
 
     /// Whether the plan is shutting down.
@@ -367,6 +434,7 @@ impl Plan {
             cause,
             uptime: now.saturating_duration_since(worker.spawned_at),
         });
+        self.record_exit(&worker, status, cause, now);
         if !matches!(worker.phase, Phase::Stopping { .. }) {
             self.lost_unasked(&worker, &format!("exited with {status}"), now);
         }
@@ -405,7 +473,108 @@ impl Plan {
                     self.queue_replacement(pool, slot, StopReason::Requested);
                 }
             }
+            WorkerMessage::Watchdog => {
+                worker.last_alive = now;
+                if let Some(watchdog) = worker.spec.watchdog {
+                    if !matches!(worker.phase, Phase::Stopping { .. }) {
+                        worker.watchdog_at = Some(now + watchdog);
+                    }
+                }
+            }
+            WorkerMessage::WatchdogTrigger => {
+                if !matches!(worker.phase, Phase::Stopping { .. }) {
+                    self.hang(id, now);
+                }
+            }
         }
+    }
+
+    fn on_add_pool(&mut self, name: String, spec: Arc<PoolSpec>) {
+        if self.shutdown.is_some() {
+            self.refuse(format!("adding pool `{name}` during shutdown"));
+            return;
+        }
+        if self.pool_index(&name).is_some() {
+            self.refuse(format!("pool `{name}` already exists"));
+            return;
+        }
+        let pool = Pool::new(&name, spec);
+        self.out.notices.push(Notice::PoolAdded {
+            pool: pool.name.clone(),
+            size: pool.slots.len(),
+        });
+        self.pools.push(pool);
+    }
+
+    fn on_remove_pool(&mut self, name: &str, now: Instant) {
+        let Some(index) = self.pool_index(name) else {
+            self.refuse(format!("removing unknown pool `{name}`"));
+            return;
+        };
+        let pool = &mut self.pools[index];
+        pool.retired = true;
+        pool.rollout = None;
+        pool.slots.clear();
+        let ids: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.pool == index)
+            .map(|w| w.id)
+            .collect();
+        self.out.notices.push(Notice::PoolRemoved {
+            pool: self.pools[index].name.clone(),
+            workers: ids.len(),
+        });
+        for id in ids {
+            self.stop(id, StopReason::PoolRemoved, now);
+        }
+    }
+
+    fn on_replace(&mut self, id: WorkerId) {
+        if self.shutdown.is_some() {
+            self.refuse(format!("restarting worker {id} during shutdown"));
+            return;
+        }
+        let Some(worker) = self.workers.get(&id) else {
+            self.refuse(format!("no worker with id {id}"));
+            return;
+        };
+        let (pool, slot) = (worker.pool, worker.slot);
+        if !matches!(worker.phase, Phase::Ready { .. }) || !self.is_current(pool, slot, id) {
+            let worker = self.reference(worker);
+            self.refuse(format!(
+                "worker {worker} is not serving (starting, stopping or being replaced already)"
+            ));
+            return;
+        }
+        self.queue_replacement(pool, slot, StopReason::Restart);
+    }
+
+    fn on_memory(&mut self, id: WorkerId, rss: u64, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let Some(limit) = worker.spec.max_memory.map(|m| m.0) else {
+            return;
+        };
+        if rss <= limit || !matches!(worker.phase, Phase::Ready { .. }) {
+            worker.over_memory_since = None;
+            return;
+        }
+        let since = *worker.over_memory_since.get_or_insert(now);
+        let (pool, slot) = (worker.pool, worker.slot);
+        if now.saturating_duration_since(since) < MEMORY_GRACE || !self.is_current(pool, slot, id) {
+            return;
+        }
+        let s = &self.pools[pool].slots[slot];
+        if s.pending.is_some() || s.replacement.is_some() {
+            return;
+        }
+        let worker = self.reference(&self.workers[&id]);
+        self.out
+            .notices
+            .push(Notice::OverMemory { worker, rss, limit });
+        self.queue_replacement(pool, slot, StopReason::Memory);
     }
 
     fn on_rollout(
@@ -473,7 +642,7 @@ impl Plan {
         self.resize(index, size, now);
     }
 
-    fn on_shutdown(&mut self, immediate: bool, now: Instant) {
+    fn on_shutdown(&mut self, immediate: bool, timeout: Option<Duration>, now: Instant) {
         if self.shutdown == Some(true) || (self.shutdown == Some(false) && !immediate) {
             return;
         }
@@ -494,6 +663,13 @@ impl Plan {
                 self.kill(id, KillCause::ShutdownNow);
             } else {
                 self.stop(id, StopReason::Shutdown, now);
+                if let (Some(timeout), Some(worker)) = (timeout, self.workers.get_mut(&id)) {
+                    if let Phase::Stopping { kill_at, .. } = &mut worker.phase {
+                        if kill_at.is_some() {
+                            *kill_at = Some(now + timeout);
+                        }
+                    }
+                }
             }
         }
     }
@@ -506,6 +682,11 @@ impl Plan {
         };
         let after = now.saturating_duration_since(worker.spawned_at);
         worker.phase = Phase::Ready { since: now };
+        worker.last_alive = worker.last_alive.max(now);
+        if let Some(watchdog) = worker.spec.watchdog {
+            // An early WATCHDOG=1 may have armed it already.
+            worker.watchdog_at.get_or_insert(now + watchdog);
+        }
         let ttl = worker.spec.ttl;
         let (pool, slot) = (worker.pool, worker.slot);
         if let Some(ttl) = ttl {
@@ -662,6 +843,26 @@ impl Plan {
 
     /// Asks a worker to stop with its pool's stop signal; it gets SIGKILL after `kill_timeout`.
     fn stop(&mut self, id: WorkerId, reason: StopReason, now: Instant) {
+        let Some(signal) = self.workers.get(&id).map(|w| w.spec.stop_signal) else {
+            return;
+        };
+        self.stop_with(id, reason, signal, now);
+    }
+
+    /// A worker that stopped answering its watchdog: SIGABRT (a core dump shows where it
+    /// hung), then SIGKILL after `kill_timeout`; its slot is refilled once it has exited.
+    fn hang(&mut self, id: WorkerId, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        worker.watchdog_at = None;
+        let silent_for = now.saturating_duration_since(worker.last_alive);
+        let worker = self.reference(&self.workers[&id]);
+        self.out.notices.push(Notice::Hung { worker, silent_for });
+        self.stop_with(id, StopReason::Watchdog, Signal::ABRT, now);
+    }
+
+    fn stop_with(&mut self, id: WorkerId, reason: StopReason, signal: Signal, now: Instant) {
         let Some(worker) = self.workers.get(&id) else {
             return;
         };
@@ -670,7 +871,6 @@ impl Plan {
         }
         let snapshot = worker.clone();
         self.detach(&snapshot);
-        let signal = snapshot.spec.stop_signal;
         let kill_at = Some(now + snapshot.spec.kill_timeout);
         if let Some(w) = self.workers.get_mut(&id) {
             w.phase = Phase::Stopping { reason, kill_at };
@@ -910,6 +1110,9 @@ impl Plan {
                 announced_stop: false,
                 status: None,
                 spec,
+                watchdog_at: None,
+                last_alive: now,
+                over_memory_since: None,
             },
         );
         id
@@ -932,7 +1135,31 @@ impl Plan {
     }
 
     fn pool_index(&self, name: &str) -> Option<usize> {
-        self.pools.iter().position(|p| &*p.name == name)
+        self.pools
+            .iter()
+            .position(|p| !p.retired && &*p.name == name)
+    }
+
+    /// Remembers how a slot's worker ended, and counts it as a restart when the slot goes on.
+    fn record_exit(&mut self, worker: &Worker, status: ExitStatus, cause: ExitCause, now: Instant) {
+        let counted = !matches!(
+            cause,
+            ExitCause::Stopped(StopReason::Shutdown | StopReason::Scale | StopReason::PoolRemoved)
+        ) && self.shutdown.is_none();
+        let pool = &mut self.pools[worker.pool];
+        if counted {
+            *pool.restarts.entry(cause.as_str()).or_default() += 1;
+        }
+        if let Some(slot) = pool.slots.get_mut(worker.slot) {
+            slot.last_exit = Some(LastExit {
+                status,
+                cause,
+                at: now,
+            });
+            if counted {
+                slot.restarts += 1;
+            }
+        }
     }
 
     fn reference(&self, worker: &Worker) -> WorkerRef {

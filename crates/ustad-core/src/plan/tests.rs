@@ -620,7 +620,10 @@ fn a_crash_of_the_old_worker_during_its_replacement_needs_no_extra_restart() {
 #[test]
 fn stop_escalates_to_sigkill_after_kill_timeout() {
     let mut sim = ready_pool(1, false);
-    sim.handle(Event::Shutdown { immediate: false });
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: None,
+    });
     assert_eq!(sim.signals, [(WorkerId(1), Signal::TERM)]);
     sim.advance(5 * S - MS);
     assert!(sim.kills.is_empty());
@@ -637,7 +640,10 @@ fn graceful_shutdown_stops_everyone_and_restarts_nobody() {
         ("web", pool(2, Readiness::None)),
         ("jobs", pool(1, Readiness::Notify)),
     ]));
-    sim.handle(Event::Shutdown { immediate: false });
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: None,
+    });
     assert_eq!(sim.signals.len(), 3, "starting workers are stopped too");
     sim.exit(WorkerId(1), ExitStatus::Code(0));
     sim.exit(WorkerId(2), ExitStatus::Code(1));
@@ -651,13 +657,22 @@ fn graceful_shutdown_stops_everyone_and_restarts_nobody() {
 #[test]
 fn a_second_shutdown_kills_at_once() {
     let mut sim = ready_pool(2, false);
-    sim.handle(Event::Shutdown { immediate: false });
-    sim.handle(Event::Shutdown { immediate: false });
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: None,
+    });
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: None,
+    });
     assert!(
         sim.kills.is_empty(),
         "a repeated graceful request changes nothing"
     );
-    sim.handle(Event::Shutdown { immediate: true });
+    sim.handle(Event::Shutdown {
+        immediate: true,
+        timeout: None,
+    });
     assert_eq!(sim.kills, [WorkerId(1), WorkerId(2)]);
 }
 
@@ -849,8 +864,166 @@ fn messages_from_stopping_workers_are_ignored() {
         1,
         "unchanged status is not logged twice"
     );
-    sim.handle(Event::Shutdown { immediate: false });
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: None,
+    });
     sim.message(WorkerId(1), WorkerMessage::RequestRestart);
     sim.message(WorkerId(1), WorkerMessage::Ready);
     assert_eq!(sim.spawns.len(), 1);
+}
+
+#[test]
+fn an_added_pool_starts_and_a_removed_pool_stops_gracefully() {
+    let mut sim = ready_pool(2, false);
+    let jobs = Arc::new(pool(3, Readiness::None));
+    sim.handle(Event::AddPool {
+        name: "jobs".into(),
+        spec: jobs.clone(),
+    });
+    assert_eq!(sim.serving("jobs").len(), 3);
+    assert_eq!(
+        sim.plan.pools().collect::<Vec<_>>(),
+        [("web", 2), ("jobs", 3)]
+    );
+    // A second pool of the same name is refused.
+    sim.handle(Event::AddPool {
+        name: "jobs".into(),
+        spec: jobs,
+    });
+    assert_eq!(sim.count(|n| matches!(n, Notice::Refused { .. })), 1);
+
+    sim.handle(Event::RemovePool { name: "web".into() });
+    let stopped: Vec<_> = sim.signals.iter().map(|(id, _)| *id).collect();
+    assert_eq!(stopped, [WorkerId(1), WorkerId(2)]);
+    assert_eq!(sim.plan.pools().collect::<Vec<_>>(), [("jobs", 3)]);
+    sim.exit_stopped();
+    // Nothing refills the removed pool's slots; the other pool is untouched.
+    sim.advance(60 * S);
+    assert!(sim.workers("web").is_empty());
+    assert_eq!(sim.serving("jobs").len(), 3);
+    assert_eq!(
+        sim.count(|n| matches!(
+            n,
+            Notice::Exited {
+                cause: ExitCause::Stopped(StopReason::PoolRemoved),
+                ..
+            }
+        )),
+        2
+    );
+    // The name can be used again, for a new pool.
+    sim.handle(Event::AddPool {
+        name: "web".into(),
+        spec: Arc::new(pool(1, Readiness::None)),
+    });
+    assert_eq!(sim.serving("web").len(), 1);
+}
+
+#[test]
+fn an_operator_restart_replaces_one_worker_after_its_successor_is_ready() {
+    let mut sim = ready_pool(2, false);
+    sim.handle(Event::Replace { id: WorkerId(1) });
+    assert_eq!(sim.starting(), [WorkerId(3)]);
+    assert!(sim.signals.is_empty());
+    sim.ready(WorkerId(3));
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::TERM)]);
+    // A worker that is already stopping, or unknown, is refused.
+    sim.handle(Event::Replace { id: WorkerId(1) });
+    sim.handle(Event::Replace { id: WorkerId(99) });
+    assert_eq!(sim.count(|n| matches!(n, Notice::Refused { .. })), 2);
+}
+
+#[test]
+fn memory_above_the_limit_for_the_grace_period_replaces_the_worker() {
+    let mut spec = pool(1, Readiness::Notify);
+    spec.max_memory = Some(crate::config::ByteSize(1000));
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    sim.ready(WorkerId(1));
+    let sample = |sim: &mut Sim, rss| {
+        sim.handle(Event::Memory {
+            id: WorkerId(1),
+            rss,
+        })
+    };
+    // A burst, then back below the limit: nothing happens.
+    sample(&mut sim, 5000);
+    sim.advance(2 * S);
+    sample(&mut sim, 500);
+    sim.advance(2 * S);
+    sample(&mut sim, 5000);
+    sim.advance(2 * S);
+    sample(&mut sim, 5000);
+    assert!(sim.starting().is_empty());
+    // Above it for MEMORY_GRACE: replaced, rolling.
+    sim.advance(MEMORY_GRACE);
+    sample(&mut sim, 5000);
+    sample(&mut sim, 6000);
+    assert_eq!(sim.starting(), [WorkerId(2)]);
+    assert_eq!(sim.count(|n| matches!(n, Notice::OverMemory { .. })), 1);
+    assert!(sim.signals.is_empty());
+    sim.ready(WorkerId(2));
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::TERM)]);
+}
+
+#[test]
+fn a_worker_silent_past_its_watchdog_is_aborted_and_replaced() {
+    let mut spec = pool(1, Readiness::Notify);
+    spec.watchdog = Some(10 * S);
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    sim.advance(5 * S);
+    sim.ready(WorkerId(1));
+    // Pings keep it alive well past one watchdog period.
+    for _ in 0..5 {
+        sim.advance(8 * S);
+        sim.message(WorkerId(1), WorkerMessage::Watchdog);
+    }
+    assert!(sim.signals.is_empty());
+    sim.advance(10 * S);
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::ABRT)]);
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::Hung { silent_for, .. } if *silent_for == 10 * S
+    )));
+    // Still there after kill_timeout: SIGKILL; once gone, the slot is refilled at once.
+    sim.advance(5 * S);
+    assert_eq!(sim.kills, [WorkerId(1)]);
+    sim.exit(WorkerId(1), ExitStatus::Signal(9));
+    assert_eq!(sim.starting(), [WorkerId(2)]);
+    // WATCHDOG=trigger: hung right away.
+    sim.ready(WorkerId(2));
+    sim.message(WorkerId(2), WorkerMessage::WatchdogTrigger);
+    assert_eq!(sim.signals.last(), Some(&(WorkerId(2), Signal::ABRT)));
+}
+
+#[test]
+fn a_shutdown_timeout_overrides_kill_timeout() {
+    let mut sim = ready_pool(1, false);
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: Some(S),
+    });
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::TERM)]);
+    sim.advance(S);
+    assert_eq!(sim.kills, [WorkerId(1)]);
+}
+
+#[test]
+fn restarts_are_counted_per_slot_and_by_reason() {
+    let mut sim = ready_pool(2, false);
+    sim.exit(WorkerId(1), ExitStatus::Signal(9));
+    sim.advance(2 * S);
+    sim.message(WorkerId(2), WorkerMessage::RequestRestart);
+    finish(&mut sim);
+    let pool = &sim.plan.pools[0];
+    assert_eq!(pool.slots[0].restarts, 1);
+    assert_eq!(pool.slots[1].restarts, 1);
+    assert_eq!(
+        pool.restarts.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(),
+        [("crash", 1), ("request", 1)]
+    );
+    assert_eq!(
+        pool.slots[0].last_exit.map(|e| e.status),
+        Some(ExitStatus::Signal(9))
+    );
 }

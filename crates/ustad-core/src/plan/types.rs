@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::value::format_duration;
-use crate::config::{PoolSpec, Signal};
+use crate::config::{ByteSize, PoolSpec, Signal};
 
 /// A worker's identity for the life of the primary: unique and increasing, never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -69,6 +69,10 @@ pub enum WorkerMessage {
     Status(String),
     /// `USTAD_REQUEST=restart`: the worker asks to be replaced (rolling).
     RequestRestart,
+    /// `WATCHDOG=1`: the worker is alive (pools with a `watchdog`).
+    Watchdog,
+    /// `WATCHDOG=trigger`: the worker says it is hung.
+    WatchdogTrigger,
 }
 
 /// Why a whole pool is being replaced.
@@ -140,6 +144,32 @@ pub enum Event {
     Shutdown {
         /// Kill every worker's process group now instead of asking them to stop.
         immediate: bool,
+        /// How long workers get before SIGKILL, instead of each pool's `kill_timeout`.
+        timeout: Option<Duration>,
+    },
+    /// Start a new pool (a reloaded configuration added it).
+    AddPool {
+        /// Its name, not used by another pool.
+        name: String,
+        /// Its settings.
+        spec: Arc<PoolSpec>,
+    },
+    /// Stop every worker of a pool gracefully and forget the pool.
+    RemovePool {
+        /// The pool.
+        name: String,
+    },
+    /// Replace one worker, rolling (an operator's `ustad restart ID`).
+    Replace {
+        /// Which.
+        id: WorkerId,
+    },
+    /// A measurement of a worker's memory: its process group's resident set size.
+    Memory {
+        /// Which worker.
+        id: WorkerId,
+        /// Bytes.
+        rss: u64,
     },
 }
 
@@ -223,6 +253,12 @@ pub enum StopReason {
     Shutdown,
     /// It did not become ready within `ready_timeout`.
     ReadyTimeout,
+    /// Its memory stayed above `max_memory`.
+    Memory,
+    /// It did not send `WATCHDOG=1` in time (or sent `WATCHDOG=trigger`): hung.
+    Watchdog,
+    /// Its pool was removed from the configuration.
+    PoolRemoved,
 }
 
 impl StopReason {
@@ -237,6 +273,9 @@ impl StopReason {
             StopReason::Scale => "scale",
             StopReason::Shutdown => "shutdown",
             StopReason::ReadyTimeout => "ready_timeout",
+            StopReason::Memory => "memory",
+            StopReason::Watchdog => "watchdog",
+            StopReason::PoolRemoved => "pool_removed",
         }
     }
 }
@@ -252,6 +291,9 @@ impl fmt::Display for StopReason {
             StopReason::Scale => "pool scaled down",
             StopReason::Shutdown => "shutdown",
             StopReason::ReadyTimeout => "not ready within ready_timeout",
+            StopReason::Memory => "memory above max_memory",
+            StopReason::Watchdog => "hung: no WATCHDOG=1 in time",
+            StopReason::PoolRemoved => "its pool was removed",
         })
     }
 }
@@ -458,6 +500,36 @@ pub enum Notice {
     },
     /// Every worker has stopped.
     AllStopped,
+    /// A pool was added.
+    PoolAdded {
+        /// The pool.
+        pool: Arc<str>,
+        /// Its size.
+        size: usize,
+    },
+    /// A pool was removed; its workers are stopping.
+    PoolRemoved {
+        /// The pool.
+        pool: Arc<str>,
+        /// Workers being stopped.
+        workers: usize,
+    },
+    /// A worker stopped sending `WATCHDOG=1`, or said it hung.
+    Hung {
+        /// Which.
+        worker: WorkerRef,
+        /// Time since its last sign of life.
+        silent_for: Duration,
+    },
+    /// A worker's memory stayed above its pool's `max_memory`.
+    OverMemory {
+        /// Which.
+        worker: WorkerRef,
+        /// Its process group's RSS, bytes.
+        rss: u64,
+        /// The limit, bytes.
+        limit: u64,
+    },
 }
 
 impl fmt::Display for Notice {
@@ -586,8 +658,31 @@ impl fmt::Display for Notice {
                 )
             }
             Notice::AllStopped => f.write_str("all workers stopped"),
+            Notice::PoolAdded { pool, size } => {
+                write!(f, "pool {pool} added with {size} worker{}", plural(*size))
+            }
+            Notice::PoolRemoved { pool, workers } => write!(
+                f,
+                "pool {pool} removed: stopping its {workers} worker{}",
+                plural(*workers)
+            ),
+            Notice::Hung { worker, silent_for } => write!(
+                f,
+                "{worker} hung: no sign of life (WATCHDOG=1) for {}; killing it with SIGABRT and replacing it",
+                d(silent_for)
+            ),
+            Notice::OverMemory { worker, rss, limit } => write!(
+                f,
+                "{worker} uses {} of memory, above max_memory {}: replacing it",
+                ByteSize(*rss),
+                ByteSize(*limit)
+            ),
         }
     }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 /// Durations in logs are shown to the millisecond.

@@ -178,5 +178,33 @@ pub(crate) fn notice(notice: &Notice) {
             );
         }
         Notice::AllStopped => info!(event = "stopped", "{notice}"),
+        Notice::PoolAdded { pool, size } => {
+            let pool = pool.to_string();
+            info!(event = "pool_added", pool, size, "{notice}");
+        }
+        Notice::PoolRemoved { pool, workers } => {
+            let pool = pool.to_string();
+            info!(event = "pool_removed", pool, workers, "{notice}");
+        }
+        Notice::Hung { worker, silent_for } => {
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
+            error!(
+                event = "hung",
+                pool,
+                slot,
+                id,
+                pid,
+                generation,
+                silent_ms = ms(*silent_for),
+                "{notice}"
+            );
+        }
+        Notice::OverMemory { worker, rss, limit } => {
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
+            warn!(
+                event = "over_memory",
+                pool, slot, id, pid, generation, rss, limit, "{notice}"
+            );
+        }
     }
 }

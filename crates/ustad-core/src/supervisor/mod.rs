@@ -406,7 +406,10 @@ impl Runtime {
             }
             self.settle_lingering(Some(now));
         }
-        self.handle(Event::Shutdown { immediate });
+        self.handle(Event::Shutdown {
+            immediate,
+            timeout: None,
+        });
     }
 
     fn on_reload(&mut self, reload: Option<&mut Reload>) {
