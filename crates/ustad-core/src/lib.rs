@@ -53,5 +53,6 @@ pub mod plan;
 pub mod procfs;
 pub mod sockets;
 pub mod spawn;
+pub mod status;
 pub mod supervisor;
 mod sys;

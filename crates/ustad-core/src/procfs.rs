@@ -12,6 +12,10 @@ pub struct ProcStat {
     pub ppid: u32,
     /// Process group id.
     pub pgrp: u32,
+    /// CPU time used, user plus system, in clock ticks.
+    pub cpu_ticks: u64,
+    /// Resident set size, in pages.
+    pub rss_pages: u64,
 }
 
 /// Reads `/proc/<pid>/stat`; `None` if the process is gone.
@@ -27,7 +31,66 @@ fn parse_stat(line: &str) -> Option<ProcStat> {
     let state = fields.next()?.chars().next()?;
     let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
-    Some(ProcStat { state, ppid, pgrp })
+    // After pgrp: session tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime
+    // cutime cstime priority nice num_threads itrealvalue starttime vsize rss (proc(5)).
+    let mut rest = fields.skip(8);
+    let utime: u64 = rest.next()?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    let rss_pages = rest.nth(8)?.parse::<i64>().ok()?.max(0) as u64;
+    Some(ProcStat {
+        state,
+        ppid,
+        pgrp,
+        cpu_ticks: utime + stime,
+        rss_pages,
+    })
+}
+
+/// What a process group uses now, summed over its live members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupUsage {
+    /// CPU time, user plus system, in seconds × [`ticks_per_second`].
+    pub cpu_ticks: u64,
+    /// Resident set size in bytes (pages shared between members count once per member).
+    pub rss_bytes: u64,
+    /// Live processes in the group.
+    pub processes: u32,
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of `cpu_ticks`.
+pub fn ticks_per_second() -> u64 {
+    rustix::param::clock_ticks_per_second()
+}
+
+/// The usage of each of these process groups, from one pass over `/proc`. Groups with no
+/// live member are absent.
+pub fn group_usage(pgids: &[u32]) -> std::collections::HashMap<u32, GroupUsage> {
+    let mut usage = std::collections::HashMap::new();
+    if pgids.is_empty() {
+        return usage;
+    }
+    let page = rustix::param::page_size() as u64;
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return usage;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(stat) = stat(pid) else { continue };
+        if stat.state == 'Z' || !pgids.contains(&stat.pgrp) {
+            continue;
+        }
+        let group: &mut GroupUsage = usage.entry(stat.pgrp).or_default();
+        group.cpu_ticks += stat.cpu_ticks;
+        group.rss_bytes += stat.rss_pages * page;
+        group.processes += 1;
+    }
+    usage
 }
 
 /// The pids of this process's children (of all its threads).
@@ -75,13 +138,16 @@ mod tests {
 
     #[test]
     fn stat_lines_with_odd_command_names() {
-        let line = "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 0 0";
+        let line = "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 10 0 0 0 70 30 0 0 20 0 \
+                    1 0 100 5000000 321 18446744073709551615";
         assert_eq!(
             parse_stat(line),
             Some(ProcStat {
                 state: 'S',
                 ppid: 1,
-                pgrp: 1234
+                pgrp: 1234,
+                cpu_ticks: 100,
+                rss_pages: 321,
             })
         );
         assert_eq!(parse_stat("garbage"), None);
@@ -93,6 +159,35 @@ mod tests {
         assert_eq!(own.ppid, std::os::unix::process::parent_id());
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
         assert!(!cmdline(std::process::id()).is_empty());
+    }
+
+    #[test]
+    fn a_group_sums_its_members() {
+        let mut command = std::process::Command::new("sh");
+        command.args(["-c", "sleep 5 & sleep 5; wait"]);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command.spawn().unwrap();
+        let pgid = child.id();
+        // sh, then its two sleeps, appear as the shell runs.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let usage = loop {
+            let usage = group_usage(&[pgid]);
+            if usage.get(&pgid).is_some_and(|u| u.processes == 3)
+                || std::time::Instant::now() > deadline
+            {
+                break usage;
+            }
+            std::thread::yield_now();
+        };
+        let _ = rustix::process::kill_process_group(
+            rustix::process::Pid::from_raw(pgid as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+        child.wait().unwrap();
+        let group = usage[&pgid];
+        assert_eq!(group.processes, 3);
+        assert!(group.rss_bytes > 0);
+        assert!(group_usage(&[pgid]).is_empty());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, PoolSpec, Readiness, Signal};
+use crate::status;
 
 pub use types::{
     Action, Event, ExitCause, ExitStatus, KillCause, Notice, RolloutTrigger, StopReason, WorkerId,
@@ -1200,6 +1201,84 @@ pub fn backoff(restart_delay: Duration, failures: u32) -> Duration {
 }
 
 impl Plan {
+    /// What the plan knows of each pool and worker, for `ustad status` (CPU and memory are
+    /// left for the caller to fill in).
+    pub fn status(&self, now: Instant) -> Vec<status::PoolStatus> {
+        let secs = |since: Instant| now.saturating_duration_since(since).as_secs_f64();
+        self.pools
+            .iter()
+            .enumerate()
+            .filter(|(_, pool)| !pool.retired)
+            .map(|(index, pool)| {
+                let mut workers: Vec<&Worker> =
+                    self.workers.values().filter(|w| w.pool == index).collect();
+                workers.sort_by_key(|w| (w.slot, w.id));
+                let workers = workers
+                    .into_iter()
+                    .map(|w| {
+                        let slot = pool.slots.get(w.slot);
+                        let (state, stop_reason) = match w.phase {
+                            Phase::Starting { .. } => (status::WorkerState::Starting, None),
+                            Phase::Ready { .. } => (status::WorkerState::Ready, None),
+                            Phase::Stopping { reason, .. } => (
+                                status::WorkerState::Stopping,
+                                Some(reason.as_str().to_owned()),
+                            ),
+                        };
+                        status::WorkerStatus {
+                            id: w.id.0,
+                            slot: w.slot,
+                            pid: w.pid,
+                            generation: w.generation,
+                            state,
+                            stop_reason,
+                            uptime_secs: secs(w.spawned_at),
+                            restarts: slot.map_or(0, |s| s.restarts),
+                            last_exit: slot.and_then(|s| s.last_exit).map(|exit| {
+                                status::LastExitStatus {
+                                    status: exit.status.to_string(),
+                                    reason: exit.cause.as_str().to_owned(),
+                                    secs_ago: secs(exit.at),
+                                }
+                            }),
+                            status: w.status.clone(),
+                            cpu_percent: None,
+                            cpu_seconds: None,
+                            rss_bytes: None,
+                        }
+                    })
+                    .collect();
+                let ready = pool
+                    .slots
+                    .iter()
+                    .filter(|s| {
+                        s.current
+                            .and_then(|id| self.workers.get(&id))
+                            .is_some_and(Worker::is_ready)
+                    })
+                    .count();
+                status::PoolStatus {
+                    name: pool.name.to_string(),
+                    size: pool.slots.len(),
+                    ready,
+                    generation: pool.generation,
+                    rollout: pool.rollout.as_ref().map(|r| status::RolloutStatus {
+                        generation: r.generation,
+                        replaced: r.replaced,
+                        size: pool.slots.len(),
+                        elapsed_secs: secs(r.started),
+                    }),
+                    restarts: pool
+                        .restarts
+                        .iter()
+                        .map(|(reason, n)| ((*reason).to_owned(), *n))
+                        .collect(),
+                    workers,
+                }
+            })
+            .collect()
+    }
+
     /// The stop signal of a live worker.
     pub fn stop_signal_of(&self, id: WorkerId) -> Option<Signal> {
         self.workers.get(&id).map(|w| w.spec.stop_signal)

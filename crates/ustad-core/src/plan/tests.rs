@@ -1019,11 +1019,50 @@ fn restarts_are_counted_per_slot_and_by_reason() {
     assert_eq!(pool.slots[0].restarts, 1);
     assert_eq!(pool.slots[1].restarts, 1);
     assert_eq!(
-        pool.restarts.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(),
+        pool.restarts
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect::<Vec<_>>(),
         [("crash", 1), ("request", 1)]
     );
     assert_eq!(
         pool.slots[0].last_exit.map(|e| e.status),
         Some(ExitStatus::Signal(9))
     );
+}
+
+#[test]
+fn the_status_shows_states_rollout_progress_and_last_exits() {
+    let mut sim = ready_pool(2, false);
+    sim.exit(WorkerId(1), ExitStatus::Code(3));
+    let pools = sim.plan.status(sim.now);
+    assert_eq!(pools.len(), 1);
+    assert_eq!((pools[0].size, pools[0].ready), (2, 1));
+    sim.advance(2 * S);
+    sim.ready(WorkerId(3));
+    rollout(&mut sim);
+    let pools = sim.plan.status(sim.now);
+    let web = &pools[0];
+    assert_eq!(web.ready, 2);
+    assert_eq!(
+        web.rollout.as_ref().map(|r| (r.replaced, r.size)),
+        Some((0, 2))
+    );
+    let states: Vec<_> = web
+        .workers
+        .iter()
+        .map(|w| (w.slot, w.id, w.state.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [(0, 3, "ready"), (0, 4, "starting"), (1, 2, "ready")]
+    );
+    let slot0 = &web.workers[0];
+    assert_eq!(slot0.restarts, 1);
+    let last = slot0.last_exit.as_ref().unwrap();
+    assert_eq!(
+        (last.status.as_str(), last.reason.as_str()),
+        ("exit code 3", "crash")
+    );
+    assert_eq!(web.restarts.get("crash"), Some(&1));
 }

@@ -1,0 +1,132 @@
+//! A snapshot of a running cluster, as `ustad status`, `ustad top` and `/metrics` show it.
+//!
+//! These are plain serializable data: the control protocol sends them as JSON
+//! (`docs/control.md`), so field names are part of the protocol. The plan fills in what it
+//! knows ([`crate::plan::Plan::status`]); the supervisor adds what `/proc` says (CPU, memory).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The instance's name (`--name`, or the config file's stem).
+    pub name: String,
+    /// The primary's pid.
+    pub pid: u32,
+    /// Seconds since the primary started.
+    pub uptime_secs: f64,
+    /// The configuration file, when there is one.
+    pub config_file: Option<PathBuf>,
+    /// A shutdown is under way.
+    pub shutting_down: bool,
+    /// The pools, in configuration order.
+    pub pools: Vec<PoolStatus>,
+}
+
+impl ClusterStatus {
+    /// Whether every pool has a ready worker in every slot (what `/healthz` reports).
+    pub fn healthy(&self) -> bool {
+        !self.shutting_down && self.pools.iter().all(|pool| pool.ready >= pool.size)
+    }
+}
+
+/// One pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// Its name.
+    pub name: String,
+    /// Slots (the configured or scaled size).
+    pub size: usize,
+    /// Slots whose worker is ready.
+    pub ready: usize,
+    /// The generation its workers are (re)started with outside a rollout.
+    pub generation: u64,
+    /// A rolling restart in progress.
+    pub rollout: Option<RolloutStatus>,
+    /// Workers that ended and were replaced, by reason (`crash`, `rollout`, `ttl`, `memory`,
+    /// `watchdog`, `request`, `restart`, `ready_timeout`, `announced`).
+    pub restarts: BTreeMap<String, u64>,
+    /// Its live workers (starting, ready and stopping), by slot.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// A rolling restart in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The generation being rolled out.
+    pub generation: u64,
+    /// Slots already serving that generation.
+    pub replaced: usize,
+    /// Slots in all.
+    pub size: usize,
+    /// Seconds since it began.
+    pub elapsed_secs: f64,
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Spawned, not ready yet.
+    Starting,
+    /// Serving.
+    Ready,
+    /// Asked to stop; waiting for it to exit.
+    Stopping,
+}
+
+impl WorkerState {
+    /// As shown in tables and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping => "stopping",
+        }
+    }
+}
+
+/// One worker process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Its id (`USTAD_WORKER_ID`).
+    pub id: u64,
+    /// Its slot (`USTAD_WORKER_INDEX`).
+    pub slot: usize,
+    /// Its pid, once spawned.
+    pub pid: Option<u32>,
+    /// Its generation.
+    pub generation: u64,
+    /// Starting, ready or stopping.
+    pub state: WorkerState,
+    /// Why it is stopping, when it is.
+    pub stop_reason: Option<String>,
+    /// Seconds since it was spawned.
+    pub uptime_secs: f64,
+    /// Restarts of its slot so far.
+    pub restarts: u32,
+    /// How the previous worker of its slot ended.
+    pub last_exit: Option<LastExitStatus>,
+    /// Its last `STATUS=` line.
+    pub status: Option<String>,
+    /// CPU use of its process group over the last sampling interval, in % of one core.
+    pub cpu_percent: Option<f64>,
+    /// CPU time its process group has used, in seconds.
+    pub cpu_seconds: Option<f64>,
+    /// Resident memory of its process group, in bytes.
+    pub rss_bytes: Option<u64>,
+}
+
+/// How a slot's previous worker ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastExitStatus {
+    /// `exit code 1`, `SIGKILL`…
+    pub status: String,
+    /// `crash`, `rollout`, `ttl`…
+    pub reason: String,
+    /// Seconds ago.
+    pub secs_ago: f64,
+}
