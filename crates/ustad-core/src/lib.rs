@@ -47,6 +47,7 @@
 //! - A slot is never refilled while a worker that was stopped in it is still running.
 
 pub mod config;
+pub mod control;
 pub mod notify;
 pub mod output;
 pub mod plan;
