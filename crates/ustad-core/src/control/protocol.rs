@@ -17,7 +17,8 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// A snapshot of pools and workers. Answer: `status`.
-    Status,
+    // `{}` rather than a unit variant, so that unknown fields are refused here too.
+    Status {},
     /// A rolling restart. With a config file, it is re-read first and its differences applied
     /// (pools added, removed, changed); `pools` also rolls the named pools when unchanged.
     /// Answer: `done`, or with `wait`, `progress` lines until every roll finished, then `done`
@@ -71,7 +72,7 @@ pub enum Request {
         follow: bool,
     },
     /// Lifecycle events as they happen (what `ustad top` shows). Answer: `event` lines.
-    Events,
+    Events {},
 }
 
 fn default_lines() -> usize {
@@ -178,7 +179,7 @@ mod tests {
     #[test]
     fn requests_read_as_documented() {
         let parse = |text: &str| serde_json::from_str::<Request>(text);
-        assert_eq!(parse(r#"{"command":"status"}"#).unwrap(), Request::Status);
+        assert_eq!(parse(r#"{"command":"status"}"#).unwrap(), Request::Status {});
         assert_eq!(
             parse(r#"{"command":"scale","pool":"web","delta":-1}"#).unwrap(),
             Request::Scale {
