@@ -193,6 +193,37 @@ impl Listeners {
     }
 }
 
+impl Listeners {
+    /// Binds a socket that a reloaded configuration added.
+    ///
+    /// # Errors
+    /// When it cannot be bound (address in use…); nothing changes then.
+    pub fn add(&mut self, name: &str, spec: &SocketSpec) -> Result<(), BindError> {
+        let bound = self.bind_one(name, spec)?;
+        self.sockets.insert(name.to_owned(), bound);
+        Ok(())
+    }
+
+    /// Closes a socket that a reloaded configuration removed (once no worker needs it any
+    /// more), removing the Unix socket file it created.
+    pub fn remove(&mut self, name: &str, spec: &SocketSpec) {
+        if self.sockets.shift_remove(name).is_none() {
+            return;
+        }
+        if let ListenAddr::Unix(path) = &spec.listen {
+            if let Some(at) = self.unix_paths.iter().position(|p| p == path) {
+                let _ = std::fs::remove_file(path);
+                self.unix_paths.remove(at);
+            }
+        }
+    }
+
+    /// Whether a socket of this name is open.
+    pub fn contains(&self, name: &str) -> bool {
+        self.sockets.contains_key(name)
+    }
+}
+
 impl Drop for Listeners {
     fn drop(&mut self) {
         for path in &self.unix_paths {
