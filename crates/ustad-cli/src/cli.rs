@@ -34,6 +34,64 @@ pub(crate) enum Command {
         /// The config file.
         config: PathBuf,
     },
+    /// Show the pools and workers of a running cluster.
+    Status {
+        /// Print JSON (the control protocol's `status` object) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Rolling restart: re-read the config file (applying what changed) and replace the
+    /// workers of every pool, or of the named ones, one slot at a time.
+    Reload {
+        /// Roll only these pools (changed pools roll in any case).
+        pools: Vec<String>,
+        /// Wait until the rolls are over, showing progress; exit 1 if one stopped.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Grow or shrink a pool: `ustad scale web 4`, `ustad scale web +1`.
+    Scale {
+        /// The pool.
+        pool: String,
+        /// The new size, or a change: +N / -N.
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Replace a pool's workers (rolling), or one worker by id.
+    Restart {
+        /// A pool name or a worker id.
+        #[arg(value_name = "POOL|WORKER_ID")]
+        what: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Stop every worker gracefully; the primary exits once they are gone.
+    Stop {
+        /// Give workers this long before they are killed, instead of their kill_timeout.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Recent output of the workers (kept by the primary), then, with -f, new lines.
+    Logs {
+        /// Only this pool.
+        pool: Option<String>,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many recent lines.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// The built-in hello-world HTTP worker (what `ustad run` runs without a command).
     #[command(hide = true)]
     DemoWorker {
@@ -65,6 +123,43 @@ pub(crate) struct RunArgs {
 
     #[command(flatten)]
     pub(crate) pool: PoolFlags,
+
+    /// The instance's name, for `ustad status --name` and the control socket's file name
+    /// [default: the config file's name without .toml, `demo` for the demo, else the pool's
+    /// name].
+    #[arg(long, value_name = "NAME")]
+    pub(crate) name: Option<String>,
+
+    /// Where to listen for control commands [default:
+    /// $XDG_RUNTIME_DIR/ustad/NAME.sock, or /tmp/ustad-UID/NAME.sock].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) control: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on /metrics and a health check on /healthz at this address,
+    /// e.g. 127.0.0.1:9090.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+}
+
+/// Which running instance a command talks to.
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct TargetArgs {
+    /// The instance's name (see `ustad run --name`) [default: the only one running].
+    #[arg(long, value_name = "NAME")]
+    pub(crate) name: Option<String>,
+
+    /// The instance's control socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "name")]
+    pub(crate) control: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    pub(crate) fn target(&self) -> ustad_core::control::paths::Target {
+        ustad_core::control::paths::Target {
+            control: self.control.clone(),
+            name: self.name.clone(),
+        }
+    }
 }
 
 /// Flags that describe the single pool of a cluster started without a config file.

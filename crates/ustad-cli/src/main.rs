@@ -1,10 +1,13 @@
 //! `ustad`: run any program as a supervised cluster of worker processes.
 
 mod cli;
+mod client;
 mod demo;
 mod exit;
 mod logging;
 mod run;
+#[allow(dead_code)] // until the `top` subcommand in cli.rs calls `top::run`
+mod top;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -27,12 +30,27 @@ fn main() -> ExitCode {
                 color_stdout: logging::use_color(cli.color, std::io::stdout().is_terminal()),
                 color_stderr: logging::use_color(cli.color, std::io::stderr().is_terminal()),
             };
-            match run::run(config, source, output) {
+            match run::run(config, source, &args, output) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(failure) => failure.report(),
             }
         }
         Command::Check { config } => run::check(&config).unwrap_or_else(exit::Failure::report),
+        Command::Status { json, target } => client::status(&target.target(), json),
+        Command::Reload {
+            pools,
+            wait,
+            target,
+        } => client::reload(&target.target(), pools, wait),
+        Command::Scale { pool, size, target } => client::scale(&target.target(), pool, &size),
+        Command::Restart { what, target } => client::restart(&target.target(), &what),
+        Command::Stop { timeout, target } => client::stop(&target.target(), timeout),
+        Command::Logs {
+            pool,
+            follow,
+            lines,
+            target,
+        } => client::logs(&target.target(), pool, lines, follow),
         Command::DemoWorker { idle_grace } => {
             logging::init(cli.log_format, cli.color);
             demo_worker(idle_grace)

@@ -186,13 +186,30 @@ fn flag_for(location: &Location) -> String {
 }
 
 /// Runs the supervisor until it stops.
-pub(crate) fn run(config: Config, source: Source, output: OutputStyle) -> Result<(), Failure> {
-    let reload: Option<supervisor::Reload> = match source {
-        Source::File(path) => Some(Box::new(move || Config::from_file(&path))),
+pub(crate) fn run(
+    config: Config,
+    source: Source,
+    args: &RunArgs,
+    output: OutputStyle,
+) -> Result<(), Failure> {
+    let mut options = Options::default();
+    options.name = instance_name(args, &source, &config);
+    options.control = Some(
+        args.control
+            .clone()
+            .unwrap_or_else(|| ustad_core::control::paths::default_socket(&options.name)),
+    );
+    options.metrics = args.metrics;
+    options.reload = match &source {
+        Source::File(path) => {
+            let path = path.clone();
+            Some(Box::new(move || Config::from_file(&path)))
+        }
         Source::Flags => None,
     };
-    let mut options = Options::default();
-    options.reload = reload;
+    if let Source::File(path) = &source {
+        options.config_file = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
+    }
     options.output = output;
     // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG).
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -205,6 +222,25 @@ pub(crate) fn run(config: Config, source: Source, output: OutputStyle) -> Result
             SupervisorError::Invalid(_) => Failure::usage(error.to_string()),
             _ => Failure::runtime(error.to_string()),
         })
+}
+
+/// `--name`, else the config file's stem, `demo` for the demo, or the pool's name.
+fn instance_name(args: &RunArgs, source: &Source, config: &Config) -> String {
+    if let Some(name) = &args.name {
+        return name.clone();
+    }
+    match source {
+        Source::File(path) => path
+            .file_stem()
+            .map_or_else(|| "ustad".to_owned(), |s| s.to_string_lossy().into_owned()),
+        Source::Flags if args.args.is_empty() => "demo".to_owned(),
+        Source::Flags => config
+            .pools
+            .keys()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| "ustad".to_owned()),
+    }
 }
 
 /// `ustad check FILE`.

@@ -48,6 +48,7 @@
 
 pub mod config;
 pub mod control;
+pub mod logbook;
 pub mod notify;
 pub mod output;
 pub mod plan;

@@ -13,6 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::control::protocol::LogLine;
+use crate::logbook::LogBook;
+
 /// The longest line relayed in one piece, in bytes.
 pub const MAX_LINE: usize = 8 * 1024;
 /// Lines queued between the readers and the writer.
@@ -44,6 +47,9 @@ struct Line {
 struct Prefix {
     name: String,
     color: u8,
+    pool: String,
+    slot: usize,
+    id: u64,
 }
 
 /// The relay: one writer task, and two reader tasks per worker.
@@ -56,11 +62,13 @@ pub struct OutputRelay {
 
 impl OutputRelay {
     /// Starts the writer task (on the current tokio runtime).
-    pub fn start(style: OutputStyle) -> OutputRelay {
+    /// Every line also goes to `book`, for `ustad logs`.
+    pub fn start(style: OutputStyle, book: LogBook) -> OutputRelay {
         let (queue, lines) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(write_lines(
             lines,
             style,
+            Some(book),
             tokio::io::stdout(),
             tokio::io::stderr(),
         ));
@@ -94,6 +102,7 @@ impl OutputRelay {
         &mut self,
         pool: &str,
         slot: usize,
+        id: u64,
         stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
         stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
     ) {
@@ -101,6 +110,9 @@ impl OutputRelay {
         let prefix = Arc::new(Prefix {
             name: format!("{pool}.{slot}"),
             color: 31 + (slot % 6) as u8,
+            pool: pool.to_owned(),
+            slot,
+            id,
         });
         // Forget readers that are done, so the set does not grow with every restart.
         while self.readers.try_join_next().is_some() {}
@@ -175,6 +187,7 @@ async fn read_lines(
 async fn write_lines(
     mut lines: mpsc::Receiver<Line>,
     style: OutputStyle,
+    book: Option<LogBook>,
     stdout: impl AsyncWrite + Unpin,
     stderr: impl AsyncWrite + Unpin,
 ) {
@@ -190,7 +203,25 @@ async fn write_lines(
                 Err(_) => break,
             }
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |t| t.as_secs_f64());
         for line in batch {
+            if let Some(book) = &book {
+                let text = line.text.strip_suffix(b"\r").unwrap_or(&line.text);
+                book.record(LogLine {
+                    time: now,
+                    pool: line.prefix.pool.clone(),
+                    slot: line.prefix.slot,
+                    id: line.prefix.id,
+                    stream: match line.stream {
+                        Stream::Stdout => "stdout",
+                        Stream::Stderr => "stderr",
+                    }
+                    .to_owned(),
+                    line: String::from_utf8_lossy(text).into_owned(),
+                });
+            }
             width = width.max(line.prefix.name.len());
             // A closed or failing output (EPIPE) must not stop the relay: the workers would
             // block on full pipes.
@@ -233,6 +264,9 @@ mod tests {
         let prefix = Arc::new(Prefix {
             name: "web.0".into(),
             color: 31,
+            pool: "web".into(),
+            slot: 0,
+            id: 1,
         });
         read_lines(input, Stream::Stdout, prefix, queue).await;
         let mut out = Vec::new();
@@ -265,6 +299,9 @@ mod tests {
         let prefix = Prefix {
             name: "web.2".into(),
             color: 33,
+            pool: "web".into(),
+            slot: 2,
+            id: 7,
         };
         assert_eq!(format_line(&prefix, 7, false, b"hi\r"), b"web.2   | hi\n");
         assert_eq!(
@@ -278,15 +315,20 @@ mod tests {
         let (queue, lines) = mpsc::channel(QUEUE);
         let (out_write, mut out_read) = tokio::io::duplex(1 << 16);
         let (err_write, mut err_read) = tokio::io::duplex(1 << 16);
+        let book = LogBook::default();
         let writer = tokio::spawn(write_lines(
             lines,
             OutputStyle::default(),
+            Some(book.clone()),
             out_write,
             err_write,
         ));
         let prefix = Arc::new(Prefix {
             name: "jobs.1".into(),
             color: 32,
+            pool: "jobs".into(),
+            slot: 1,
+            id: 4,
         });
         read_lines(
             &b"to stdout\n"[..],
@@ -307,5 +349,17 @@ mod tests {
             .unwrap();
         assert_eq!(out, "jobs.1 | to stdout\n");
         assert_eq!(err, "jobs.1 | to stderr\n");
+        let kept: Vec<_> = book
+            .recent(Some("jobs"), 10)
+            .iter()
+            .map(|l| (l.id, l.stream.clone(), l.line.clone()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (4, "stdout".to_owned(), "to stdout".to_owned()),
+                (4, "stderr".to_owned(), "to stderr".to_owned())
+            ]
+        );
     }
 }

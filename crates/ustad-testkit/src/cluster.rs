@@ -211,7 +211,8 @@ impl Cluster {
     ///
     /// `args` is the rest of the command line, for instance
     /// `["run", "-w", "2", "-l", "127.0.0.1:0", "--", "/path/to/test-worker", "--serve-http"]`.
-    /// The primary inherits the test's environment, minus the socket-activation and notify
+    /// The primary inherits the test's environment with `XDG_RUNTIME_DIR` set to `dir` (so
+    /// its control socket is `dir/ustad/NAME.sock`), minus the socket-activation and notify
     /// variables (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, `NOTIFY_SOCKET`), which would
     /// otherwise leak in from a test runner started by systemd.
     ///
@@ -251,6 +252,9 @@ impl Cluster {
         ] {
             cmd.env_remove(name);
         }
+        // The control socket goes to $XDG_RUNTIME_DIR/ustad/NAME.sock: one directory per
+        // test, so that clusters of different tests never meet.
+        cmd.env("XDG_RUNTIME_DIR", dir);
         for (name, value) in env {
             cmd.env(name, value);
         }

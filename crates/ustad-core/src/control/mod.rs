@@ -10,3 +10,4 @@
 pub mod client;
 pub mod paths;
 pub mod protocol;
+pub mod server;

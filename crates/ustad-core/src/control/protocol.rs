@@ -179,7 +179,10 @@ mod tests {
     #[test]
     fn requests_read_as_documented() {
         let parse = |text: &str| serde_json::from_str::<Request>(text);
-        assert_eq!(parse(r#"{"command":"status"}"#).unwrap(), Request::Status {});
+        assert_eq!(
+            parse(r#"{"command":"status"}"#).unwrap(),
+            Request::Status {}
+        );
         assert_eq!(
             parse(r#"{"command":"scale","pool":"web","delta":-1}"#).unwrap(),
             Request::Scale {

@@ -603,12 +603,14 @@ impl Plan {
             let p = &mut self.pools[index];
             let superseded = p.rollout.as_ref().map(|r| r.generation);
             let generation = superseded.unwrap_or(p.generation).max(p.generation) + 1;
+            // A restart keeps the pool's current size (it may have been scaled); new settings
+            // bring their own.
+            let size = spec.as_ref().map_or(p.slots.len(), |s| s.size.count());
             let spec = spec.clone().unwrap_or_else(|| {
                 p.rollout
                     .as_ref()
                     .map_or(p.spec.clone(), |r| r.spec.clone())
             });
-            let size = spec.size.count();
             p.rollout = Some(Rollout {
                 generation,
                 spec,

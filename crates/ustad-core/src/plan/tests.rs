@@ -1066,3 +1066,25 @@ fn the_status_shows_states_rollout_progress_and_last_exits() {
     );
     assert_eq!(web.restarts.get("crash"), Some(&1));
 }
+
+#[test]
+fn a_restart_keeps_a_scaled_size_and_a_reload_applies_the_configured_one() {
+    let mut sim = ready_pool(2, false);
+    sim.handle(Event::Scale {
+        pool: "web".into(),
+        size: 3,
+    });
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    rollout(&mut sim);
+    finish(&mut sim);
+    assert_eq!(sim.plan.pools().collect::<Vec<_>>(), [("web", 3)]);
+    sim.handle(Event::Rollout {
+        pool: None,
+        trigger: RolloutTrigger::Reload,
+        spec: Some(Arc::new(pool(2, Readiness::Notify))),
+    });
+    finish(&mut sim);
+    assert_eq!(sim.plan.pools().collect::<Vec<_>>(), [("web", 2)]);
+}

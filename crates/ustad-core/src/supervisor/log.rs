@@ -10,6 +10,36 @@ fn ms(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A notice's event name (as in the JSON log), pool and worker id, for control clients.
+pub(crate) fn describe(notice: &Notice) -> (&'static str, Option<String>, Option<u64>) {
+    let of = |w: &WorkerRef| (Some(w.pool.to_string()), Some(w.id.0));
+    let pool = |p: &std::sync::Arc<str>| (Some(p.to_string()), None);
+    let (event, (pool, id)) = match notice {
+        Notice::Spawned { worker } => ("spawned", of(worker)),
+        Notice::SpawnFailed { worker, .. } => ("spawn_failed", of(worker)),
+        Notice::Ready { worker, .. } => ("ready", of(worker)),
+        Notice::Stopping { worker, .. } => ("stopping", of(worker)),
+        Notice::Killed { worker, .. } => ("killed", of(worker)),
+        Notice::Exited { worker, .. } => ("exited", of(worker)),
+        Notice::RestartScheduled { pool: p, .. } => ("restart_scheduled", pool(p)),
+        Notice::ReplaceQueued { worker, .. } => ("replace_queued", of(worker)),
+        Notice::ReplaceAbandoned { worker, .. } => ("replace_abandoned", of(worker)),
+        Notice::RolloutStarted { pool: p, .. } => ("rollout_started", pool(p)),
+        Notice::RolloutFinished { pool: p, .. } => ("rollout_finished", pool(p)),
+        Notice::RolloutAborted { pool: p, .. } => ("rollout_aborted", pool(p)),
+        Notice::Scaled { pool: p, .. } => ("scaled", pool(p)),
+        Notice::Status { worker, .. } => ("status", of(worker)),
+        Notice::Refused { .. } => ("refused", (None, None)),
+        Notice::ShutdownStarted { .. } => ("shutdown", (None, None)),
+        Notice::AllStopped => ("stopped", (None, None)),
+        Notice::PoolAdded { pool: p, .. } => ("pool_added", pool(p)),
+        Notice::PoolRemoved { pool: p, .. } => ("pool_removed", pool(p)),
+        Notice::Hung { worker, .. } => ("hung", of(worker)),
+        Notice::OverMemory { worker, .. } => ("over_memory", of(worker)),
+    };
+    (event, pool, id)
+}
+
 /// Logs one notice.
 pub(crate) fn notice(notice: &Notice) {
     let worker_fields = |w: &WorkerRef| {

@@ -4,11 +4,15 @@
 //! It runs on a tokio `current_thread` runtime, on the thread that called it, for the life of
 //! the primary: `PR_SET_PDEATHSIG` ties each worker to the thread that forked it.
 
+mod control;
 mod guard;
 mod log;
+mod reload;
+mod usage;
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +23,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigError, PoolSpec, Problem, Signal};
+use crate::control::server::{Call, ControlServer};
+use crate::logbook::LogBook;
 use crate::notify::{Datagram, NotifySocket};
 use crate::output::{OutputRelay, OutputStyle};
 use crate::plan::{Action, Event, ExitStatus, Notice, Phase, Plan, RolloutTrigger, WorkerId};
@@ -44,6 +50,14 @@ pub struct Options {
     /// Start a guard process that kills the workers' process groups if the primary dies (the
     /// workers themselves die with it in any case, through `PR_SET_PDEATHSIG`).
     pub guard: bool,
+    /// The instance's name, shown by `ustad status`.
+    pub name: String,
+    /// Where to listen for control clients (`ustad status`…); `None`: nowhere.
+    pub control: Option<PathBuf>,
+    /// The configuration file, shown by `ustad status`.
+    pub config_file: Option<PathBuf>,
+    /// Where to serve `/metrics` and `/healthz`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for Options {
@@ -53,6 +67,10 @@ impl Default for Options {
             output: OutputStyle::default(),
             subreaper: true,
             guard: true,
+            name: "ustad".to_owned(),
+            control: None,
+            config_file: None,
+            metrics: None,
         }
     }
 }
@@ -64,6 +82,10 @@ impl std::fmt::Debug for Options {
             .field("output", &self.output)
             .field("subreaper", &self.subreaper)
             .field("guard", &self.guard)
+            .field("name", &self.name)
+            .field("control", &self.control)
+            .field("config_file", &self.config_file)
+            .field("metrics", &self.metrics)
             .finish()
     }
 }
@@ -99,7 +121,7 @@ pub enum SupervisorError {
 /// without starting anything. Signals: SIGINT/SIGTERM stop gracefully (a second one kills at
 /// once), SIGHUP reloads and rolls every pool, SIGUSR2 rolls every pool with the running
 /// configuration, SIGTTIN/SIGTTOU add/remove a worker of the first pool.
-pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorError> {
+pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError> {
     config.validate().map_err(SupervisorError::Invalid)?;
     if tokio::runtime::Handle::current().runtime_flavor()
         != tokio::runtime::RuntimeFlavor::CurrentThread
@@ -111,12 +133,24 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
     for (socket, address) in listeners.addresses() {
         info!(event = "listening", socket = %socket, address = %address, "socket {socket} listening on {address}");
     }
+    let control = match &options.control {
+        Some(path) => Some(Arc::new(
+            ControlServer::bind(path).map_err(setup("listen on the control socket"))?,
+        )),
+        None => None,
+    };
+    if let Some(control) = &control {
+        info!(event = "control", path = %control.path().display(), "control socket {}", control.path().display());
+    }
     if options.subreaper {
         enable_subreaper().map_err(setup("become a child subreaper"))?;
     }
     let mut signals = Signals::new().map_err(setup("install signal handlers"))?;
     let notify = NotifySocket::bind().map_err(setup("bind the notify socket"))?;
-    let guard_cleanup = notify.paths().to_vec();
+    let mut guard_cleanup = notify.paths().to_vec();
+    if let Some(control) = &control {
+        guard_cleanup.insert(0, control.path().to_owned());
+    }
     let guard = match options.guard {
         true => Some(Guard::start(&guard_cleanup).map_err(setup("start the guard process"))?),
         false => None,
@@ -126,12 +160,27 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |t| t.as_nanos() as u64);
     let seed = u64::from(std::process::id()) ^ clock ^ 0x9e37_79b9_7f4a_7c15;
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+    let serving = control
+        .clone()
+        .map(|control| tokio::spawn(async move { control.serve(calls_tx).await }));
+    let logbook = LogBook::default();
     let mut runtime = Runtime {
         plan: Plan::new(&config, seed),
         config,
         listeners,
         notify,
-        output: OutputRelay::start(options.output),
+        output: OutputRelay::start(options.output, logbook.clone()),
+        logbook,
+        reload: options.reload,
+        name: options.name,
+        config_file: options.config_file,
+        started: Instant::now(),
+        usage: usage::Usage::default(),
+        subscribers: Vec::new(),
+        stop_waiters: Vec::new(),
+        reload_waiters: Vec::new(),
+        retired_sockets: Vec::new(),
         exits,
         lingering: Vec::new(),
         guard,
@@ -141,6 +190,8 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
     };
     let outcome = runtime.plan.start(Instant::now());
     runtime.perform(outcome);
+    let mut memory_check = tokio::time::interval(usage::MEMORY_INTERVAL);
+    memory_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     while !(runtime.finished && runtime.lingering.is_empty()) {
         let deadline = [
@@ -160,7 +211,7 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
             Some((id, status)) = exited.recv() => runtime.on_exit(id, status),
             _ = signals.interrupt.recv() => runtime.on_stop_signal("SIGINT"),
             _ = signals.terminate.recv() => runtime.on_stop_signal("SIGTERM"),
-            _ = signals.hangup.recv() => runtime.on_reload(options.reload.as_mut()),
+            _ = signals.hangup.recv() => runtime.on_hangup(),
             _ = signals.user2.recv() => {
                 info!(event = "signal", signal = "SIGUSR2", "SIGUSR2: rolling restart of every pool");
                 runtime.handle(Event::Rollout { pool: None, trigger: RolloutTrigger::Restart, spec: None });
@@ -169,9 +220,15 @@ pub async fn run(config: Config, mut options: Options) -> Result<(), SupervisorE
             _ = signals.tty_out.recv() => runtime.scale_first_pool(-1),
             _ = signals.child.recv() => runtime.on_child_signal(),
             datagram = runtime.notify.recv() => runtime.on_datagram(datagram),
+            Some(call) = calls.recv() => runtime.on_call(call),
+            _ = memory_check.tick(), if runtime.watches_memory() => runtime.check_memory(),
             () = sleep => runtime.on_deadline(),
         }
     }
+    if let Some(serving) = serving {
+        serving.abort();
+    }
+    drop(control);
     runtime.kill_adopted_orphans().await;
     runtime.output.finish(Duration::from_secs(1)).await;
     // Dropping the guard closes its pipe: it exits, and is reaped.
@@ -256,6 +313,21 @@ struct Runtime {
     output: OutputRelay,
     exits: mpsc::UnboundedSender<(WorkerId, ExitStatus)>,
     lingering: Vec<Lingering>,
+    logbook: LogBook,
+    /// Re-reads the configuration file, when there is one.
+    reload: Option<Reload>,
+    name: String,
+    config_file: Option<PathBuf>,
+    started: Instant,
+    usage: usage::Usage,
+    /// Clients of `ustad top` / the `events` request.
+    subscribers: Vec<mpsc::Sender<crate::control::protocol::Reply>>,
+    /// Clients of `ustad stop`, answered when the primary exits (by closing).
+    stop_waiters: Vec<mpsc::Sender<crate::control::protocol::Reply>>,
+    /// Clients of `ustad reload --wait`.
+    reload_waiters: Vec<control::ReloadWaiter>,
+    /// Sockets a reload removed, closed once no worker uses them.
+    retired_sockets: Vec<(String, crate::config::SocketSpec)>,
     guard: Option<Guard>,
     /// What a guard removes when the primary dies (see `Guard::start`).
     guard_cleanup: Vec<PathBuf>,
@@ -276,6 +348,7 @@ impl Runtime {
         while let Some(outcome) = queue.pop_front() {
             for notice in &outcome.notices {
                 log::notice(notice);
+                self.publish(notice);
                 if let Notice::Scaled { pool, from, to } = notice {
                     if to < from {
                         self.listeners.release_slots(pool, *to);
@@ -341,7 +414,7 @@ impl Runtime {
             };
         };
         self.output
-            .attach(pool, slot, child.stdout.take(), child.stderr.take());
+            .attach(pool, slot, id.0, child.stdout.take(), child.stderr.take());
         if let Some(guard) = &mut self.guard {
             guard.watch(pid);
         }
@@ -385,6 +458,7 @@ impl Runtime {
         }
         self.handle(Event::Exited { id, status });
         self.settle_lingering(None);
+        self.close_retired_sockets();
     }
 
     fn on_stop_signal(&mut self, name: &str) {
@@ -412,51 +486,20 @@ impl Runtime {
         });
     }
 
-    fn on_reload(&mut self, reload: Option<&mut Reload>) {
-        let Some(reload) = reload else {
-            info!(
-                event = "signal",
-                signal = "SIGHUP",
-                "SIGHUP: rolling restart of every pool (no config file to re-read)"
-            );
-            self.handle(Event::Rollout {
-                pool: None,
-                trigger: RolloutTrigger::Reload,
-                spec: None,
-            });
-            return;
-        };
+    fn on_hangup(&mut self) {
         info!(
             event = "signal",
             signal = "SIGHUP",
-            "SIGHUP: re-reading the configuration"
-        );
-        let config = match reload() {
-            Ok(config) => config,
-            Err(error) => {
-                error!(
-                    event = "reload_failed",
-                    "configuration not reloaded, the cluster keeps running as it is:\n{error}"
-                );
-                return;
+            "SIGHUP: {}",
+            if self.reload.is_some() {
+                "re-reading the configuration and rolling every pool"
+            } else {
+                "rolling restart of every pool (no config file to re-read)"
             }
-        };
-        let same_pools = config.pools.keys().eq(self.config.pools.keys());
-        if config.sockets != self.config.sockets || !same_pools {
-            error!(
-                event = "reload_failed",
-                "configuration not reloaded: adding, removing or changing sockets or pools needs a restart of ustad for now; the cluster keeps running as it is"
-            );
-            return;
+        );
+        if let Err(error) = self.reload(&[], false) {
+            error!(event = "reload_failed", "{error}");
         }
-        for (name, spec) in &config.pools {
-            self.handle(Event::Rollout {
-                pool: Some(name.clone()),
-                trigger: RolloutTrigger::Reload,
-                spec: Some(Arc::new(spec.clone())),
-            });
-        }
-        self.config = config;
     }
 
     fn scale_first_pool(&mut self, delta: isize) {

@@ -1,0 +1,248 @@
+//! `ustad status` as a table readable at a glance.
+
+use std::fmt::Write as _;
+
+use ustad_core::status::{ClusterStatus, WorkerState};
+
+/// Seconds as `45s`, `12m`, `3h10m`, `2d4h`.
+pub(crate) fn age(secs: f64) -> String {
+    let secs = secs.max(0.0) as u64;
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{:02}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
+/// Bytes as `12.3M`, `1.2G`.
+pub(crate) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+/// The whole table, ending with a newline.
+pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} (pid {}), up {}{}{}",
+        status.name,
+        status.pid,
+        age(status.uptime_secs),
+        status
+            .config_file
+            .as_ref()
+            .map(|p| format!(", config {}", p.display()))
+            .unwrap_or_default(),
+        if status.shutting_down {
+            ", shutting down"
+        } else {
+            ""
+        }
+    );
+    let header = [
+        "POOL",
+        "ID",
+        "SLOT",
+        "PID",
+        "STATE",
+        "UPTIME",
+        "RESTARTS",
+        "CPU",
+        "RSS",
+        "LAST EXIT",
+    ];
+    let mut rows: Vec<[String; 10]> = Vec::new();
+    let mut states: Vec<Option<WorkerState>> = Vec::new();
+    for pool in &status.pools {
+        let mut summary = format!("{}/{} ready", pool.ready, pool.size);
+        if let Some(rollout) = &pool.rollout {
+            let _ = write!(
+                summary,
+                ", rolling to generation {}: {}/{}",
+                rollout.generation, rollout.replaced, rollout.size
+            );
+        }
+        let restarts: u64 = pool.restarts.values().sum();
+        if restarts > 0 {
+            let by: Vec<String> = pool
+                .restarts
+                .iter()
+                .map(|(reason, n)| format!("{reason} {n}"))
+                .collect();
+            let _ = write!(summary, ", {restarts} restarts ({})", by.join(", "));
+        }
+        rows.push([
+            pool.name.clone(),
+            summary,
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        states.push(None);
+        for worker in &pool.workers {
+            let state = match &worker.stop_reason {
+                Some(reason) => format!("stopping ({reason})"),
+                None => worker.state.as_str().to_owned(),
+            };
+            let last_exit = worker
+                .last_exit
+                .as_ref()
+                .map(|exit| {
+                    format!(
+                        "{} ({}) {} ago",
+                        exit.status,
+                        exit.reason,
+                        age(exit.secs_ago)
+                    )
+                })
+                .unwrap_or_else(|| "-".to_owned());
+            rows.push([
+                String::new(),
+                worker.id.to_string(),
+                worker.slot.to_string(),
+                worker.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                state,
+                age(worker.uptime_secs),
+                worker.restarts.to_string(),
+                worker
+                    .cpu_percent
+                    .map_or_else(|| "-".to_owned(), |c| format!("{c:.1}%")),
+                worker.rss_bytes.map_or_else(|| "-".to_owned(), bytes),
+                last_exit,
+            ]);
+            states.push(Some(worker.state));
+        }
+    }
+    // Pool summary lines span the columns after the pool's name.
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        if row[2].is_empty() && !row[0].is_empty() {
+            widths[0] = widths[0].max(row[0].len());
+            continue;
+        }
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let _ = write!(text, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        text.trim_end().to_owned()
+    };
+    let _ = writeln!(out, "{}", line(&header.map(str::to_owned)));
+    for (row, state) in rows.iter().zip(&states) {
+        let text = match state {
+            None => format!("{:<width$}  {}", row[0], row[1], width = widths[0]),
+            Some(_) => line(row),
+        };
+        let paint = match state {
+            _ if !color => None,
+            None => Some("1"),
+            Some(WorkerState::Ready) => None,
+            Some(WorkerState::Starting) => Some("33"),
+            Some(WorkerState::Stopping) => Some("2"),
+        };
+        match paint {
+            Some(code) => {
+                let _ = writeln!(out, "\x1b[{code}m{text}\x1b[0m");
+            }
+            None => {
+                let _ = writeln!(out, "{text}");
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ustad_core::status::{LastExitStatus, PoolStatus, WorkerStatus};
+
+    use super::*;
+
+    #[test]
+    fn ages_and_sizes_are_short() {
+        assert_eq!(age(5.4), "5s");
+        assert_eq!(age(125.0), "2m05s");
+        assert_eq!(age(3.0 * 3600.0 + 600.0), "3h10m");
+        assert_eq!(age(2.0 * 86400.0 + 7200.0), "2d02h");
+        assert_eq!(bytes(512), "512B");
+        assert_eq!(bytes(12 * 1024 * 1024 + 300 * 1024), "12.3M");
+    }
+
+    #[test]
+    fn a_table_with_a_pool_summary_and_its_workers() {
+        let worker = |id, slot, state| WorkerStatus {
+            id,
+            slot,
+            pid: Some(1000 + id as u32),
+            generation: 1,
+            state,
+            stop_reason: None,
+            uptime_secs: 65.0,
+            restarts: 1,
+            last_exit: Some(LastExitStatus {
+                status: "SIGKILL".into(),
+                reason: "crash".into(),
+                secs_ago: 70.0,
+            }),
+            status: None,
+            cpu_percent: Some(2.5),
+            cpu_seconds: Some(1.0),
+            rss_bytes: Some(10 << 20),
+        };
+        let status = ClusterStatus {
+            name: "shop".into(),
+            pid: 42,
+            uptime_secs: 3700.0,
+            config_file: None,
+            shutting_down: false,
+            pools: vec![PoolStatus {
+                name: "web".into(),
+                size: 2,
+                ready: 1,
+                generation: 1,
+                rollout: None,
+                restarts: BTreeMap::from([("crash".to_owned(), 2)]),
+                workers: vec![
+                    worker(3, 0, WorkerState::Ready),
+                    worker(4, 1, WorkerState::Starting),
+                ],
+            }],
+        };
+        let table = render(&status, false);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "shop (pid 42), up 1h01m");
+        assert!(lines[1].starts_with("POOL  ID  SLOT  PID   STATE"));
+        assert_eq!(lines[2], "web   1/2 ready, 2 restarts (crash 2)");
+        assert!(lines[3].contains("1003") && lines[3].contains("ready"));
+        assert!(lines[3].contains("2.5%") && lines[3].contains("10.0M"));
+        assert!(lines[3].ends_with("SIGKILL (crash) 1m10s ago"));
+        assert!(lines[4].contains("starting"));
+    }
+}

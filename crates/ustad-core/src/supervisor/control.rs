@@ -1,0 +1,355 @@
+//! Answering control requests (`ustad status`, `scale`, `restart`, `stop`, `logs`, `top`,
+//! `reload`) in the supervisor loop, and publishing lifecycle events to the clients that
+//! follow them.
+//!
+//! Nothing here waits: replies go into each client's bounded channel with `try_send`, and a
+//! client whose channel is full is dropped (its connection closes), never waited for.
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{broadcast, mpsc};
+
+use super::{Runtime, log};
+use crate::config::value::parse_duration;
+use crate::control::protocol::{EventRecord, Progress, Reply, Request};
+use crate::control::server::Call;
+use crate::plan::{Event, Notice, RolloutTrigger, WorkerId};
+use crate::status::ClusterStatus;
+
+/// A `reload --wait` client and the rolls it waits for.
+#[derive(Debug)]
+pub(super) struct ReloadWaiter {
+    replies: mpsc::Sender<Reply>,
+    /// Pool → finished (`Some(true)`), aborted (`Some(false)`) or rolling (`None`).
+    pools: BTreeMap<String, Option<Result<(), String>>>,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |t| t.as_secs_f64())
+}
+
+impl Runtime {
+    pub(super) fn on_call(&mut self, call: Call) {
+        let Call { request, replies } = call;
+        match request {
+            Request::Status {} => {
+                let status = self.status();
+                let _ = replies.try_send(Reply::Status(status));
+            }
+            Request::Scale { pool, size, delta } => {
+                let reply = self.scale(&pool, size, delta);
+                let _ = replies.try_send(reply);
+            }
+            Request::Restart { pool, worker } => {
+                let reply = match (pool, worker) {
+                    (Some(pool), None) => self.checked(
+                        Event::Rollout {
+                            pool: Some(pool.clone()),
+                            trigger: RolloutTrigger::Restart,
+                            spec: None,
+                        },
+                        format!("rolling restart of pool {pool} started"),
+                    ),
+                    (None, Some(id)) => self.checked(
+                        Event::Replace { id: WorkerId(id) },
+                        format!("worker {id} will be replaced once its successor is ready"),
+                    ),
+                    _ => Reply::error("restart needs a pool or a worker id, not both"),
+                };
+                let _ = replies.try_send(reply);
+            }
+            Request::Stop { timeout } => {
+                let timeout = match timeout.as_deref().map(parse_duration).transpose() {
+                    Ok(timeout) => timeout,
+                    Err(error) => {
+                        let _ = replies.try_send(Reply::error(error));
+                        return;
+                    }
+                };
+                let workers = self.plan.workers().count();
+                tracing::info!(event = "control", "stop requested by a control client");
+                self.handle(Event::Shutdown {
+                    immediate: false,
+                    timeout,
+                });
+                let _ = replies.try_send(Reply::done(format!(
+                    "stopping {workers} worker{}",
+                    if workers == 1 { "" } else { "s" }
+                )));
+                // The connection closes when the primary exits: that is the client's signal.
+                self.stop_waiters.push(replies);
+            }
+            Request::Logs {
+                pool,
+                lines,
+                follow,
+            } => self.logs(pool, lines, follow, replies),
+            Request::Events {} => self.subscribers.push(replies),
+            Request::Reload { pools, wait } => self.reload_request(&pools, wait, replies),
+        }
+    }
+
+    /// Handles an event, answering `done` with `message`, or `error` with the plan's refusal.
+    fn checked(&mut self, event: Event, message: String) -> Reply {
+        let outcome = self.plan.handle(event, Instant::now());
+        let refusal = outcome.notices.iter().find_map(|notice| match notice {
+            Notice::Refused { why } => Some(why.clone()),
+            _ => None,
+        });
+        self.perform(outcome);
+        match refusal {
+            Some(why) => Reply::error(why),
+            None => Reply::done(message),
+        }
+    }
+
+    fn scale(&mut self, pool: &str, size: Option<usize>, delta: Option<i64>) -> Reply {
+        let Some(current) = self
+            .plan
+            .pools()
+            .find(|(name, _)| *name == pool)
+            .map(|p| p.1)
+        else {
+            return Reply::error(format!("no pool named `{pool}`"));
+        };
+        let target = match (size, delta) {
+            (Some(size), None) => size,
+            (None, Some(delta)) => {
+                let target = current as i64 + delta;
+                if target < 1 {
+                    return Reply::error(format!(
+                        "pool `{pool}` has {current} worker{}: it cannot shrink by {}",
+                        if current == 1 { "" } else { "s" },
+                        -delta
+                    ));
+                }
+                target as usize
+            }
+            _ => return Reply::error("scale needs a size or a delta, not both"),
+        };
+        if target == current {
+            return Reply::done(format!("pool {pool} already has {current} workers"));
+        }
+        self.checked(
+            Event::Scale {
+                pool: pool.to_owned(),
+                size: target,
+            },
+            format!("pool {pool} scaled from {current} to {target}"),
+        )
+    }
+
+    fn logs(
+        &mut self,
+        pool: Option<String>,
+        lines: usize,
+        follow: bool,
+        replies: mpsc::Sender<Reply>,
+    ) {
+        if let Some(pool) = &pool {
+            if !self.plan.pools().any(|(name, _)| name == pool) {
+                let _ = replies.try_send(Reply::error(format!("no pool named `{pool}`")));
+                return;
+            }
+        }
+        // Subscribed before the recent lines are read, so none falls in between.
+        let mut new_lines = self.logbook.follow();
+        for line in self.logbook.recent(pool.as_deref(), lines) {
+            if replies.try_send(Reply::Log((*line).clone())).is_err() {
+                return;
+            }
+        }
+        if !follow {
+            let _ = replies.try_send(Reply::done(""));
+            return;
+        }
+        tokio::spawn(async move {
+            loop {
+                let line = match new_lines.recv().await {
+                    Ok(line) => line,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::debug!("a log follower missed {missed} lines");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if pool.as_deref().is_some_and(|p| p != line.pool) {
+                    continue;
+                }
+                // A follower that does not read is dropped rather than buffered for.
+                if replies.try_send(Reply::Log((*line).clone())).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn reload_request(&mut self, pools: &[String], wait: bool, replies: mpsc::Sender<Reply>) {
+        tracing::info!(event = "control", "reload requested by a control client");
+        match self.reload(pools, false) {
+            Err(error) => {
+                tracing::error!(event = "reload_failed", "{error}");
+                let _ = replies.try_send(Reply::error(error));
+            }
+            Ok(applied) if !wait || applied.rolled.is_empty() => {
+                let _ = replies.try_send(Reply::done(applied.message));
+            }
+            Ok(applied) => {
+                for pool in &applied.rolled {
+                    let _ = replies.try_send(self.progress(pool, "rolling"));
+                }
+                self.reload_waiters.push(ReloadWaiter {
+                    replies,
+                    pools: applied.rolled.into_iter().map(|p| (p, None)).collect(),
+                });
+            }
+        }
+    }
+
+    fn progress(&self, pool: &str, state: &str) -> Reply {
+        let (replaced, size) = self
+            .plan
+            .status(Instant::now())
+            .into_iter()
+            .find(|p| p.name == pool)
+            .map_or((0, 0), |p| match p.rollout {
+                Some(rollout) => (rollout.replaced, rollout.size),
+                None => (p.size, p.size),
+            });
+        Reply::Progress(Progress {
+            pool: pool.to_owned(),
+            replaced,
+            size,
+            state: state.to_owned(),
+        })
+    }
+
+    /// Tells event followers and reload waiters about a notice.
+    pub(super) fn publish(&mut self, notice: &Notice) {
+        if !self.subscribers.is_empty() {
+            let (event, pool, id) = log::describe(notice);
+            let record = Reply::Event(EventRecord {
+                time: unix_now(),
+                event: event.to_owned(),
+                pool,
+                id,
+                message: notice.to_string(),
+            });
+            self.subscribers
+                .retain(|subscriber| subscriber.try_send(record.clone()).is_ok());
+        }
+        if self.reload_waiters.is_empty() {
+            return;
+        }
+        let (pool, outcome) = match notice {
+            Notice::Ready { worker, .. } => (worker.pool.to_string(), None),
+            Notice::RolloutFinished { pool, .. } => (pool.to_string(), Some(Ok(()))),
+            Notice::RolloutAborted { pool, why, .. } => (
+                pool.to_string(),
+                Some(Err(format!(
+                    "the rolling restart of pool {pool} stopped: {why}"
+                ))),
+            ),
+            Notice::PoolRemoved { pool, .. } => (
+                pool.to_string(),
+                Some(Err(format!("pool {pool} was removed"))),
+            ),
+            _ => return,
+        };
+        let state = match &outcome {
+            None => "rolling",
+            Some(Ok(())) => "finished",
+            Some(Err(_)) => "aborted",
+        };
+        let progress = self.progress(&pool, state);
+        self.reload_waiters.retain_mut(|waiter| {
+            let Some(entry) = waiter.pools.get_mut(&pool) else {
+                return true;
+            };
+            if entry.is_some() {
+                return true;
+            }
+            if waiter.replies.try_send(progress.clone()).is_err() {
+                return false;
+            }
+            *entry = outcome.clone();
+            if waiter.pools.values().any(Option::is_none) {
+                return true;
+            }
+            let failures: Vec<&String> = waiter
+                .pools
+                .values()
+                .filter_map(|o| o.as_ref().and_then(|r| r.as_ref().err()))
+                .collect();
+            let last = if failures.is_empty() {
+                Reply::done(format!(
+                    "rolling restart finished: {}",
+                    waiter.pools.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            } else {
+                Reply::error(
+                    failures
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )
+            };
+            let _ = waiter.replies.try_send(last);
+            false
+        });
+    }
+
+    /// A snapshot of the cluster, with CPU and memory read from `/proc` now.
+    pub(super) fn status(&mut self) -> ClusterStatus {
+        let now = Instant::now();
+        let workers: Vec<(WorkerId, u32)> = self
+            .plan
+            .workers()
+            .filter_map(|w| Some((w.id, w.pid?)))
+            .collect();
+        let samples = self.usage.sample(&workers, now);
+        let mut pools = self.plan.status(now);
+        for worker in pools.iter_mut().flat_map(|p| p.workers.iter_mut()) {
+            if let Some(sample) = samples.get(&WorkerId(worker.id)) {
+                worker.cpu_seconds = Some(sample.cpu_seconds);
+                worker.cpu_percent = sample.cpu_percent;
+                worker.rss_bytes = Some(sample.rss_bytes);
+            }
+        }
+        ClusterStatus {
+            name: self.name.clone(),
+            pid: std::process::id(),
+            uptime_secs: now.duration_since(self.started).as_secs_f64(),
+            config_file: self.config_file.clone(),
+            shutting_down: self.plan.is_shutting_down(),
+            pools,
+        }
+    }
+
+    /// Whether a pool has a `max_memory` to enforce.
+    pub(super) fn watches_memory(&self) -> bool {
+        self.plan
+            .workers()
+            .any(|w| w.spec().max_memory.is_some() && w.is_ready())
+    }
+
+    pub(super) fn check_memory(&mut self) {
+        let workers: Vec<(WorkerId, u32)> = self
+            .plan
+            .workers()
+            .filter(|w| w.spec().max_memory.is_some() && w.is_ready())
+            .filter_map(|w| Some((w.id, w.pid?)))
+            .collect();
+        let samples = self.usage.sample(&workers, Instant::now());
+        for (id, sample) in samples {
+            self.handle(Event::Memory {
+                id,
+                rss: sample.rss_bytes,
+            });
+        }
+    }
+}
