@@ -49,6 +49,7 @@
 pub mod config;
 pub mod control;
 pub mod logbook;
+pub mod metrics;
 pub mod notify;
 pub mod output;
 pub mod plan;
