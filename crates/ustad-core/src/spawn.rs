@@ -115,6 +115,11 @@ fn worker_env(launch: &WorkerLaunch<'_>) -> Vec<CString> {
     }
     if let Some(path) = launch.notify_socket {
         env.push(env_entry("NOTIFY_SOCKET", path));
+        if let Some(watchdog) = spec.watchdog {
+            // WATCHDOG_PID is left out: sd_watchdog_enabled() checks it only when it is set,
+            // and the worker's pid is not known before the fork.
+            env.push(env_entry("WATCHDOG_USEC", watchdog.as_micros().to_string()));
+        }
     }
     env.push(env_entry("USTAD_POOL", launch.pool));
     env.push(env_entry("USTAD_WORKER_ID", launch.id.0.to_string()));
@@ -269,7 +274,7 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
 
 /// Whether a pool's workers get `NOTIFY_SOCKET`.
 pub fn wants_notify(spec: &PoolSpec) -> bool {
-    spec.ready == Readiness::Notify
+    spec.ready == Readiness::Notify || spec.watchdog.is_some()
 }
 
 #[cfg(test)]
