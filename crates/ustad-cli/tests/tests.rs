@@ -4,6 +4,7 @@
 
 mod compat;
 mod config;
+mod control;
 mod demo_worker;
 mod lifecycle;
 mod notify;

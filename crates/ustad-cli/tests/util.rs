@@ -57,6 +57,20 @@ impl Run {
         self.cluster.listen_addr(socket)
     }
 
+    /// The primary's control socket, from its `control` event.
+    pub(crate) fn control(&self) -> PathBuf {
+        let event = self.cluster.wait_event(|e| e.is("control"), TIMEOUT);
+        PathBuf::from(event.str("path").expect("the control event has a path"))
+    }
+
+    /// Runs `ustad <args…> --control <this cluster's socket>` to completion (bounded).
+    pub(crate) fn client(&self, args: &[&str]) -> ClientOutput {
+        let control = self.control();
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--control", control.to_str().expect("UTF-8 path")]);
+        client_in(self.dir.path(), &full, &[])
+    }
+
     /// Stops the primary with SIGTERM and asserts it exits 0.
     pub(crate) fn stop(&mut self) {
         self.cluster
@@ -107,4 +121,69 @@ pub(crate) fn live_pids(events: &[LogEvent], pool: &str) -> BTreeMap<u64, u32> {
         }
     }
     live
+}
+
+/// What a client command printed, and how it exited.
+#[derive(Debug)]
+pub(crate) struct ClientOutput {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+impl ClientOutput {
+    /// Asserts exit code 0 and returns stdout.
+    #[track_caller]
+    pub(crate) fn ok(self) -> String {
+        assert_eq!(self.code, Some(0), "client failed: {self:#?}");
+        self.stdout
+    }
+}
+
+/// Runs `ustad <args…>` in `dir` with extra environment, to completion (bounded).
+pub(crate) fn client_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> ClientOutput {
+    run_in(dir, ustad(), args, env)
+}
+
+/// Sends a signal to one process.
+pub(crate) fn signal_pid(pid: u32, signal: ustad_testkit::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a valid pid");
+    rustix::process::kill_process(pid, signal).expect("sending a signal");
+}
+
+/// Runs `program <args…>` in `dir` with extra environment, to completion (bounded); its
+/// output goes through files in `dir`.
+pub(crate) fn run_in(
+    dir: &Path,
+    program: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> ClientOutput {
+    use std::process::{Command, Stdio};
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let scratch = std::env::temp_dir();
+    let out_path = scratch.join(format!("ustad-client-{}-{n}.out", std::process::id()));
+    let err_path = scratch.join(format!("ustad-client-{}-{n}.err", std::process::id()));
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"));
+    let mut guard =
+        ustad_testkit::process::ProcessGuard::spawn(&mut command).expect("spawning a client");
+    let status = guard
+        .wait_timeout(TIMEOUT)
+        .unwrap_or_else(|| panic!("`{} {}` did not finish", program.display(), args.join(" ")));
+    let output = ClientOutput {
+        code: status.code(),
+        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+    };
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    output
 }

@@ -38,7 +38,13 @@ pub fn send(path: &Path, request: &Request) -> io::Result<Answer> {
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut line = serde_json::to_vec(request).map_err(io::Error::other)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    if let Err(error) = stream.write_all(&line) {
+        // A primary that refuses a client answers and closes at once; the answer is still
+        // there to read.
+        if error.kind() != io::ErrorKind::BrokenPipe {
+            return Err(error);
+        }
+    }
     Ok(Answer {
         reader: BufReader::new(stream),
         line: String::new(),

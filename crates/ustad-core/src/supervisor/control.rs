@@ -21,7 +21,7 @@ use crate::status::ClusterStatus;
 #[derive(Debug)]
 pub(super) struct ReloadWaiter {
     replies: mpsc::Sender<Reply>,
-    /// Pool → finished (`Some(true)`), aborted (`Some(false)`) or rolling (`None`).
+    /// Pool → finished (`Some(Ok)`), stopped (`Some(Err)`) or rolling (`None`).
     pools: BTreeMap<String, Option<Result<(), String>>>,
 }
 
@@ -189,6 +189,7 @@ impl Runtime {
 
     fn reload_request(&mut self, pools: &[String], wait: bool, replies: mpsc::Sender<Reply>) {
         tracing::info!(event = "control", "reload requested by a control client");
+        self.aborted.clear();
         match self.reload(pools, false) {
             Err(error) => {
                 tracing::error!(event = "reload_failed", "{error}");
@@ -198,15 +199,73 @@ impl Runtime {
                 let _ = replies.try_send(Reply::done(applied.message));
             }
             Ok(applied) => {
-                for pool in &applied.rolled {
-                    let _ = replies.try_send(self.progress(pool, "rolling"));
-                }
-                self.reload_waiters.push(ReloadWaiter {
-                    replies,
-                    pools: applied.rolled.into_iter().map(|p| (p, None)).collect(),
-                });
+                // A roll may already have stopped (a command that cannot start fails at once).
+                let pools = applied
+                    .rolled
+                    .into_iter()
+                    .map(|pool| {
+                        let failed = self
+                            .aborted
+                            .iter()
+                            .find(|(p, _)| *p == pool)
+                            .map(|(_, why)| Err(why.clone()));
+                        (pool, failed)
+                    })
+                    .collect();
+                self.reload_waiters.push(ReloadWaiter { replies, pools });
+                self.settle_reload_waiters();
             }
         }
+    }
+
+    /// Answers the `reload --wait` clients whose rolls are all over: finished when the pool
+    /// has no rollout left and every slot is ready, failed when its rollout was aborted.
+    fn settle_reload_waiters(&mut self) {
+        if self.reload_waiters.is_empty() {
+            return;
+        }
+        let pools = self.plan.status(Instant::now());
+        let mut waiters = std::mem::take(&mut self.reload_waiters);
+        waiters.retain_mut(|waiter| {
+            for (name, outcome) in &mut waiter.pools {
+                if outcome.is_some() {
+                    continue;
+                }
+                match pools.iter().find(|p| p.name == *name) {
+                    None => *outcome = Some(Err(format!("pool {name} was removed"))),
+                    Some(pool) if pool.rollout.is_none() && pool.ready >= pool.size => {
+                        *outcome = Some(Ok(()));
+                        let _ = waiter.replies.try_send(Reply::Progress(Progress {
+                            pool: name.clone(),
+                            replaced: pool.size,
+                            size: pool.size,
+                            state: "finished".to_owned(),
+                        }));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if waiter.pools.values().any(Option::is_none) {
+                return !waiter.replies.is_closed();
+            }
+            let failures: Vec<&str> = waiter
+                .pools
+                .values()
+                .filter_map(|o| o.as_ref().and_then(|r| r.as_ref().err()))
+                .map(String::as_str)
+                .collect();
+            let last = if failures.is_empty() {
+                Reply::done(format!(
+                    "rolling restart finished: {}",
+                    waiter.pools.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            } else {
+                Reply::error(failures.join("; "))
+            };
+            let _ = waiter.replies.try_send(last);
+            false
+        });
+        self.reload_waiters = waiters;
     }
 
     fn progress(&self, pool: &str, state: &str) -> Reply {
@@ -241,66 +300,34 @@ impl Runtime {
             self.subscribers
                 .retain(|subscriber| subscriber.try_send(record.clone()).is_ok());
         }
+        if let Notice::RolloutAborted { pool, why, .. } = notice {
+            let why = format!("the rolling restart of pool {pool} stopped: {why}");
+            if self.aborted.len() < 64 {
+                self.aborted.push((pool.to_string(), why.clone()));
+            }
+            for waiter in &mut self.reload_waiters {
+                if let Some(outcome @ None) = waiter.pools.get_mut(&**pool) {
+                    *outcome = Some(Err(why.clone()));
+                }
+            }
+        }
         if self.reload_waiters.is_empty() {
             return;
         }
-        let (pool, outcome) = match notice {
-            Notice::Ready { worker, .. } => (worker.pool.to_string(), None),
-            Notice::RolloutFinished { pool, .. } => (pool.to_string(), Some(Ok(()))),
-            Notice::RolloutAborted { pool, why, .. } => (
-                pool.to_string(),
-                Some(Err(format!(
-                    "the rolling restart of pool {pool} stopped: {why}"
-                ))),
-            ),
-            Notice::PoolRemoved { pool, .. } => (
-                pool.to_string(),
-                Some(Err(format!("pool {pool} was removed"))),
-            ),
+        let pool = match notice {
+            Notice::Ready { worker, .. } => worker.pool.to_string(),
+            Notice::RolloutFinished { pool, .. }
+            | Notice::RolloutAborted { pool, .. }
+            | Notice::PoolRemoved { pool, .. } => pool.to_string(),
             _ => return,
         };
-        let state = match &outcome {
-            None => "rolling",
-            Some(Ok(())) => "finished",
-            Some(Err(_)) => "aborted",
-        };
-        let progress = self.progress(&pool, state);
-        self.reload_waiters.retain_mut(|waiter| {
-            let Some(entry) = waiter.pools.get_mut(&pool) else {
-                return true;
-            };
-            if entry.is_some() {
-                return true;
+        let progress = self.progress(&pool, "rolling");
+        for waiter in &self.reload_waiters {
+            if waiter.pools.get(&pool).is_some_and(Option::is_none) {
+                let _ = waiter.replies.try_send(progress.clone());
             }
-            if waiter.replies.try_send(progress.clone()).is_err() {
-                return false;
-            }
-            *entry = outcome.clone();
-            if waiter.pools.values().any(Option::is_none) {
-                return true;
-            }
-            let failures: Vec<&String> = waiter
-                .pools
-                .values()
-                .filter_map(|o| o.as_ref().and_then(|r| r.as_ref().err()))
-                .collect();
-            let last = if failures.is_empty() {
-                Reply::done(format!(
-                    "rolling restart finished: {}",
-                    waiter.pools.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-            } else {
-                Reply::error(
-                    failures
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                )
-            };
-            let _ = waiter.replies.try_send(last);
-            false
-        });
+        }
+        self.settle_reload_waiters();
     }
 
     /// A snapshot of the cluster, with CPU and memory read from `/proc` now.

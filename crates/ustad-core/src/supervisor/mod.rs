@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, kill_process_group, set_child_subreaper, test_kill_process_group};
 use tokio::signal::unix::{Signal as SignalStream, SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigError, PoolSpec, Problem, Signal};
@@ -31,6 +31,7 @@ use crate::plan::{Action, Event, ExitStatus, Notice, Phase, Plan, RolloutTrigger
 use crate::procfs;
 use crate::sockets::{BindError, Listeners};
 use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
+use crate::status::ClusterStatus;
 
 use self::guard::Guard;
 
@@ -142,6 +143,26 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
     if let Some(control) = &control {
         info!(event = "control", path = %control.path().display(), "control socket {}", control.path().display());
     }
+    let metrics = match options.metrics {
+        Some(address) => {
+            let listener = std::net::TcpListener::bind(address)
+                .and_then(|listener| {
+                    listener.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(listener)
+                })
+                .map_err(|error| SupervisorError::Setup {
+                    what: "serve metrics",
+                    source: io::Error::new(
+                        error.kind(),
+                        format!("cannot listen on {address}: {error}"),
+                    ),
+                })?;
+            let address = listener.local_addr().map_or(address, |a| a);
+            info!(event = "metrics", address = %address, "metrics on http://{address}/metrics and /healthz");
+            Some(listener)
+        }
+        None => None,
+    };
     if options.subreaper {
         enable_subreaper().map_err(setup("become a child subreaper"))?;
     }
@@ -164,6 +185,14 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
     let serving = control
         .clone()
         .map(|control| tokio::spawn(async move { control.serve(calls_tx).await }));
+    let (status_tx, mut status_requests) = mpsc::channel::<oneshot::Sender<ClusterStatus>>(16);
+    let metrics_server = metrics.map(|listener| {
+        tokio::spawn(async move {
+            if let Err(error) = crate::metrics::serve(listener, status_tx).await {
+                error!("the metrics server stopped: {error}");
+            }
+        })
+    });
     let logbook = LogBook::default();
     let mut runtime = Runtime {
         plan: Plan::new(&config, seed),
@@ -180,6 +209,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         subscribers: Vec::new(),
         stop_waiters: Vec::new(),
         reload_waiters: Vec::new(),
+        aborted: Vec::new(),
         retired_sockets: Vec::new(),
         exits,
         lingering: Vec::new(),
@@ -221,12 +251,15 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
             _ = signals.child.recv() => runtime.on_child_signal(),
             datagram = runtime.notify.recv() => runtime.on_datagram(datagram),
             Some(call) = calls.recv() => runtime.on_call(call),
+            Some(reply) = status_requests.recv() => {
+                let _ = reply.send(runtime.status());
+            }
             _ = memory_check.tick(), if runtime.watches_memory() => runtime.check_memory(),
             () = sleep => runtime.on_deadline(),
         }
     }
-    if let Some(serving) = serving {
-        serving.abort();
+    for task in [serving, metrics_server].into_iter().flatten() {
+        task.abort();
     }
     drop(control);
     runtime.kill_adopted_orphans().await;
@@ -326,6 +359,8 @@ struct Runtime {
     stop_waiters: Vec<mpsc::Sender<crate::control::protocol::Reply>>,
     /// Clients of `ustad reload --wait`.
     reload_waiters: Vec<control::ReloadWaiter>,
+    /// Rollouts aborted since the last reload request: pool and why.
+    aborted: Vec<(String, String)>,
     /// Sockets a reload removed, closed once no worker uses them.
     retired_sockets: Vec<(String, crate::config::SocketSpec)>,
     guard: Option<Guard>,
