@@ -92,6 +92,14 @@ pub(crate) enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// A live view of pools, workers and events; quit with q.
+    Top {
+        /// Refresh period.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+        interval: Duration,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// The built-in hello-world HTTP worker (what `ustad run` runs without a command).
     #[command(hide = true)]
     DemoWorker {

@@ -51,6 +51,10 @@ fn main() -> ExitCode {
             lines,
             target,
         } => client::logs(&target.target(), pool, lines, follow),
+        Command::Top { interval, target } => match top::run(&target.target(), interval) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => exit::Failure::runtime(format!("{error:#}")).report(),
+        },
         Command::DemoWorker { idle_grace } => {
             logging::init(cli.log_format, cli.color);
             demo_worker(idle_grace)
