@@ -394,21 +394,23 @@ fn a_client_of_another_user_is_refused() {
     std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).unwrap();
     let ustad = crate::util::ustad().to_str().unwrap().to_owned();
     let control_arg = control.to_str().unwrap().to_owned();
-    let setpriv = std::path::Path::new("setpriv");
-    let out = run_in(
-        std::path::Path::new("/"),
-        setpriv,
-        &[
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            &ustad,
-            "status",
-            "--control",
-            &control_arg,
-        ],
-        &[],
-    );
+    let status_as_nobody = || {
+        run_in(
+            std::path::Path::new("/"),
+            std::path::Path::new("setpriv"),
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                &ustad,
+                "status",
+                "--control",
+                &control_arg,
+            ],
+            &[],
+        )
+    };
+    let out = status_as_nobody();
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("permission denied"), "{out:?}");
     assert!(out.stderr.contains("only that user and root"), "{out:?}");
@@ -416,20 +418,7 @@ fn a_client_of_another_user_is_refused() {
     assert_eq!(refused.u64("uid"), Some(65534));
     // With the socket's own mode (0600), the kernel refuses the connection already.
     std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = run_in(
-        std::path::Path::new("/"),
-        setpriv,
-        &[
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            &ustad,
-            "status",
-            "--control",
-            &control_arg,
-        ],
-        &[],
-    );
+    let out = status_as_nobody();
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("Permission denied"), "{out:?}");
     // The owner still gets in.

@@ -293,19 +293,7 @@ fn workers_die_with_a_sigkilled_primary_even_when_spawned_later() {
 
 #[test]
 fn what_workers_started_dies_with_a_sigkilled_primary_too() {
-    let run = Run::start(&[
-        "run",
-        "-w",
-        "2",
-        "--ready",
-        "notify",
-        "--",
-        &test_worker(),
-        "--grandchild",
-        "--report",
-        "report-{index}.json",
-    ]);
-    let workers: Vec<u32> = run.wait_ready(2).iter().map(pid).collect();
+    let (run, workers) = two_workers_with_grandchildren();
     let reports: Vec<WorkerReport> = (0..2)
         .map(|i| WorkerReport::wait_for(&run.path(&format!("report-{i}.json")), TIMEOUT))
         .collect();
@@ -338,19 +326,7 @@ fn what_workers_started_dies_with_a_sigkilled_primary_too() {
 
 #[test]
 fn a_killed_guard_is_replaced_and_still_protects_every_worker_group() {
-    let run = Run::start(&[
-        "run",
-        "-w",
-        "2",
-        "--ready",
-        "notify",
-        "--",
-        &test_worker(),
-        "--grandchild",
-        "--report",
-        "report-{index}.json",
-    ]);
-    let workers: Vec<u32> = run.wait_ready(2).iter().map(pid).collect();
+    let (run, workers) = two_workers_with_grandchildren();
     let grandchildren: Vec<u32> = (0..2)
         .map(|i| {
             let report = WorkerReport::wait_for(&run.path(&format!("report-{i}.json")), TIMEOUT);
@@ -374,6 +350,24 @@ fn a_killed_guard_is_replaced_and_still_protects_every_worker_group() {
         wait_dead(second, Duration::from_secs(2)),
         "the new guard exits too"
     );
+}
+
+/// A cluster of 2 ready test workers that each started a grandchild and wrote a report.
+fn two_workers_with_grandchildren() -> (Run, Vec<u32>) {
+    let run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "--ready",
+        "notify",
+        "--",
+        &test_worker(),
+        "--grandchild",
+        "--report",
+        "report-{index}.json",
+    ]);
+    let workers = run.wait_ready(2).iter().map(pid).collect();
+    (run, workers)
 }
 
 /// The primary's guard process, found by its name among the primary's children.
