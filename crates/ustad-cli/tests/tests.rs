@@ -9,5 +9,6 @@ mod demo_worker;
 mod lifecycle;
 mod notify;
 mod rollout;
+mod top;
 mod util;
 mod workers;
