@@ -9,6 +9,7 @@ mod demo_worker;
 mod lifecycle;
 mod notify;
 mod rollout;
+mod systemd;
 mod top;
 mod util;
 mod workers;

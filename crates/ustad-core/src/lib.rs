@@ -54,6 +54,7 @@ pub mod notify;
 pub mod output;
 pub mod plan;
 pub mod procfs;
+pub mod service;
 pub mod sockets;
 pub mod spawn;
 pub mod status;

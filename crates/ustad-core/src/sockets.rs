@@ -6,6 +6,21 @@
 //!   connection to one of them. Slot `i`'s socket goes to the worker in slot `i` and to its
 //!   replacements, so connections queued on it wait for the replacement instead of failing.
 //!
+//! # Socket activation
+//! When a service manager started the primary with sockets of its own (`LISTEN_FDS` for the
+//! primary's pid, see [`Activation`]), each is taken as the `[sockets.NAME]` that
+//! `LISTEN_FDNAMES` names, instead of binding that socket's `listen` address:
+//! - a socket of the configuration that was not passed is bound as usual (and logged);
+//! - a passed socket whose name matches no `[sockets.NAME]` is an error: the service manager
+//!   would keep it open, and its clients would wait forever instead of being refused;
+//! - a passed socket must be a listening stream socket of the configured family (TCP for an IP
+//!   address, Unix for `unix:`); its address and backlog are the socket unit's to decide;
+//! - a `reuseport` socket that was passed is one socket, shared by every slot as in `shared`
+//!   mode (with a warning): binding more on its address would need the privileges activation
+//!   spares ustad, and they would reset their queued connections when ustad restarts;
+//! - the Unix socket file of a passed socket belongs to the service manager, and is never
+//!   removed.
+//!
 //! # Caveats
 //! - An `SO_REUSEPORT` socket resets the connections still queued on it when its last holder
 //!   closes it; the primary therefore closes a slot's socket only when the pool shrinks.
@@ -15,7 +30,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -24,17 +39,28 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::config::{Config, ListenAddr, SocketMode, SocketSpec};
 
-/// A socket could not be bound.
+mod activation;
+
+pub use self::activation::{Activation, ActivationError, listen_fds_from};
+
+/// The sockets of a configuration cannot be opened; nothing was started.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {address} (socket `{socket}`): {source}")]
-pub struct BindError {
-    /// The socket's name.
-    pub socket: String,
-    /// The address.
-    pub address: String,
-    /// The OS error, e.g. address in use or permission denied.
-    #[source]
-    pub source: io::Error,
+#[non_exhaustive]
+pub enum BindError {
+    /// A socket could not be bound.
+    #[error("cannot listen on {address} (socket `{socket}`): {source}")]
+    Bind {
+        /// The socket's name.
+        socket: String,
+        /// The address.
+        address: String,
+        /// The OS error, e.g. address in use or permission denied.
+        #[source]
+        source: io::Error,
+    },
+    /// The sockets passed by the service manager (socket activation) cannot be used.
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
 }
 
 #[derive(Debug)]
@@ -54,18 +80,56 @@ pub struct Listeners {
     sockets: IndexMap<String, Bound>,
     /// Unix socket files this process created, removed on drop.
     unix_paths: Vec<PathBuf>,
+    /// Sockets passed by the service manager rather than bound.
+    inherited: Vec<String>,
 }
 
 impl Listeners {
     /// Binds every socket of `config` (for `reuseport` sockets, one per slot of every pool
-    /// that uses them), or fails without leaving any bound.
+    /// that uses them), or fails without leaving any bound. Sockets passed to this process by
+    /// its service manager are taken instead of bound ([`Activation::from_env`],
+    /// [`Listeners::bind_with`]).
     pub fn bind(config: &Config) -> Result<Listeners, BindError> {
+        Listeners::bind_with(config, Activation::from_env()?)
+    }
+
+    /// [`Listeners::bind`], taking the sockets of `activation` instead of binding the
+    /// configuration's sockets of the same names (see the [module docs](self)).
+    ///
+    /// # Errors
+    /// When a socket cannot be bound, or a passed socket matches no socket of `config` or
+    /// cannot serve as the one it matches; every passed socket is checked before anything is
+    /// bound.
+    pub fn bind_with(config: &Config, activation: Activation) -> Result<Listeners, BindError> {
         let mut listeners = Listeners {
             sockets: IndexMap::new(),
             unix_paths: Vec::new(),
+            inherited: Vec::new(),
         };
+        let passed: Vec<String> = activation.names().map(str::to_owned).collect();
+        let mut matched = activation.match_sockets(config.sockets.iter())?;
         for (name, spec) in &config.sockets {
-            let bound = listeners.bind_one(name, spec)?;
+            let bound = match matched.iter().position(|(n, _, _)| n == name) {
+                Some(at) => {
+                    let (_, fd, socket) = matched.swap_remove(at);
+                    log_inherited(name, spec, fd, &socket);
+                    listeners.inherited.push(name.clone());
+                    Bound::Shared(socket)
+                }
+                None => {
+                    if !passed.is_empty() {
+                        tracing::info!(
+                            event = "not_inherited",
+                            socket = %name,
+                            address = %spec.listen,
+                            "socket {name} was not passed by the service manager (LISTEN_FDNAMES={}): binding {} itself",
+                            passed.join(":"),
+                            spec.listen
+                        );
+                    }
+                    listeners.bind_one(name, spec)?
+                }
+            };
             listeners.sockets.insert(name.clone(), bound);
         }
         for (pool, spec) in &config.pools {
@@ -77,7 +141,7 @@ impl Listeners {
     }
 
     fn bind_one(&mut self, name: &str, spec: &SocketSpec) -> Result<Bound, BindError> {
-        let fail = |source| BindError {
+        let fail = |source| BindError::Bind {
             socket: name.to_owned(),
             address: spec.listen.to_string(),
             source,
@@ -129,7 +193,7 @@ impl Listeners {
             }
             let socket = match per_slot.remove(&(String::new(), usize::MAX)) {
                 Some(probe) => probe,
-                None => bind_tcp(*address, *backlog, true).map_err(|source| BindError {
+                None => bind_tcp(*address, *backlog, true).map_err(|source| BindError::Bind {
                     socket: name.clone(),
                     address: address.to_string(),
                     source,
@@ -176,13 +240,7 @@ impl Listeners {
             .map(|(name, bound)| {
                 let address = match bound {
                     Bound::Shared(socket) => match socket.local_addr() {
-                        Ok(addr) => match addr.as_socket() {
-                            Some(tcp) => tcp.to_string(),
-                            None => addr.as_pathname().map_or_else(
-                                || "unix:?".to_owned(),
-                                |p| format!("unix:{}", p.display()),
-                            ),
-                        },
+                        Ok(addr) => describe(&addr),
                         Err(e) => format!("? ({e})"),
                     },
                     Bound::ReusePort { address, .. } => address.to_string(),
@@ -221,6 +279,58 @@ impl Listeners {
     /// Whether a socket of this name is open.
     pub fn contains(&self, name: &str) -> bool {
         self.sockets.contains_key(name)
+    }
+
+    /// Whether the socket of this name was passed by the service manager (socket activation)
+    /// rather than bound. Its address is the socket unit's, not the configuration's: a reload
+    /// that changes its `listen` should keep it rather than [`remove`](Listeners::remove) it.
+    pub fn is_inherited(&self, name: &str) -> bool {
+        self.inherited.iter().any(|n| n == name)
+    }
+}
+
+/// Logs which passed socket serves as `[sockets.name]`, where it listens, and what of the
+/// configuration it overrides.
+fn log_inherited(name: &str, spec: &SocketSpec, fd: RawFd, socket: &Socket) {
+    let address = socket
+        .local_addr()
+        .map(|a| describe(&a))
+        .unwrap_or_else(|e| format!("? ({e})"));
+    let configured = spec.listen.to_string();
+    let note = if address == configured {
+        String::new()
+    } else {
+        format!(" (the configured {configured} is not bound)")
+    };
+    tracing::info!(
+        event = "inherited",
+        socket = %name,
+        fd,
+        address = %address,
+        "socket {name}: fd {fd} from the service manager, listening on {address}{note}"
+    );
+    if spec.mode == SocketMode::ReusePort {
+        tracing::warn!(
+            event = "inherited_reuseport",
+            socket = %name,
+            fd,
+            "socket {name} is `reuseport` in the configuration, but the service manager passed one socket: every worker accepts from it, as with mode = \"shared\" (write that to silence this warning)"
+        );
+    }
+}
+
+/// An address as the configuration writes it: `127.0.0.1:8000`, `unix:/run/app.sock`, and
+/// `unix:@name` for an abstract Unix socket.
+fn describe(address: &SockAddr) -> String {
+    if let Some(ip) = address.as_socket() {
+        return ip.to_string();
+    }
+    if let Some(path) = address.as_pathname() {
+        return format!("unix:{}", path.display());
+    }
+    match address.as_abstract_namespace() {
+        Some(name) => format!("unix:@{}", String::from_utf8_lossy(name)),
+        None => "unix:?".to_owned(),
     }
 }
 
@@ -347,7 +457,10 @@ mod tests {
                 .starts_with(&format!("cannot listen on {address} (socket `http`)")),
             "{error}"
         );
-        assert_eq!(error.source.kind(), io::ErrorKind::AddrInUse);
+        let BindError::Bind { source, .. } = error else {
+            panic!("{error:?}")
+        };
+        assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
     }
 
     #[test]
@@ -381,5 +494,163 @@ mod tests {
             "connected, nobody answers yet"
         );
         drop(listeners);
+    }
+
+    /// A port on 127.0.0.1 that nothing listens on (bound, then released).
+    fn free_address() -> String {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    }
+
+    fn passed(name: &str, fd: impl Into<std::os::fd::OwnedFd>) -> Activation {
+        Activation::from_fds([(name.to_owned(), fd.into())])
+    }
+
+    #[test]
+    fn a_passed_socket_is_taken_instead_of_binding_the_configured_address() {
+        let configured = free_address();
+        let mut config = config(&configured, SocketMode::Shared, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let admin = dir.path().join("admin.sock");
+        config.sockets.insert(
+            "admin".into(),
+            SocketSpec::new(format!("unix:{}", admin.display()).parse().unwrap()),
+        );
+        let systemd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = systemd.local_addr().unwrap().to_string();
+        let copy = systemd.try_clone().unwrap();
+        let listeners = Listeners::bind_with(&config, passed("http", copy)).unwrap();
+        assert_eq!(
+            listeners.addresses(),
+            [
+                ("http".to_owned(), address.clone()),
+                ("admin".to_owned(), format!("unix:{}", admin.display()))
+            ],
+            "http is the passed socket; admin, not passed, is bound"
+        );
+        assert!(listeners.is_inherited("http") && !listeners.is_inherited("admin"));
+        assert_eq!(
+            TcpStream::connect(&configured).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused,
+            "the configured {configured} is not bound"
+        );
+        TcpStream::connect(&address).unwrap();
+        drop(listeners);
+        assert!(!admin.exists(), "ustad's own socket file is removed");
+        TcpStream::connect(&address).expect("the service manager's socket stays open");
+    }
+
+    #[test]
+    fn a_passed_reuseport_socket_is_shared_by_every_slot() {
+        let mut listeners = Listeners::bind_with(
+            &config(&free_address(), SocketMode::ReusePort, 2),
+            passed("http", std::net::TcpListener::bind("127.0.0.1:0").unwrap()),
+        )
+        .unwrap();
+        let sockets = vec!["http".to_owned()];
+        listeners.ensure_slot(&sockets, "web", 5).unwrap();
+        let fds: Vec<_> = [0, 1, 5]
+            .iter()
+            .map(|slot| listeners.fds(&sockets, "web", *slot)[0].1.as_raw_fd())
+            .collect();
+        assert!(fds.iter().all(|fd| *fd == fds[0]), "{fds:?}");
+        listeners.release_slots("web", 1);
+        assert_eq!(listeners.fds(&sockets, "web", 1).len(), 1, "never closed");
+    }
+
+    #[test]
+    fn every_passed_socket_must_match_one_configured_socket() {
+        let config = config("127.0.0.1:0", SocketMode::Shared, 1);
+        let listener = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let error = Listeners::bind_with(&config, passed("ustad.socket", listener())).unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                BindError::Activation(ActivationError::UnknownName { name, defined, .. })
+                    if name == "ustad.socket" && defined == &["http"]
+            ),
+            "{error}"
+        );
+        let twice = Activation::from_fds([
+            ("http".to_owned(), listener().into()),
+            ("http".to_owned(), listener().into()),
+        ]);
+        let error = Listeners::bind_with(&config, twice).unwrap_err();
+        assert!(
+            error.to_string().contains("are both named `http`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_passed_socket_must_be_a_listening_stream_socket_of_the_configured_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.sock");
+        let tcp = config("127.0.0.1:0", SocketMode::Shared, 1);
+        let unix = config(&format!("unix:{}", path.display()), SocketMode::Shared, 1);
+        let not_listening = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        not_listening
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let unix_listener = std::os::unix::net::UnixListener::bind(dir.path().join("y.sock"));
+        let cases: Vec<(&Config, std::os::fd::OwnedFd, &str)> = vec![
+            (
+                &tcp,
+                std::net::UdpSocket::bind("127.0.0.1:0").unwrap().into(),
+                "is a datagram socket (ListenDatagram=)",
+            ),
+            (&tcp, not_listening.into(), "is not listening"),
+            (
+                &tcp,
+                unix_listener.unwrap().into(),
+                "is not a TCP socket (it listens on unix:",
+            ),
+            (
+                &unix,
+                std::net::TcpListener::bind("127.0.0.1:0").unwrap().into(),
+                "is not a Unix socket (it listens on 127.0.0.1:",
+            ),
+        ];
+        for (config, fd, expected) in cases {
+            let number = fd.as_raw_fd();
+            let error = Listeners::bind_with(config, passed("http", fd)).unwrap_err();
+            let message = error.to_string();
+            assert!(
+                message.starts_with(&format!("socket activation: fd {number} (`http`) ")),
+                "{message}"
+            );
+            assert!(
+                message.contains(expected),
+                "expected `{expected}` in: {message}"
+            );
+        }
+        assert!(!path.exists(), "nothing was bound");
+    }
+
+    #[test]
+    fn a_passed_unix_socket_file_is_left_to_the_service_manager() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.sock");
+        let systemd = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let config = config(&format!("unix:{}", path.display()), SocketMode::Shared, 1);
+        let listeners = Listeners::bind_with(&config, passed("http", systemd)).unwrap();
+        assert_eq!(
+            listeners.addresses(),
+            [("http".to_owned(), format!("unix:{}", path.display()))]
+        );
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        drop(listeners);
+        assert!(path.exists(), "the socket file is not removed");
+    }
+
+    #[test]
+    fn without_passed_sockets_bind_with_binds_everything() {
+        let listeners = Listeners::bind_with(
+            &config("127.0.0.1:0", SocketMode::Shared, 1),
+            Activation::default(),
+        )
+        .unwrap();
+        assert!(!listeners.is_inherited("http"));
+        TcpStream::connect(&listeners.addresses()[0].1).unwrap();
     }
 }

@@ -1,4 +1,7 @@
-//! Every `unsafe` block of the engine: what runs in a worker between `fork` and `exec`.
+//! Every `unsafe` block of the engine: what runs in a worker between `fork` and `exec`, and the
+//! two calls std and rustix have no safe form for here: taking ownership of the fds a service
+//! manager passed to the primary ([`take_listen_fds`]), and reading `CLOCK_MONOTONIC`
+//! ([`monotonic_usec`]).
 //!
 //! Between `fork` and `exec` the child is a copy of a possibly multi-threaded process: it may
 //! only make async-signal-safe calls. Nothing here allocates, locks or logs after the fork.
@@ -16,8 +19,9 @@
 
 use std::ffi::{CString, c_char};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::process::{Pid, getpid, getppid, set_parent_process_death_signal};
 
@@ -333,6 +337,63 @@ pub(crate) fn reserve_low_fds(upto: RawFd) -> io::Result<Vec<OwnedFd>> {
         }
         reserved.push(fd);
     }
+}
+
+/// Whether [`take_listen_fds`] has run: an fd may have only one owner.
+static LISTEN_FDS_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of fds `3..3 + count`, which the service manager passed to this process
+/// (socket activation, `LISTEN_FDS`), and marks each close-on-exec so that no child inherits
+/// it. Returns each fd number with the fd, or with why it cannot be taken: `EBADF` when it is
+/// not open, `ENOTSOCK` when it is open but not a socket (then it is left alone, not closed).
+///
+/// Only the first call takes anything; later calls return `None`.
+pub(crate) fn take_listen_fds(count: usize) -> Option<Vec<(RawFd, io::Result<OwnedFd>)>> {
+    if LISTEN_FDS_TAKEN.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    let taken = (0..count)
+        .map_while(|i| {
+            let fd = LISTEN_FDS_START.checked_add(RawFd::try_from(i).ok()?)?;
+            Some((fd, take_listen_fd(fd)))
+        })
+        .collect();
+    Some(taken)
+}
+
+fn take_listen_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only reads the fd's flags; it fails with EBADF if `fd` is not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open (checked above); the borrow ends before anything closes it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let stat = rustix::fs::fstat(borrowed)?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
+        return Err(io::Error::from_raw_os_error(libc::ENOTSOCK));
+    }
+    // SAFETY: `fd` is an open socket that was open when this process was executed (the
+    // service manager's promise, checked by `LISTEN_PID`): the primary closes none of fds
+    // 3.. before this point, so the kernel cannot have given this number to anything else,
+    // and `LISTEN_FDS_TAKEN` makes this the only place that takes ownership of it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(owned)
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, as systemd's `MONOTONIC_USEC=` expects it (the clock
+/// behind `std::time::Instant`, which does not expose its value).
+pub(crate) fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes into the timespec it is given; CLOCK_MONOTONIC exists
+    // on every Linux, so it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000;
+    secs.saturating_mul(1_000_000).saturating_add(micros)
 }
 
 #[cfg(test)]

@@ -237,13 +237,7 @@ impl Cluster {
         env: &[(&str, &str)],
     ) -> Self {
         let mut cmd = Command::new(ustad_bin);
-        cmd.arg("--log-format")
-            .arg("json")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.arg("--log-format").arg("json").args(args);
         for name in [
             "LISTEN_FDS",
             "LISTEN_PID",
@@ -258,8 +252,28 @@ impl Cluster {
         for (name, value) in env {
             cmd.env(name, value);
         }
+        Self::start_command(cmd, dir)
+    }
+
+    /// Spawns a prepared `cmd` as the primary, with working directory `dir`, stdin from
+    /// `/dev/null`, and stdout and stderr piped to the fixture: for what
+    /// [`Cluster::start_with_env`] cannot say, such as handing the primary sockets of its own
+    /// ([`crate::process::pass_fds`]) through a shell that sets `LISTEN_PID` to its own pid
+    /// before it execs ustad.
+    ///
+    /// `cmd` must run `ustad --log-format json …`; its environment is used as it is.
+    ///
+    /// # Panics
+    ///
+    /// If the command cannot be spawned.
+    #[track_caller]
+    pub fn start_command(mut cmd: Command, dir: &Path) -> Self {
+        cmd.current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut guard = ProcessGuard::spawn(&mut cmd)
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", ustad_bin.display()));
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", cmd.get_program().to_string_lossy()));
         let pid = guard.pid();
         let shared = Arc::new(Shared::default());
         let child = guard.child_mut();
