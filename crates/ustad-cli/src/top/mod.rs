@@ -43,7 +43,7 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub(crate) fn run(target: &Target, interval: Duration) -> anyhow::Result<()> {
     if !std::io::stdout().is_terminal() {
         bail!(
-            "`ustad top` draws on a terminal, and stdout is not one; for a snapshot that can be read by programs, use `ustad status`"
+            "`ustad top` draws on a terminal, and stdout is not one; for a snapshot, use `ustad status` (or `ustad status --json`)"
         );
     }
     let socket = target.resolve().map_err(anyhow::Error::msg)?;

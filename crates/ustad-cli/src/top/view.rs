@@ -119,9 +119,10 @@ const fn column(title: &'static str, width: usize, right: bool) -> Column {
 }
 
 /// Everything but the status text, which takes what is left of the line.
-const COLUMNS: [Column; 9] = [
+const COLUMNS: [Column; 10] = [
     column("ID", 6, true),
     column("SLOT", 4, true),
+    column("GEN", 3, true),
     column("PID", 8, true),
     column("STATE", 8, false),
     column("UPTIME", 7, true),
@@ -317,9 +318,11 @@ fn worker_line(worker: &WorkerStatus) -> Line {
             (text, tone)
         },
     );
-    let cells: [(String, Tone); 9] = [
+    // During a rollout, the generation tells old workers from new ones.
+    let cells: [(String, Tone); 10] = [
         (worker.id.to_string(), Tone::Plain),
         (worker.slot.to_string(), Tone::Plain),
+        (worker.generation.to_string(), Tone::Plain),
         (or_dash(worker.pid), Tone::Plain),
         (worker.state.as_str().to_owned(), state_tone),
         (duration(worker.uptime_secs), Tone::Plain),
@@ -353,13 +356,9 @@ fn worker_line(worker: &WorkerStatus) -> Line {
     line
 }
 
+/// The event's message names its worker (`web.1 (id 4, pid 1234) ready`), so no column
+/// repeats pool and id.
 fn event_line(event: &EventRecord, now: f64) -> Line {
-    let who = match (&event.pool, event.id) {
-        (Some(pool), Some(id)) => format!("{}#{id}", clean(pool)),
-        (Some(pool), None) => clean(pool),
-        (None, Some(id)) => format!("#{id}"),
-        (None, None) => String::new(),
-    };
     let mut line = Line::default();
     line.push(align(&ago(now - event.time), 5, true), Tone::Dim)
         .plain(GAP)
@@ -367,8 +366,6 @@ fn event_line(event: &EventRecord, now: f64) -> Line {
             align(&clean(&event.event), 17, false),
             event_tone(&event.event),
         )
-        .plain(GAP)
-        .push(align(&who, 10, false), Tone::Accent)
         .plain(GAP)
         .plain(clean(&event.message));
     line
@@ -448,7 +445,7 @@ fn truncate(text: &str, width: usize) -> String {
 
 /// Text from outside made safe to print: control characters (escape sequences, newlines)
 /// become `�`, tabs spaces.
-pub(crate) fn clean(text: &str) -> String {
+fn clean(text: &str) -> String {
     text.chars()
         .map(|c| match c {
             '\t' => ' ',
@@ -487,7 +484,7 @@ fn char_width(c: char) -> usize {
 }
 
 /// `45s`, `3m12s`, `2h05m`, `3d04h`.
-pub(crate) fn duration(secs: f64) -> String {
+fn duration(secs: f64) -> String {
     let secs = if secs.is_finite() && secs > 0.0 {
         secs as u64
     } else {
@@ -518,7 +515,7 @@ fn ago(secs: f64) -> String {
 }
 
 /// `512 B`, `812 KiB`, `12.3 MiB`, `123 MiB`, `1.2 GiB`.
-pub(crate) fn bytes(n: u64) -> String {
+fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
     let mut unit = 0;
@@ -648,7 +645,7 @@ mod tests {
         let heading = find(&lines, "RESTARTS");
         assert_eq!(heading.text().len(), 160, "the heading spans the width");
         assert!(heading.text().starts_with(
-            "    ID  SLOT       PID  STATE      UPTIME  RESTARTS    CPU%        RSS  LAST EXIT                     STATUS"
+            "    ID  SLOT  GEN       PID  STATE      UPTIME  RESTARTS    CPU%        RSS  LAST EXIT                     STATUS"
         ));
 
         let pool = find(&lines, "web  ");
@@ -662,7 +659,7 @@ mod tests {
         let row = find(&lines, "1007");
         assert_eq!(
             row.text(),
-            "     7     1      1007  ready       1m15s         2     1.2   12.3 MiB  crash: exit code 1, 30s ago   serving\u{FFFD}[2J 12 req/s"
+            "     7     1    1      1007  ready       1m15s         2     1.2   12.3 MiB  crash: exit code 1, 30s ago   serving\u{FFFD}[2J 12 req/s"
         );
         assert_eq!(tone_of(row, "ready"), Tone::Good);
         assert_eq!(tone_of(row, "crash"), Tone::Bad);
@@ -709,9 +706,9 @@ mod tests {
         assert_eq!(
             texts(&lines[title + 1..]),
             [
-                "   8s  exited             web#3       worker exited",
-                "   8s  ready              web#3       worker ready",
-                "  10s  spawned            web#3       worker spawned",
+                "   8s  exited             worker exited",
+                "   8s  ready              worker ready",
+                "  10s  spawned            worker spawned",
             ]
         );
         assert_eq!(tone_of(&lines[title + 1], "exited"), Tone::Warn);
