@@ -6,7 +6,6 @@ mod demo;
 mod exit;
 mod logging;
 mod run;
-#[allow(dead_code)] // until the `top` subcommand in cli.rs calls `top::run`
 mod top;
 
 use std::io::IsTerminal;

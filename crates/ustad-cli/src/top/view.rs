@@ -51,7 +51,8 @@ impl Line {
     }
 
     /// The text without styles.
-    pub(crate) fn text(&self) -> String {
+    #[cfg(test)]
+    fn text(&self) -> String {
         self.spans.iter().map(|span| span.text.as_str()).collect()
     }
 
