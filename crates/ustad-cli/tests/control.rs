@@ -147,7 +147,7 @@ fn restart_replaces_one_worker_or_a_whole_pool_rolling() {
     // The replacement was ready before the old one was asked to stop.
     let events = run.cluster.events();
     let position = |f: &dyn Fn(&ustad_testkit::cluster::LogEvent) -> bool| {
-        events.iter().position(|e| f(e)).unwrap()
+        events.iter().position(f).unwrap()
     };
     let replacement_ready = position(&|e| e.is("ready") && e.u64("id") == Some(3));
     let old_stopping = position(&|e| e.is("stopping") && e.u64("pid") == first.u64("pid"));
