@@ -4,6 +4,7 @@ mod cli;
 mod client;
 mod demo;
 mod exit;
+mod human;
 mod logging;
 mod run;
 mod top;

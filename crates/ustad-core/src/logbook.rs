@@ -67,8 +67,12 @@ impl LogBook {
         let mut lines: Vec<Arc<LogLine>> = rings
             .iter()
             .filter(|(name, _)| pool.is_none_or(|p| p == name.as_str()))
-            .flat_map(|(_, ring)| ring.lines.iter().rev().take(count).cloned())
+            .flat_map(|(_, ring)| {
+                let skip = ring.lines.len().saturating_sub(count);
+                ring.lines.iter().skip(skip).cloned()
+            })
             .collect();
+        // Stable: lines of one pool with the same time keep their order.
         lines.sort_by(|a, b| a.time.total_cmp(&b.time));
         let skip = lines.len().saturating_sub(count);
         lines.split_off(skip)

@@ -4,32 +4,7 @@ use std::fmt::Write as _;
 
 use ustad_core::status::{ClusterStatus, WorkerState};
 
-/// Seconds as `45s`, `12m`, `3h10m`, `2d4h`.
-pub(crate) fn age(secs: f64) -> String {
-    let secs = secs.max(0.0) as u64;
-    match secs {
-        0..60 => format!("{secs}s"),
-        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
-        3600..86400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
-        _ => format!("{}d{:02}h", secs / 86400, secs % 86400 / 3600),
-    }
-}
-
-/// Bytes as `12.3M`, `1.2G`.
-pub(crate) fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n}B")
-    } else {
-        format!("{value:.1}{}", UNITS[unit])
-    }
-}
+use crate::human::{bytes, duration as age};
 
 /// The whole table, ending with a newline.
 pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
@@ -186,16 +161,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ages_and_sizes_are_short() {
-        assert_eq!(age(5.4), "5s");
-        assert_eq!(age(125.0), "2m05s");
-        assert_eq!(age(3.0 * 3600.0 + 600.0), "3h10m");
-        assert_eq!(age(2.0 * 86400.0 + 7200.0), "2d02h");
-        assert_eq!(bytes(512), "512B");
-        assert_eq!(bytes(12 * 1024 * 1024 + 300 * 1024), "12.3M");
-    }
-
-    #[test]
     fn a_table_with_a_pool_summary_and_its_workers() {
         let worker = |id, slot, state| WorkerStatus {
             id,
@@ -241,7 +206,7 @@ mod tests {
         assert!(lines[1].starts_with("POOL  ID  SLOT  PID   STATE"));
         assert_eq!(lines[2], "web   1/2 ready, 2 restarts (crash 2)");
         assert!(lines[3].contains("1003") && lines[3].contains("ready"));
-        assert!(lines[3].contains("2.5%") && lines[3].contains("10.0M"));
+        assert!(lines[3].contains("2.5%") && lines[3].contains("10.0 MiB"));
         assert!(lines[3].ends_with("SIGKILL (crash) 1m10s ago"));
         assert!(lines[4].contains("starting"));
     }

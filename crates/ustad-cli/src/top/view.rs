@@ -9,6 +9,7 @@ use ustad_core::control::protocol::EventRecord;
 use ustad_core::status::{PoolStatus, WorkerState, WorkerStatus};
 
 use super::model::Model;
+use crate::human::{bytes, duration};
 
 /// How a piece of text looks; the painter maps tones to colours (or to nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -484,21 +485,6 @@ fn char_width(c: char) -> usize {
     }
 }
 
-/// `45s`, `3m12s`, `2h05m`, `3d04h`.
-fn duration(secs: f64) -> String {
-    let secs = if secs.is_finite() && secs > 0.0 {
-        secs as u64
-    } else {
-        0
-    };
-    match secs {
-        0..60 => format!("{secs}s"),
-        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
-        3600..86400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
-        _ => format!("{}d{:02}h", secs / 86400, secs % 86400 / 3600),
-    }
-}
-
 /// `now`, `12s`, `3m`, `2h`, `4d`: how long ago, to one unit.
 fn ago(secs: f64) -> String {
     let secs = if secs.is_finite() && secs > 0.0 {
@@ -512,24 +498,6 @@ fn ago(secs: f64) -> String {
         60..3600 => format!("{}m", secs / 60),
         3600..86400 => format!("{}h", secs / 3600),
         _ => format!("{}d", secs / 86400),
-    }
-}
-
-/// `512 B`, `812 KiB`, `12.3 MiB`, `123 MiB`, `1.2 GiB`.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else if value < 100.0 {
-        format!("{value:.1} {}", UNITS[unit])
-    } else {
-        format!("{value:.0} {}", UNITS[unit])
     }
 }
 
@@ -790,20 +758,9 @@ mod tests {
 
     #[test]
     fn units_for_people() {
-        assert_eq!(duration(0.4), "0s");
-        assert_eq!(duration(59.9), "59s");
-        assert_eq!(duration(192.0), "3m12s");
-        assert_eq!(duration(7500.0), "2h05m");
-        assert_eq!(duration(3.0 * 86400.0 + 4.0 * 3600.0), "3d04h");
-        assert_eq!(duration(f64::NAN), "0s");
         assert_eq!(ago(-3.0), "now");
         assert_eq!(ago(12.7), "12s");
         assert_eq!(ago(600.0), "10m");
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(812 * 1024), "812 KiB");
-        assert_eq!(bytes(12_900_000), "12.3 MiB");
-        assert_eq!(bytes(123 * 1024 * 1024), "123 MiB");
-        assert_eq!(bytes(1_288_490_189), "1.2 GiB");
     }
 
     #[test]
