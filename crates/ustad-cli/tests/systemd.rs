@@ -249,7 +249,6 @@ fn next_state(manager: &UnixDatagram, deadline: Instant) -> (String, String) {
 }
 
 #[test]
-#[ignore = "waits for the supervisor wiring"]
 fn ustad_reports_ready_reloading_ready_stopping_on_its_notify_socket() {
     let dir: TempDir = tempfile::tempdir().unwrap();
     let path = dir.path().join("systemd-notify");

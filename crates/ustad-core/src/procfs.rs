@@ -12,7 +12,8 @@ pub struct ProcStat {
     pub ppid: u32,
     /// Process group id.
     pub pgrp: u32,
-    /// CPU time used, user plus system, in clock ticks.
+    /// CPU time used, user plus system, by the process and the children it waited for, in
+    /// clock ticks.
     pub cpu_ticks: u64,
     /// Resident set size, in pages.
     pub rss_pages: u64,
@@ -36,12 +37,16 @@ fn parse_stat(line: &str) -> Option<ProcStat> {
     let mut rest = fields.skip(8);
     let utime: u64 = rest.next()?.parse().ok()?;
     let stime: u64 = rest.next()?.parse().ok()?;
-    let rss_pages = rest.nth(8)?.parse::<i64>().ok()?.max(0) as u64;
+    // The time of children it has waited for: what a group's exited members used stays in
+    // the sum (through their parent), so a group's CPU time does not go down.
+    let cutime = rest.next()?.parse::<i64>().ok()?.max(0) as u64;
+    let cstime = rest.next()?.parse::<i64>().ok()?.max(0) as u64;
+    let rss_pages = rest.nth(6)?.parse::<i64>().ok()?.max(0) as u64;
     Some(ProcStat {
         state,
         ppid,
         pgrp,
-        cpu_ticks: utime + stime,
+        cpu_ticks: utime + stime + cutime + cstime,
         rss_pages,
     })
 }
@@ -138,7 +143,7 @@ mod tests {
 
     #[test]
     fn stat_lines_with_odd_command_names() {
-        let line = "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 10 0 0 0 70 30 0 0 20 0 \
+        let line = "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 10 0 0 0 70 30 5 5 20 0 \
                     1 0 100 5000000 321 18446744073709551615";
         assert_eq!(
             parse_stat(line),
@@ -146,7 +151,7 @@ mod tests {
                 state: 'S',
                 ppid: 1,
                 pgrp: 1234,
-                cpu_ticks: 100,
+                cpu_ticks: 110,
                 rss_pages: 321,
             })
         );

@@ -71,6 +71,7 @@ impl Runtime {
                 };
                 let workers = self.plan.workers().count();
                 tracing::info!(event = "control", "stop requested by a control client");
+                self.service.stopping();
                 self.handle(Event::Shutdown {
                     immediate: false,
                     timeout,
@@ -190,7 +191,10 @@ impl Runtime {
     fn reload_request(&mut self, pools: &[String], wait: bool, replies: mpsc::Sender<Reply>) {
         tracing::info!(event = "control", "reload requested by a control client");
         self.aborted.clear();
-        match self.reload(pools, false) {
+        let reloaded = self.reload(pools, false);
+        self.service.reloading();
+        self.service.update(&self.plan.status(Instant::now()));
+        match reloaded {
             Err(error) => {
                 tracing::error!(event = "reload_failed", "{error}");
                 let _ = replies.try_send(Reply::error(error));

@@ -202,6 +202,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         output: OutputRelay::start(options.output, logbook.clone()),
         logbook,
         reload: options.reload,
+        service: crate::service::ServiceNotifier::from_env(),
         name: options.name,
         config_file: options.config_file,
         started: Instant::now(),
@@ -349,6 +350,8 @@ struct Runtime {
     logbook: LogBook,
     /// Re-reads the configuration file, when there is one.
     reload: Option<Reload>,
+    /// ustad's own `NOTIFY_SOCKET`, when a service manager gave it one.
+    service: crate::service::ServiceNotifier,
     name: String,
     config_file: Option<PathBuf>,
     started: Instant,
@@ -407,6 +410,9 @@ impl Runtime {
                     Action::Exit => self.finished = true,
                 }
             }
+        }
+        if self.service.is_enabled() {
+            self.service.update(&self.plan.status(Instant::now()));
         }
     }
 
@@ -515,6 +521,7 @@ impl Runtime {
             }
             self.settle_lingering(Some(now));
         }
+        self.service.stopping();
         self.handle(Event::Shutdown {
             immediate,
             timeout: None,
@@ -532,7 +539,10 @@ impl Runtime {
                 "rolling restart of every pool (no config file to re-read)"
             }
         );
-        if let Err(error) = self.reload(&[], false) {
+        let reloaded = self.reload(&[], false);
+        self.service.reloading();
+        self.service.update(&self.plan.status(Instant::now()));
+        if let Err(error) = reloaded {
             error!(event = "reload_failed", "{error}");
         }
     }
