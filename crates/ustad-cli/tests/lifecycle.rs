@@ -338,6 +338,11 @@ fn a_killed_guard_is_replaced_and_still_protects_every_worker_group() {
     let replaced = run.cluster.wait_event(|e| e.is("guard_replaced"), TIMEOUT);
     assert_eq!(replaced.u64("pid"), Some(u64::from(first)));
     let second = replaced.u64("new_pid").expect("new_pid") as u32;
+    // The new guard names itself right after the fork, maybe after the primary's log line.
+    let deadline = Instant::now() + TIMEOUT;
+    while guard_of(run.cluster.pid()) != Some(second) && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
     assert_eq!(guard_of(run.cluster.pid()), Some(second));
     run.cluster.signal(Signal::KILL).unwrap();
     for pid in workers.iter().chain(&grandchildren) {
