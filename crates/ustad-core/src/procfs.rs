@@ -192,6 +192,11 @@ mod tests {
         let group = usage[&pgid];
         assert_eq!(group.processes, 3);
         assert!(group.rss_bytes > 0);
+        // The sleeps die asynchronously after SIGKILL; once gone, the group is absent.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !group_usage(&[pgid]).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
         assert!(group_usage(&[pgid]).is_empty());
     }
 
