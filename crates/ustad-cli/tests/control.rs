@@ -146,9 +146,8 @@ fn restart_replaces_one_worker_or_a_whole_pool_rolling() {
     assert_eq!(exited.u64("pid"), first.u64("pid"));
     // The replacement was ready before the old one was asked to stop.
     let events = run.cluster.events();
-    let position = |f: &dyn Fn(&ustad_testkit::cluster::LogEvent) -> bool| {
-        events.iter().position(f).unwrap()
-    };
+    let position =
+        |f: &dyn Fn(&ustad_testkit::cluster::LogEvent) -> bool| events.iter().position(f).unwrap();
     let replacement_ready = position(&|e| e.is("ready") && e.u64("id") == Some(3));
     let old_stopping = position(&|e| e.is("stopping") && e.u64("pid") == first.u64("pid"));
     assert!(replacement_ready < old_stopping);
