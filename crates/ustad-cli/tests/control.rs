@@ -528,3 +528,43 @@ fn a_worker_that_stops_answering_its_watchdog_is_killed_as_hung_and_replaced() {
     run.cluster
         .wait_event(|e| e.is("ready") && e.u64("id") == Some(2), TIMEOUT);
 }
+
+#[test]
+fn reload_binds_added_sockets_and_closes_removed_ones_after_their_last_worker() {
+    let worker = test_worker();
+    let web = format!(
+        "[sockets.http]\nlisten = \"127.0.0.1:0\"\n\n[pools.web]\ncommand = [\"{worker}\", \"--serve-http\"]\nsockets = [\"http\"]\nready = \"notify\"\n"
+    );
+    let admin = format!(
+        "[sockets.admin]\nlisten = \"127.0.0.1:0\"\n\n[pools.admin]\ncommand = [\"{worker}\", \"--serve-http\"]\nsockets = [\"admin\"]\nready = \"notify\"\n"
+    );
+    let run = Run::with_config(&web);
+    run.wait_ready(1);
+    std::fs::write(run.path("ustad.toml"), format!("{web}\n{admin}")).unwrap();
+    let out = run.client(&["reload", "admin", "--wait"]).ok();
+    assert!(out.contains("socket admin added"), "{out}");
+    let address = run.addr("admin");
+    let (code, headers, _) = ustad_testkit::load::get(address).expect("the new socket serves");
+    assert_eq!(code, 200);
+    let admin_pid: u64 = headers["x-worker-pid"].parse().unwrap();
+    assert!(worker_pids(&status_json(&run), "admin").contains(&admin_pid));
+
+    // Removed: its pool stops, then the socket is closed and refuses connections.
+    std::fs::write(run.path("ustad.toml"), &web).unwrap();
+    let out = run.client(&["reload", "web", "--wait"]).ok();
+    assert!(out.contains("rolling restart finished: web"), "{out}");
+    let closed = run.cluster.wait_event(|e| e.is("socket_closed"), TIMEOUT);
+    assert_eq!(closed.str("socket"), Some("admin"));
+    let refused = std::net::TcpStream::connect(address).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    // Closed only once the admin worker had exited.
+    let events = run.cluster.events();
+    let exited = events
+        .iter()
+        .position(|e| e.is("exited") && e.str("pool") == Some("admin"))
+        .unwrap();
+    let closed_at = events.iter().position(|e| e.is("socket_closed")).unwrap();
+    assert!(exited < closed_at);
+    let (code, _, _) = ustad_testkit::load::get(run.addr("http")).unwrap();
+    assert_eq!(code, 200);
+}

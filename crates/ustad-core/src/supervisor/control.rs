@@ -21,6 +21,8 @@ use crate::status::ClusterStatus;
 #[derive(Debug)]
 pub(super) struct ReloadWaiter {
     replies: mpsc::Sender<Reply>,
+    /// What the reload did, to say again in the final answer.
+    applied: String,
     /// Pool → finished (`Some(Ok)`), stopped (`Some(Err)`) or rolling (`None`).
     pools: BTreeMap<String, Option<Result<(), String>>>,
 }
@@ -216,7 +218,11 @@ impl Runtime {
                         (pool, failed)
                     })
                     .collect();
-                self.reload_waiters.push(ReloadWaiter { replies, pools });
+                self.reload_waiters.push(ReloadWaiter {
+                    replies,
+                    applied: applied.message,
+                    pools,
+                });
                 self.settle_reload_waiters();
             }
         }
@@ -260,7 +266,8 @@ impl Runtime {
                 .collect();
             let last = if failures.is_empty() {
                 Reply::done(format!(
-                    "rolling restart finished: {}",
+                    "{}\nrolling restart finished: {}",
+                    waiter.applied,
                     waiter.pools.keys().cloned().collect::<Vec<_>>().join(", ")
                 ))
             } else {

@@ -91,6 +91,11 @@ impl Runtime {
         for name in added_sockets.iter().map(|(n, _)| n) {
             summary.push(format!("socket {name} added"));
         }
+        for (socket, address) in self.listeners.addresses() {
+            if added_sockets.iter().any(|(name, _)| *name == socket) {
+                tracing::info!(event = "listening", socket = %socket, address = %address, "socket {socket} listening on {address}");
+            }
+        }
         for (name, spec) in &self.config.sockets {
             if !config.sockets.contains_key(name) {
                 self.retired_sockets.push((name.clone(), spec.clone()));
