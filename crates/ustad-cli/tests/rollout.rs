@@ -114,7 +114,7 @@ command = ["{worker}", "--serve-http"{extra_args}]
 size = 2
 sockets = ["http"]
 ready = "notify"
-ready_timeout = "1s"
+ready_timeout = "3s"
 restart_delay = "100ms"
 "#
     )
