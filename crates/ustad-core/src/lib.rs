@@ -48,6 +48,7 @@
 
 pub mod config;
 pub mod control;
+pub mod ipc;
 pub mod logbook;
 pub mod metrics;
 pub mod notify;

@@ -1,0 +1,298 @@
+//! What a frame says (see the module docs of [`crate::ipc`] and `docs/protocol.md`).
+
+use std::io::Write as _;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::frame::{FrameError, HEADER};
+
+/// The kinds of frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// Worker → primary: serving.
+    Ready,
+    /// Worker → primary: alive (for `watchdog`).
+    Heartbeat,
+    /// Worker → primary: replace me (rolling).
+    Restart,
+    /// Worker → primary: I am shutting down on my own.
+    Stopping,
+    /// Primary → worker: stop gracefully within `deadline_ms`.
+    Stop {
+        /// Milliseconds before the worker's process group is killed.
+        deadline_ms: u64,
+    },
+    /// Either way: a message.
+    Msg,
+    /// Either way: a request, to be answered with `rep` or `err` of the same id.
+    Req {
+        /// Chosen by the sender, unique among its requests in flight.
+        id: u64,
+    },
+    /// Either way: the answer to request `id`.
+    Rep {
+        /// The request's id.
+        id: u64,
+    },
+    /// Either way: request `id` failed.
+    Err {
+        /// The request's id.
+        id: u64,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A decoded frame: its kind, and where its `body` is in the frame.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// What it is.
+    pub kind: Kind,
+    frame: Bytes,
+    body: Option<std::ops::Range<usize>>,
+}
+
+impl Envelope {
+    /// The `body` as raw JSON text (`msg`, `req` and `rep` have one).
+    pub fn body(&self) -> Option<&[u8]> {
+        self.body.clone().map(|range| &self.frame[range])
+    }
+
+    /// The `body`, deserialized.
+    ///
+    /// # Errors
+    /// When there is no body or it does not fit `T`.
+    pub fn decode<T: for<'de> Deserialize<'de>>(&self) -> Result<T, serde_json::Error> {
+        let body = self.body().unwrap_or(b"null");
+        serde_json::from_slice(body)
+    }
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    t: &'a str,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(borrow, default)]
+    body: Option<&'a RawValue>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    deadline_ms: Option<u64>,
+}
+
+/// Decodes a frame body (as [`super::FrameReader::next`] returns it).
+///
+/// # Errors
+/// [`FrameError::Envelope`] when it is not an envelope of a known kind with its fields.
+pub fn decode(frame: Bytes) -> Result<Envelope, FrameError> {
+    let wire: Wire<'_> =
+        serde_json::from_slice(&frame).map_err(|e| FrameError::Envelope(e.to_string()))?;
+    let needs_id = |what: &str| {
+        wire.id
+            .ok_or_else(|| FrameError::Envelope(format!("a `{what}` frame needs an `id`")))
+    };
+    let kind = match wire.t {
+        "ready" => Kind::Ready,
+        "heartbeat" => Kind::Heartbeat,
+        "restart" => Kind::Restart,
+        "stopping" => Kind::Stopping,
+        "stop" => Kind::Stop {
+            deadline_ms: wire.deadline_ms.unwrap_or(0),
+        },
+        "msg" => Kind::Msg,
+        "req" => Kind::Req {
+            id: needs_id("req")?,
+        },
+        "rep" => Kind::Rep {
+            id: needs_id("rep")?,
+        },
+        "err" => Kind::Err {
+            id: needs_id("err")?,
+            message: wire.message.clone().unwrap_or_default(),
+        },
+        other => {
+            return Err(FrameError::Envelope(format!(
+                "unknown frame type `{}`",
+                other.chars().take(40).collect::<String>()
+            )));
+        }
+    };
+    let body = match (&kind, wire.body) {
+        (Kind::Msg | Kind::Req { .. } | Kind::Rep { .. }, None) => {
+            return Err(FrameError::Envelope(format!(
+                "a `{}` frame needs a `body`",
+                wire.t
+            )));
+        }
+        (_, Some(raw)) => {
+            // The raw value borrows from `frame`: its offset locates the body in the frame.
+            let start = raw.get().as_ptr() as usize - frame.as_ptr() as usize;
+            Some(start..start + raw.get().len())
+        }
+        (_, None) => None,
+    };
+    Ok(Envelope { kind, frame, body })
+}
+
+/// Writes a whole frame (header included) of a kind with a body: `msg`, `req`, `rep`.
+///
+/// # Errors
+/// When `body` cannot be serialized (e.g. a map with non-string keys).
+pub fn encode_body<T: Serialize + ?Sized>(
+    out: &mut BytesMut,
+    kind: &Kind,
+    body: &T,
+) -> Result<(), serde_json::Error> {
+    let start = out.len();
+    out.put_u32_le(0);
+    let mut writer = out.writer();
+    let head = match kind {
+        Kind::Req { id } => format!("{{\"t\":\"req\",\"id\":{id},\"body\":"),
+        Kind::Rep { id } => format!("{{\"t\":\"rep\",\"id\":{id},\"body\":"),
+        _ => "{\"t\":\"msg\",\"body\":".to_owned(),
+    };
+    let written = writer
+        .write_all(head.as_bytes())
+        .map_err(serde_json::Error::io)
+        .and_then(|()| serde_json::to_writer(&mut writer, body))
+        .and_then(|()| writer.write_all(b"}").map_err(serde_json::Error::io));
+    let out = writer.into_inner();
+    if let Err(error) = written {
+        out.truncate(start);
+        return Err(error);
+    }
+    let len = (out.len() - start - HEADER) as u32;
+    out[start..start + HEADER].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// A whole frame of a kind without a body: `ready`, `heartbeat`, `restart`, `stopping`,
+/// `stop`, `err`.
+pub fn encode_simple(kind: &Kind) -> Bytes {
+    #[derive(Serialize)]
+    struct Simple<'a> {
+        t: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        deadline_ms: Option<u64>,
+    }
+    let simple = match kind {
+        Kind::Ready => Simple {
+            t: "ready",
+            id: None,
+            message: None,
+            deadline_ms: None,
+        },
+        Kind::Heartbeat => Simple {
+            t: "heartbeat",
+            id: None,
+            message: None,
+            deadline_ms: None,
+        },
+        Kind::Restart => Simple {
+            t: "restart",
+            id: None,
+            message: None,
+            deadline_ms: None,
+        },
+        Kind::Stopping => Simple {
+            t: "stopping",
+            id: None,
+            message: None,
+            deadline_ms: None,
+        },
+        Kind::Stop { deadline_ms } => Simple {
+            t: "stop",
+            id: None,
+            message: None,
+            deadline_ms: Some(*deadline_ms),
+        },
+        Kind::Err { id, message } => Simple {
+            t: "err",
+            id: Some(*id),
+            message: Some(message),
+            deadline_ms: None,
+        },
+        Kind::Msg | Kind::Req { .. } | Kind::Rep { .. } => {
+            let mut out = BytesMut::new();
+            encode_body(&mut out, kind, &()).expect("unit serializes");
+            return out.freeze();
+        }
+    };
+    super::frame(&serde_json::to_vec(&simple).expect("a simple envelope serializes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(frame: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(&frame[HEADER..])
+    }
+
+    #[test]
+    fn bodies_are_written_and_read_back_without_copying() {
+        let mut out = BytesMut::new();
+        encode_body(
+            &mut out,
+            &Kind::Req { id: 7 },
+            &serde_json::json!({"type": "add", "n": 2}),
+        )
+        .unwrap();
+        let frame = out.freeze();
+        let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - HEADER);
+        let envelope = decode(body_of(&frame)).unwrap();
+        assert_eq!(envelope.kind, Kind::Req { id: 7 });
+        assert_eq!(envelope.body().unwrap(), br#"{"n":2,"type":"add"}"#);
+        let value: serde_json::Value = envelope.decode().unwrap();
+        assert_eq!(value["n"], 2);
+    }
+
+    #[test]
+    fn simple_kinds_round_trip() {
+        for kind in [
+            Kind::Ready,
+            Kind::Heartbeat,
+            Kind::Restart,
+            Kind::Stopping,
+            Kind::Stop { deadline_ms: 3000 },
+            Kind::Err {
+                id: 4,
+                message: "no such task".into(),
+            },
+        ] {
+            let frame = encode_simple(&kind);
+            assert_eq!(decode(body_of(&frame)).unwrap().kind, kind);
+        }
+    }
+
+    #[test]
+    fn what_other_languages_write_is_read_too() {
+        let envelope = decode(Bytes::from_static(
+            br#" { "body" : [1, 2] , "t" : "msg", "extra": true }"#,
+        ))
+        .unwrap();
+        assert_eq!(envelope.kind, Kind::Msg);
+        assert_eq!(envelope.body().unwrap(), b"[1, 2]");
+    }
+
+    #[test]
+    fn malformed_envelopes_are_refused_with_the_reason() {
+        let refuse = |text: &'static [u8]| match decode(Bytes::from_static(text)) {
+            Err(FrameError::Envelope(why)) => why,
+            other => panic!("accepted {other:?}"),
+        };
+        assert!(refuse(b"not json").contains("expected"));
+        assert!(refuse(br#"{"t":"explode"}"#).contains("unknown frame type `explode`"));
+        assert!(refuse(br#"{"t":"req","body":1}"#).contains("needs an `id`"));
+        assert!(refuse(br#"{"t":"msg"}"#).contains("needs a `body`"));
+        assert!(refuse(br#"{"body":1}"#).contains("missing field `t`"));
+    }
+}

@@ -1,0 +1,26 @@
+//! The channel between a primary and each of its library workers: a Unix stream socket
+//! (one end of a `socketpair`, passed to the worker as `USTAD_IPC_FD`) carrying frames.
+//!
+//! The wire format is language-neutral and documented in `docs/protocol.md`: each frame is a
+//! 4-byte little-endian length followed by that many bytes of one JSON object, the
+//! [`Envelope`]. Envelopes say what the frame is (`"t"`): lifecycle news (`ready`,
+//! `heartbeat`, `restart`, `stopping`, `stop`), or the user's messages (`msg`), requests
+//! (`req`), replies (`rep`) and failed replies (`err`), whose `body` is any JSON value.
+//!
+//! Reading is bounded: a frame longer than the agreed maximum, of length zero, or that is not
+//! an envelope is a protocol error that ends the channel (the peer is cut off); it never
+//! allocates more than the maximum.
+
+mod envelope;
+mod frame;
+
+pub use envelope::{Envelope, Kind, decode, encode_body, encode_simple};
+pub use frame::{FrameError, FrameReader, HEADER, frame};
+
+/// The default largest frame body, in bytes.
+pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
+
+/// The environment variable holding the worker's end of the channel.
+pub const IPC_FD_VAR: &str = "USTAD_IPC_FD";
+/// The environment variable holding the largest frame the primary accepts.
+pub const MAX_FRAME_VAR: &str = "USTAD_IPC_MAX_FRAME";
