@@ -70,6 +70,8 @@ pub struct WorkerLaunch<'a> {
     pub sockets: Vec<(&'a str, BorrowedFd<'a>)>,
     /// The primary's notify socket path, given when the pool uses `ready = "notify"`.
     pub notify_socket: Option<&'a Path>,
+    /// The worker's end of its message channel, placed after the sockets.
+    pub ipc: Option<BorrowedFd<'a>>,
 }
 
 /// Variables the primary never passes on from its own environment.
@@ -82,6 +84,7 @@ fn is_reserved(key: &OsStr) -> bool {
         "WATCHDOG_USEC",
         "WATCHDOG_PID",
     ];
+    // USTAD_IPC_FD and USTAD_IPC_MAX_FRAME are covered by the USTAD_ prefix.
     let key = key.as_bytes();
     RESERVED.iter().any(|r| r.as_bytes() == key) || key.starts_with(b"USTAD_")
 }
@@ -120,6 +123,11 @@ fn worker_env(launch: &WorkerLaunch<'_>) -> Vec<CString> {
             // and the worker's pid is not known before the fork.
             env.push(env_entry("WATCHDOG_USEC", watchdog.as_micros().to_string()));
         }
+    }
+    if let (Some(_), Some(ipc)) = (launch.ipc, spec.ipc) {
+        let fd = sys::LISTEN_FDS_START + launch.sockets.len() as RawFd;
+        env.push(env_entry(crate::ipc::IPC_FD_VAR, fd.to_string()));
+        env.push(env_entry(crate::ipc::MAX_FRAME_VAR, ipc.max_message.to_string()));
     }
     env.push(env_entry("USTAD_POOL", launch.pool));
     env.push(env_entry("USTAD_WORKER_ID", launch.id.0.to_string()));
@@ -232,13 +240,18 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
 
     // Move the sockets above the range they will be placed into, and keep std's own pipes
     // above it too, so that placing them clobbers nothing.
-    let count = launch.sockets.len() as RawFd;
-    let above = LISTEN_FDS_START + count;
-    let _reserved = sys::reserve_low_fds(above).map_err(io_error)?;
-    let fds: Vec<OwnedFd> = launch
+    // The channel, if any, goes right after the sockets (not counted in LISTEN_FDS).
+    let passed: Vec<BorrowedFd<'_>> = launch
         .sockets
         .iter()
-        .map(|(_, fd)| rustix::io::fcntl_dupfd_cloexec(fd, above).map_err(std::io::Error::from))
+        .map(|(_, fd)| *fd)
+        .chain(launch.ipc)
+        .collect();
+    let above = LISTEN_FDS_START + passed.len() as RawFd;
+    let _reserved = sys::reserve_low_fds(above).map_err(io_error)?;
+    let fds: Vec<OwnedFd> = passed
+        .iter()
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, above).map_err(std::io::Error::from))
         .collect::<Result<_, _>>()
         .map_err(io_error)?;
 

@@ -101,6 +101,25 @@ pub struct PoolSpec {
     /// A worker must send `WATCHDOG=1` at least this often (it gets `WATCHDOG_USEC`), else it
     /// is considered hung: killed with SIGABRT, then SIGKILL, and replaced.
     pub watchdog: Option<Duration>,
+    /// Give each worker a message channel to the primary (`USTAD_IPC_FD`, see
+    /// `docs/protocol.md`), carrying frames of at most `max_message` bytes. Set by the Rust
+    /// library for its own workers.
+    pub ipc: Option<IpcSpec>,
+}
+
+/// A pool's message channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpcSpec {
+    /// The largest frame either side accepts, in bytes.
+    pub max_message: usize,
+}
+
+impl Default for IpcSpec {
+    fn default() -> IpcSpec {
+        IpcSpec {
+            max_message: crate::ipc::DEFAULT_MAX_FRAME,
+        }
+    }
 }
 
 impl PoolSpec {
@@ -123,6 +142,7 @@ impl PoolSpec {
             silent: false,
             max_memory: None,
             watchdog: None,
+            ipc: None,
         }
     }
 }

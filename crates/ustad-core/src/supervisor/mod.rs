@@ -6,6 +6,7 @@
 
 mod control;
 mod guard;
+mod link;
 mod log;
 mod reload;
 mod usage;
@@ -13,6 +14,7 @@ mod usage;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +36,7 @@ use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
 use crate::status::ClusterStatus;
 
 use self::guard::Guard;
+pub use self::link::{Inbound, Link, LinkEvent, OUTBOX, WorkerInfo};
 
 /// Re-reads the configuration (on SIGHUP).
 pub type Reload = Box<dyn FnMut() -> Result<Config, ConfigError>>;
@@ -59,6 +62,8 @@ pub struct Options {
     pub config_file: Option<PathBuf>,
     /// Where to serve `/metrics` and `/healthz`.
     pub metrics: Option<SocketAddr>,
+    /// The embedding program's ends, for the Rust library.
+    pub link: Option<Link>,
 }
 
 impl Default for Options {
@@ -72,6 +77,7 @@ impl Default for Options {
             control: None,
             config_file: None,
             metrics: None,
+            link: None,
         }
     }
 }
@@ -87,6 +93,7 @@ impl std::fmt::Debug for Options {
             .field("control", &self.control)
             .field("config_file", &self.config_file)
             .field("metrics", &self.metrics)
+            .field("link", &self.link.is_some())
             .finish()
     }
 }
@@ -194,7 +201,16 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         })
     });
     let logbook = LogBook::default();
+    let (link_events, link_inbound, mut link_calls) = match options.link {
+        Some(link) => (Some(link.events), Some(link.inbound), Some(link.calls)),
+        None => (None, None, None),
+    };
+    let (lifecycle, mut lifecycle_frames) = mpsc::unbounded_channel();
     let mut runtime = Runtime {
+        link_events,
+        link_inbound,
+        lifecycle,
+        channels: std::collections::HashMap::new(),
         plan: Plan::new(&config, seed),
         config,
         listeners,
@@ -219,6 +235,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         finished: false,
         rejections: RateLimit::default(),
     };
+    if let Some(events) = &runtime.link_events {
+        let _ = events.send(LinkEvent::Started);
+    }
     let outcome = runtime.plan.start(Instant::now());
     runtime.perform(outcome);
     let mut memory_check = tokio::time::interval(usage::MEMORY_INTERVAL);
@@ -252,6 +271,13 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
             _ = signals.child.recv() => runtime.on_child_signal(),
             datagram = runtime.notify.recv() => runtime.on_datagram(datagram),
             Some(call) = calls.recv() => runtime.on_call(call),
+            Some(call) = async {
+                match &mut link_calls {
+                    Some(calls) => calls.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => runtime.on_call(call),
+            Some((id, frame)) = lifecycle_frames.recv() => runtime.on_lifecycle_frame(id, frame),
             Some(reply) = status_requests.recv() => {
                 let _ = reply.send(runtime.status());
             }
@@ -264,6 +290,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
     }
     drop(control);
     runtime.kill_adopted_orphans().await;
+    if let Some(events) = &runtime.link_events {
+        let _ = events.send(LinkEvent::Stopped);
+    }
     runtime.output.finish(Duration::from_secs(1)).await;
     // Dropping the guard closes its pipe: it exits, and is reaped.
     drop(runtime.guard.take());
@@ -340,6 +369,14 @@ impl RateLimit {
 }
 
 struct Runtime {
+    /// The embedding program's lifecycle events (Rust library).
+    link_events: Option<mpsc::UnboundedSender<LinkEvent>>,
+    /// Where library workers' messages go.
+    link_inbound: Option<mpsc::Sender<Inbound>>,
+    /// Lifecycle frames from library workers' channels.
+    lifecycle: link::Lifecycle,
+    /// The outbox of each library worker's channel.
+    channels: std::collections::HashMap<WorkerId, mpsc::Sender<bytes::Bytes>>,
     plan: Plan,
     config: Config,
     listeners: Listeners,
@@ -387,6 +424,7 @@ impl Runtime {
             for notice in &outcome.notices {
                 log::notice(notice);
                 self.publish(notice);
+                self.publish_link(notice);
                 if let Notice::Scaled { pool, from, to } = notice {
                     if to < from {
                         self.listeners.release_slots(pool, *to);
@@ -405,7 +443,15 @@ impl Runtime {
                         let event = self.spawn(id, &pool, slot, generation, &spec);
                         queue.push_back(self.plan.handle(event, Instant::now()));
                     }
-                    Action::Signal { pid, signal, .. } => signal_group(pid, signal),
+                    Action::Signal { id, pid, signal } => {
+                        if let Some(outbox) = self.channels.get(&id) {
+                            let deadline = worker_kill_timeout(&self.plan, id);
+                            let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+                            let _ = outbox
+                                .try_send(crate::ipc::encode_simple(&crate::ipc::Kind::Stop { deadline_ms }));
+                        }
+                        signal_group(pid, signal);
+                    }
                     Action::Kill { pid, .. } => signal_group(pid, Signal::KILL),
                     Action::Exit => self.finished = true,
                 }
@@ -430,6 +476,23 @@ impl Runtime {
                 error: error.to_string(),
             };
         }
+        let pair = match spec.ipc {
+            Some(_) => match rustix::net::socketpair(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::STREAM,
+                rustix::net::SocketFlags::CLOEXEC,
+                None,
+            ) {
+                Ok(pair) => Some(pair),
+                Err(error) => {
+                    return Event::SpawnFailed {
+                        id,
+                        error: format!("cannot create the message channel: {error}"),
+                    };
+                }
+            },
+            None => None,
+        };
         let launch = WorkerLaunch {
             id,
             pool,
@@ -438,6 +501,7 @@ impl Runtime {
             spec,
             sockets: self.listeners.fds(&spec.sockets, pool, slot),
             notify_socket: wants_notify(spec).then(|| self.notify.path()),
+            ipc: pair.as_ref().map(|(_, child)| child.as_fd()),
         };
         let mut child = match spawn_worker(&launch) {
             Ok(child) => child,
@@ -456,6 +520,38 @@ impl Runtime {
         };
         self.output
             .attach(pool, slot, id.0, child.stdout.take(), child.stderr.take());
+        let info = Arc::new(WorkerInfo {
+            id,
+            pool: Arc::from(pool),
+            slot,
+            generation,
+        });
+        let outbox = match (pair, spec.ipc) {
+            (Some((parent, _child)), Some(ipc)) => match link::start_channel(
+                parent,
+                info.clone(),
+                ipc,
+                self.lifecycle.clone(),
+                self.link_inbound.clone(),
+            ) {
+                Ok(outbox) => {
+                    self.channels.insert(id, outbox.clone());
+                    Some(outbox)
+                }
+                Err(error) => {
+                    error!("worker {pool}.{slot} (id {id}): cannot use its message channel: {error}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        if let Some(events) = &self.link_events {
+            let _ = events.send(LinkEvent::Spawned {
+                worker: (*info).clone(),
+                pid,
+                outbox,
+            });
+        }
         if let Some(guard) = &mut self.guard {
             guard.watch(pid);
         }
@@ -474,6 +570,7 @@ impl Runtime {
     }
 
     fn on_exit(&mut self, id: WorkerId, status: ExitStatus) {
+        self.channels.remove(&id);
         // Other members of the worker's process group outlive it only until the deadline of
         // its stop (or, after a crash, for one kill_timeout after the stop signal).
         if let Some(worker) = self.plan.worker(id) {
