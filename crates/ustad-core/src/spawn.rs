@@ -127,7 +127,10 @@ fn worker_env(launch: &WorkerLaunch<'_>) -> Vec<CString> {
     if let (Some(_), Some(ipc)) = (launch.ipc, spec.ipc) {
         let fd = sys::LISTEN_FDS_START + launch.sockets.len() as RawFd;
         env.push(env_entry(crate::ipc::IPC_FD_VAR, fd.to_string()));
-        env.push(env_entry(crate::ipc::MAX_FRAME_VAR, ipc.max_message.to_string()));
+        env.push(env_entry(
+            crate::ipc::MAX_FRAME_VAR,
+            ipc.max_message.to_string(),
+        ));
     }
     env.push(env_entry("USTAD_POOL", launch.pool));
     env.push(env_entry("USTAD_WORKER_ID", launch.id.0.to_string()));

@@ -37,6 +37,14 @@ pub enum Error {
         /// The error from `fcntl`.
         source: io::Error,
     },
+    /// `USTAD_IPC_FD` names an fd that is not open, or it was already taken.
+    #[error("USTAD_IPC_FD names fd {fd}, which cannot be used: {reason}")]
+    Channel {
+        /// The fd.
+        fd: RawFd,
+        /// Why.
+        reason: String,
+    },
     /// [`listen_fds`](crate::listen_fds) was called a second time: the fds belong to whoever
     /// took them first.
     #[error("the inherited listening sockets were already taken by an earlier listen_fds() call")]

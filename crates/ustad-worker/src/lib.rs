@@ -44,6 +44,7 @@
 //! }
 //! ```
 
+mod channel;
 mod error;
 mod identity;
 mod listen;
@@ -53,6 +54,7 @@ pub mod vars;
 
 use std::ffi::OsStr;
 
+pub use channel::{max_frame, take_channel};
 pub use error::Error;
 pub use identity::Identity;
 pub use listen::{ListenFd, listen_fds};

@@ -1,5 +1,5 @@
 //! The only `unsafe` in this crate: taking ownership of the fds inherited through socket
-//! activation.
+//! activation, and of the message channel a library primary passes.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -66,4 +66,36 @@ pub(crate) fn take_listen_fds(count: usize) -> Result<Vec<OwnedFd>, TakeError> {
         })
         .collect();
     Ok(owned)
+}
+
+/// Set once the channel fd has been taken.
+static CHANNEL_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of `fd`, the message channel the primary named in `USTAD_IPC_FD`, marking
+/// it close-on-exec. Succeeds at most once per process.
+pub(crate) fn take_channel_fd(fd: RawFd) -> Result<OwnedFd, TakeError> {
+    if fd < LISTEN_FDS_START {
+        return Err(TakeError::Fd {
+            fd,
+            source: io::Error::new(io::ErrorKind::InvalidInput, "below 3 (stdio)"),
+        });
+    }
+    if CHANNEL_TAKEN.swap(true, Ordering::AcqRel) {
+        return Err(TakeError::AlreadyTaken);
+    }
+    // SAFETY: as in `take_listen_fds`: a borrow for one `fcntl` call; `CHANNEL_TAKEN` makes
+    // this the only taker of the fd the primary placed for us, so nothing closes it meanwhile.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    if let Err(err) =
+        fcntl_getfd(borrowed).and_then(|flags| fcntl_setfd(borrowed, flags | FdFlags::CLOEXEC))
+    {
+        CHANNEL_TAKEN.store(false, Ordering::Release);
+        return Err(TakeError::Fd {
+            fd,
+            source: err.into(),
+        });
+    }
+    // SAFETY: `fd` is open (checked above) and was passed to this process alone by the
+    // primary; `CHANNEL_TAKEN` makes this the only `OwnedFd` for it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::config::IpcSpec;
 use crate::control::server::Call;
-use crate::ipc::{self, Envelope, FrameReader, Kind};
+use crate::ipc::{self, Envelope, FrameError, FrameReader, Kind};
 use crate::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
 
 /// Frames queued for one worker before a sender waits.
@@ -137,6 +137,16 @@ pub(super) fn start_channel(
             let frame = match reader.next().await {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return,
+                // A worker that exits or dies (even mid-frame) closes its channel: that is the
+                // end of it, not a breach of the protocol.
+                Err(error @ (FrameError::Io(_) | FrameError::Truncated { .. })) => {
+                    tracing::debug!(
+                        id = worker.id.0,
+                        "channel of worker {} ended: {error}",
+                        worker.id
+                    );
+                    return;
+                }
                 Err(error) => {
                     let _ = lifecycle.send((worker.id, Err(error.to_string())));
                     return;
@@ -156,10 +166,8 @@ pub(super) fn start_channel(
                     }
                 }
                 Kind::Stop { .. } => {
-                    let _ = lifecycle.send((
-                        worker.id,
-                        Err("a worker may not send `stop`".to_owned()),
-                    ));
+                    let _ =
+                        lifecycle.send((worker.id, Err("a worker may not send `stop`".to_owned())));
                     return;
                 }
                 Kind::Msg | Kind::Req { .. } | Kind::Rep { .. } | Kind::Err { .. } => {

@@ -39,7 +39,7 @@ use self::guard::Guard;
 pub use self::link::{Inbound, Link, LinkEvent, OUTBOX, WorkerInfo};
 
 /// Re-reads the configuration (on SIGHUP).
-pub type Reload = Box<dyn FnMut() -> Result<Config, ConfigError>>;
+pub type Reload = Box<dyn FnMut() -> Result<Config, ConfigError> + Send>;
 
 /// How the supervisor runs.
 #[non_exhaustive]
@@ -446,9 +446,11 @@ impl Runtime {
                     Action::Signal { id, pid, signal } => {
                         if let Some(outbox) = self.channels.get(&id) {
                             let deadline = worker_kill_timeout(&self.plan, id);
-                            let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
-                            let _ = outbox
-                                .try_send(crate::ipc::encode_simple(&crate::ipc::Kind::Stop { deadline_ms }));
+                            let deadline_ms =
+                                u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+                            let _ = outbox.try_send(crate::ipc::encode_simple(
+                                &crate::ipc::Kind::Stop { deadline_ms },
+                            ));
                         }
                         signal_group(pid, signal);
                     }
@@ -539,7 +541,9 @@ impl Runtime {
                     Some(outbox)
                 }
                 Err(error) => {
-                    error!("worker {pool}.{slot} (id {id}): cannot use its message channel: {error}");
+                    error!(
+                        "worker {pool}.{slot} (id {id}): cannot use its message channel: {error}"
+                    );
                     None
                 }
             },

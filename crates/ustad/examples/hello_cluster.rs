@@ -1,0 +1,64 @@
+//! Node's cluster "hello world": one HTTP port, one worker per core, each worker the same
+//! binary as the primary.
+//!
+//!     cargo run --example hello_cluster            # then: curl 127.0.0.1:8000
+//!     HELLO_ADDR=127.0.0.1:9000 cargo run --example hello_cluster
+//!
+//! Ctrl-C stops the workers gracefully, then the primary.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use ustad::{Pool, Role, Worker};
+
+fn main() -> anyhow::Result<()> {
+    let address = std::env::var("HELLO_ADDR").unwrap_or_else(|_| "127.0.0.1:8000".to_owned());
+    match ustad::role() {
+        Role::Primary(primary) => {
+            println!("primary {} serving http://{address}/", std::process::id());
+            primary.pool("web", Pool::auto().listen(&address)).run()?;
+        }
+        Role::Worker(worker) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(serve(worker))?,
+    }
+    Ok(())
+}
+
+async fn serve(worker: Worker) -> anyhow::Result<()> {
+    let listener = worker.tokio_tcp_listener("web")?;
+    let pid = std::process::id();
+    println!(
+        "worker {} (pid {pid}) serving on {}",
+        worker.id(),
+        listener.local_addr()?
+    );
+    let body = Bytes::from(format!("hello from worker {} (pid {pid})\n", worker.id()));
+    worker.ready().await?;
+    let stopped = worker.stopped();
+    tokio::pin!(stopped);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            _ = &mut stopped => break,
+        };
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_: Request<hyper::body::Incoming>| {
+                let mut response = Response::new(Full::new(body.clone()));
+                response.headers_mut().insert("x-worker-pid", pid.into());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+    Ok(())
+}

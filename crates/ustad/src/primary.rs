@@ -1,0 +1,308 @@
+//! The primary: pools described in code, validated like a config file, supervised by the same
+//! engine as the `ustad` command.
+
+use std::time::Duration;
+
+use ustad_core::config::{
+    ByteSize, Command, Config, IpcSpec, ListenAddr, PoolSpec, Readiness, Signal, Size, SocketMode,
+    SocketSpec,
+};
+use ustad_core::supervisor::{self, Options};
+
+use crate::cluster::Cluster;
+use crate::error::Error;
+
+/// One pool of workers, as [`Primary::pool`] takes it. Every setting of a config file's
+/// `[pools.NAME]` has a method here.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    size: Size,
+    sockets: Vec<(Option<String>, SocketSpec)>,
+    settings: Vec<Setting>,
+    errors: Vec<String>,
+    max_in_flight: usize,
+}
+
+/// A setting recorded by a builder method, applied to the pool's spec at the end.
+#[derive(Debug, Clone)]
+enum Setting {
+    ReadyTimeout(Duration),
+    KillTimeout(Duration),
+    RestartDelay(Duration),
+    MinUptime(Duration),
+    Ttl(Duration),
+    Strict(bool),
+    StopSignal(Signal),
+    Env(String, String),
+    Silent(bool),
+    MaxMemory(ByteSize),
+    Watchdog(Duration),
+    MaxMessage(usize),
+}
+
+impl Pool {
+    /// A pool of `size` workers (at least 1).
+    pub fn new(size: usize) -> Pool {
+        let (size, errors) = match Size::fixed(size) {
+            Some(size) => (size, Vec::new()),
+            None => (
+                Size::Auto,
+                vec!["size must be at least 1 (leave the pool out to run no workers)".to_owned()],
+            ),
+        };
+        Pool {
+            size,
+            sockets: Vec::new(),
+            settings: Vec::new(),
+            errors,
+            max_in_flight: 64,
+        }
+    }
+
+    /// A pool with one worker per available core.
+    pub fn auto() -> Pool {
+        let mut pool = Pool::new(1);
+        pool.size = Size::Auto;
+        pool
+    }
+
+    /// Listens on `address` (`"127.0.0.1:8000"`, `"[::]:8000"`, `"unix:/run/app.sock"`), as a
+    /// socket named after the pool, shared by its workers.
+    pub fn listen(self, address: &str) -> Pool {
+        self.listen_socket(None, address, SocketMode::Shared)
+    }
+
+    /// Listens on `address` as a socket called `name` (what `Worker::tcp_listener` takes).
+    pub fn listen_as(self, name: &str, address: &str) -> Pool {
+        self.listen_socket(Some(name.to_owned()), address, SocketMode::Shared)
+    }
+
+    /// Like [`Pool::listen`], with one `SO_REUSEPORT` socket per worker.
+    pub fn listen_reuseport(self, address: &str) -> Pool {
+        self.listen_socket(None, address, SocketMode::ReusePort)
+    }
+
+    fn listen_socket(mut self, name: Option<String>, address: &str, mode: SocketMode) -> Pool {
+        match address.parse::<ListenAddr>() {
+            Ok(listen) => {
+                let mut spec = SocketSpec::new(listen);
+                spec.mode = mode;
+                self.sockets.push((name, spec));
+            }
+            Err(error) => self.errors.push(error),
+        }
+        self
+    }
+
+    /// How long a new worker may take to call `ready()` [default: 30 s].
+    pub fn ready_timeout(self, timeout: Duration) -> Pool {
+        self.with(Setting::ReadyTimeout(timeout))
+    }
+
+    /// How long a worker may take to stop before its process group is killed [default: 30 s].
+    pub fn kill_timeout(self, timeout: Duration) -> Pool {
+        self.with(Setting::KillTimeout(timeout))
+    }
+
+    /// The pause before a worker that exited on its own is replaced [default: 1 s].
+    pub fn restart_delay(self, delay: Duration) -> Pool {
+        self.with(Setting::RestartDelay(delay))
+    }
+
+    /// A worker that exits sooner than this is a failed start [default: 5 s].
+    pub fn min_uptime(self, uptime: Duration) -> Pool {
+        self.with(Setting::MinUptime(uptime))
+    }
+
+    /// Replace each worker after this long (±10%), rolling.
+    pub fn ttl(self, ttl: Duration) -> Pool {
+        self.with(Setting::Ttl(ttl))
+    }
+
+    /// Never run more than `size` workers, even while replacing one.
+    pub fn strict(self) -> Pool {
+        self.with(Setting::Strict(true))
+    }
+
+    /// The signal that asks a worker to stop [default: SIGTERM], e.g. `"SIGINT"`.
+    pub fn stop_signal(mut self, signal: &str) -> Pool {
+        match signal.parse() {
+            Ok(signal) => self.with(Setting::StopSignal(signal)),
+            Err(error) => {
+                self.errors.push(error);
+                self
+            }
+        }
+    }
+
+    /// An environment variable for the workers.
+    pub fn env(self, key: &str, value: &str) -> Pool {
+        self.with(Setting::Env(key.to_owned(), value.to_owned()))
+    }
+
+    /// Drop the workers' stdout and stderr.
+    pub fn silent(self) -> Pool {
+        self.with(Setting::Silent(true))
+    }
+
+    /// Replace a worker whose memory stays above this (`"512MiB"`), rolling.
+    pub fn max_memory(mut self, limit: &str) -> Pool {
+        match limit.parse() {
+            Ok(limit) => self.with(Setting::MaxMemory(limit)),
+            Err(error) => {
+                self.errors.push(error);
+                self
+            }
+        }
+    }
+
+    /// Workers must call `Worker::heartbeat` this often, else they are killed as hung.
+    pub fn watchdog(self, period: Duration) -> Pool {
+        self.with(Setting::Watchdog(period))
+    }
+
+    /// The largest message, in bytes of JSON, either side accepts [default: 1 MiB]. A worker
+    /// that sends a larger one is cut off and replaced.
+    pub fn max_message(self, bytes: usize) -> Pool {
+        self.with(Setting::MaxMessage(bytes))
+    }
+
+    /// Tasks [`Cluster::dispatch`] sends one worker of this pool before it waits for answers
+    /// [default: 64].
+    pub fn max_in_flight(mut self, tasks: usize) -> Pool {
+        self.max_in_flight = tasks.max(1);
+        self
+    }
+
+    fn with(mut self, setting: Setting) -> Pool {
+        self.settings.push(setting);
+        self
+    }
+
+    pub(crate) fn in_flight_limit(&self) -> usize {
+        self.max_in_flight
+    }
+}
+
+/// The primary, before it starts: pools are added with [`Primary::pool`].
+#[derive(Debug, Default)]
+pub struct Primary {
+    pools: Vec<(String, Pool)>,
+    name: Option<String>,
+}
+
+impl Primary {
+    /// A primary with no pools yet.
+    pub fn new() -> Primary {
+        Primary::default()
+    }
+
+    /// Adds a pool; workers see `name` as `Worker::pool`. Pools start in the order added.
+    pub fn pool(mut self, name: &str, pool: Pool) -> Primary {
+        self.pools.push((name.to_owned(), pool));
+        self
+    }
+
+    /// The instance's name, for `ustad status --name` [default: the program's file name].
+    pub fn name(mut self, name: &str) -> Primary {
+        self.name = Some(name.to_owned());
+        self
+    }
+
+    /// The configuration the pools make, checked as a config file would be.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] with every problem, each naming its pool or socket.
+    pub fn config(&self) -> Result<Config, Error> {
+        let mut problems = Vec::new();
+        let exe = std::env::current_exe()?;
+        let mut words = vec![exe.to_string_lossy().into_owned()];
+        words.extend(std::env::args().skip(1));
+        let command = Command::new(words).map_err(Error::Invalid)?;
+        let mut config = Config::default();
+        if self.pools.is_empty() {
+            problems.push("no pools: add one with Primary::pool".to_owned());
+        }
+        for (name, pool) in &self.pools {
+            problems.extend(pool.errors.iter().map(|e| format!("pool `{name}`: {e}")));
+            let mut spec = PoolSpec::new(command.clone());
+            spec.size = pool.size;
+            spec.ready = Readiness::Notify;
+            spec.ipc = Some(IpcSpec::default());
+            for setting in &pool.settings {
+                match setting.clone() {
+                    Setting::ReadyTimeout(t) => spec.ready_timeout = t,
+                    Setting::KillTimeout(t) => spec.kill_timeout = t,
+                    Setting::RestartDelay(t) => spec.restart_delay = t,
+                    Setting::MinUptime(t) => spec.min_uptime = t,
+                    Setting::Ttl(t) => spec.ttl = Some(t),
+                    Setting::Strict(strict) => spec.strict = strict,
+                    Setting::StopSignal(signal) => spec.stop_signal = signal,
+                    Setting::Env(key, value) => {
+                        spec.env.insert(key, value);
+                    }
+                    Setting::Silent(silent) => spec.silent = silent,
+                    Setting::MaxMemory(limit) => spec.max_memory = Some(limit),
+                    Setting::Watchdog(period) => spec.watchdog = Some(period),
+                    Setting::MaxMessage(bytes) => spec.ipc = Some(IpcSpec { max_message: bytes }),
+                }
+            }
+            for (socket_name, socket) in &pool.sockets {
+                let socket_name = socket_name.clone().unwrap_or_else(|| name.clone());
+                config.sockets.insert(socket_name.clone(), socket.clone());
+                spec.sockets.push(socket_name);
+            }
+            config.pools.insert(name.clone(), spec);
+        }
+        if let Err(found) = config.validate() {
+            problems.extend(found.iter().map(ToString::to_string));
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(Error::Invalid(problems.join("; ")))
+        }
+    }
+
+    fn options(&self) -> Options {
+        let mut options = Options::default();
+        options.name = self.name.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "ustad".to_owned())
+        });
+        options.control = Some(ustad_core::control::paths::default_socket(&options.name));
+        options
+    }
+
+    /// Supervises the pools until SIGINT or SIGTERM, then stops every worker gracefully.
+    /// Messages workers send are dropped: use [`Primary::start`] to talk to them.
+    ///
+    /// # Errors
+    /// An invalid configuration, or a socket that cannot be bound (nothing started then).
+    pub fn run(self) -> Result<(), Error> {
+        let config = self.config()?;
+        let options = self.options();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(supervisor::run(config, options))?;
+        Ok(())
+    }
+
+    /// Starts the pools and returns a handle to talk to the workers. The supervisor runs on
+    /// its own thread until [`Cluster::stop`], SIGINT or SIGTERM.
+    ///
+    /// # Errors
+    /// An invalid configuration, or a socket that cannot be bound (nothing started then).
+    pub fn start(self) -> Result<Cluster, Error> {
+        let config = self.config()?;
+        let limits = self
+            .pools
+            .iter()
+            .map(|(name, pool)| (name.clone(), pool.in_flight_limit()))
+            .collect();
+        Cluster::start(config, self.options(), limits)
+    }
+}

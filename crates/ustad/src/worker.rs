@@ -1,0 +1,405 @@
+//! A worker's side: who it is, its listeners, and its channel to the primary.
+//!
+//! The channel starts on first use, on the tokio runtime of the caller: a writer task fed by a
+//! bounded queue (sending waits when the primary reads slowly), and a reader task that hands
+//! replies to the requests waiting for them and queues the primary's messages and requests for
+//! [`Worker::recv`] (bounded too: a primary flooding a worker that does not read is slowed
+//! down by the socket, not buffered for).
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use ustad_core::ipc::{self, FrameReader, Kind};
+use ustad_worker::{Identity, ListenFd, Notifier};
+
+use crate::channel::{IncomingRequest, Message, Pending, await_reply, encode};
+use crate::error::{Error, RequestError};
+
+/// Frames queued for the primary before a sender waits.
+const OUTBOX: usize = 1024;
+/// Messages from the primary queued for [`Worker::recv`].
+const INBOX: usize = 1024;
+
+/// What the primary sent: a message, or a request to answer.
+#[derive(Debug)]
+pub enum FromPrimary {
+    /// A message.
+    Message(Message),
+    /// A request: answer it with [`IncomingRequest::reply`].
+    Request(IncomingRequest),
+}
+
+/// This process, as a worker of its primary. See the [crate docs](crate). Cheap to clone:
+/// clones share the same channel.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    identity: Identity,
+    generation: u64,
+    socket: Mutex<Option<OwnedFd>>,
+    max_frame: usize,
+    listeners: Mutex<Option<Vec<ListenFd>>>,
+    channel: OnceLock<Result<Channel, String>>,
+    notifier: Option<Notifier>,
+}
+
+#[derive(Debug)]
+struct Channel {
+    outbox: mpsc::Sender<Bytes>,
+    inbox: tokio::sync::Mutex<mpsc::Receiver<FromPrimary>>,
+    pending: Arc<Pending>,
+    next_request: AtomicU64,
+    /// Set when the primary sends `stop`: the time left before the group is killed.
+    stop: watch::Receiver<Option<Duration>>,
+}
+
+impl Worker {
+    /// This process as a worker, if a primary started it (`USTAD_POOL` is set).
+    pub(crate) fn from_env() -> Result<Option<Worker>, Error> {
+        let worker_error = |e: ustad_worker::Error| Error::Invalid(e.to_string());
+        let Some(identity) = Identity::from_env().map_err(worker_error)? else {
+            return Ok(None);
+        };
+        let generation = std::env::var("USTAD_GENERATION")
+            .ok()
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(1);
+        let socket = ustad_worker::take_channel().map_err(worker_error)?;
+        let max_frame = ustad_worker::max_frame()
+            .map_err(worker_error)?
+            .unwrap_or(ipc::DEFAULT_MAX_FRAME);
+        let notifier = Notifier::from_env().map_err(worker_error)?;
+        Ok(Some(Worker {
+            inner: Arc::new(Inner {
+                identity,
+                generation,
+                socket: Mutex::new(socket),
+                max_frame,
+                listeners: Mutex::new(None),
+                channel: OnceLock::new(),
+                notifier,
+            }),
+        }))
+    }
+
+    /// The pool this worker belongs to.
+    pub fn pool(&self) -> &str {
+        self.inner.identity.pool()
+    }
+
+    /// Its id: unique for the primary's life.
+    pub fn id(&self) -> u64 {
+        self.inner.identity.id()
+    }
+
+    /// Its slot, `0..size`, kept by its replacements.
+    pub fn slot(&self) -> usize {
+        self.inner.identity.index()
+    }
+
+    /// Its generation: rolling restarts start workers of a newer one.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    fn take_listener(&self, name: &str) -> Result<ListenFd, Error> {
+        let mut listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if listeners.is_none() {
+            let fds = ustad_worker::listen_fds().map_err(|e| Error::Invalid(e.to_string()))?;
+            *listeners = Some(fds);
+        }
+        let fds = listeners.as_mut().expect("filled above");
+        let position = fds.iter().position(|fd| fd.name() == name).ok_or_else(|| {
+            Error::Invalid(format!(
+                "this worker has no listener named `{name}` (it has: {})",
+                fds.iter()
+                    .map(ListenFd::name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        Ok(fds.remove(position))
+    }
+
+    /// Takes the TCP listener named `name` (for `Pool::listen`, the pool's name).
+    ///
+    /// # Errors
+    /// No such listener, already taken, or not TCP.
+    pub fn tcp_listener(&self, name: &str) -> Result<std::net::TcpListener, Error> {
+        self.take_listener(name)?
+            .into_tcp_listener()
+            .map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    /// [`Worker::tcp_listener`] as a tokio listener. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// As [`Worker::tcp_listener`].
+    pub fn tokio_tcp_listener(&self, name: &str) -> Result<tokio::net::TcpListener, Error> {
+        let listener = self.tcp_listener(name)?;
+        listener.set_nonblocking(true)?;
+        Ok(tokio::net::TcpListener::from_std(listener)?)
+    }
+
+    /// Takes the Unix listener named `name`.
+    ///
+    /// # Errors
+    /// No such listener, already taken, or not a Unix stream socket.
+    pub fn unix_listener(&self, name: &str) -> Result<std::os::unix::net::UnixListener, Error> {
+        self.take_listener(name)?
+            .into_unix_listener()
+            .map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    fn channel(&self) -> Result<&Channel, Error> {
+        let channel = self.inner.channel.get_or_init(|| {
+            let socket = self
+                .inner
+                .socket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .ok_or_else(|| "this worker has no channel to its primary (it runs under the `ustad` command, not a library primary)".to_owned())?;
+            Channel::start(socket, self.inner.max_frame).map_err(|e| e.to_string())
+        });
+        channel.as_ref().map_err(|e| Error::Invalid(e.clone()))
+    }
+
+    async fn send_frame(&self, frame: Bytes) -> Result<(), Error> {
+        self.channel()?
+            .outbox
+            .send(frame)
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// Tells the primary this worker serves: it counts as ready, and a rolling restart moves
+    /// on. Under the `ustad` command it sends `READY=1` to `NOTIFY_SOCKET` instead.
+    ///
+    /// # Errors
+    /// When the primary cannot be told.
+    pub async fn ready(&self) -> Result<(), Error> {
+        if self.has_channel() {
+            return self.send_frame(ipc::encode_simple(&Kind::Ready)).await;
+        }
+        if let Some(notifier) = &self.inner.notifier {
+            notifier
+                .ready()
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn has_channel(&self) -> bool {
+        match self.inner.channel.get() {
+            Some(channel) => channel.is_ok(),
+            None => self
+                .inner
+                .socket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some(),
+        }
+    }
+
+    /// Proof of life for a pool with a `watchdog`.
+    ///
+    /// # Errors
+    /// When the primary cannot be told.
+    pub async fn heartbeat(&self) -> Result<(), Error> {
+        if self.has_channel() {
+            return self.send_frame(ipc::encode_simple(&Kind::Heartbeat)).await;
+        }
+        if let Some(notifier) = &self.inner.notifier {
+            notifier
+                .notify("WATCHDOG=1")
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Asks to be replaced: the primary starts a successor and, once it is ready, stops this
+    /// worker (see [`Worker::stopped`]).
+    ///
+    /// # Errors
+    /// When the primary cannot be told.
+    pub async fn request_restart(&self) -> Result<(), Error> {
+        if self.has_channel() {
+            return self.send_frame(ipc::encode_simple(&Kind::Restart)).await;
+        }
+        if let Some(notifier) = &self.inner.notifier {
+            notifier
+                .notify("USTAD_REQUEST=restart")
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Resolves when the primary asks this worker to stop (the `stop` message, SIGTERM or
+    /// SIGINT), with the time it has before it is killed, when known. Finish what is in
+    /// flight, then return from `main`.
+    pub async fn stopped(&self) -> Option<Duration> {
+        let mut stop = self.channel().ok().map(|c| c.stop.clone());
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut int =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+        let from_channel = async {
+            match &mut stop {
+                Some(stop) => match stop.wait_for(Option::is_some).await {
+                    Ok(deadline) => *deadline,
+                    // The primary is gone: so are we, soon.
+                    Err(_) => Some(Duration::ZERO),
+                },
+                None => std::future::pending().await,
+            }
+        };
+        let signal = async {
+            match (&mut term, &mut int) {
+                (Some(term), Some(int)) => tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                },
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            deadline = from_channel => deadline,
+            () = signal => stop.and_then(|s| *s.borrow()),
+        }
+    }
+
+    /// Sends a message to the primary (an [`crate::Event::Message`] there); waits while the
+    /// channel is full.
+    ///
+    /// # Errors
+    /// No channel, a message that cannot be encoded, or a primary that is gone.
+    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), Error> {
+        let frame = encode(&Kind::Msg, message).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.send_frame(frame).await
+    }
+
+    /// The next message or request from the primary; `None` once the channel has closed.
+    ///
+    /// # Errors
+    /// No channel.
+    pub async fn recv(&self) -> Result<Option<FromPrimary>, Error> {
+        let channel = self.channel()?;
+        Ok(channel.inbox.lock().await.recv().await)
+    }
+
+    /// Sends a request to the primary (an [`crate::Event::Request`] there) and waits for the
+    /// reply, at most `timeout`.
+    ///
+    /// # Errors
+    /// [`RequestError::Timeout`], [`RequestError::Failed`] when the primary answers with a
+    /// failure, [`RequestError::Stopped`] when the channel closes first, or an encoding
+    /// problem.
+    pub async fn request<T, R>(&self, request: &T, timeout: Duration) -> Result<R, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let channel = self
+            .channel()
+            .map_err(|e| RequestError::Encoding(e.to_string()))?;
+        let id = channel.next_request.fetch_add(1, Ordering::Relaxed);
+        let frame = encode(&Kind::Req { id }, request)?;
+        let reply = channel.pending.register(id);
+        let exchange = async {
+            channel
+                .outbox
+                .send(frame)
+                .await
+                .map_err(|_| RequestError::Stopped)?;
+            await_reply(reply, RequestError::Stopped).await
+        };
+        let result = tokio::time::timeout(timeout, exchange).await;
+        channel.pending.forget(id);
+        result.unwrap_or(Err(RequestError::Timeout(timeout)))
+    }
+}
+
+impl Channel {
+    /// Starts the reader and writer tasks on the current tokio runtime.
+    fn start(socket: OwnedFd, max_frame: usize) -> std::io::Result<Channel> {
+        let stream = std::os::unix::net::UnixStream::from(socket);
+        stream.set_nonblocking(true)?;
+        let stream = tokio::net::UnixStream::from_std(stream)?;
+        let (reader, mut writer) = stream.into_split();
+        let (outbox, mut frames) = mpsc::channel::<Bytes>(OUTBOX);
+        let (inbox_tx, inbox) = mpsc::channel(INBOX);
+        let (stop_tx, stop) = watch::channel(None);
+        let pending = Arc::new(Pending::default());
+        tokio::spawn(async move {
+            let mut batch = BytesMut::new();
+            while let Some(frame) = frames.recv().await {
+                batch.extend_from_slice(&frame);
+                while batch.len() < 256 * 1024 {
+                    match frames.try_recv() {
+                        Ok(frame) => batch.extend_from_slice(&frame),
+                        Err(_) => break,
+                    }
+                }
+                if writer.write_all(&batch).await.is_err() {
+                    return;
+                }
+                batch.clear();
+            }
+        });
+        let replies = pending.clone();
+        let answer = outbox.clone();
+        tokio::spawn(async move {
+            let mut reader = FrameReader::new(reader, max_frame);
+            while let Ok(Some(frame)) = reader.next().await {
+                let Ok(envelope) = ipc::decode(frame) else {
+                    break;
+                };
+                match envelope.kind {
+                    Kind::Rep { .. } | Kind::Err { .. } => {
+                        replies.resolve(envelope);
+                    }
+                    Kind::Stop { deadline_ms } => {
+                        let _ = stop_tx.send(Some(Duration::from_millis(deadline_ms)));
+                    }
+                    Kind::Req { id } => {
+                        let request = IncomingRequest::new(id, envelope, answer.clone());
+                        if inbox_tx.send(FromPrimary::Request(request)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Kind::Msg => {
+                        let message = FromPrimary::Message(Message::new(envelope));
+                        if inbox_tx.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            replies.fail_all(&RequestError::Stopped);
+        });
+        Ok(Channel {
+            outbox,
+            inbox: tokio::sync::Mutex::new(inbox),
+            pending,
+            next_request: AtomicU64::new(1),
+            stop,
+        })
+    }
+}
