@@ -18,6 +18,7 @@ use crate::error::Error;
 pub struct Pool {
     size: Size,
     sockets: Vec<(Option<String>, SocketSpec)>,
+    command: Option<Vec<String>>,
     settings: Vec<Setting>,
     errors: Vec<String>,
     max_in_flight: usize,
@@ -53,6 +54,7 @@ impl Pool {
         Pool {
             size,
             sockets: Vec::new(),
+            command: None,
             settings: Vec::new(),
             errors,
             max_in_flight: 64,
@@ -91,6 +93,13 @@ impl Pool {
             }
             Err(error) => self.errors.push(error),
         }
+        self
+    }
+
+    /// Runs this program as the pool's workers instead of re-executing this binary: a worker
+    /// in another language that speaks the protocol of `docs/protocol.md` (`USTAD_IPC_FD`).
+    pub fn command<S: Into<String>>(mut self, words: impl IntoIterator<Item = S>) -> Pool {
+        self.command = Some(words.into_iter().map(Into::into).collect());
         self
     }
 
@@ -225,7 +234,17 @@ impl Primary {
         }
         for (name, pool) in &self.pools {
             problems.extend(pool.errors.iter().map(|e| format!("pool `{name}`: {e}")));
-            let mut spec = PoolSpec::new(command.clone());
+            let command = match &pool.command {
+                Some(words) => match Command::new(words.clone()) {
+                    Ok(command) => command,
+                    Err(error) => {
+                        problems.push(format!("pool `{name}`: {error}"));
+                        continue;
+                    }
+                },
+                None => command.clone(),
+            };
+            let mut spec = PoolSpec::new(command);
             spec.size = pool.size;
             spec.ready = Readiness::Notify;
             spec.ipc = Some(IpcSpec::default());
