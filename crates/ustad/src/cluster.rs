@@ -137,7 +137,6 @@ impl Shared {
 pub struct Cluster {
     shared: Arc<Shared>,
     events: Mutex<Option<mpsc::Receiver<Event>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Cluster {
@@ -191,15 +190,18 @@ impl Cluster {
                     if let Err(error) = supervisor::run(config, options).await {
                         let _ = started_tx.send(Err(error.into()));
                     }
-                    let _ = pump.await;
+                    // Stopped now, even if the program has yet to read the last events: the
+                    // pump delivers them (it ends once they are read or the stream dropped).
                     let _ = stopped_tx.send(true);
+                    let _ = pump.await;
                 });
             })?;
         match started_rx.recv() {
+            // The supervisor thread is detached: it ends once the cluster has stopped and its
+            // last events are delivered.
             Ok(Ok(())) => Ok(Cluster {
                 shared,
                 events: Mutex::new(Some(events_rx)),
-                thread: Mutex::new(Some(thread)),
             }),
             Ok(Err(error)) => {
                 let _ = thread.join();
@@ -250,6 +252,13 @@ impl Cluster {
             .clone()
             .ok_or(RequestError::NoWorker(worker.0))?;
         Ok((outbox, entry.pending.clone()))
+    }
+
+    /// A worker's channel is closed (it died, its exit not yet reaped): stop picking it.
+    fn lost(&self, worker: WorkerId) {
+        if let Some(entry) = self.shared.lock().workers.get_mut(&worker) {
+            entry.outbox = None;
+        }
     }
 
     /// Sends `message` to a worker; waits while its channel is full.
@@ -333,6 +342,7 @@ impl Cluster {
         // Forgotten however this ends (a timeout drops this future).
         let _forget = Forget(&pending, id);
         if outbox.send(frame).await.is_err() {
+            self.lost(worker);
             return Err(RequestError::WorkerGone(worker.0));
         }
         await_reply(reply, RequestError::WorkerGone(worker.0)).await
@@ -384,8 +394,10 @@ impl Cluster {
     {
         let limit = self.shared.limits.get(pool).copied().unwrap_or(64);
         let mut last = String::new();
+        let mut tried = Vec::new();
         for _ in 0..DISPATCH_ATTEMPTS {
-            let worker = self.acquire(pool, limit).await?;
+            let worker = self.acquire(pool, limit, &tried).await?;
+            tried.push(worker);
             let result = self.request_unbounded::<T, R>(worker, task).await;
             self.release(worker);
             match result {
@@ -402,8 +414,14 @@ impl Cluster {
         })
     }
 
-    /// Takes a dispatch slot on the least loaded ready worker, waiting for one.
-    async fn acquire(&self, pool: &str, limit: usize) -> Result<WorkerId, RequestError> {
+    /// Takes a dispatch slot on the least loaded ready worker, waiting for one; workers in
+    /// `tried` (that lost this task already) only when no other is ready.
+    async fn acquire(
+        &self,
+        pool: &str,
+        limit: usize,
+        tried: &[WorkerId],
+    ) -> Result<WorkerId, RequestError> {
         loop {
             let changed = self.shared.changed.notified();
             {
@@ -412,7 +430,7 @@ impl Cluster {
                     .workers
                     .values_mut()
                     .filter(|e| e.worker.pool == pool && e.serving() && e.in_flight < limit)
-                    .min_by_key(|e| (e.in_flight, e.worker.slot));
+                    .min_by_key(|e| (tried.contains(&e.worker.id), e.in_flight, e.worker.slot));
                 if let Some(entry) = best {
                     entry.in_flight += 1;
                     return Ok(entry.worker.id);
@@ -520,14 +538,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until the cluster has stopped (after [`Cluster::stop`], SIGINT or SIGTERM).
+    /// Waits until the cluster has stopped (after [`Cluster::stop`], SIGINT or SIGTERM):
+    /// every worker has exited. Events still unread stay readable.
     pub async fn stopped(&self) {
         let mut stopped = self.shared.stopped.clone();
         let _ = stopped.wait_for(|stopped| *stopped).await;
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
     }
 }
 
