@@ -4,6 +4,8 @@
 //! - `jobs` ×2 answers the primary's requests (`echo`, `sleep`, `flood`);
 //! - `crons` ×1 sends the primary a `tick` every 200 ms.
 //!
+//! Run it:
+//!
 //!     cargo run --example pools                   # Ctrl-C to stop
 //!     POOLS_RUN_FOR=3s cargo run --example pools  # stop by itself after 3 s
 //!
