@@ -80,7 +80,7 @@ for envelope in frames():
         send({"t": "req", "id": next_id, "body": {"type": "question"}})
         next_id += 1
     elif kind == "req":
-        send({"t": "err", "id": envelope["id"], "message": f"unknown request {body!r}"})
+        send({"t": "err", "id": envelope["id"], "message": "unknown request " + json.dumps(body)})
     elif kind in ("rep", "err") and envelope["id"] in asked:
         original = asked.pop(envelope["id"])
         if kind == "rep":

@@ -1,0 +1,235 @@
+//! The library's primary side against real workers: requests with timeouts and dying workers,
+//! round-robin by tag, messages both ways, and a flood that memory survives.
+//!
+//! The test process is the primary; its `jobs` pool runs the `pools` example, whose `jobs`
+//! workers answer `echo`, `sleep` and `flood` requests.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use ustad::{Cluster, Event, Pool, Primary, RequestError, WorkerRef};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("examples").join(name)
+}
+
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Report {
+    Tick { n: u64 },
+    Flooded { n: u64 },
+    Done { job: String, by: u64 },
+    Echoed { value: serde_json::Value, by: u64 },
+}
+
+/// A cluster of `size` jobs workers, all ready, with its event stream.
+async fn jobs(
+    test: &str,
+    size: usize,
+) -> (Cluster, tokio::sync::mpsc::Receiver<Event>, Vec<WorkerRef>) {
+    let pool = Pool::new(size)
+        .command([example("pools").to_string_lossy().into_owned()])
+        .restart_delay(Duration::from_millis(50));
+    let name = format!("ustad-library-{test}-{}", std::process::id());
+    let cluster = Primary::new()
+        .name(&name)
+        .pool("jobs", pool)
+        .start()
+        .expect("cluster starts");
+    let mut events = cluster.events().expect("first call");
+    let mut ready = Vec::new();
+    while ready.len() < size {
+        match tokio::time::timeout(TIMEOUT, events.recv()).await {
+            Ok(Some(Event::Ready(worker))) => ready.push(worker),
+            Ok(Some(_)) => {}
+            other => panic!("workers did not get ready: {other:?}"),
+        }
+    }
+    ready.sort_by_key(|w| w.slot);
+    (cluster, events, ready)
+}
+
+fn kill(pid: u32) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_time_out_and_fail_when_their_worker_dies() {
+    let (cluster, _events, workers) = jobs("requests", 2).await;
+    let (a, b) = (&workers[0], &workers[1]);
+
+    let echoed: Report = cluster
+        .request(a.id, &json!({"type": "echo", "value": [1, 2]}), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        echoed,
+        Report::Echoed {
+            value: json!([1, 2]),
+            by: a.id.0
+        }
+    );
+
+    let slow = cluster
+        .request::<_, Report>(
+            b.id,
+            &json!({"type": "sleep", "ms": 5000}),
+            Duration::from_millis(200),
+        )
+        .await;
+    assert_eq!(slow, Err(RequestError::Timeout(Duration::from_millis(200))));
+
+    let failed = cluster
+        .request::<_, Report>(a.id, &json!({"type": "dance"}), TIMEOUT)
+        .await;
+    assert!(
+        matches!(failed, Err(RequestError::Failed(ref why)) if why.contains("unknown job")),
+        "{failed:?}"
+    );
+
+    // A request in flight when its worker is SIGKILLed fails at once, not at its timeout.
+    let started = std::time::Instant::now();
+    let long_sleep = json!({"type": "sleep", "ms": 20000});
+    let pending = cluster.request::<_, Report>(a.id, &long_sleep, TIMEOUT);
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        kill(a.pid);
+    };
+    let (result, ()) = tokio::join!(pending, killer);
+    assert_eq!(result, Err(RequestError::WorkerGone(a.id.0)));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The other worker is untouched.
+    let echoed: Report = cluster
+        .request(
+            b.id,
+            &json!({"type": "echo", "value": "still here"}),
+            TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        echoed,
+        Report::Echoed {
+            value: json!("still here"),
+            by: b.id.0
+        }
+    );
+    cluster.stop(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_rotates_per_tag_over_ready_workers_only() {
+    let (cluster, mut events, workers) = jobs("round-robin", 3).await;
+    let ids: Vec<u64> = workers.iter().map(|w| w.id.0).collect();
+    let picks = |tag: &str, n: usize| -> Vec<u64> {
+        (0..n)
+            .map(|_| cluster.round_robin("jobs", tag).unwrap().id.0)
+            .collect()
+    };
+    // Exact rotation, in slot order, for each tag on its own.
+    let a = picks("a", 7);
+    assert_eq!(a, [ids[0], ids[1], ids[2], ids[0], ids[1], ids[2], ids[0]]);
+    assert_eq!(picks("b", 2), [ids[0], ids[1]]);
+    assert_eq!(picks("a", 2), [ids[1], ids[2]]);
+
+    // Shrinking stops slot 2: from then on it is skipped.
+    cluster.scale("jobs", 2).await.unwrap();
+    loop {
+        match tokio::time::timeout(TIMEOUT, events.recv()).await {
+            Ok(Some(Event::Stopping { worker, .. })) => {
+                assert_eq!(worker.slot, 2);
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no stopping event: {other:?}"),
+        }
+    }
+    let after = picks("a", 4);
+    assert!(!after.contains(&ids[2]), "{after:?}");
+    let mut counts = BTreeMap::new();
+    for id in &after {
+        *counts.entry(*id).or_insert(0) += 1;
+    }
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [2, 2]);
+    assert!(cluster.round_robin("nope", "a").is_none());
+    cluster.stop(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_messages_is_held_back_not_buffered_and_none_is_lost() {
+    const COUNT: u64 = 200_000;
+    let (cluster, mut events, workers) = jobs("flood", 1).await;
+    let cluster = std::sync::Arc::new(cluster);
+    let worker = workers[0].id;
+    let rss = || ustad_core::procfs::rss_bytes(std::process::id()).unwrap();
+    let before = rss();
+    let flood = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            cluster
+                .request::<_, Report>(worker, &json!({"type": "flood", "count": COUNT}), TIMEOUT)
+                .await
+        })
+    };
+    // Nobody reads the events for a while: the worker must be held back by the bounded
+    // queues and its socket, not buffered for.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = rss();
+    assert!(
+        during.saturating_sub(before) < 64 << 20,
+        "the primary grew by {} MiB while a worker flooded it",
+        (during - before) >> 20
+    );
+    let mut next = 0;
+    while next < COUNT {
+        match tokio::time::timeout(TIMEOUT, events.recv()).await {
+            Ok(Some(Event::Message { message, .. })) => {
+                let report: Report = message.decode().unwrap();
+                assert_eq!(
+                    report,
+                    Report::Flooded { n: next },
+                    "messages arrive in order"
+                );
+                next += 1;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("after {next} messages: {other:?}"),
+        }
+    }
+    let done = flood.await.unwrap().unwrap();
+    assert_eq!(
+        done,
+        Report::Done {
+            job: "flood".into(),
+            by: worker.0
+        }
+    );
+    cluster.stop(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_reaches_every_ready_worker_and_send_to_a_gone_worker_fails() {
+    let (cluster, _events, workers) = jobs("broadcast", 2).await;
+    // jobs workers take messages and ignore them: what counts is that each one got it.
+    let sent = cluster
+        .broadcast("jobs", &json!({"type": "hello"}))
+        .await
+        .unwrap();
+    assert_eq!(sent, 2);
+    assert_eq!(cluster.broadcast("nope", &json!({})).await.unwrap(), 0);
+    let gone = cluster.send(ustad::WorkerId(999), &json!({})).await;
+    assert_eq!(gone, Err(RequestError::NoWorker(999)));
+    let status = cluster.status().await.unwrap();
+    assert_eq!(status.pools[0].ready, 2);
+    assert_eq!(status.pools[0].workers.len(), workers.len());
+    cluster.stop(None).await.unwrap();
+    assert!(cluster.status().await.is_err());
+}
