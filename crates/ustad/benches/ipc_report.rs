@@ -1,0 +1,3 @@
+//! Primary <-> worker message benchmarks (in progress).
+
+fn main() {}
