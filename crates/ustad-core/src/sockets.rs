@@ -66,6 +66,8 @@ pub enum BindError {
 #[derive(Debug)]
 enum Bound {
     Shared(Socket),
+    /// `round-robin`: accepted by the primary, never passed to workers.
+    Handed(Socket),
     ReusePort {
         /// The address with the port actually bound (port 0 resolved by the first bind).
         address: SocketAddr,
@@ -114,7 +116,11 @@ impl Listeners {
                     let (_, fd, socket) = matched.swap_remove(at);
                     log_inherited(name, spec, fd, &socket);
                     listeners.inherited.push(name.clone());
-                    Bound::Shared(socket)
+                    if spec.mode == SocketMode::RoundRobin {
+                        Bound::Handed(socket)
+                    } else {
+                        Bound::Shared(socket)
+                    }
                 }
                 None => {
                     if !passed.is_empty() {
@@ -147,6 +153,14 @@ impl Listeners {
             source,
         };
         match (&spec.listen, spec.mode) {
+            (ListenAddr::Tcp(address), SocketMode::RoundRobin) => Ok(Bound::Handed(
+                bind_tcp(*address, spec.backlog, false).map_err(fail)?,
+            )),
+            (ListenAddr::Unix(path), SocketMode::RoundRobin) => {
+                let socket = bind_unix(path, spec.backlog).map_err(fail)?;
+                self.unix_paths.push(path.clone());
+                Ok(Bound::Handed(socket))
+            }
             (ListenAddr::Tcp(address), SocketMode::Shared) => Ok(Bound::Shared(
                 bind_tcp(*address, spec.backlog, false).map_err(fail)?,
             )),
@@ -218,6 +232,7 @@ impl Listeners {
                 let socket = match self.sockets.get(name)? {
                     Bound::Shared(socket) => socket,
                     Bound::ReusePort { per_slot, .. } => per_slot.get(&(pool.to_owned(), slot))?,
+                    Bound::Handed(_) => return None,
                 };
                 Some((name.as_str(), socket.as_fd()))
             })
@@ -239,7 +254,7 @@ impl Listeners {
             .iter()
             .map(|(name, bound)| {
                 let address = match bound {
-                    Bound::Shared(socket) => match socket.local_addr() {
+                    Bound::Shared(socket) | Bound::Handed(socket) => match socket.local_addr() {
                         Ok(addr) => describe(&addr),
                         Err(e) => format!("? ({e})"),
                     },
@@ -252,6 +267,17 @@ impl Listeners {
 }
 
 impl Listeners {
+    /// The `round-robin` sockets, which the primary accepts from itself: name and fd.
+    pub fn handed(&self) -> Vec<(&str, BorrowedFd<'_>)> {
+        self.sockets
+            .iter()
+            .filter_map(|(name, bound)| match bound {
+                Bound::Handed(socket) => Some((name.as_str(), socket.as_fd())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Binds a socket that a reloaded configuration added.
     ///
     /// # Errors

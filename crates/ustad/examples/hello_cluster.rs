@@ -3,7 +3,10 @@
 //!
 //!     cargo run --example hello_cluster            # then: curl 127.0.0.1:8000
 //!     HELLO_ADDR=127.0.0.1:9000 cargo run --example hello_cluster
+//!     HELLO_MODE=round-robin cargo run --example hello_cluster
 //!
+//! With `HELLO_MODE=round-robin` the primary accepts the connections and hands them to the
+//! workers in turn (Node's default), instead of the workers accepting from a shared socket.
 //! Ctrl-C stops the workers gracefully, then the primary.
 
 use std::convert::Infallible;
@@ -21,7 +24,12 @@ fn main() -> anyhow::Result<()> {
     match ustad::role() {
         Role::Primary(primary) => {
             println!("primary {} serving http://{address}/", std::process::id());
-            primary.pool("web", Pool::auto().listen(&address)).run()?;
+            let pool = if round_robin() {
+                Pool::auto().listen_round_robin(&address)
+            } else {
+                Pool::auto().listen(&address)
+            };
+            primary.pool("web", pool).run()?;
         }
         Role::Worker(worker) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -31,21 +39,47 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn round_robin() -> bool {
+    std::env::var("HELLO_MODE").is_ok_and(|mode| mode == "round-robin")
+}
+
 async fn serve(worker: Worker) -> anyhow::Result<()> {
-    let listener = worker.tokio_tcp_listener("web")?;
     let pid = std::process::id();
-    println!(
-        "worker {} (pid {pid}) serving on {}",
-        worker.id(),
-        listener.local_addr()?
-    );
+    // Round-robin: connections come from the primary; shared: from the socket.
+    let listener = if round_robin() {
+        println!(
+            "worker {} (pid {pid}) takes handed connections",
+            worker.id()
+        );
+        None
+    } else {
+        let listener = worker.tokio_tcp_listener("web")?;
+        println!(
+            "worker {} (pid {pid}) serving on {}",
+            worker.id(),
+            listener.local_addr()?
+        );
+        Some(listener)
+    };
     let body = Bytes::from(format!("hello from worker {} (pid {pid})\n", worker.id()));
     worker.ready().await?;
     let stopped = worker.stopped();
     tokio::pin!(stopped);
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+        let next = async {
+            match &listener {
+                Some(listener) => Ok::<_, anyhow::Error>(Some(listener.accept().await?.0)),
+                None => match worker.accept().await? {
+                    Some(handed) => Ok(Some(handed.into_tokio_tcp()?)),
+                    None => Ok(None),
+                },
+            }
+        };
+        let stream = tokio::select! {
+            stream = next => match stream? {
+                Some(stream) => stream,
+                None => break,
+            },
             _ = &mut stopped => break,
         };
         let body = body.clone();

@@ -54,7 +54,7 @@ pub use cluster::{Cluster, Event, IncomingRequest, Message, WorkerRef};
 pub use error::{Error, RequestError};
 pub use primary::{Pool, Primary};
 pub use ustad_core::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
-pub use worker::{FromPrimary, Worker};
+pub use worker::{FromPrimary, Handed, HandedStream, Worker};
 
 /// Which part this process plays.
 #[derive(Debug)]

@@ -79,6 +79,14 @@ impl Pool {
         self.listen_socket(Some(name.to_owned()), address, SocketMode::Shared)
     }
 
+    /// Like [`Pool::listen`], but the primary accepts the connections and hands each to a
+    /// ready worker over its channel, evenly (Node's `SCHED_RR`); workers take them with
+    /// `Worker::accept`. Costs the primary an accept and a `sendmsg` per connection, and
+    /// spreads long-lived connections evenly where a shared socket may not.
+    pub fn listen_round_robin(self, address: &str) -> Pool {
+        self.listen_socket(None, address, SocketMode::RoundRobin)
+    }
+
     /// Like [`Pool::listen`], with one `SO_REUSEPORT` socket per worker.
     pub fn listen_reuseport(self, address: &str) -> Pool {
         self.listen_socket(None, address, SocketMode::ReusePort)

@@ -27,6 +27,43 @@ const OUTBOX: usize = 1024;
 /// Messages from the primary queued for [`Worker::recv`].
 const INBOX: usize = 1024;
 
+/// A connection the primary accepted on a `round-robin` socket and handed to this worker.
+#[derive(Debug)]
+pub struct Handed {
+    /// The socket's name.
+    pub socket: String,
+    /// The connection.
+    pub stream: HandedStream,
+}
+
+/// A handed connection, TCP or Unix.
+#[derive(Debug)]
+pub enum HandedStream {
+    /// From a TCP socket.
+    Tcp(std::net::TcpStream),
+    /// From a Unix socket.
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Handed {
+    /// The TCP connection, for tokio. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// When the connection is a Unix one, or cannot be registered.
+    pub fn into_tokio_tcp(self) -> std::io::Result<tokio::net::TcpStream> {
+        match self.stream {
+            HandedStream::Tcp(stream) => {
+                stream.set_nonblocking(true)?;
+                tokio::net::TcpStream::from_std(stream)
+            }
+            HandedStream::Unix(_) => Err(std::io::Error::other(format!(
+                "socket {} is a Unix socket, not TCP",
+                self.socket
+            ))),
+        }
+    }
+}
+
 /// What the primary sent: a message, or a request to answer.
 #[derive(Debug)]
 pub enum FromPrimary {
@@ -62,6 +99,8 @@ struct Channel {
     next_request: AtomicU64,
     /// Set when the primary sends `stop`: the time left before the group is killed.
     stop: watch::Receiver<Option<Duration>>,
+    /// Connections handed over by the primary.
+    handed: tokio::sync::Mutex<mpsc::Receiver<Handed>>,
 }
 
 impl Worker {
@@ -284,6 +323,16 @@ impl Worker {
         }
     }
 
+    /// The next connection the primary accepted on one of this pool's `round-robin` sockets
+    /// (see `Pool::listen_round_robin`); `None` once the channel has closed.
+    ///
+    /// # Errors
+    /// No channel.
+    pub async fn accept(&self) -> Result<Option<Handed>, Error> {
+        let channel = self.channel()?;
+        Ok(channel.handed.lock().await.recv().await)
+    }
+
     /// Sends a message to the primary (an [`crate::Event::Message`] there); waits while the
     /// channel is full.
     ///
@@ -345,6 +394,7 @@ impl Channel {
         let (outbox, mut frames) = mpsc::channel::<Bytes>(OUTBOX);
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
         let (stop_tx, stop) = watch::channel(None);
+        let (handed_tx, handed) = mpsc::channel(INBOX);
         let pending = Arc::new(Pending::default());
         tokio::spawn(async move {
             let mut batch = BytesMut::new();
@@ -365,6 +415,8 @@ impl Channel {
         let replies = pending.clone();
         let answer = outbox.clone();
         tokio::spawn(async move {
+            let reader = ipc::FdReader::new(reader);
+            let fds = reader.fds();
             let mut reader = FrameReader::new(reader, max_frame);
             while let Ok(Some(frame)) = reader.next().await {
                 let Ok(envelope) = ipc::decode(frame) else {
@@ -373,6 +425,23 @@ impl Channel {
                 match envelope.kind {
                     Kind::Rep { .. } | Kind::Err { .. } => {
                         replies.resolve(envelope);
+                    }
+                    Kind::Conn { socket } => {
+                        let fd = fds.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                        let Some(fd) = fd else {
+                            // A `conn` without its fd: the primary broke the protocol.
+                            break;
+                        };
+                        let connection = socket2::Socket::from(fd);
+                        let stream = match connection.local_addr() {
+                            Ok(address) if address.as_socket().is_some() => {
+                                HandedStream::Tcp(connection.into())
+                            }
+                            _ => HandedStream::Unix(connection.into()),
+                        };
+                        if handed_tx.send(Handed { socket, stream }).await.is_err() {
+                            break;
+                        }
                     }
                     Kind::Stop { deadline_ms } => {
                         let _ = stop_tx.send(Some(Duration::from_millis(deadline_ms)));
@@ -400,6 +469,7 @@ impl Channel {
             pending,
             next_request: AtomicU64::new(1),
             stop,
+            handed: tokio::sync::Mutex::new(handed),
         })
     }
 }

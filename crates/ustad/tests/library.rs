@@ -233,3 +233,85 @@ async fn broadcast_reaches_every_ready_worker_and_send_to_a_gone_worker_fails() 
     cluster.stop(None).await.unwrap();
     assert!(cluster.status().await.is_err());
 }
+
+/// One HTTP/1.1 request on a kept-alive connection; the answering worker's pid.
+fn ask_pid(stream: &mut std::net::TcpStream) -> String {
+    use std::io::{Read, Write};
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed before the response");
+        response.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&response);
+        // The body is one line ending in a newline, after the headers.
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            if body.ends_with('\n') {
+                return head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("x-worker-pid: "))
+                    .expect("an x-worker-pid header")
+                    .to_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_hands_long_lived_connections_evenly_to_every_worker() {
+    const CONNECTIONS: usize = 1000;
+    const WORKERS: usize = 4;
+    // A free port: bound, read, released (round-robin sockets are not visible to workers).
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pool = Pool::new(WORKERS)
+        .listen_round_robin(&address.to_string())
+        .command([example("hello_cluster").to_string_lossy().into_owned()])
+        .env("HELLO_MODE", "round-robin");
+    let name = format!("ustad-library-handoff-{}", std::process::id());
+    let cluster = Primary::new()
+        .name(&name)
+        .pool("web", pool)
+        .start()
+        .expect("cluster starts");
+    let mut events = cluster.events().unwrap();
+    let mut ready = 0;
+    while ready < WORKERS {
+        match tokio::time::timeout(TIMEOUT, events.recv()).await {
+            Ok(Some(Event::Ready(_))) => ready += 1,
+            Ok(Some(_)) => {}
+            other => panic!("workers did not get ready: {other:?}"),
+        }
+    }
+    let counts = tokio::task::spawn_blocking(move || {
+        // Every connection stays open (long-lived, like WebSockets) while the others open.
+        let mut open = Vec::with_capacity(CONNECTIONS);
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..CONNECTIONS {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+            *counts.entry(ask_pid(&mut stream)).or_default() += 1;
+            open.push(stream);
+        }
+        // Each connection keeps its worker: a second request on it goes to the same pid.
+        let again = ask_pid(&mut open[0]);
+        assert!(counts.contains_key(&again));
+        counts
+    })
+    .await
+    .unwrap();
+    assert_eq!(counts.len(), WORKERS, "{counts:?}");
+    let even = CONNECTIONS / WORKERS;
+    for (pid, count) in &counts {
+        assert!(
+            count.abs_diff(even) <= even / 10,
+            "worker {pid} got {count} of {CONNECTIONS} connections: {counts:?}"
+        );
+    }
+    cluster.stop(Some(Duration::from_secs(5))).await.unwrap();
+}

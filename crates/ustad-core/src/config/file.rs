@@ -442,4 +442,20 @@ size = "auto"
         assert!(matches!(error, ConfigError::Read { .. }));
         assert!(error.to_string().contains("/nonexistent/ustad.toml"));
     }
+
+    #[test]
+    fn a_round_robin_socket_needs_library_workers() {
+        let error = load(
+            "[sockets.http]\nlisten = \"127.0.0.1:0\"\nmode = \"round-robin\"\n\n[pools.web]\ncommand = \"app\"\nsockets = [\"http\"]\n",
+        )
+        .unwrap_err();
+        assert!(error.contains(":7:12:"), "{error}");
+        assert!(
+            error.contains("only workers of the Rust library have"),
+            "{error}"
+        );
+        let mode =
+            load("[sockets.http]\nlisten = \"127.0.0.1:0\"\nmode = \"roundrobin\"\n").unwrap_err();
+        assert!(mode.contains("\"round-robin\""), "{mode}");
+    }
 }

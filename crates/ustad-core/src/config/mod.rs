@@ -294,6 +294,18 @@ impl Config {
                 problem(Location::Pool(name.clone()), message);
             }
             for (index, socket) in pool.sockets.iter().enumerate() {
+                let handed = self
+                    .sockets
+                    .get(socket)
+                    .is_some_and(|s| s.mode == SocketMode::RoundRobin);
+                if handed && pool.ipc.is_none() {
+                    problem(
+                        Location::PoolSocket(name.clone(), index),
+                        format!(
+                            "socket `{socket}` is `round-robin`: the primary hands its connections to workers over their message channel, which only workers of the Rust library have; use mode = \"shared\" or \"reuseport\""
+                        ),
+                    );
+                }
                 if !self.sockets.contains_key(socket) {
                     let known = if self.sockets.is_empty() {
                         "no sockets are defined; add a `[sockets.NAME]` table".to_owned()

@@ -305,6 +305,9 @@ pub enum SocketMode {
     Shared,
     /// One `SO_REUSEPORT` socket per slot; the kernel spreads connections across them.
     ReusePort,
+    /// The primary accepts and hands each connection to a ready worker over its message
+    /// channel (Node's `SCHED_RR`), evening out long-lived connections: library pools only.
+    RoundRobin,
 }
 
 impl fmt::Display for SocketMode {
@@ -312,6 +315,7 @@ impl fmt::Display for SocketMode {
         f.write_str(match self {
             SocketMode::Shared => "shared",
             SocketMode::ReusePort => "reuseport",
+            SocketMode::RoundRobin => "round-robin",
         })
     }
 }
@@ -322,8 +326,9 @@ impl FromStr for SocketMode {
         match text.trim() {
             "shared" => Ok(SocketMode::Shared),
             "reuseport" => Ok(SocketMode::ReusePort),
+            "round-robin" => Ok(SocketMode::RoundRobin),
             _ => Err(format!(
-                "invalid socket mode `{text}`: expected \"shared\" or \"reuseport\""
+                "invalid socket mode `{text}`: expected \"shared\", \"reuseport\" or \"round-robin\""
             )),
         }
     }
@@ -504,7 +509,7 @@ macro_rules! deserialize_from_str {
 deserialize_from_str! {
     Readiness => "\"notify\", \"delay:DURATION\" or \"none\"",
     ListenAddr => "a listen address string like \"127.0.0.1:8000\" or \"unix:/run/app.sock\"",
-    SocketMode => "\"shared\" or \"reuseport\"",
+    SocketMode => "\"shared\", \"reuseport\" or \"round-robin\"",
     Signal => "a signal name string like \"SIGTERM\"",
     ByteSize => "an amount of memory string like \"512MiB\"",
 }

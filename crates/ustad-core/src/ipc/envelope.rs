@@ -43,6 +43,12 @@ pub enum Kind {
         /// Why.
         message: String,
     },
+    /// Primary → worker: a connection accepted on `round-robin` socket `socket`; its fd is
+    /// attached (`SCM_RIGHTS`).
+    Conn {
+        /// The socket's name.
+        socket: String,
+    },
 }
 
 /// A decoded frame: its kind, and where its `body` is in the frame.
@@ -81,6 +87,8 @@ struct Wire<'a> {
     message: Option<String>,
     #[serde(default)]
     deadline_ms: Option<u64>,
+    #[serde(default)]
+    socket: Option<String>,
 }
 
 /// Decodes a frame body (as [`super::FrameReader::next`] returns it).
@@ -112,6 +120,11 @@ pub fn decode(frame: Bytes) -> Result<Envelope, FrameError> {
         "err" => Kind::Err {
             id: needs_id("err")?,
             message: wire.message.clone().unwrap_or_default(),
+        },
+        "conn" => Kind::Conn {
+            socket: wire.socket.clone().ok_or_else(|| {
+                FrameError::Envelope("a `conn` frame needs a `socket`".to_owned())
+            })?,
         },
         other => {
             return Err(FrameError::Envelope(format!(
@@ -181,6 +194,8 @@ pub fn encode_simple(kind: &Kind) -> Bytes {
         message: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         deadline_ms: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        socket: Option<&'a str>,
     }
     let simple = match kind {
         Kind::Ready => Simple {
@@ -188,36 +203,49 @@ pub fn encode_simple(kind: &Kind) -> Bytes {
             id: None,
             message: None,
             deadline_ms: None,
+            socket: None,
         },
         Kind::Heartbeat => Simple {
             t: "heartbeat",
             id: None,
             message: None,
             deadline_ms: None,
+            socket: None,
         },
         Kind::Restart => Simple {
             t: "restart",
             id: None,
             message: None,
             deadline_ms: None,
+            socket: None,
         },
         Kind::Stopping => Simple {
             t: "stopping",
             id: None,
             message: None,
             deadline_ms: None,
+            socket: None,
         },
         Kind::Stop { deadline_ms } => Simple {
             t: "stop",
             id: None,
             message: None,
             deadline_ms: Some(*deadline_ms),
+            socket: None,
         },
         Kind::Err { id, message } => Simple {
             t: "err",
             id: Some(*id),
             message: Some(message),
             deadline_ms: None,
+            socket: None,
+        },
+        Kind::Conn { socket } => Simple {
+            t: "conn",
+            id: None,
+            message: None,
+            deadline_ms: None,
+            socket: Some(socket),
         },
         Kind::Msg | Kind::Req { .. } | Kind::Rep { .. } => {
             let mut out = BytesMut::new();
@@ -266,6 +294,9 @@ mod tests {
             Kind::Err {
                 id: 4,
                 message: "no such task".into(),
+            },
+            Kind::Conn {
+                socket: "web".into(),
             },
         ] {
             let frame = encode_simple(&kind);

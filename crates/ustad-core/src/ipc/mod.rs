@@ -12,9 +12,11 @@
 //! allocates more than the maximum.
 
 mod envelope;
+mod fdpass;
 mod frame;
 
 pub use envelope::{Envelope, Kind, decode, encode_body, encode_simple};
+pub use fdpass::{FdReader, ReceivedFds, send_with_fd};
 pub use frame::{FrameError, FrameReader, HEADER, frame};
 
 /// The default largest frame body, in bytes.

@@ -102,33 +102,63 @@ pub struct Link {
 /// Lifecycle frames, for the supervisor loop.
 pub(super) type Lifecycle = mpsc::UnboundedSender<(WorkerId, Result<Kind, String>)>;
 
-/// Starts the reader and writer of a worker's channel; returns its outbox.
+/// A connection to hand to a worker: its `conn` frame and its fd.
+pub(super) type Handed = (Bytes, OwnedFd);
+
+/// Where a worker's frames go: messages, and connections with their fds.
+#[derive(Debug, Clone)]
+pub(super) struct Outboxes {
+    pub(super) frames: mpsc::Sender<Bytes>,
+    pub(super) conns: mpsc::Sender<Handed>,
+}
+
+/// Connections queued for one worker before the acceptor picks another.
+const CONNS: usize = 64;
+
+/// Starts the reader and writer of a worker's channel; returns its outboxes.
 pub(super) fn start_channel(
     socket: OwnedFd,
     worker: Arc<WorkerInfo>,
     spec: IpcSpec,
     lifecycle: Lifecycle,
     inbound: Option<mpsc::Sender<Inbound>>,
-) -> std::io::Result<mpsc::Sender<Bytes>> {
+) -> std::io::Result<Outboxes> {
     let stream = std::os::unix::net::UnixStream::from(socket);
     stream.set_nonblocking(true)?;
     let stream = UnixStream::from_std(stream)?;
     let (reader, mut writer) = stream.into_split();
     let (outbox, mut frames) = mpsc::channel::<Bytes>(OUTBOX);
+    let (conns, mut handed) = mpsc::channel::<Handed>(CONNS);
     tokio::spawn(async move {
         let mut batch = BytesMut::new();
-        while let Some(frame) = frames.recv().await {
-            batch.extend_from_slice(&frame);
-            while batch.len() < WRITE_BATCH {
-                match frames.try_recv() {
-                    Ok(frame) => batch.extend_from_slice(&frame),
-                    Err(_) => break,
+        let mut frames_open = true;
+        loop {
+            tokio::select! {
+                frame = frames.recv(), if frames_open => {
+                    let Some(frame) = frame else {
+                        frames_open = false;
+                        continue;
+                    };
+                    batch.extend_from_slice(&frame);
+                    while batch.len() < WRITE_BATCH {
+                        match frames.try_recv() {
+                            Ok(frame) => batch.extend_from_slice(&frame),
+                            Err(_) => break,
+                        }
+                    }
+                    if writer.write_all(&batch).await.is_err() {
+                        return;
+                    }
+                    batch.clear();
+                }
+                conn = handed.recv() => {
+                    // Closed here once sent: the worker has its own copy of the connection.
+                    let Some((frame, fd)) = conn else { return };
+                    if ipc::send_with_fd(&mut writer, &frame, &fd).await.is_err() {
+                        return;
+                    }
                 }
             }
-            if writer.write_all(&batch).await.is_err() {
-                return;
-            }
-            batch.clear();
         }
     });
     tokio::spawn(async move {
@@ -165,9 +195,11 @@ pub(super) fn start_channel(
                         return;
                     }
                 }
-                Kind::Stop { .. } => {
-                    let _ =
-                        lifecycle.send((worker.id, Err("a worker may not send `stop`".to_owned())));
+                Kind::Stop { .. } | Kind::Conn { .. } => {
+                    let _ = lifecycle.send((
+                        worker.id,
+                        Err("a worker may not send `stop` or `conn`".to_owned()),
+                    ));
                     return;
                 }
                 Kind::Msg | Kind::Req { .. } | Kind::Rep { .. } | Kind::Err { .. } => {
@@ -184,7 +216,10 @@ pub(super) fn start_channel(
             }
         }
     });
-    Ok(outbox)
+    Ok(Outboxes {
+        frames: outbox,
+        conns,
+    })
 }
 
 impl super::Runtime {
@@ -201,6 +236,7 @@ impl super::Runtime {
                 // Cut off: the channel is closed (the worker sees it end), and the worker is
                 // replaced, rolling, since it can no longer be talked to.
                 self.channels.remove(&id);
+                self.handoff.remove(id);
                 let who = self
                     .plan
                     .worker_ref(id)

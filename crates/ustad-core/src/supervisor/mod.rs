@@ -6,6 +6,7 @@
 
 mod control;
 mod guard;
+mod handoff;
 mod link;
 mod log;
 mod reload;
@@ -206,11 +207,14 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         None => (None, None, None),
     };
     let (lifecycle, mut lifecycle_frames) = mpsc::unbounded_channel();
+    let handoff =
+        handoff::Handoff::start(&listeners).map_err(setup("accept on round-robin sockets"))?;
     let mut runtime = Runtime {
         link_events,
         link_inbound,
         lifecycle,
         channels: std::collections::HashMap::new(),
+        handoff,
         plan: Plan::new(&config, seed),
         config,
         listeners,
@@ -375,8 +379,10 @@ struct Runtime {
     link_inbound: Option<mpsc::Sender<Inbound>>,
     /// Lifecycle frames from library workers' channels.
     lifecycle: link::Lifecycle,
-    /// The outbox of each library worker's channel.
-    channels: std::collections::HashMap<WorkerId, mpsc::Sender<bytes::Bytes>>,
+    /// The outboxes of each library worker's channel.
+    channels: std::collections::HashMap<WorkerId, link::Outboxes>,
+    /// The acceptors of `round-robin` sockets.
+    handoff: handoff::Handoff,
     plan: Plan,
     config: Config,
     listeners: Listeners,
@@ -425,6 +431,23 @@ impl Runtime {
                 log::notice(notice);
                 self.publish(notice);
                 self.publish_link(notice);
+                let (channels, plan, config) = (&self.channels, &self.plan, &self.config);
+                self.handoff.follow(notice, |id| {
+                    let outboxes = channels.get(&id)?;
+                    let sockets: Vec<String> =
+                        plan.worker(id)?
+                            .spec()
+                            .sockets
+                            .iter()
+                            .filter(|name| {
+                                config.sockets.get(*name).is_some_and(|s| {
+                                    s.mode == crate::config::SocketMode::RoundRobin
+                                })
+                            })
+                            .cloned()
+                            .collect();
+                    Some((sockets, outboxes.conns.clone()))
+                });
                 if let Notice::Scaled { pool, from, to } = notice {
                     if to < from {
                         self.listeners.release_slots(pool, *to);
@@ -444,7 +467,7 @@ impl Runtime {
                         queue.push_back(self.plan.handle(event, Instant::now()));
                     }
                     Action::Signal { id, pid, signal } => {
-                        if let Some(outbox) = self.channels.get(&id) {
+                        if let Some(outbox) = self.channels.get(&id).map(|o| &o.frames) {
                             let deadline = worker_kill_timeout(&self.plan, id);
                             let deadline_ms =
                                 u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
@@ -536,9 +559,10 @@ impl Runtime {
                 self.lifecycle.clone(),
                 self.link_inbound.clone(),
             ) {
-                Ok(outbox) => {
-                    self.channels.insert(id, outbox.clone());
-                    Some(outbox)
+                Ok(outboxes) => {
+                    let frames = outboxes.frames.clone();
+                    self.channels.insert(id, outboxes);
+                    Some(frames)
                 }
                 Err(error) => {
                     error!(
