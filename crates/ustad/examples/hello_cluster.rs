@@ -3,7 +3,7 @@
 //!
 //!     cargo run --example hello_cluster            # then: curl 127.0.0.1:8000
 //!     HELLO_ADDR=127.0.0.1:9000 cargo run --example hello_cluster
-//!     HELLO_MODE=round-robin cargo run --example hello_cluster
+//!     HELLO_MODE=round-robin cargo run --example hello_cluster    # or reuseport
 //!
 //! With `HELLO_MODE=round-robin` the primary accepts the connections and hands them to the
 //! workers in turn (Node's default), instead of the workers accepting from a shared socket.
@@ -24,10 +24,11 @@ fn main() -> anyhow::Result<()> {
     match ustad::role() {
         Role::Primary(primary) => {
             println!("primary {} serving http://{address}/", std::process::id());
-            let pool = if round_robin() {
-                Pool::auto().listen_round_robin(&address)
-            } else {
-                Pool::auto().listen(&address)
+            let mode = std::env::var("HELLO_MODE").unwrap_or_default();
+            let pool = match mode.as_str() {
+                "round-robin" => Pool::auto().listen_round_robin(&address),
+                "reuseport" => Pool::auto().listen_reuseport(&address),
+                _ => Pool::auto().listen(&address),
             };
             primary.pool("web", pool).run()?;
         }
