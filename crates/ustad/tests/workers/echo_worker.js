@@ -11,7 +11,8 @@
 const net = require('node:net');
 
 const maxFrame = Number(process.env.USTAD_IPC_MAX_FRAME || 1024 * 1024);
-const channel = new net.Socket({ fd: Number(process.env.USTAD_IPC_FD), readable: true, writable: true });
+const fd = Number(process.env.USTAD_IPC_FD);
+const channel = new net.Socket({ fd, readable: true, writable: true });
 
 function send(envelope) {
   const body = Buffer.from(JSON.stringify(envelope));
