@@ -12,10 +12,19 @@ use ustad_core::ipc::{self, Envelope, Kind};
 
 use crate::error::RequestError;
 
-/// A whole frame for `kind` (`msg`, `req`, `rep`) with `body`.
-pub(crate) fn encode<T: Serialize + ?Sized>(kind: &Kind, body: &T) -> Result<Bytes, RequestError> {
+/// A whole frame for `kind` (`msg`, `req`, `rep`) with `body`, refused when its body is
+/// larger than `max` (what the receiver accepts: it would cut the sender off).
+pub(crate) fn encode<T: Serialize + ?Sized>(
+    kind: &Kind,
+    body: &T,
+    max: usize,
+) -> Result<Bytes, RequestError> {
     let mut out = BytesMut::with_capacity(64);
     ipc::encode_body(&mut out, kind, body).map_err(|e| RequestError::Encoding(e.to_string()))?;
+    let size = out.len() - ipc::HEADER;
+    if size > max {
+        return Err(RequestError::TooLarge { size, max });
+    }
     Ok(out.freeze())
 }
 
@@ -51,15 +60,23 @@ pub struct IncomingRequest {
     id: u64,
     envelope: Envelope,
     outbox: mpsc::Sender<Bytes>,
+    /// The largest frame body the requester accepts.
+    max: usize,
     answered: bool,
 }
 
 impl IncomingRequest {
-    pub(crate) fn new(id: u64, envelope: Envelope, outbox: mpsc::Sender<Bytes>) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        envelope: Envelope,
+        outbox: mpsc::Sender<Bytes>,
+        max: usize,
+    ) -> Self {
         IncomingRequest {
             id,
             envelope,
             outbox,
+            max,
             answered: false,
         }
     }
@@ -78,7 +95,7 @@ impl IncomingRequest {
     /// When `reply` cannot be encoded, or the requester is gone.
     pub async fn reply<R: Serialize + ?Sized>(mut self, reply: &R) -> Result<(), RequestError> {
         self.answered = true;
-        let frame = match encode(&Kind::Rep { id: self.id }, reply) {
+        let frame = match encode(&Kind::Rep { id: self.id }, reply, self.max) {
             Ok(frame) => frame,
             Err(error) => {
                 let failed = ipc::encode_simple(&Kind::Err {

@@ -97,6 +97,8 @@ struct Entry {
     outbox: Option<mpsc::Sender<Bytes>>,
     pending: Arc<Pending>,
     in_flight: usize,
+    /// The largest frame body the worker accepts.
+    max_message: usize,
 }
 
 impl Entry {
@@ -241,7 +243,7 @@ impl Cluster {
     fn outbox(
         &self,
         worker: WorkerId,
-    ) -> Result<(mpsc::Sender<Bytes>, Arc<Pending>), RequestError> {
+    ) -> Result<(mpsc::Sender<Bytes>, Arc<Pending>, usize), RequestError> {
         let state = self.shared.lock();
         let entry = state
             .workers
@@ -251,7 +253,7 @@ impl Cluster {
             .outbox
             .clone()
             .ok_or(RequestError::NoWorker(worker.0))?;
-        Ok((outbox, entry.pending.clone()))
+        Ok((outbox, entry.pending.clone(), entry.max_message))
     }
 
     /// A worker's channel is closed (it died, its exit not yet reaped): stop picking it.
@@ -270,8 +272,8 @@ impl Cluster {
         worker: WorkerId,
         message: &T,
     ) -> Result<(), RequestError> {
-        let (outbox, _) = self.outbox(worker)?;
-        let frame = encode(&Kind::Msg, message)?;
+        let (outbox, _, max) = self.outbox(worker)?;
+        let frame = encode(&Kind::Msg, message, max)?;
         outbox
             .send(frame)
             .await
@@ -287,15 +289,21 @@ impl Cluster {
         pool: &str,
         message: &T,
     ) -> Result<usize, RequestError> {
-        let frame = encode(&Kind::Msg, message)?;
-        let outboxes: Vec<mpsc::Sender<Bytes>> = self
+        let targets: Vec<(mpsc::Sender<Bytes>, usize)> = self
             .shared
             .lock()
             .workers
             .values()
             .filter(|e| e.worker.pool == pool && e.serving())
-            .filter_map(|e| e.outbox.clone())
+            .filter_map(|e| Some((e.outbox.clone()?, e.max_message)))
             .collect();
+        let max = targets
+            .iter()
+            .map(|(_, max)| *max)
+            .min()
+            .unwrap_or(usize::MAX);
+        let frame = encode(&Kind::Msg, message, max)?;
+        let outboxes = targets.into_iter().map(|(outbox, _)| outbox);
         let mut sent = 0;
         for outbox in outboxes {
             if outbox.send(frame.clone()).await.is_ok() {
@@ -335,9 +343,9 @@ impl Cluster {
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let (outbox, pending) = self.outbox(worker)?;
+        let (outbox, pending, max) = self.outbox(worker)?;
         let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
-        let frame = encode(&Kind::Req { id }, request)?;
+        let frame = encode(&Kind::Req { id }, request, max)?;
         let reply = pending.register(id);
         // Forgotten however this ends (a timeout drops this future).
         let _forget = Forget(&pending, id);
@@ -611,10 +619,20 @@ fn on_link_event(
             return None;
         }
         LinkEvent::Stopped => return None,
+        LinkEvent::ChannelClosed { id } => {
+            // Cut off for breaking the protocol: no more work for it; it is being replaced.
+            let entry = state.workers.get_mut(&id)?;
+            entry.outbox = None;
+            entry.pending.fail_all(&RequestError::WorkerGone(id.0));
+            drop(state);
+            shared.changed.notify_waiters();
+            return None;
+        }
         LinkEvent::Spawned {
             worker,
             pid,
             outbox,
+            max_message,
         } => {
             let worker = WorkerRef {
                 id: worker.id,
@@ -632,6 +650,7 @@ fn on_link_event(
                     outbox,
                     pending: Arc::new(Pending::default()),
                     in_flight: 0,
+                    max_message,
                 },
             );
             Event::Spawned(worker)
@@ -669,13 +688,14 @@ fn on_link_event(
 
 fn on_inbound(shared: &Shared, message: Inbound) -> Option<Event> {
     let Inbound { worker, envelope } = message;
-    let (reference, outbox, pending) = {
+    let (reference, outbox, pending, max) = {
         let state = shared.lock();
         let entry = state.workers.get(&worker.id)?;
         (
             entry.worker.clone(),
             entry.outbox.clone(),
             entry.pending.clone(),
+            entry.max_message,
         )
     };
     match envelope.kind {
@@ -685,7 +705,7 @@ fn on_inbound(shared: &Shared, message: Inbound) -> Option<Event> {
         }
         Kind::Req { id } => Some(Event::Request {
             worker: reference,
-            request: IncomingRequest::new(id, envelope, outbox?),
+            request: IncomingRequest::new(id, envelope, outbox?, max),
         }),
         _ => Some(Event::Message {
             worker: reference,

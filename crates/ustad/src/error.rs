@@ -43,6 +43,14 @@ pub enum RequestError {
     /// The answer did not fit the expected type, or the request could not be encoded.
     #[error("bad message: {0}")]
     Encoding(String),
+    /// The message is larger than the other side accepts (`Pool::max_message`).
+    #[error("a message of {size} bytes exceeds the limit of {max} bytes (max_message)")]
+    TooLarge {
+        /// The encoded message's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
     /// No ready worker in the pool, after every retry.
     #[error("no worker of pool {pool} completed the task after {attempts} attempts: {last}")]
     Exhausted {

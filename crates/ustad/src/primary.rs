@@ -300,6 +300,8 @@ impl Primary {
                 .unwrap_or_else(|| "ustad".to_owned())
         });
         options.control = Some(ustad_core::control::paths::default_socket(&options.name));
+        // The program's other children are its own business: no reaping, no sweeping.
+        options.subreaper = false;
         options
     }
 

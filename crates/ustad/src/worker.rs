@@ -339,7 +339,8 @@ impl Worker {
     /// # Errors
     /// No channel, a message that cannot be encoded, or a primary that is gone.
     pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), Error> {
-        let frame = encode(&Kind::Msg, message).map_err(|e| Error::Invalid(e.to_string()))?;
+        let frame = encode(&Kind::Msg, message, self.inner.max_frame)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         self.send_frame(frame).await
     }
 
@@ -368,7 +369,7 @@ impl Worker {
             .channel()
             .map_err(|e| RequestError::Encoding(e.to_string()))?;
         let id = channel.next_request.fetch_add(1, Ordering::Relaxed);
-        let frame = encode(&Kind::Req { id }, request)?;
+        let frame = encode(&Kind::Req { id }, request, self.inner.max_frame)?;
         let reply = channel.pending.register(id);
         let exchange = async {
             channel
@@ -418,9 +419,23 @@ impl Channel {
             let reader = ipc::FdReader::new(reader);
             let fds = reader.fds();
             let mut reader = FrameReader::new(reader, max_frame);
-            while let Ok(Some(frame)) = reader.next().await {
-                let Ok(envelope) = ipc::decode(frame) else {
-                    break;
+            loop {
+                let frame = match reader.next().await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::error!("the channel to the primary broke: {error}");
+                        break;
+                    }
+                };
+                let envelope = match ipc::decode(frame) {
+                    Ok(envelope) => envelope,
+                    Err(error) => {
+                        tracing::error!(
+                            "the primary sent a frame this worker cannot read: {error}"
+                        );
+                        break;
+                    }
                 };
                 match envelope.kind {
                     Kind::Rep { .. } | Kind::Err { .. } => {
@@ -447,7 +462,7 @@ impl Channel {
                         let _ = stop_tx.send(Some(Duration::from_millis(deadline_ms)));
                     }
                     Kind::Req { id } => {
-                        let request = IncomingRequest::new(id, envelope, answer.clone());
+                        let request = IncomingRequest::new(id, envelope, answer.clone(), max_frame);
                         if inbox_tx.send(FromPrimary::Request(request)).await.is_err() {
                             break;
                         }

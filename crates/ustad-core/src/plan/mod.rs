@@ -262,6 +262,7 @@ impl Plan {
             Event::AddPool { name, spec } => self.on_add_pool(name, spec),
             Event::RemovePool { name } => self.on_remove_pool(&name, now),
             Event::Replace { id } => self.on_replace(id),
+            Event::Cut { id, why } => self.on_cut(id, &why, now),
             Event::Memory { id, rss } => self.on_memory(id, rss, now),
         }
         self.settle(now)
@@ -549,6 +550,38 @@ impl Plan {
             return;
         }
         self.queue_replacement(pool, slot, StopReason::Restart);
+    }
+
+    fn on_cut(&mut self, id: WorkerId, why: &str, now: Instant) {
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
+        let (pool, slot) = (worker.pool, worker.slot);
+        match worker.phase {
+            Phase::Ready { .. } if self.is_current(pool, slot, id) => {
+                self.queue_replacement(pool, slot, StopReason::Protocol);
+            }
+            Phase::Starting { .. } => {
+                // Like a start that failed: stopped now, and its slot backs off.
+                let snapshot = worker.clone();
+                let role = self.detach(&snapshot);
+                let signal = snapshot.spec.stop_signal;
+                self.stop_with(id, StopReason::Protocol, signal, now);
+                self.after_failed_start(
+                    &snapshot,
+                    role,
+                    &format!("broke the message protocol: {why}"),
+                    now,
+                );
+            }
+            // Stopping already, or a replacement in progress: it goes anyway.
+            _ => {
+                let signal = worker.spec.stop_signal;
+                if !matches!(worker.phase, Phase::Stopping { .. }) {
+                    self.stop_with(id, StopReason::Protocol, signal, now);
+                }
+            }
+        }
     }
 
     fn on_memory(&mut self, id: WorkerId, rss: u64, now: Instant) {

@@ -1088,3 +1088,38 @@ fn a_restart_keeps_a_scaled_size_and_a_reload_applies_the_configured_one() {
     finish(&mut sim);
     assert_eq!(sim.plan.pools().collect::<Vec<_>>(), [("web", 2)]);
 }
+
+#[test]
+fn a_worker_cut_off_is_replaced_rolling_when_serving_and_fails_its_start_when_starting() {
+    let mut sim = ready_pool(2, false);
+    sim.handle(Event::Cut {
+        id: WorkerId(1),
+        why: "garbage".into(),
+    });
+    assert_eq!(sim.starting(), [WorkerId(3)]);
+    assert!(
+        sim.signals.is_empty(),
+        "it serves until its successor is ready"
+    );
+    sim.ready(WorkerId(3));
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::TERM)]);
+    sim.exit_stopped();
+
+    // A starting worker that breaks the protocol is stopped and its slot backs off.
+    sim.exit(WorkerId(2), ExitStatus::Signal(9));
+    sim.advance(2 * S);
+    let starting = sim.starting();
+    assert_eq!(starting, [WorkerId(4)]);
+    sim.handle(Event::Cut {
+        id: WorkerId(4),
+        why: "oversized frame".into(),
+    });
+    assert_eq!(sim.signals.last(), Some(&(WorkerId(4), Signal::TERM)));
+    assert_eq!(
+        sim.count(|n| matches!(n, Notice::RestartScheduled { failures: 1, .. })),
+        1
+    );
+    sim.exit(WorkerId(4), ExitStatus::Code(0));
+    sim.advance(2 * S);
+    assert_eq!(sim.starting(), [WorkerId(5)]);
+}

@@ -164,6 +164,14 @@ pub enum Event {
         /// Which.
         id: WorkerId,
     },
+    /// A worker broke the message protocol and was cut off: a serving worker is replaced
+    /// (rolling), a starting one fails its start.
+    Cut {
+        /// Which.
+        id: WorkerId,
+        /// What it did.
+        why: String,
+    },
     /// A measurement of a worker's memory: its process group's resident set size.
     Memory {
         /// Which worker.
@@ -259,6 +267,8 @@ pub enum StopReason {
     Watchdog,
     /// Its pool was removed from the configuration.
     PoolRemoved,
+    /// It broke the message protocol: its channel was closed.
+    Protocol,
 }
 
 impl StopReason {
@@ -276,6 +286,7 @@ impl StopReason {
             StopReason::Memory => "memory",
             StopReason::Watchdog => "watchdog",
             StopReason::PoolRemoved => "pool_removed",
+            StopReason::Protocol => "protocol",
         }
     }
 }
@@ -294,6 +305,7 @@ impl fmt::Display for StopReason {
             StopReason::Memory => "memory above max_memory",
             StopReason::Watchdog => "hung: no WATCHDOG=1 in time",
             StopReason::PoolRemoved => "its pool was removed",
+            StopReason::Protocol => "it broke the message protocol",
         })
     }
 }

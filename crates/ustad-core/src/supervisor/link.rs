@@ -51,6 +51,8 @@ pub enum LinkEvent {
         pid: u32,
         /// Frames to write to its channel.
         outbox: Option<mpsc::Sender<Bytes>>,
+        /// The largest frame body it accepts.
+        max_message: usize,
     },
     /// It is ready.
     Ready {
@@ -63,6 +65,12 @@ pub enum LinkEvent {
         id: WorkerId,
         /// Why.
         reason: StopReason,
+    },
+    /// Its channel was closed because it broke the protocol: it takes no more messages (it
+    /// is being replaced).
+    ChannelClosed {
+        /// Which.
+        id: WorkerId,
     },
     /// It exited.
     Exited {
@@ -161,6 +169,7 @@ pub(super) fn start_channel(
             }
         }
     });
+    let answers = outbox.clone();
     tokio::spawn(async move {
         let mut reader = FrameReader::new(reader, spec.max_message);
         loop {
@@ -203,7 +212,20 @@ pub(super) fn start_channel(
                     return;
                 }
                 Kind::Msg | Kind::Req { .. } | Kind::Rep { .. } | Kind::Err { .. } => {
-                    let Some(inbound) = &inbound else { continue };
+                    let Some(inbound) = &inbound else {
+                        // Nobody on this side takes messages (`Primary::run`): a request gets
+                        // an answer at once rather than waiting out its timeout.
+                        if let Kind::Req { id } = envelope.kind {
+                            let refusal = ipc::encode_simple(&Kind::Err {
+                                id,
+                                message: "this primary takes no requests (it runs Primary::run, not Primary::start)".to_owned(),
+                            });
+                            if answers.send(refusal).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    };
                     let message = Inbound {
                         worker: worker.clone(),
                         envelope,
@@ -237,6 +259,9 @@ impl super::Runtime {
                 // replaced, rolling, since it can no longer be talked to.
                 self.channels.remove(&id);
                 self.handoff.remove(id);
+                if let Some(events) = &self.link_events {
+                    let _ = events.send(LinkEvent::ChannelClosed { id });
+                }
                 let who = self
                     .plan
                     .worker_ref(id)
@@ -247,7 +272,7 @@ impl super::Runtime {
                     why = %why,
                     "worker {who} broke the message protocol ({why}): its channel is closed and it will be replaced"
                 );
-                self.handle(Event::Replace { id });
+                self.handle(Event::Cut { id, why });
                 return;
             }
         };

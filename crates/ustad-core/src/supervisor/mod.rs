@@ -230,6 +230,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         subscribers: Vec::new(),
         stop_waiters: Vec::new(),
         reload_waiters: Vec::new(),
+        subreaper: options.subreaper,
         aborted: Vec::new(),
         retired_sockets: Vec::new(),
         exits,
@@ -293,7 +294,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         task.abort();
     }
     drop(control);
-    runtime.kill_adopted_orphans().await;
+    if runtime.subreaper {
+        runtime.kill_adopted_orphans().await;
+    }
     if let Some(events) = &runtime.link_events {
         let _ = events.send(LinkEvent::Stopped);
     }
@@ -405,6 +408,8 @@ struct Runtime {
     stop_waiters: Vec<mpsc::Sender<crate::control::protocol::Reply>>,
     /// Clients of `ustad reload --wait`.
     reload_waiters: Vec<control::ReloadWaiter>,
+    /// A child subreaper: adopted processes are reaped, and stopped at exit.
+    subreaper: bool,
     /// Rollouts aborted since the last reload request: pool and why.
     aborted: Vec<(String, String)>,
     /// Sockets a reload removed, closed once no worker uses them.
@@ -468,7 +473,14 @@ impl Runtime {
                     }
                     Action::Signal { id, pid, signal } => {
                         if let Some(outbox) = self.channels.get(&id).map(|o| &o.frames) {
-                            let deadline = worker_kill_timeout(&self.plan, id);
+                            // The time until SIGKILL, as the plan set it (a shutdown with a
+                            // timeout shortens it).
+                            let deadline = match self.plan.worker(id).map(|w| w.phase) {
+                                Some(Phase::Stopping {
+                                    kill_at: Some(at), ..
+                                }) => at.saturating_duration_since(Instant::now()),
+                                _ => worker_kill_timeout(&self.plan, id),
+                            };
                             let deadline_ms =
                                 u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
                             let _ = outbox.try_send(crate::ipc::encode_simple(
@@ -578,6 +590,7 @@ impl Runtime {
                 worker: (*info).clone(),
                 pid,
                 outbox,
+                max_message: spec.ipc.map_or(0, |ipc| ipc.max_message),
             });
         }
         if let Some(guard) = &mut self.guard {
@@ -749,7 +762,11 @@ impl Runtime {
 
     fn on_child_signal(&mut self) {
         self.replace_lost_guard();
-        self.reap_adopted();
+        // Children that are not workers are ours to reap only as a subreaper: in a program
+        // that embeds the supervisor (the Rust library), they belong to the program.
+        if self.subreaper {
+            self.reap_adopted();
+        }
         self.settle_lingering(None);
     }
 
