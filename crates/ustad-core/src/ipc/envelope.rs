@@ -96,6 +96,9 @@ struct Wire<'a> {
 /// # Errors
 /// [`FrameError::Envelope`] when it is not an envelope of a known kind with its fields.
 pub fn decode(frame: Bytes) -> Result<Envelope, FrameError> {
+    if let Some(envelope) = decode_canonical(&frame) {
+        return Ok(envelope);
+    }
     let wire: Wire<'_> =
         serde_json::from_slice(&frame).map_err(|e| FrameError::Envelope(e.to_string()))?;
     let needs_id = |what: &str| {
@@ -150,6 +153,73 @@ pub fn decode(frame: Bytes) -> Result<Envelope, FrameError> {
     Ok(Envelope { kind, frame, body })
 }
 
+/// The start of a `msg` frame as [`encode_body`] writes it.
+const MSG_HEAD: &[u8] = b"{\"t\":\"msg\",\"body\":";
+/// The start of a `req` frame, before its id.
+const REQ_HEAD: &[u8] = b"{\"t\":\"req\",\"id\":";
+/// The start of a `rep` frame, before its id.
+const REP_HEAD: &[u8] = b"{\"t\":\"rep\",\"id\":";
+/// Between the id and the body.
+const BODY_KEY: &[u8] = b",\"body\":";
+
+/// `msg`, `req` and `rep` frames as [`encode_body`] writes them (the keys in its order, no
+/// spaces), decoded without the general path: the envelope is matched byte for byte and only
+/// the body is scanned, to check that it is exactly one JSON value. Anything else (another
+/// order, spaces, more fields, a body that is not one value) is left to the general path,
+/// which accepts or refuses it as before.
+fn decode_canonical(frame: &Bytes) -> Option<Envelope> {
+    let bytes = &frame[..];
+    let (kind, rest) = if let Some(rest) = bytes.strip_prefix(MSG_HEAD) {
+        (Kind::Msg, rest)
+    } else {
+        let (req, rest) = match bytes.strip_prefix(REQ_HEAD) {
+            Some(rest) => (true, rest),
+            None => (false, bytes.strip_prefix(REP_HEAD)?),
+        };
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        // No leading zeros, as JSON has none; 20 digits may overflow: the general path says so.
+        if digits == 0 || digits > 19 || (digits > 1 && rest[0] == b'0') {
+            return None;
+        }
+        let id = rest[..digits]
+            .iter()
+            .fold(0u64, |id, digit| id * 10 + u64::from(digit - b'0'));
+        let rest = rest[digits..].strip_prefix(BODY_KEY)?;
+        (
+            if req {
+                Kind::Req { id }
+            } else {
+                Kind::Rep { id }
+            },
+            rest,
+        )
+    };
+    let start = bytes.len() - rest.len();
+    let inner = rest.strip_suffix(b"}")?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(inner).ok()?;
+    let end = start + inner.trim_ascii_end().len();
+    Some(Envelope {
+        kind,
+        frame: frame.clone(),
+        body: Some(start..end),
+    })
+}
+
+/// Appends `n` in decimal.
+fn put_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 /// Writes a whole frame (header included) of a kind with a body: `msg`, `req`, `rep`.
 ///
 /// # Errors
@@ -161,16 +231,21 @@ pub fn encode_body<T: Serialize + ?Sized>(
 ) -> Result<(), serde_json::Error> {
     let start = out.len();
     out.put_u32_le(0);
+    // The envelope by hand (no formatting machinery, no allocation), the body with serde.
+    match kind {
+        Kind::Req { id } | Kind::Rep { id } => {
+            out.extend_from_slice(if matches!(kind, Kind::Req { .. }) {
+                REQ_HEAD
+            } else {
+                REP_HEAD
+            });
+            put_decimal(out, *id);
+            out.extend_from_slice(BODY_KEY);
+        }
+        _ => out.extend_from_slice(MSG_HEAD),
+    }
     let mut writer = out.writer();
-    let head = match kind {
-        Kind::Req { id } => format!("{{\"t\":\"req\",\"id\":{id},\"body\":"),
-        Kind::Rep { id } => format!("{{\"t\":\"rep\",\"id\":{id},\"body\":"),
-        _ => "{\"t\":\"msg\",\"body\":".to_owned(),
-    };
-    let written = writer
-        .write_all(head.as_bytes())
-        .map_err(serde_json::Error::io)
-        .and_then(|()| serde_json::to_writer(&mut writer, body))
+    let written = serde_json::to_writer(&mut writer, body)
         .and_then(|()| writer.write_all(b"}").map_err(serde_json::Error::io));
     let out = writer.into_inner();
     if let Err(error) = written {
@@ -325,5 +400,65 @@ mod tests {
         assert!(refuse(br#"{"t":"req","body":1}"#).contains("needs an `id`"));
         assert!(refuse(br#"{"t":"msg"}"#).contains("needs a `body`"));
         assert!(refuse(br#"{"body":1}"#).contains("missing field `t`"));
+    }
+
+    /// The general path, for comparison with what `decode` (and its fast path) says.
+    fn decode_general(frame: &'static [u8]) -> Result<(Kind, Option<Vec<u8>>), String> {
+        let wire: Wire<'_> = serde_json::from_slice(frame).map_err(|e| e.to_string())?;
+        let envelope = decode(Bytes::from_static(frame)).map_err(|e| e.to_string())?;
+        assert_eq!(
+            wire.body.map(|raw| raw.get().as_bytes().to_vec()),
+            envelope.body().map(<[u8]>::to_vec)
+        );
+        Ok((envelope.kind.clone(), envelope.body().map(<[u8]>::to_vec)))
+    }
+
+    #[test]
+    fn frames_as_written_take_the_fast_path_to_the_same_envelope() {
+        for (kind, body) in [
+            (Kind::Msg, serde_json::json!({"type": "small", "n": 1})),
+            (Kind::Req { id: 0 }, serde_json::json!("}")),
+            (
+                Kind::Req { id: u64::MAX / 10 },
+                serde_json::json!([1, {"a": "}"}]),
+            ),
+            (Kind::Rep { id: 12 }, serde_json::json!(null)),
+        ] {
+            let mut out = BytesMut::new();
+            encode_body(&mut out, &kind, &body).unwrap();
+            let frame = body_of(&out);
+            let fast = decode_canonical(&frame).expect("the fast path takes it");
+            assert_eq!(fast.kind, kind);
+            assert_eq!(fast.decode::<serde_json::Value>().unwrap(), body);
+            assert_eq!(decode(frame).unwrap().body(), fast.body());
+        }
+    }
+
+    #[test]
+    fn frames_that_only_look_canonical_get_the_general_answer() {
+        for frame in [
+            &br#"{"t":"msg","body":1 }"#[..],
+            br#"{"t":"msg","body":{"a":1},"extra":true}"#,
+            br#"{"t":"rep","id":18446744073709551615,"body":1}"#,
+        ] {
+            let general = decode_general(frame);
+            assert!(general.is_ok(), "{general:?}");
+        }
+        for frame in [
+            &br#"{"t":"msg","body":1,"body":2}"#[..],
+            br#"{"t":"msg","body":nope}"#,
+            br#"{"t":"req","id":7,"body":[1,2],"t":"rep"}"#,
+            br#"{"t":"msg","body":{"a":1}"#,
+            br#"{"t":"req","id":007,"body":1}"#,
+            br#"{"t":"req","id":18446744073709551616,"body":1}"#,
+            br#"{"t":"rep","id":-1,"body":1}"#,
+            br#"{"t":"msg","body":}"#,
+        ] {
+            assert!(
+                decode_canonical(&Bytes::from_static(frame)).is_none(),
+                "{frame:?}"
+            );
+            assert!(decode(Bytes::from_static(frame)).is_err(), "{frame:?}");
+        }
     }
 }
