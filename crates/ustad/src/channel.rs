@@ -1,31 +1,44 @@
-//! What the primary's and the workers' sides share: encoding frames, messages and requests
+//! What the primary's and the workers' sides share: sending frames, messages and requests
 //! received, and requests waiting for their replies.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot};
-use ustad_core::ipc::{self, Envelope, Kind};
+use tokio::sync::oneshot;
+use ustad_core::ipc::{self, Envelope, Kind, Outbox, PushError};
 
 use crate::error::RequestError;
 
-/// A whole frame for `kind` (`msg`, `req`, `rep`) with `body`, refused when its body is
-/// larger than `max` (what the receiver accepts: it would cut the sender off).
-pub(crate) fn encode<T: Serialize + ?Sized>(
+/// Queues the frame for `kind` (`msg`, `req`, `rep`) with `body` in `outbox`, waiting while it
+/// is full; refused when the body is larger than `max` (what the receiver accepts: it would
+/// cut the sender off).
+///
+/// # Errors
+/// [`RequestError::TooLarge`], [`RequestError::Encoding`], or `closed` when the channel is.
+pub(crate) async fn send<T: Serialize + ?Sized>(
+    outbox: &Outbox,
     kind: &Kind,
     body: &T,
     max: usize,
-) -> Result<Bytes, RequestError> {
-    let mut out = BytesMut::with_capacity(64);
-    ipc::encode_body(&mut out, kind, body).map_err(|e| RequestError::Encoding(e.to_string()))?;
-    let size = out.len() - ipc::HEADER;
-    if size > max {
-        return Err(RequestError::TooLarge { size, max });
-    }
-    Ok(out.freeze())
+    closed: RequestError,
+) -> Result<(), RequestError> {
+    let encode = |buffer: &mut BytesMut| {
+        let start = buffer.len();
+        ipc::encode_body(buffer, kind, body).map_err(|e| RequestError::Encoding(e.to_string()))?;
+        let size = buffer.len() - start - ipc::HEADER;
+        if size > max {
+            return Err(RequestError::TooLarge { size, max });
+        }
+        Ok(())
+    };
+    outbox.push(encode).await.map_err(|error| match error {
+        PushError::Closed(_) => closed,
+        PushError::Encode(error) => error,
+    })
 }
 
 /// A message received.
@@ -59,19 +72,14 @@ impl Message {
 pub struct IncomingRequest {
     id: u64,
     envelope: Envelope,
-    outbox: mpsc::Sender<Bytes>,
+    outbox: Outbox,
     /// The largest frame body the requester accepts.
     max: usize,
     answered: bool,
 }
 
 impl IncomingRequest {
-    pub(crate) fn new(
-        id: u64,
-        envelope: Envelope,
-        outbox: mpsc::Sender<Bytes>,
-        max: usize,
-    ) -> Self {
+    pub(crate) fn new(id: u64, envelope: Envelope, outbox: Outbox, max: usize) -> Self {
         IncomingRequest {
             id,
             envelope,
@@ -95,21 +103,18 @@ impl IncomingRequest {
     /// When `reply` cannot be encoded, or the requester is gone.
     pub async fn reply<R: Serialize + ?Sized>(mut self, reply: &R) -> Result<(), RequestError> {
         self.answered = true;
-        let frame = match encode(&Kind::Rep { id: self.id }, reply, self.max) {
-            Ok(frame) => frame,
-            Err(error) => {
+        let kind = Kind::Rep { id: self.id };
+        match send(&self.outbox, &kind, reply, self.max, RequestError::Stopped).await {
+            Err(error @ (RequestError::Encoding(_) | RequestError::TooLarge { .. })) => {
                 let failed = ipc::encode_simple(&Kind::Err {
                     id: self.id,
                     message: format!("the reply could not be encoded: {error}"),
                 });
-                let _ = self.outbox.send(failed).await;
-                return Err(error);
+                let _ = self.outbox.push_now(&failed);
+                Err(error)
             }
-        };
-        self.outbox
-            .send(frame)
-            .await
-            .map_err(|_| RequestError::Stopped)
+            other => other,
+        }
     }
 
     /// Answers with a failure: the requester's `request` returns [`RequestError::Failed`].
@@ -123,8 +128,7 @@ impl IncomingRequest {
             message: message.to_owned(),
         });
         self.outbox
-            .send(frame)
-            .await
+            .push_now(&frame)
             .map_err(|_| RequestError::Stopped)
     }
 }
@@ -132,7 +136,7 @@ impl IncomingRequest {
 impl Drop for IncomingRequest {
     fn drop(&mut self) {
         if !self.answered {
-            let _ = self.outbox.try_send(ipc::encode_simple(&Kind::Err {
+            let _ = self.outbox.push_now(&ipc::encode_simple(&Kind::Err {
                 id: self.id,
                 message: "the request was dropped without a reply".to_owned(),
             }));
@@ -140,14 +144,38 @@ impl Drop for IncomingRequest {
     }
 }
 
+/// A reply, or why there is none.
+type Reply = Result<Envelope, RequestError>;
+
 /// Requests sent and not answered yet, by id.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Result<Envelope, RequestError>>>>,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Reply>, BuildHasherDefault<IdHasher>>>,
+}
+
+/// Request ids are sequential numbers: one multiplication spreads them over the table, where
+/// SipHash would cost more than the rest of the lookup.
+#[derive(Debug, Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl Pending {
-    pub(crate) fn register(&self, id: u64) -> oneshot::Receiver<Result<Envelope, RequestError>> {
+    pub(crate) fn register(&self, id: u64) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
         self.lock().insert(id, tx);
         rx
@@ -179,7 +207,7 @@ impl Pending {
 
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<Envelope, RequestError>>>>
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>, BuildHasherDefault<IdHasher>>>
     {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -187,7 +215,7 @@ impl Pending {
 
 /// Waits for the reply of a registered request and decodes it.
 pub(crate) async fn await_reply<R: DeserializeOwned>(
-    reply: oneshot::Receiver<Result<Envelope, RequestError>>,
+    reply: oneshot::Receiver<Reply>,
     gone: RequestError,
 ) -> Result<R, RequestError> {
     let envelope = reply.await.map_err(|_| gone)??;

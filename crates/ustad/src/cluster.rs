@@ -2,17 +2,21 @@
 //! task dispatch, and the operator's commands (scale, restart, stop).
 //!
 //! The supervisor runs on its own thread (a current-thread runtime: workers die with the
-//! thread that forked them). A pump task on that thread turns the supervisor's link into this
-//! handle's state (which workers are ready, their channels, requests in flight) and into the
-//! [`Event`] stream. Sending never goes through the supervisor loop: the handle writes to each
-//! worker's channel directly, waiting when the channel is full (backpressure).
+//! thread that forked them). It tells this handle of every worker's life as it happens (the
+//! [`Hub`], on the supervisor's thread), which keeps the handle's state (which workers are
+//! ready, their channels, tasks in flight) and feeds the [`Event`] stream. Workers' channels
+//! run on the program's own runtime when it has one: a worker's messages and requests go from
+//! its channel's reader straight into the event stream, and replies straight to the request
+//! waiting for them. Sending never goes through the supervisor either: the handle encodes
+//! into each worker's outbox directly, waiting when it is full (backpressure).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc, watch};
@@ -20,13 +24,13 @@ use ustad_core::config::Config;
 use ustad_core::config::value::format_duration;
 use ustad_core::control::protocol::{Reply, Request};
 use ustad_core::control::server::Call;
-use ustad_core::ipc::Kind;
+use ustad_core::ipc::{Envelope, Kind, Outbox};
 use ustad_core::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
 use ustad_core::status::ClusterStatus;
-use ustad_core::supervisor::{self, Inbound, Link, LinkEvent, Options};
+use ustad_core::supervisor::{self, FrameSink, Link, LinkEvent, Options, Program, WorkerInfo};
 
 pub use crate::channel::{IncomingRequest, Message};
-use crate::channel::{Pending, await_reply, encode};
+use crate::channel::{Pending, await_reply, send};
 use crate::error::{Error, RequestError};
 
 /// Events queued for [`Cluster::events`] before the pump waits for the program.
@@ -34,13 +38,63 @@ const EVENTS: usize = 1024;
 /// How many times [`Cluster::dispatch`] tries a task on another worker after one died.
 const DISPATCH_ATTEMPTS: u32 = 3;
 
+/// A pool's name, shared by the events that name its workers (cloning it copies no text).
+/// Compares with `&str`: `worker.pool == "web"`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolName(Arc<str>);
+
+impl PoolName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for PoolName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PoolName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for PoolName {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for PoolName {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for PoolName {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl From<PoolName> for String {
+    fn from(name: PoolName) -> String {
+        name.0.to_string()
+    }
+}
+
 /// A worker, as events and methods name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerRef {
     /// Unique for the life of the primary.
     pub id: WorkerId,
     /// Its pool.
-    pub pool: String,
+    pub pool: PoolName,
     /// Its slot (`0..size`), kept by its replacements.
     pub slot: usize,
     /// Its generation (rolling restarts increase it).
@@ -89,21 +143,27 @@ pub enum Event {
     },
 }
 
+/// A worker's channel, as the handle uses it.
+#[derive(Debug)]
+struct Conn {
+    outbox: Outbox,
+    pending: Pending,
+    /// The largest frame body the worker accepts.
+    max_message: usize,
+}
+
 #[derive(Debug)]
 struct Entry {
     worker: WorkerRef,
     ready: bool,
     stopping: bool,
-    outbox: Option<mpsc::Sender<Bytes>>,
-    pending: Arc<Pending>,
+    conn: Option<Arc<Conn>>,
     in_flight: usize,
-    /// The largest frame body the worker accepts.
-    max_message: usize,
 }
 
 impl Entry {
     fn serving(&self) -> bool {
-        self.ready && !self.stopping && self.outbox.is_some()
+        self.ready && !self.stopping && self.conn.as_ref().is_some_and(|c| !c.outbox.is_closed())
     }
 }
 
@@ -125,12 +185,40 @@ struct Shared {
     limits: HashMap<String, usize>,
     stopped: watch::Receiver<bool>,
     /// The program took the event stream: until then, workers' messages are dropped.
-    listening: std::sync::atomic::AtomicBool,
+    listening: AtomicBool,
+    /// The event stream's sending end, until the cluster stops (then the stream ends once the
+    /// last channel has delivered its last message).
+    events: Mutex<Option<mpsc::Sender<Event>>>,
+    /// `Primary::start` waits for the supervisor to have bound its sockets.
+    started: Mutex<Option<std::sync::mpsc::Sender<Result<(), Error>>>>,
 }
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A lifecycle event for the stream: kept (up to the bound) even before the stream is
+    /// taken, so that the first workers' events are not lost.
+    fn publish(&self, event: Event) {
+        if let Some(events) = &*self.events.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = events.try_send(event);
+        }
+    }
+
+    /// The supervisor has returned: every request still waiting fails, and the stream ends.
+    fn finish(&self) {
+        let mut state = self.lock();
+        for entry in state.workers.values() {
+            if let Some(conn) = &entry.conn {
+                conn.outbox.close();
+                conn.pending.fail_all(&RequestError::Stopped);
+            }
+        }
+        state.workers.clear();
+        drop(state);
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.changed.notify_waiters();
     }
 }
 
@@ -147,15 +235,10 @@ impl Cluster {
         mut options: Options,
         limits: HashMap<String, usize>,
     ) -> Result<Cluster, Error> {
-        let (link_events, link_events_rx) = mpsc::unbounded_channel();
-        let (inbound, inbound_rx) = mpsc::channel(supervisor::OUTBOX);
         let (calls, calls_rx) = mpsc::channel(64);
-        options.link = Some(Link {
-            events: link_events,
-            inbound,
-            calls: calls_rx,
-        });
         let (stopped_tx, stopped) = watch::channel(false);
+        let (events_tx, events_rx) = mpsc::channel(EVENTS);
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
         let shared = Arc::new(Shared {
             calls,
             state: Mutex::new(State::default()),
@@ -163,11 +246,18 @@ impl Cluster {
             next_request: AtomicU64::new(1),
             limits,
             stopped,
-            listening: std::sync::atomic::AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+            events: Mutex::new(Some(events_tx)),
+            started: Mutex::new(Some(started_tx.clone())),
         });
-        let (events_tx, events_rx) = mpsc::channel(EVENTS);
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
-        let pump_shared = shared.clone();
+        options.link = Some(Link {
+            program: Arc::new(Hub(shared.clone())),
+            // Channels on the program's runtime: a reply wakes the task waiting for it where
+            // it runs. Without one, on the supervisor's.
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            calls: calls_rx,
+        });
+        let finished = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ustad-supervisor".to_owned())
             .spawn(move || {
@@ -181,26 +271,15 @@ impl Cluster {
                         return;
                     }
                 };
-                runtime.block_on(async move {
-                    let pump = tokio::spawn(pump(
-                        pump_shared,
-                        link_events_rx,
-                        inbound_rx,
-                        events_tx,
-                        started_tx.clone(),
-                    ));
-                    if let Err(error) = supervisor::run(config, options).await {
-                        let _ = started_tx.send(Err(error.into()));
-                    }
-                    // Stopped now, even if the program has yet to read the last events: the
-                    // pump delivers them (it ends once they are read or the stream dropped).
-                    let _ = stopped_tx.send(true);
-                    let _ = pump.await;
-                });
+                if let Err(error) = runtime.block_on(supervisor::run(config, options)) {
+                    let _ = started_tx.send(Err(error.into()));
+                }
+                finished.finish();
+                // Stopped now, even if the program has yet to read the last events.
+                let _ = stopped_tx.send(true);
             })?;
         match started_rx.recv() {
-            // The supervisor thread is detached: it ends once the cluster has stopped and its
-            // last events are delivered.
+            // The supervisor thread is detached: it ends once the cluster has stopped.
             Ok(Ok(())) => Ok(Cluster {
                 shared,
                 events: Mutex::new(Some(events_rx)),
@@ -240,27 +319,13 @@ impl Cluster {
             .collect()
     }
 
-    fn outbox(
-        &self,
-        worker: WorkerId,
-    ) -> Result<(mpsc::Sender<Bytes>, Arc<Pending>, usize), RequestError> {
+    fn conn(&self, worker: WorkerId) -> Result<Arc<Conn>, RequestError> {
         let state = self.shared.lock();
-        let entry = state
+        state
             .workers
             .get(&worker)
-            .ok_or(RequestError::NoWorker(worker.0))?;
-        let outbox = entry
-            .outbox
-            .clone()
-            .ok_or(RequestError::NoWorker(worker.0))?;
-        Ok((outbox, entry.pending.clone(), entry.max_message))
-    }
-
-    /// A worker's channel is closed (it died, its exit not yet reaped): stop picking it.
-    fn lost(&self, worker: WorkerId) {
-        if let Some(entry) = self.shared.lock().workers.get_mut(&worker) {
-            entry.outbox = None;
-        }
+            .and_then(|entry| entry.conn.clone())
+            .ok_or(RequestError::NoWorker(worker.0))
     }
 
     /// Sends `message` to a worker; waits while its channel is full.
@@ -272,12 +337,9 @@ impl Cluster {
         worker: WorkerId,
         message: &T,
     ) -> Result<(), RequestError> {
-        let (outbox, _, max) = self.outbox(worker)?;
-        let frame = encode(&Kind::Msg, message, max)?;
-        outbox
-            .send(frame)
-            .await
-            .map_err(|_| RequestError::WorkerGone(worker.0))
+        let conn = self.conn(worker)?;
+        let gone = RequestError::WorkerGone(worker.0);
+        send(&conn.outbox, &Kind::Msg, message, conn.max_message, gone).await
     }
 
     /// Sends `message` to every ready worker of `pool`; returns how many got it.
@@ -289,25 +351,28 @@ impl Cluster {
         pool: &str,
         message: &T,
     ) -> Result<usize, RequestError> {
-        let targets: Vec<(mpsc::Sender<Bytes>, usize)> = self
+        let targets: Vec<Arc<Conn>> = self
             .shared
             .lock()
             .workers
             .values()
             .filter(|e| e.worker.pool == pool && e.serving())
-            .filter_map(|e| Some((e.outbox.clone()?, e.max_message)))
+            .filter_map(|e| e.conn.clone())
             .collect();
-        let max = targets
-            .iter()
-            .map(|(_, max)| *max)
-            .min()
-            .unwrap_or(usize::MAX);
-        let frame = encode(&Kind::Msg, message, max)?;
-        let outboxes = targets.into_iter().map(|(outbox, _)| outbox);
         let mut sent = 0;
-        for outbox in outboxes {
-            if outbox.send(frame.clone()).await.is_ok() {
-                sent += 1;
+        for conn in targets {
+            match send(
+                &conn.outbox,
+                &Kind::Msg,
+                message,
+                conn.max_message,
+                RequestError::Stopped,
+            )
+            .await
+            {
+                Ok(()) => sent += 1,
+                Err(RequestError::Stopped) => {}
+                Err(error) => return Err(error),
             }
         }
         Ok(sent)
@@ -343,16 +408,20 @@ impl Cluster {
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let (outbox, pending, max) = self.outbox(worker)?;
+        let conn = self.conn(worker)?;
         let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
-        let frame = encode(&Kind::Req { id }, request, max)?;
-        let reply = pending.register(id);
+        let reply = conn.pending.register(id);
         // Forgotten however this ends (a timeout drops this future).
-        let _forget = Forget(&pending, id);
-        if outbox.send(frame).await.is_err() {
-            self.lost(worker);
-            return Err(RequestError::WorkerGone(worker.0));
-        }
+        let _forget = Forget(&conn.pending, id);
+        let gone = RequestError::WorkerGone(worker.0);
+        send(
+            &conn.outbox,
+            &Kind::Req { id },
+            request,
+            conn.max_message,
+            gone,
+        )
+        .await?;
         await_reply(reply, RequestError::WorkerGone(worker.0)).await
     }
 
@@ -563,153 +632,180 @@ impl Drop for Forget<'_> {
     }
 }
 
-/// Turns the supervisor's link into the handle's state and the event stream.
-async fn pump(
-    shared: Arc<Shared>,
-    mut link: mpsc::UnboundedReceiver<LinkEvent>,
-    mut inbound: mpsc::Receiver<Inbound>,
-    events: mpsc::Sender<Event>,
-    started: std::sync::mpsc::Sender<Result<(), Error>>,
-) {
-    let mut link_open = true;
-    let mut inbound_open = true;
-    while link_open || inbound_open {
-        tokio::select! {
-            biased;
-            event = link.recv(), if link_open => match event {
-                Some(event) => {
-                    if let Some(event) = on_link_event(&shared, event, &started) {
-                        // Kept (up to the bound) even before the stream is taken, so that the
-                        // first workers' events are not lost.
-                        let _ = events.try_send(event);
-                    }
-                }
-                None => link_open = false,
-            },
-            message = inbound.recv(), if inbound_open => match message {
-                Some(message) => {
-                    if let Some(event) = on_inbound(&shared, message) {
-                        if shared.listening.load(Ordering::Acquire) {
-                            let _ = events.send(event).await;
-                        }
-                    }
-                }
-                None => inbound_open = false,
-            },
-        }
-    }
-    let mut state = shared.lock();
-    for entry in state.workers.values() {
-        entry.pending.fail_all(&RequestError::Stopped);
-    }
-    state.workers.clear();
-    drop(state);
-    shared.changed.notify_waiters();
-}
+/// The supervisor's view of the handle: it keeps the handle's state as workers come and go,
+/// and gives each worker's channel its [`WorkerSink`].
+#[derive(Debug)]
+struct Hub(Arc<Shared>);
 
-fn on_link_event(
-    shared: &Shared,
-    event: LinkEvent,
-    started: &std::sync::mpsc::Sender<Result<(), Error>>,
-) -> Option<Event> {
-    let mut state = shared.lock();
-    let event = match event {
-        LinkEvent::Started => {
-            let _ = started.send(Ok(()));
-            return None;
-        }
-        LinkEvent::Stopped => return None,
-        LinkEvent::ChannelClosed { id } => {
-            // Cut off for breaking the protocol: no more work for it; it is being replaced.
-            let entry = state.workers.get_mut(&id)?;
-            entry.outbox = None;
-            entry.pending.fail_all(&RequestError::WorkerGone(id.0));
-            drop(state);
-            shared.changed.notify_waiters();
-            return None;
-        }
-        LinkEvent::Spawned {
-            worker,
+impl Program for Hub {
+    fn spawned(
+        &self,
+        info: &Arc<WorkerInfo>,
+        pid: u32,
+        channel: Option<(Outbox, usize)>,
+    ) -> Option<Box<dyn FrameSink>> {
+        let shared = &self.0;
+        let worker = WorkerRef {
+            id: info.id,
+            pool: PoolName(info.pool.clone()),
+            slot: info.slot,
+            generation: info.generation,
             pid,
-            outbox,
-            max_message,
-        } => {
-            let worker = WorkerRef {
-                id: worker.id,
-                pool: worker.pool.to_string(),
-                slot: worker.slot,
-                generation: worker.generation,
-                pid,
-            };
-            state.workers.insert(
-                worker.id,
-                Entry {
-                    worker: worker.clone(),
-                    ready: false,
-                    stopping: false,
-                    outbox,
-                    pending: Arc::new(Pending::default()),
-                    in_flight: 0,
-                    max_message,
-                },
-            );
-            Event::Spawned(worker)
-        }
-        LinkEvent::Ready { id } => {
-            let entry = state.workers.get_mut(&id)?;
-            entry.ready = true;
-            let worker = entry.worker.clone();
-            drop(state);
-            shared.changed.notify_waiters();
-            Event::Ready(worker)
-        }
-        LinkEvent::Stopping { id, reason } => {
-            let entry = state.workers.get_mut(&id)?;
-            entry.stopping = true;
-            Event::Stopping {
-                worker: entry.worker.clone(),
-                reason,
+        };
+        let conn = channel.map(|(outbox, max_message)| {
+            Arc::new(Conn {
+                outbox,
+                pending: Pending::default(),
+                max_message,
+            })
+        });
+        shared.lock().workers.insert(
+            worker.id,
+            Entry {
+                worker: worker.clone(),
+                ready: false,
+                stopping: false,
+                conn: conn.clone(),
+                in_flight: 0,
+            },
+        );
+        let events = shared
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        shared.publish(Event::Spawned(worker.clone()));
+        Some(Box::new(WorkerSink {
+            worker,
+            conn: conn?,
+            events: events?,
+            shared: shared.clone(),
+        }))
+    }
+
+    fn event(&self, event: LinkEvent) {
+        let shared = &self.0;
+        let mut state = shared.lock();
+        let event = match event {
+            LinkEvent::Started => {
+                drop(state);
+                let started = shared
+                    .started
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(started) = started {
+                    let _ = started.send(Ok(()));
+                }
+                return;
             }
-        }
-        LinkEvent::Exited { id, status, cause } => {
-            let entry = state.workers.remove(&id)?;
-            entry.pending.fail_all(&RequestError::WorkerGone(id.0));
-            drop(state);
-            shared.changed.notify_waiters();
-            Event::Exited {
-                worker: entry.worker,
-                status,
-                cause,
+            LinkEvent::Stopped => return,
+            LinkEvent::ChannelClosed { id } => {
+                // Cut off for breaking the protocol: no more work for it; it is being replaced.
+                let Some(conn) = state.workers.get_mut(&id).and_then(|e| e.conn.take()) else {
+                    return;
+                };
+                drop(state);
+                conn.outbox.close();
+                conn.pending.fail_all(&RequestError::WorkerGone(id.0));
+                shared.changed.notify_waiters();
+                return;
             }
-        }
-    };
-    Some(event)
+            LinkEvent::Ready { id } => {
+                let Some(entry) = state.workers.get_mut(&id) else {
+                    return;
+                };
+                entry.ready = true;
+                let worker = entry.worker.clone();
+                drop(state);
+                shared.changed.notify_waiters();
+                Event::Ready(worker)
+            }
+            LinkEvent::Stopping { id, reason } => {
+                let Some(entry) = state.workers.get_mut(&id) else {
+                    return;
+                };
+                entry.stopping = true;
+                Event::Stopping {
+                    worker: entry.worker.clone(),
+                    reason,
+                }
+            }
+            LinkEvent::Exited { id, status, cause } => {
+                let Some(entry) = state.workers.remove(&id) else {
+                    return;
+                };
+                drop(state);
+                if let Some(conn) = &entry.conn {
+                    conn.outbox.close();
+                    conn.pending.fail_all(&RequestError::WorkerGone(id.0));
+                }
+                shared.changed.notify_waiters();
+                Event::Exited {
+                    worker: entry.worker,
+                    status,
+                    cause,
+                }
+            }
+        };
+        shared.publish(event);
+    }
 }
 
-fn on_inbound(shared: &Shared, message: Inbound) -> Option<Event> {
-    let Inbound { worker, envelope } = message;
-    let (reference, outbox, pending, max) = {
-        let state = shared.lock();
-        let entry = state.workers.get(&worker.id)?;
-        (
-            entry.worker.clone(),
-            entry.outbox.clone(),
-            entry.pending.clone(),
-            entry.max_message,
-        )
-    };
-    match envelope.kind {
-        Kind::Rep { .. } | Kind::Err { .. } => {
-            pending.resolve(envelope);
-            None
+/// Where one worker's channel puts its frames: replies to the requests waiting for them,
+/// messages and requests into the event stream (waiting when the program is behind).
+struct WorkerSink {
+    worker: WorkerRef,
+    conn: Arc<Conn>,
+    events: mpsc::Sender<Event>,
+    shared: Arc<Shared>,
+}
+
+impl FrameSink for WorkerSink {
+    fn offer(&mut self, envelope: Envelope) -> Result<(), Envelope> {
+        if matches!(envelope.kind, Kind::Rep { .. } | Kind::Err { .. }) {
+            self.conn.pending.resolve(envelope);
+            return Ok(());
         }
-        Kind::Req { id } => Some(Event::Request {
-            worker: reference,
-            request: IncomingRequest::new(id, envelope, outbox?, max),
-        }),
-        _ => Some(Event::Message {
-            worker: reference,
-            message: Message::new(envelope),
-        }),
+        if !self.shared.listening.load(Ordering::Acquire) {
+            // Nobody reads the stream yet: dropped (a request fails at once, on drop).
+            if let Kind::Req { id } = envelope.kind {
+                let conn = &self.conn;
+                drop(IncomingRequest::new(
+                    id,
+                    envelope,
+                    conn.outbox.clone(),
+                    conn.max_message,
+                ));
+            }
+            return Ok(());
+        }
+        let permit = match self.events.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Full(())) => return Err(envelope),
+            // The program dropped the stream.
+            Err(mpsc::error::TrySendError::Closed(())) => return Ok(()),
+        };
+        let worker = self.worker.clone();
+        permit.send(match envelope.kind {
+            Kind::Req { id } => Event::Request {
+                worker,
+                request: IncomingRequest::new(
+                    id,
+                    envelope,
+                    self.conn.outbox.clone(),
+                    self.conn.max_message,
+                ),
+            },
+            _ => Event::Message {
+                worker,
+                message: Message::new(envelope),
+            },
+        });
+        Ok(())
+    }
+
+    fn ready(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async move { self.events.reserve().await.is_ok() })
     }
 }

@@ -50,7 +50,7 @@ mod error;
 mod primary;
 mod worker;
 
-pub use cluster::{Cluster, Event, IncomingRequest, Message, WorkerRef};
+pub use cluster::{Cluster, Event, IncomingRequest, Message, PoolName, WorkerRef};
 pub use error::{Error, RequestError};
 pub use primary::{Pool, Primary};
 pub use ustad_core::plan::{ExitCause, ExitStatus, StopReason, WorkerId};

@@ -1,7 +1,8 @@
 //! A worker's side: who it is, its listeners, and its channel to the primary.
 //!
-//! The channel starts on first use, on the tokio runtime of the caller: a writer task fed by a
-//! bounded queue (sending waits when the primary reads slowly), and a reader task that hands
+//! The channel starts on first use, on the tokio runtime of the caller: a writer task that
+//! writes what senders gather in the channel's outbox (bounded in bytes: sending waits when the
+//! primary reads slowly), and a reader task that hands
 //! replies to the requests waiting for them and queues the primary's messages and requests for
 //! [`Worker::recv`] (bounded too: a primary flooding a worker that does not read is slowed
 //! down by the socket, not buffered for).
@@ -11,19 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
-use ustad_core::ipc::{self, FrameReader, Kind};
+use ustad_core::ipc::{self, FrameReader, Kind, Outbox};
 use ustad_worker::{Identity, ListenFd, Notifier};
 
-use crate::channel::{IncomingRequest, Message, Pending, await_reply, encode};
+use crate::channel::{IncomingRequest, Message, Pending, await_reply, send};
 use crate::error::{Error, RequestError};
 
-/// Frames queued for the primary before a sender waits.
-const OUTBOX: usize = 1024;
 /// Messages from the primary queued for [`Worker::recv`].
 const INBOX: usize = 1024;
 
@@ -93,7 +90,7 @@ struct Inner {
 
 #[derive(Debug)]
 struct Channel {
-    outbox: mpsc::Sender<Bytes>,
+    outbox: Outbox,
     inbox: tokio::sync::Mutex<mpsc::Receiver<FromPrimary>>,
     pending: Arc<Pending>,
     next_request: AtomicU64,
@@ -219,10 +216,13 @@ impl Worker {
         channel.as_ref().map_err(|e| Error::Invalid(e.clone()))
     }
 
-    async fn send_frame(&self, frame: Bytes) -> Result<(), Error> {
-        self.channel()?
-            .outbox
-            .send(frame)
+    async fn send_frame(&self, frame: &[u8]) -> Result<(), Error> {
+        let outbox = &self.channel()?.outbox;
+        outbox
+            .push(|buffer| {
+                buffer.extend_from_slice(frame);
+                Ok::<(), std::convert::Infallible>(())
+            })
             .await
             .map_err(|_| Error::Stopped)
     }
@@ -234,7 +234,7 @@ impl Worker {
     /// When the primary cannot be told.
     pub async fn ready(&self) -> Result<(), Error> {
         if self.has_channel() {
-            return self.send_frame(ipc::encode_simple(&Kind::Ready)).await;
+            return self.send_frame(&ipc::encode_simple(&Kind::Ready)).await;
         }
         if let Some(notifier) = &self.inner.notifier {
             notifier
@@ -262,7 +262,7 @@ impl Worker {
     /// When the primary cannot be told.
     pub async fn heartbeat(&self) -> Result<(), Error> {
         if self.has_channel() {
-            return self.send_frame(ipc::encode_simple(&Kind::Heartbeat)).await;
+            return self.send_frame(&ipc::encode_simple(&Kind::Heartbeat)).await;
         }
         if let Some(notifier) = &self.inner.notifier {
             notifier
@@ -279,7 +279,7 @@ impl Worker {
     /// When the primary cannot be told.
     pub async fn request_restart(&self) -> Result<(), Error> {
         if self.has_channel() {
-            return self.send_frame(ipc::encode_simple(&Kind::Restart)).await;
+            return self.send_frame(&ipc::encode_simple(&Kind::Restart)).await;
         }
         if let Some(notifier) = &self.inner.notifier {
             notifier
@@ -339,9 +339,19 @@ impl Worker {
     /// # Errors
     /// No channel, a message that cannot be encoded, or a primary that is gone.
     pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), Error> {
-        let frame = encode(&Kind::Msg, message, self.inner.max_frame)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        self.send_frame(frame).await
+        let outbox = &self.channel()?.outbox;
+        send(
+            outbox,
+            &Kind::Msg,
+            message,
+            self.inner.max_frame,
+            RequestError::Stopped,
+        )
+        .await
+        .map_err(|error| match error {
+            RequestError::Stopped => Error::Stopped,
+            other => Error::Invalid(other.to_string()),
+        })
     }
 
     /// The next message or request from the primary; `None` once the channel has closed.
@@ -369,14 +379,11 @@ impl Worker {
             .channel()
             .map_err(|e| RequestError::Encoding(e.to_string()))?;
         let id = channel.next_request.fetch_add(1, Ordering::Relaxed);
-        let frame = encode(&Kind::Req { id }, request, self.inner.max_frame)?;
         let reply = channel.pending.register(id);
         let exchange = async {
-            channel
-                .outbox
-                .send(frame)
-                .await
-                .map_err(|_| RequestError::Stopped)?;
+            let kind = Kind::Req { id };
+            let max = self.inner.max_frame;
+            send(&channel.outbox, &kind, request, max, RequestError::Stopped).await?;
             await_reply(reply, RequestError::Stopped).await
         };
         let result = tokio::time::timeout(timeout, exchange).await;
@@ -391,27 +398,15 @@ impl Channel {
         let stream = std::os::unix::net::UnixStream::from(socket);
         stream.set_nonblocking(true)?;
         let stream = tokio::net::UnixStream::from_std(stream)?;
-        let (reader, mut writer) = stream.into_split();
-        let (outbox, mut frames) = mpsc::channel::<Bytes>(OUTBOX);
+        let (reader, writer) = stream.into_split();
+        let outbox = Outbox::new(ipc::OUTBOX_BYTES);
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
         let (stop_tx, stop) = watch::channel(None);
         let (handed_tx, handed) = mpsc::channel(INBOX);
         let pending = Arc::new(Pending::default());
-        tokio::spawn(async move {
-            let mut batch = BytesMut::new();
-            while let Some(frame) = frames.recv().await {
-                batch.extend_from_slice(&frame);
-                while batch.len() < 256 * 1024 {
-                    match frames.try_recv() {
-                        Ok(frame) => batch.extend_from_slice(&frame),
-                        Err(_) => break,
-                    }
-                }
-                if writer.write_all(&batch).await.is_err() {
-                    return;
-                }
-                batch.clear();
-            }
+        tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.write_to(writer).await }
         });
         let replies = pending.clone();
         let answer = outbox.clone();
@@ -477,6 +472,7 @@ impl Channel {
                 }
             }
             replies.fail_all(&RequestError::Stopped);
+            answer.close();
         });
         Ok(Channel {
             outbox,

@@ -14,10 +14,12 @@
 mod envelope;
 mod fdpass;
 mod frame;
+mod outbox;
 
 pub use envelope::{Envelope, Kind, decode, encode_body, encode_simple};
 pub use fdpass::{FdReader, ReceivedFds, send_with_fd};
 pub use frame::{FrameError, FrameReader, HEADER, frame};
+pub use outbox::{Closed, OUTBOX_BYTES, Outbox, PushError};
 
 /// The default largest frame body, in bytes.
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;

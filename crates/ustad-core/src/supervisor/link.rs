@@ -1,15 +1,21 @@
 //! The supervisor's side of the Rust library: a [`Link`] to the program that embeds it, and
 //! the message channel of each library worker.
 //!
-//! Lifecycle news goes to the program as [`LinkEvent`]s (unbounded: a handful per worker's
-//! life). Messages do not pass through the supervisor loop at all: each worker's channel has a
-//! reader task that hands the worker's messages straight to the program ([`Inbound`], through
-//! a bounded queue: a worker that sends faster than the program reads is slowed down by its
-//! own socket, and memory stays bounded), and a writer task that the program feeds directly
-//! (the worker's `outbox`). Only lifecycle frames (`ready`, `heartbeat`, `restart`,
-//! `stopping`) reach the loop, as plan events.
+//! The program hears of its workers' lives through [`Program`], called on the supervisor's
+//! thread as things happen. Messages do not pass through the supervisor loop at all: each
+//! worker's channel has a reader task that hands the worker's messages, requests and replies
+//! straight to the program's [`FrameSink`] (which holds it back when the program reads
+//! slowly: the worker's writes then back up in its own socket, and memory stays bounded), and
+//! a writer task that writes what the program (or the supervisor: `stop`, `conn`) puts in the
+//! worker's [`Outbox`]. Only lifecycle frames (`ready`, `heartbeat`, `restart`, `stopping`)
+//! reach the loop, as plan events.
+//!
+//! Both tasks run on the runtime the link names: the program's own, so that a reply wakes the
+//! task waiting for it without a hop to another thread, or else the supervisor's.
 
+use std::future::Future;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -19,13 +25,8 @@ use tokio::sync::mpsc;
 
 use crate::config::IpcSpec;
 use crate::control::server::Call;
-use crate::ipc::{self, Envelope, FrameError, FrameReader, Kind};
+use crate::ipc::{self, Envelope, FrameError, FrameReader, Kind, Outbox};
 use crate::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
-
-/// Frames queued for one worker before a sender waits.
-pub const OUTBOX: usize = 1024;
-/// Bytes written to a worker's socket in one call at most.
-const WRITE_BATCH: usize = 256 * 1024;
 
 /// A worker, as the program sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,20 +41,9 @@ pub struct WorkerInfo {
     pub generation: u64,
 }
 
-/// What happens to workers, for the program.
+/// What happens to workers after they are spawned, for the program.
 #[derive(Debug, Clone)]
 pub enum LinkEvent {
-    /// A worker process was started; `outbox` takes frames for it (library pools only).
-    Spawned {
-        /// Which.
-        worker: WorkerInfo,
-        /// Its pid.
-        pid: u32,
-        /// Frames to write to its channel.
-        outbox: Option<mpsc::Sender<Bytes>>,
-        /// The largest frame body it accepts.
-        max_message: usize,
-    },
     /// It is ready.
     Ready {
         /// Which.
@@ -87,22 +77,44 @@ pub enum LinkEvent {
     Stopped,
 }
 
-/// A frame from a worker that is for the program: `msg`, `req`, `rep` or `err`.
-#[derive(Debug, Clone)]
-pub struct Inbound {
-    /// From which worker.
-    pub worker: Arc<WorkerInfo>,
-    /// What it said.
-    pub envelope: Envelope,
+/// The program that embeds the supervisor. Its methods are called on the supervisor's
+/// thread, in the order things happen: keep them short, and never block in them.
+pub trait Program: Send + Sync + std::fmt::Debug + 'static {
+    /// A worker was started. A worker with a channel comes with its outbox and the largest
+    /// frame body it accepts; the answer is where its frames for the program go (`None`: its
+    /// messages are dropped and its requests refused).
+    fn spawned(
+        &self,
+        worker: &Arc<WorkerInfo>,
+        pid: u32,
+        channel: Option<(Outbox, usize)>,
+    ) -> Option<Box<dyn FrameSink>>;
+
+    /// Anything else that happens to workers, and to the supervisor.
+    fn event(&self, event: LinkEvent);
+}
+
+/// Where one library worker's `msg`, `req`, `rep` and `err` frames go.
+pub trait FrameSink: Send + 'static {
+    /// Takes a frame, or hands it back when the program is behind: the channel then waits on
+    /// [`FrameSink::ready`] and offers it again.
+    ///
+    /// # Errors
+    /// The frame, handed back.
+    fn offer(&mut self, envelope: Envelope) -> Result<(), Envelope>;
+
+    /// Resolves when the program may take frames again; `false` when it never will (the
+    /// channel stops reading).
+    fn ready(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
 /// The program's ends of the supervisor.
 #[derive(Debug)]
 pub struct Link {
-    /// Lifecycle events.
-    pub events: mpsc::UnboundedSender<LinkEvent>,
-    /// Workers' messages.
-    pub inbound: mpsc::Sender<Inbound>,
+    /// Told of every worker's life.
+    pub program: Arc<dyn Program>,
+    /// Where workers' channels run (the program's runtime); `None`: the supervisor's.
+    pub runtime: Option<tokio::runtime::Handle>,
     /// Requests, as the control socket would make them (status, scale, restart, stop…).
     pub calls: mpsc::Receiver<Call>,
 }
@@ -116,132 +128,163 @@ pub(super) type Handed = (Bytes, OwnedFd);
 /// Where a worker's frames go: messages, and connections with their fds.
 #[derive(Debug, Clone)]
 pub(super) struct Outboxes {
-    pub(super) frames: mpsc::Sender<Bytes>,
+    pub(super) frames: Outbox,
     pub(super) conns: mpsc::Sender<Handed>,
 }
 
 /// Connections queued for one worker before the acceptor picks another.
 const CONNS: usize = 64;
 
-/// Starts the reader and writer of a worker's channel; returns its outboxes.
+/// Starts the reader and writer of a worker's channel, on `runtime` (else the current one);
+/// returns where connections for it go.
 pub(super) fn start_channel(
     socket: OwnedFd,
     worker: Arc<WorkerInfo>,
     spec: IpcSpec,
     lifecycle: Lifecycle,
-    inbound: Option<mpsc::Sender<Inbound>>,
-) -> std::io::Result<Outboxes> {
+    sink: Option<Box<dyn FrameSink>>,
+    outbox: Outbox,
+    runtime: Option<&tokio::runtime::Handle>,
+) -> std::io::Result<mpsc::Sender<Handed>> {
+    let runtime = match runtime {
+        Some(runtime) => runtime.clone(),
+        None => tokio::runtime::Handle::current(),
+    };
+    // Registered with the runtime that serves it.
+    let _entered = runtime.enter();
     let stream = std::os::unix::net::UnixStream::from(socket);
     stream.set_nonblocking(true)?;
     let stream = UnixStream::from_std(stream)?;
-    let (reader, mut writer) = stream.into_split();
-    let (outbox, mut frames) = mpsc::channel::<Bytes>(OUTBOX);
-    let (conns, mut handed) = mpsc::channel::<Handed>(CONNS);
-    tokio::spawn(async move {
-        let mut batch = BytesMut::new();
-        let mut frames_open = true;
-        loop {
-            tokio::select! {
-                frame = frames.recv(), if frames_open => {
-                    let Some(frame) = frame else {
-                        frames_open = false;
-                        continue;
-                    };
-                    batch.extend_from_slice(&frame);
-                    while batch.len() < WRITE_BATCH {
-                        match frames.try_recv() {
-                            Ok(frame) => batch.extend_from_slice(&frame),
-                            Err(_) => break,
-                        }
-                    }
-                    if writer.write_all(&batch).await.is_err() {
-                        return;
-                    }
-                    batch.clear();
+    let (reader, writer) = stream.into_split();
+    let (conns, handed) = mpsc::channel::<Handed>(CONNS);
+    runtime.spawn(write_channel(outbox.clone(), writer, handed));
+    runtime.spawn(read_channel(
+        reader,
+        worker,
+        spec.max_message,
+        lifecycle,
+        sink,
+        outbox,
+    ));
+    Ok(conns)
+}
+
+/// Writes the outbox's batches, and handed connections with their fds, until the outbox
+/// closes or the worker is gone.
+async fn write_channel(
+    outbox: Outbox,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    mut handed: mpsc::Receiver<Handed>,
+) {
+    let mut batch = BytesMut::with_capacity(4096);
+    let mut conns_open = true;
+    loop {
+        tokio::select! {
+            more = outbox.next_batch(&mut batch) => {
+                if more.is_none() {
+                    return;
                 }
-                conn = handed.recv() => {
-                    // Closed here once sent: the worker has its own copy of the connection.
-                    let Some((frame, fd)) = conn else { return };
+                if writer.write_all(&batch).await.is_err() {
+                    outbox.close();
+                    return;
+                }
+                outbox.finish_batch(&mut batch);
+            }
+            conn = handed.recv(), if conns_open => match conn {
+                // Closed here once sent: the worker has its own copy of the connection.
+                Some((frame, fd)) => {
                     if ipc::send_with_fd(&mut writer, &frame, &fd).await.is_err() {
+                        outbox.close();
                         return;
                     }
+                }
+                None => conns_open = false,
+            },
+        }
+    }
+}
+
+/// Reads a worker's frames: lifecycle ones to the supervisor loop, the rest to the program.
+/// Closes the outbox when the worker's end closes or breaks the protocol.
+async fn read_channel(
+    reader: tokio::net::unix::OwnedReadHalf,
+    worker: Arc<WorkerInfo>,
+    max_message: usize,
+    lifecycle: Lifecycle,
+    mut sink: Option<Box<dyn FrameSink>>,
+    outbox: Outbox,
+) {
+    let mut reader = FrameReader::new(reader, max_message);
+    let cut = |why: String| {
+        let _ = lifecycle.send((worker.id, Err(why)));
+    };
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            // A worker that exits or dies (even mid-frame) closes its channel: that is the
+            // end of it, not a breach of the protocol.
+            Err(error @ (FrameError::Io(_) | FrameError::Truncated { .. })) => {
+                tracing::debug!(
+                    id = worker.id.0,
+                    "channel of worker {} ended: {error}",
+                    worker.id
+                );
+                break;
+            }
+            Err(error) => {
+                cut(error.to_string());
+                break;
+            }
+        };
+        let envelope = match ipc::decode(frame) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                cut(error.to_string());
+                break;
+            }
+        };
+        match &envelope.kind {
+            Kind::Ready | Kind::Heartbeat | Kind::Restart | Kind::Stopping => {
+                if lifecycle.send((worker.id, Ok(envelope.kind))).is_err() {
+                    break;
                 }
             }
-        }
-    });
-    let answers = outbox.clone();
-    tokio::spawn(async move {
-        let mut reader = FrameReader::new(reader, spec.max_message);
-        loop {
-            let frame = match reader.next().await {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return,
-                // A worker that exits or dies (even mid-frame) closes its channel: that is the
-                // end of it, not a breach of the protocol.
-                Err(error @ (FrameError::Io(_) | FrameError::Truncated { .. })) => {
-                    tracing::debug!(
-                        id = worker.id.0,
-                        "channel of worker {} ended: {error}",
-                        worker.id
-                    );
-                    return;
-                }
-                Err(error) => {
-                    let _ = lifecycle.send((worker.id, Err(error.to_string())));
-                    return;
-                }
-            };
-            let envelope = match ipc::decode(frame) {
-                Ok(envelope) => envelope,
-                Err(error) => {
-                    let _ = lifecycle.send((worker.id, Err(error.to_string())));
-                    return;
-                }
-            };
-            match &envelope.kind {
-                Kind::Ready | Kind::Heartbeat | Kind::Restart | Kind::Stopping => {
-                    if lifecycle.send((worker.id, Ok(envelope.kind))).is_err() {
-                        return;
-                    }
-                }
-                Kind::Stop { .. } | Kind::Conn { .. } => {
-                    let _ = lifecycle.send((
-                        worker.id,
-                        Err("a worker may not send `stop` or `conn`".to_owned()),
-                    ));
-                    return;
-                }
-                Kind::Msg | Kind::Req { .. } | Kind::Rep { .. } | Kind::Err { .. } => {
-                    let Some(inbound) = &inbound else {
-                        // Nobody on this side takes messages (`Primary::run`): a request gets
-                        // an answer at once rather than waiting out its timeout.
-                        if let Kind::Req { id } = envelope.kind {
-                            let refusal = ipc::encode_simple(&Kind::Err {
-                                id,
-                                message: "this primary takes no requests (it runs Primary::run, not Primary::start)".to_owned(),
-                            });
-                            if answers.send(refusal).await.is_err() {
-                                return;
-                            }
+            Kind::Stop { .. } | Kind::Conn { .. } => {
+                cut("a worker may not send `stop` or `conn`".to_owned());
+                break;
+            }
+            Kind::Msg | Kind::Req { .. } | Kind::Rep { .. } | Kind::Err { .. } => {
+                let Some(sink) = &mut sink else {
+                    // Nobody on this side takes messages (`Primary::run`): a request gets
+                    // an answer at once rather than waiting out its timeout.
+                    if let Kind::Req { id } = envelope.kind {
+                        let refusal = ipc::encode_simple(&Kind::Err {
+                            id,
+                            message: "this primary takes no requests (it runs Primary::run, not Primary::start)".to_owned(),
+                        });
+                        if outbox.push_now(&refusal).is_err() {
+                            break;
                         }
-                        continue;
-                    };
-                    let message = Inbound {
-                        worker: worker.clone(),
-                        envelope,
-                    };
-                    // Waits while the program is behind: the worker's writes back up.
-                    if inbound.send(message).await.is_err() {
+                    }
+                    continue;
+                };
+                let mut envelope = envelope;
+                // Waits while the program is behind: the worker's writes back up.
+                loop {
+                    match sink.offer(envelope) {
+                        Ok(()) => break,
+                        Err(back) => envelope = back,
+                    }
+                    if !sink.ready().await {
+                        outbox.close();
                         return;
                     }
                 }
             }
         }
-    });
-    Ok(Outboxes {
-        frames: outbox,
-        conns,
-    })
+    }
+    outbox.close();
 }
 
 impl super::Runtime {
@@ -257,10 +300,12 @@ impl super::Runtime {
             Err(why) => {
                 // Cut off: the channel is closed (the worker sees it end), and the worker is
                 // replaced, rolling, since it can no longer be talked to.
-                self.channels.remove(&id);
+                if let Some(outboxes) = self.channels.remove(&id) {
+                    outboxes.frames.close();
+                }
                 self.handoff.remove(id);
-                if let Some(events) = &self.link_events {
-                    let _ = events.send(LinkEvent::ChannelClosed { id });
+                if let Some(program) = &self.program {
+                    program.event(LinkEvent::ChannelClosed { id });
                 }
                 let who = self
                     .plan
@@ -282,7 +327,7 @@ impl super::Runtime {
     /// Tells the embedding program what a notice means for its workers.
     pub(super) fn publish_link(&self, notice: &crate::plan::Notice) {
         use crate::plan::Notice;
-        let Some(events) = &self.link_events else {
+        let Some(program) = &self.program else {
             return;
         };
         let event = match notice {
@@ -315,6 +360,6 @@ impl super::Runtime {
             },
             _ => return,
         };
-        let _ = events.send(event);
+        program.event(event);
     }
 }

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigError, PoolSpec, Problem, Signal};
 use crate::control::server::{Call, ControlServer};
+use crate::ipc::Outbox;
 use crate::logbook::LogBook;
 use crate::notify::{Datagram, NotifySocket};
 use crate::output::{OutputRelay, OutputStyle};
@@ -37,7 +38,7 @@ use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
 use crate::status::ClusterStatus;
 
 use self::guard::Guard;
-pub use self::link::{Inbound, Link, LinkEvent, OUTBOX, WorkerInfo};
+pub use self::link::{FrameSink, Link, LinkEvent, Program, WorkerInfo};
 
 /// Re-reads the configuration (on SIGHUP).
 pub type Reload = Box<dyn FnMut() -> Result<Config, ConfigError> + Send>;
@@ -202,16 +203,16 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         })
     });
     let logbook = LogBook::default();
-    let (link_events, link_inbound, mut link_calls) = match options.link {
-        Some(link) => (Some(link.events), Some(link.inbound), Some(link.calls)),
+    let (program, channel_runtime, mut link_calls) = match options.link {
+        Some(link) => (Some(link.program), link.runtime, Some(link.calls)),
         None => (None, None, None),
     };
     let (lifecycle, mut lifecycle_frames) = mpsc::unbounded_channel();
     let handoff =
         handoff::Handoff::start(&listeners).map_err(setup("accept on round-robin sockets"))?;
     let mut runtime = Runtime {
-        link_events,
-        link_inbound,
+        program,
+        channel_runtime,
         lifecycle,
         channels: std::collections::HashMap::new(),
         handoff,
@@ -240,8 +241,8 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         finished: false,
         rejections: RateLimit::default(),
     };
-    if let Some(events) = &runtime.link_events {
-        let _ = events.send(LinkEvent::Started);
+    if let Some(program) = &runtime.program {
+        program.event(LinkEvent::Started);
     }
     let outcome = runtime.plan.start(Instant::now());
     runtime.perform(outcome);
@@ -297,8 +298,8 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
     if runtime.subreaper {
         runtime.kill_adopted_orphans().await;
     }
-    if let Some(events) = &runtime.link_events {
-        let _ = events.send(LinkEvent::Stopped);
+    if let Some(program) = &runtime.program {
+        program.event(LinkEvent::Stopped);
     }
     runtime.output.finish(Duration::from_secs(1)).await;
     // Dropping the guard closes its pipe: it exits, and is reaped.
@@ -376,10 +377,10 @@ impl RateLimit {
 }
 
 struct Runtime {
-    /// The embedding program's lifecycle events (Rust library).
-    link_events: Option<mpsc::UnboundedSender<LinkEvent>>,
-    /// Where library workers' messages go.
-    link_inbound: Option<mpsc::Sender<Inbound>>,
+    /// The embedding program (Rust library).
+    program: Option<Arc<dyn Program>>,
+    /// Where library workers' channels run; `None`: here.
+    channel_runtime: Option<tokio::runtime::Handle>,
     /// Lifecycle frames from library workers' channels.
     lifecycle: link::Lifecycle,
     /// The outboxes of each library worker's channel.
@@ -472,7 +473,7 @@ impl Runtime {
                         queue.push_back(self.plan.handle(event, Instant::now()));
                     }
                     Action::Signal { id, pid, signal } => {
-                        if let Some(outbox) = self.channels.get(&id).map(|o| &o.frames) {
+                        if let Some(outboxes) = self.channels.get(&id) {
                             // The time until SIGKILL, as the plan set it (a shutdown with a
                             // timeout shortens it).
                             let deadline = match self.plan.worker(id).map(|w| w.phase) {
@@ -483,7 +484,7 @@ impl Runtime {
                             };
                             let deadline_ms =
                                 u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
-                            let _ = outbox.try_send(crate::ipc::encode_simple(
+                            let _ = outboxes.frames.push_now(&crate::ipc::encode_simple(
                                 &crate::ipc::Kind::Stop { deadline_ms },
                             ));
                         }
@@ -563,35 +564,44 @@ impl Runtime {
             slot,
             generation,
         });
-        let outbox = match (pair, spec.ipc) {
-            (Some((parent, _child)), Some(ipc)) => match link::start_channel(
+        let channel = match (pair, spec.ipc) {
+            (Some((parent, _child)), Some(ipc)) => {
+                Some((parent, ipc, Outbox::new(crate::ipc::OUTBOX_BYTES)))
+            }
+            _ => None,
+        };
+        let sink = self.program.as_ref().and_then(|program| {
+            let outbox = channel
+                .as_ref()
+                .map(|(_, ipc, outbox)| (outbox.clone(), ipc.max_message));
+            program.spawned(&info, pid, outbox)
+        });
+        if let Some((parent, ipc, outbox)) = channel {
+            match link::start_channel(
                 parent,
                 info.clone(),
                 ipc,
                 self.lifecycle.clone(),
-                self.link_inbound.clone(),
+                sink,
+                outbox.clone(),
+                self.channel_runtime.as_ref(),
             ) {
-                Ok(outboxes) => {
-                    let frames = outboxes.frames.clone();
-                    self.channels.insert(id, outboxes);
-                    Some(frames)
+                Ok(conns) => {
+                    self.channels.insert(
+                        id,
+                        link::Outboxes {
+                            frames: outbox,
+                            conns,
+                        },
+                    );
                 }
                 Err(error) => {
+                    outbox.close();
                     error!(
                         "worker {pool}.{slot} (id {id}): cannot use its message channel: {error}"
                     );
-                    None
                 }
-            },
-            _ => None,
-        };
-        if let Some(events) = &self.link_events {
-            let _ = events.send(LinkEvent::Spawned {
-                worker: (*info).clone(),
-                pid,
-                outbox,
-                max_message: spec.ipc.map_or(0, |ipc| ipc.max_message),
-            });
+            }
         }
         if let Some(guard) = &mut self.guard {
             guard.watch(pid);

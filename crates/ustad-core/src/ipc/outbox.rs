@@ -1,0 +1,303 @@
+//! A channel's sending side: every sender encodes its frame straight into one shared buffer,
+//! bounded in bytes, and one writer task writes whatever has gathered with one `write`.
+//!
+//! Why not a queue of frames: a queue costs an allocation, a copy and a queue operation per
+//! frame, and bounds memory in frames (of up to `max_message` each) instead of bytes. Here a
+//! frame costs one short lock; under load, a write carries every frame gathered since the last
+//! one. A sender waits while the buffer holds `limit` bytes or more (backpressure: the peer
+//! reads slowly, the socket is full), so memory stays below `2 × limit + max_message` per
+//! channel: what is being written, what gathers meanwhile, and one frame over the mark.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
+
+/// Bytes gathered for a channel before senders wait.
+pub const OUTBOX_BYTES: usize = 256 * 1024;
+
+/// The sending side of a channel; clones share it.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// The buffer went from empty to not, or the outbox closed: the writer has work.
+    work: Notify,
+    /// The writer drained the buffer, or the outbox closed: waiting senders may go on.
+    room: Notify,
+    limit: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    buffer: BytesMut,
+    closed: bool,
+}
+
+/// The outbox is closed: the peer is gone, or the channel was cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the channel is closed")]
+pub struct Closed;
+
+/// Why [`Outbox::push`] did not queue a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError<E> {
+    /// The channel is closed.
+    #[error(transparent)]
+    Closed(#[from] Closed),
+    /// The encoder refused: nothing was queued.
+    #[error(transparent)]
+    Encode(E),
+}
+
+impl Outbox {
+    /// An outbox whose senders wait once `limit` bytes are gathered.
+    pub fn new(limit: usize) -> Outbox {
+        Outbox {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    buffer: BytesMut::with_capacity(4096),
+                    closed: false,
+                }),
+                work: Notify::new(),
+                room: Notify::new(),
+                limit: limit.max(1),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues the frame that `encode` appends to the buffer (header and all), waiting while
+    /// the buffer is full. When `encode` fails, whatever it appended is taken back.
+    ///
+    /// # Errors
+    /// [`PushError::Closed`], or the encoder's error.
+    pub async fn push<E>(
+        &self,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+    ) -> Result<(), PushError<E>> {
+        let mut encode = Some(encode);
+        loop {
+            // Created before the check: a `notify_waiters` after it wakes this one.
+            let room = self.shared.room.notified();
+            {
+                let mut state = self.lock();
+                if state.closed {
+                    return Err(Closed.into());
+                }
+                if state.buffer.len() < self.shared.limit {
+                    let encode = encode.take().expect("called once: it returns");
+                    return self.append(&mut state, encode);
+                }
+            }
+            room.await;
+        }
+    }
+
+    fn append<E>(
+        &self,
+        state: &mut State,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+    ) -> Result<(), PushError<E>> {
+        let before = state.buffer.len();
+        if let Err(error) = encode(&mut state.buffer) {
+            state.buffer.truncate(before);
+            return Err(PushError::Encode(error));
+        }
+        if before == 0 && !state.buffer.is_empty() {
+            self.shared.work.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues `frame` at once, full or not: for the few small frames that must not wait
+    /// (`stop`, the answer to a dropped request).
+    ///
+    /// # Errors
+    /// [`Closed`].
+    pub fn push_now(&self, frame: &[u8]) -> Result<(), Closed> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Closed);
+        }
+        self.append::<()>(&mut state, |buffer| {
+            buffer.extend_from_slice(frame);
+            Ok(())
+        })
+        .map_err(|_| Closed)
+    }
+
+    /// Closes the outbox: senders get [`Closed`], the writer writes what is gathered and ends.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.shared.work.notify_one();
+        self.shared.room.notify_waiters();
+    }
+
+    /// Whether the outbox is closed.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// The next bytes to write, swapped with `spare` (empty); `None` once closed and drained.
+    /// Waits for work.
+    pub async fn next_batch(&self, spare: &mut BytesMut) -> Option<()> {
+        loop {
+            let work = self.shared.work.notified();
+            {
+                let mut state = self.lock();
+                if !state.buffer.is_empty() {
+                    std::mem::swap(&mut state.buffer, spare);
+                    return Some(());
+                }
+                if state.closed {
+                    return None;
+                }
+            }
+            work.await;
+        }
+    }
+
+    /// The writer has written a batch: senders waiting for room may go on.
+    pub fn written(&self) {
+        self.shared.room.notify_waiters();
+    }
+
+    /// Writes batches to `writer` until the outbox closes (or the writer fails: then it
+    /// closes). For a channel whose writer does nothing else.
+    pub async fn write_to<W: tokio::io::AsyncWrite + Unpin>(&self, mut writer: W) {
+        let mut batch = BytesMut::with_capacity(4096);
+        while self.next_batch(&mut batch).await.is_some() {
+            if writer.write_all(&batch).await.is_err() {
+                self.close();
+                return;
+            }
+            self.finish_batch(&mut batch);
+        }
+    }
+
+    /// After a batch is written: empties it (shrinking one that grew past the bound) and lets
+    /// waiting senders go on.
+    pub fn finish_batch(&self, batch: &mut BytesMut) {
+        batch.clear();
+        if batch.capacity() > 2 * self.shared.limit {
+            *batch = BytesMut::with_capacity(4096);
+        }
+        self.written();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    fn push_bytes(bytes: &[u8]) -> impl FnOnce(&mut BytesMut) -> Result<(), ()> + '_ {
+        move |buffer| {
+            buffer.extend_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_from_several_senders_arrive_whole_and_in_order_per_sender() {
+        let (mut near, far) = tokio::io::duplex(64);
+        let outbox = Outbox::new(1024);
+        let writer = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.write_to(far).await }
+        });
+        let mut senders = Vec::new();
+        for sender in 0..4u8 {
+            let outbox = outbox.clone();
+            senders.push(tokio::spawn(async move {
+                for n in 0..200u8 {
+                    outbox.push(push_bytes(&[sender, n])).await.unwrap();
+                }
+            }));
+        }
+        let mut received = vec![0u8; 4 * 200 * 2];
+        near.read_exact(&mut received).await.unwrap();
+        let mut next = [0u8; 4];
+        for pair in received.chunks(2) {
+            assert_eq!(
+                pair[1], next[pair[0] as usize],
+                "sender {} in order",
+                pair[0]
+            );
+            next[pair[0] as usize] += 1;
+        }
+        assert_eq!(next, [200; 4]);
+        for sender in senders {
+            sender.await.unwrap();
+        }
+        outbox.close();
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_holds_senders_back_until_the_writer_drains_it() {
+        let outbox = Outbox::new(8);
+        outbox.push(push_bytes(&[0; 8])).await.unwrap();
+        let blocked = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.push(push_bytes(&[1])).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished(), "8 bytes fill an outbox of 8");
+        // Frames that must not wait still get in.
+        outbox.push_now(&[2]).unwrap();
+        let mut batch = BytesMut::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(&batch[..], &[0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        outbox.finish_batch(&mut batch);
+        tokio::time::timeout(Duration::from_secs(10), blocked)
+            .await
+            .expect("room made")
+            .unwrap()
+            .unwrap();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(&batch[..], &[1]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_encoding_queues_nothing_and_closing_wakes_every_sender() {
+        let outbox = Outbox::new(4);
+        outbox.push(push_bytes(&[7])).await.unwrap();
+        let refused = outbox
+            .push(|buffer: &mut BytesMut| {
+                buffer.extend_from_slice(&[8, 8]);
+                Err("too large")
+            })
+            .await;
+        assert!(matches!(refused, Err(PushError::Encode("too large"))));
+        outbox.push(push_bytes(&[9, 9, 9])).await.unwrap();
+        let blocked = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.push(push_bytes(&[1])).await }
+        });
+        tokio::task::yield_now().await;
+        outbox.close();
+        let result = tokio::time::timeout(Duration::from_secs(10), blocked)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(matches!(result, Err(PushError::Closed(Closed))));
+        assert_eq!(outbox.push_now(&[1]), Err(Closed));
+        // What was queued before the close is still written, then the writer ends.
+        let mut batch = BytesMut::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(&batch[..], &[7, 9, 9, 9]);
+        batch.clear();
+        assert!(outbox.next_batch(&mut batch).await.is_none());
+    }
+}
