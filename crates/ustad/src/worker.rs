@@ -397,21 +397,21 @@ impl Channel {
     fn start(socket: OwnedFd, max_frame: usize) -> std::io::Result<Channel> {
         let stream = std::os::unix::net::UnixStream::from(socket);
         stream.set_nonblocking(true)?;
-        let stream = tokio::net::UnixStream::from_std(stream)?;
-        let (reader, writer) = stream.into_split();
+        let stream = Arc::new(tokio::net::UnixStream::from_std(stream)?);
         let outbox = Outbox::new(ipc::OUTBOX_BYTES);
+        outbox.attach(stream.clone());
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
         let (stop_tx, stop) = watch::channel(None);
         let (handed_tx, handed) = mpsc::channel(INBOX);
         let pending = Arc::new(Pending::default());
         tokio::spawn({
-            let outbox = outbox.clone();
-            async move { outbox.write_to(writer).await }
+            let (outbox, stream) = (outbox.clone(), stream.clone());
+            async move { outbox.write_to(&stream).await }
         });
         let replies = pending.clone();
         let answer = outbox.clone();
         tokio::spawn(async move {
-            let reader = ipc::FdReader::new(reader);
+            let reader = ipc::FdReader::new(stream);
             let fds = reader.fds();
             let mut reader = FrameReader::new(reader, max_frame);
             loop {
@@ -432,6 +432,9 @@ impl Channel {
                         break;
                     }
                 };
+                if reader.lone() {
+                    answer.heard();
+                }
                 match envelope.kind {
                     Kind::Rep { .. } | Kind::Err { .. } => {
                         replies.resolve(envelope);

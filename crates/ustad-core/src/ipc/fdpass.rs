@@ -18,8 +18,8 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
 };
-use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, Interest, ReadBuf};
+use tokio::net::UnixStream;
 
 /// Most fds accepted with one `recvmsg` (more are closed by the kernel).
 const MAX_FDS: usize = 32;
@@ -31,13 +31,8 @@ pub type ReceivedFds = Arc<Mutex<VecDeque<OwnedFd>>>;
 ///
 /// # Errors
 /// When the socket fails (the worker is gone).
-pub async fn send_with_fd(
-    writer: &mut OwnedWriteHalf,
-    frame: &[u8],
-    fd: &OwnedFd,
-) -> io::Result<()> {
+pub async fn send_with_fd(stream: &UnixStream, frame: &[u8], fd: &OwnedFd) -> io::Result<()> {
     let sent = {
-        let stream: &tokio::net::UnixStream = writer.as_ref();
         stream
             .async_io(Interest::WRITABLE, || {
                 let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
@@ -55,23 +50,49 @@ pub async fn send_with_fd(
             .await?
     };
     if sent < frame.len() {
-        writer.write_all(&frame[sent..]).await?;
+        super::write_all(stream, &frame[sent..]).await?;
     }
     Ok(())
+}
+
+/// Reads a socket that others write to (the channel's writer, senders writing through).
+/// Fds a peer attaches are not accepted: the kernel closes them.
+#[derive(Debug)]
+pub struct SocketReader(pub Arc<UnixStream>);
+
+impl AsyncRead for SocketReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let stream = &*self.get_mut().0;
+        loop {
+            ready!(stream.poll_read_ready(cx))?;
+            match stream.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
 }
 
 /// Reads the channel with `recvmsg`, keeping the fds that come along.
 #[derive(Debug)]
 pub struct FdReader {
-    half: OwnedReadHalf,
+    stream: Arc<UnixStream>,
     fds: ReceivedFds,
 }
 
 impl FdReader {
-    /// Reads `half`; fds received go to [`FdReader::fds`].
-    pub fn new(half: OwnedReadHalf) -> FdReader {
+    /// Reads `stream`; fds received go to [`FdReader::fds`].
+    pub fn new(stream: Arc<UnixStream>) -> FdReader {
         FdReader {
-            half,
+            stream,
             fds: ReceivedFds::default(),
         }
     }
@@ -89,7 +110,7 @@ impl AsyncRead for FdReader {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let stream: &tokio::net::UnixStream = this.half.as_ref();
+        let stream = &*this.stream;
         loop {
             ready!(stream.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -132,10 +153,8 @@ mod tests {
 
     #[tokio::test]
     async fn each_conn_frame_arrives_with_its_fd_in_order() {
-        let (primary, worker) = tokio::net::UnixStream::pair().unwrap();
-        let (_, mut writer) = primary.into_split();
-        let (reader, _worker_writer) = worker.into_split();
-        let reader = FdReader::new(reader);
+        let (writer, worker) = tokio::net::UnixStream::pair().unwrap();
+        let reader = FdReader::new(Arc::new(worker));
         let fds = reader.fds();
         let mut frames = FrameReader::new(reader, 1024);
         let mut peers = Vec::new();
@@ -144,12 +163,11 @@ mod tests {
             let frame = encode_simple(&Kind::Conn {
                 socket: format!("s{n}"),
             });
-            send_with_fd(&mut writer, &frame, &OwnedFd::from(theirs))
+            send_with_fd(&writer, &frame, &OwnedFd::from(theirs))
                 .await
                 .unwrap();
             // A plain frame in between, without an fd.
-            writer
-                .write_all(&encode_simple(&Kind::Heartbeat))
+            crate::ipc::write_all(&writer, &encode_simple(&Kind::Heartbeat))
                 .await
                 .unwrap();
             peers.push(mine);

@@ -50,6 +50,10 @@ pub struct FrameReader<R> {
     reader: R,
     buffer: BytesMut,
     max: usize,
+    /// Frames split since the last read.
+    since_read: usize,
+    /// The last frame returned came alone: its read brought nothing else.
+    lone: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -59,7 +63,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             reader,
             buffer: BytesMut::with_capacity(64 * 1024),
             max,
+            since_read: 0,
+            lone: false,
         }
+    }
+
+    /// Whether the last frame returned came alone, the one frame of its read: the peer is
+    /// not streaming (see `Outbox::heard`).
+    pub fn lone(&self) -> bool {
+        self.lone
     }
 
     /// The next frame's body; `None` at a clean end of the stream.
@@ -69,12 +81,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn next(&mut self) -> Result<Option<Bytes>, FrameError> {
         loop {
             if let Some(body) = self.split()? {
+                self.since_read += 1;
+                self.lone = self.since_read == 1 && self.buffer.is_empty();
                 return Ok(Some(body));
             }
             if self.buffer.capacity() - self.buffer.len() < 4096 {
                 self.buffer.reserve(64 * 1024);
             }
-            if self.reader.read_buf(&mut self.buffer).await? == 0 {
+            let read = self.reader.read_buf(&mut self.buffer).await?;
+            self.since_read = 0;
+            if read == 0 {
                 if self.buffer.is_empty() {
                     return Ok(None);
                 }

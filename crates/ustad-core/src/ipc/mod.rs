@@ -17,9 +17,9 @@ mod frame;
 mod outbox;
 
 pub use envelope::{Envelope, Kind, decode, encode_body, encode_simple};
-pub use fdpass::{FdReader, ReceivedFds, send_with_fd};
+pub use fdpass::{FdReader, ReceivedFds, SocketReader, send_with_fd};
 pub use frame::{FrameError, FrameReader, HEADER, frame};
-pub use outbox::{Closed, OUTBOX_BYTES, Outbox, PushError};
+pub use outbox::{Closed, OUTBOX_BYTES, Outbox, PushError, write_all};
 
 /// The default largest frame body, in bytes.
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;

@@ -19,7 +19,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
@@ -154,12 +153,12 @@ pub(super) fn start_channel(
     let _entered = runtime.enter();
     let stream = std::os::unix::net::UnixStream::from(socket);
     stream.set_nonblocking(true)?;
-    let stream = UnixStream::from_std(stream)?;
-    let (reader, writer) = stream.into_split();
+    let stream = Arc::new(UnixStream::from_std(stream)?);
+    outbox.attach(stream.clone());
     let (conns, handed) = mpsc::channel::<Handed>(CONNS);
-    runtime.spawn(write_channel(outbox.clone(), writer, handed));
+    runtime.spawn(write_channel(outbox.clone(), stream.clone(), handed));
     runtime.spawn(read_channel(
-        reader,
+        ipc::SocketReader(stream),
         worker,
         spec.max_message,
         lifecycle,
@@ -173,7 +172,7 @@ pub(super) fn start_channel(
 /// closes or the worker is gone.
 async fn write_channel(
     outbox: Outbox,
-    mut writer: tokio::net::unix::OwnedWriteHalf,
+    socket: Arc<UnixStream>,
     mut handed: mpsc::Receiver<Handed>,
 ) {
     let mut batch = BytesMut::with_capacity(4096);
@@ -184,7 +183,7 @@ async fn write_channel(
                 if more.is_none() {
                     return;
                 }
-                if writer.write_all(&batch).await.is_err() {
+                if ipc::write_all(&socket, &batch).await.is_err() {
                     outbox.close();
                     return;
                 }
@@ -193,7 +192,10 @@ async fn write_channel(
             conn = handed.recv(), if conns_open => match conn {
                 // Closed here once sent: the worker has its own copy of the connection.
                 Some((frame, fd)) => {
-                    if ipc::send_with_fd(&mut writer, &frame, &fd).await.is_err() {
+                    outbox.hold();
+                    let sent = ipc::send_with_fd(&socket, &frame, &fd).await;
+                    outbox.release();
+                    if sent.is_err() {
                         outbox.close();
                         return;
                     }
@@ -207,7 +209,7 @@ async fn write_channel(
 /// Reads a worker's frames: lifecycle ones to the supervisor loop, the rest to the program.
 /// Closes the outbox when the worker's end closes or breaks the protocol.
 async fn read_channel(
-    reader: tokio::net::unix::OwnedReadHalf,
+    reader: ipc::SocketReader,
     worker: Arc<WorkerInfo>,
     max_message: usize,
     lifecycle: Lifecycle,
@@ -244,6 +246,9 @@ async fn read_channel(
                 break;
             }
         };
+        if reader.lone() {
+            outbox.heard();
+        }
         match &envelope.kind {
             Kind::Ready | Kind::Heartbeat | Kind::Restart | Kind::Stopping => {
                 if lifecycle.send((worker.id, Ok(envelope.kind))).is_err() {

@@ -473,6 +473,10 @@ impl Runtime {
                         queue.push_back(self.plan.handle(event, Instant::now()));
                     }
                     Action::Signal { id, pid, signal } => {
+                        // The signal first: a worker that exits on the `stop` frame could
+                        // otherwise be killed by the signal as it exits (Python restores the
+                        // default handlers as it shuts down), and seem to have died of it.
+                        signal_group(pid, signal);
                         if let Some(outboxes) = self.channels.get(&id) {
                             // The time until SIGKILL, as the plan set it (a shutdown with a
                             // timeout shortens it).
@@ -488,7 +492,6 @@ impl Runtime {
                                 &crate::ipc::Kind::Stop { deadline_ms },
                             ));
                         }
-                        signal_group(pid, signal);
                     }
                     Action::Kill { pid, .. } => signal_group(pid, Signal::KILL),
                     Action::Exit => self.finished = true,
