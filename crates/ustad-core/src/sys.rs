@@ -1,7 +1,8 @@
 //! Every `unsafe` block of the engine: what runs in a worker between `fork` and `exec`, and the
-//! two calls std and rustix have no safe form for here: taking ownership of the fds a service
-//! manager passed to the primary ([`take_listen_fds`]), and reading `CLOCK_MONOTONIC`
-//! ([`monotonic_usec`]).
+//! calls std, rustix and tokio have no safe form for here: taking ownership of the fds a
+//! service manager passed to the primary ([`take_listen_fds`]), reading `CLOCK_MONOTONIC`
+//! ([`monotonic_usec`]), and registering an fd with the reactor for one direction only
+//! ([`register_fd`]).
 //!
 //! Between `fork` and `exec` the child is a copy of a possibly multi-threaded process: it may
 //! only make async-signal-safe calls. Nothing here allocates, locks or logs after the fork.
@@ -430,4 +431,18 @@ mod tests {
         distinct.dedup();
         assert_eq!(distinct.len(), raw.len());
     }
+}
+
+/// Registers `fd` with the current tokio runtime's reactor for `interest` only (tokio's own
+/// sockets register for both directions).
+///
+/// # Errors
+/// When there is no runtime, or the reactor refuses the fd.
+pub(crate) fn register_fd(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is a valid open fd, its `as_raw_fd` always returns that same fd,
+    // and it stays open (owned by the `AsyncFd`) until the `AsyncFd` is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(Into::into)
 }

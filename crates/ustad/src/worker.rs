@@ -395,9 +395,7 @@ impl Worker {
 impl Channel {
     /// Starts the reader and writer tasks on the current tokio runtime.
     fn start(socket: OwnedFd, max_frame: usize) -> std::io::Result<Channel> {
-        let stream = std::os::unix::net::UnixStream::from(socket);
-        stream.set_nonblocking(true)?;
-        let stream = Arc::new(tokio::net::UnixStream::from_std(stream)?);
+        let stream = Arc::new(ipc::ChannelSocket::new(socket)?);
         let outbox = Outbox::new(ipc::OUTBOX_BYTES);
         outbox.attach(stream.clone());
         let (inbox_tx, inbox) = mpsc::channel(INBOX);

@@ -15,11 +15,13 @@ mod envelope;
 mod fdpass;
 mod frame;
 mod outbox;
+mod socket;
 
 pub use envelope::{Envelope, Kind, decode, encode_body, encode_simple};
-pub use fdpass::{FdReader, ReceivedFds, SocketReader, send_with_fd};
+pub use fdpass::ReceivedFds;
 pub use frame::{FrameError, FrameReader, HEADER, frame};
-pub use outbox::{Closed, OUTBOX_BYTES, Outbox, PushError, write_all};
+pub use outbox::{Closed, OUTBOX_BYTES, Outbox, PushError};
+pub use socket::{ChannelSocket, FdReader, SocketReader};
 
 /// The default largest frame body, in bytes.
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;

@@ -17,12 +17,12 @@
 //! read, and are batched both ways). A request and its reply thus each cost one `write` and no hop,
 //! while a stream of messages (nobody answers) is written through once and then batched.
 
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::{Buf, BytesMut};
-use tokio::net::UnixStream;
 use tokio::sync::Notify;
+
+use super::ChannelSocket;
 
 /// Bytes gathered for a channel before senders wait.
 pub const OUTBOX_BYTES: usize = 256 * 1024;
@@ -37,7 +37,7 @@ pub struct Outbox {
 struct Shared {
     state: Mutex<State>,
     /// The socket, once attached: senders write through it when the outbox is idle.
-    socket: OnceLock<Arc<UnixStream>>,
+    socket: OnceLock<Arc<ChannelSocket>>,
     /// The buffer went from empty to not, or the outbox closed: the writer has work.
     work: Notify,
     /// The writer drained the buffer, or the outbox closed: waiting senders may go on.
@@ -95,7 +95,7 @@ impl Outbox {
     }
 
     /// Lets senders write through `socket` (the one the writer task writes to).
-    pub fn attach(&self, socket: Arc<UnixStream>) {
+    pub fn attach(&self, socket: Arc<ChannelSocket>) {
         let _ = self.shared.socket.set(socket);
     }
 
@@ -234,10 +234,10 @@ impl Outbox {
 
     /// Writes batches to `socket` until the outbox closes (or the socket fails: then it
     /// closes). For a channel whose writer does nothing else.
-    pub async fn write_to(&self, socket: &UnixStream) {
+    pub async fn write_to(&self, socket: &ChannelSocket) {
         let mut batch = BytesMut::with_capacity(4096);
         while self.next_batch(&mut batch).await.is_some() {
-            if write_all(socket, &batch).await.is_err() {
+            if socket.write_all(&batch).await.is_err() {
                 self.close();
                 return;
             }
@@ -256,27 +256,20 @@ impl Outbox {
     }
 }
 
-/// Writes all of `bytes` to a non-blocking socket.
-///
-/// # Errors
-/// When the socket fails (the peer is gone).
-pub async fn write_all(socket: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match socket.try_write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipc::SocketReader;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
+
+    fn pair() -> (SocketReader, Arc<ChannelSocket>) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        (
+            SocketReader(Arc::new(ChannelSocket::new(a.into()).unwrap())),
+            Arc::new(ChannelSocket::new(b.into()).unwrap()),
+        )
+    }
 
     fn push_bytes(bytes: &[u8]) -> impl FnOnce(&mut BytesMut) -> Result<(), ()> + '_ {
         move |buffer| {
@@ -287,8 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_from_several_senders_arrive_whole_and_in_order_per_sender() {
-        let (mut near, far) = UnixStream::pair().unwrap();
-        let far = Arc::new(far);
+        let (mut near, far) = pair();
         let outbox = Outbox::new(64);
         outbox.attach(far.clone());
         let writer = tokio::spawn({
@@ -330,8 +322,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_armed_outbox_is_written_through_without_its_writer() {
-        let (mut near, far) = UnixStream::pair().unwrap();
-        let far = Arc::new(far);
+        let (mut near, far) = pair();
         let outbox = Outbox::new(1024);
         outbox.attach(far.clone());
         // No writer task: only a write through can deliver.
@@ -347,11 +338,11 @@ mod tests {
         // While the writer holds the socket, nothing is written through, even when armed.
         outbox.heard();
         outbox.push(push_bytes(b"3")).await.unwrap();
-        write_all(&far, &batch).await.unwrap();
+        far.write_all(&batch).await.unwrap();
         outbox.finish_batch(&mut batch);
         outbox.next_batch(&mut batch).await.unwrap();
         assert_eq!(&batch[..], b"3");
-        write_all(&far, &batch).await.unwrap();
+        far.write_all(&batch).await.unwrap();
         outbox.finish_batch(&mut batch);
         let mut read = [0u8; 4];
         near.read_exact(&mut read).await.unwrap();

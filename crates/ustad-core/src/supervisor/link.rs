@@ -19,7 +19,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::config::IpcSpec;
@@ -151,9 +150,7 @@ pub(super) fn start_channel(
     };
     // Registered with the runtime that serves it.
     let _entered = runtime.enter();
-    let stream = std::os::unix::net::UnixStream::from(socket);
-    stream.set_nonblocking(true)?;
-    let stream = Arc::new(UnixStream::from_std(stream)?);
+    let stream = Arc::new(ipc::ChannelSocket::new(socket)?);
     outbox.attach(stream.clone());
     let (conns, handed) = mpsc::channel::<Handed>(CONNS);
     runtime.spawn(write_channel(outbox.clone(), stream.clone(), handed));
@@ -172,7 +169,7 @@ pub(super) fn start_channel(
 /// closes or the worker is gone.
 async fn write_channel(
     outbox: Outbox,
-    socket: Arc<UnixStream>,
+    socket: Arc<ipc::ChannelSocket>,
     mut handed: mpsc::Receiver<Handed>,
 ) {
     let mut batch = BytesMut::with_capacity(4096);
@@ -183,7 +180,7 @@ async fn write_channel(
                 if more.is_none() {
                     return;
                 }
-                if ipc::write_all(&socket, &batch).await.is_err() {
+                if socket.write_all(&batch).await.is_err() {
                     outbox.close();
                     return;
                 }
@@ -193,7 +190,7 @@ async fn write_channel(
                 // Closed here once sent: the worker has its own copy of the connection.
                 Some((frame, fd)) => {
                     outbox.hold();
-                    let sent = ipc::send_with_fd(&socket, &frame, &fd).await;
+                    let sent = socket.send_with_fd(&frame, &fd).await;
                     outbox.release();
                     if sent.is_err() {
                         outbox.close();
