@@ -397,6 +397,20 @@ pub(crate) fn monotonic_usec() -> u64 {
     secs.saturating_mul(1_000_000).saturating_add(micros)
 }
 
+/// Registers `fd` with the current tokio runtime's reactor for `interest` only (tokio's own
+/// sockets register for both directions).
+///
+/// # Errors
+/// When there is no runtime, or the reactor refuses the fd.
+pub(crate) fn register_fd(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is a valid open fd, its `as_raw_fd` always returns that same fd,
+    // and it stays open (owned by the `AsyncFd`) until the `AsyncFd` is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(Into::into)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,18 +445,4 @@ mod tests {
         distinct.dedup();
         assert_eq!(distinct.len(), raw.len());
     }
-}
-
-/// Registers `fd` with the current tokio runtime's reactor for `interest` only (tokio's own
-/// sockets register for both directions).
-///
-/// # Errors
-/// When there is no runtime, or the reactor refuses the fd.
-pub(crate) fn register_fd(
-    fd: OwnedFd,
-    interest: tokio::io::Interest,
-) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    // SAFETY: an `OwnedFd` is a valid open fd, its `as_raw_fd` always returns that same fd,
-    // and it stays open (owned by the `AsyncFd`) until the `AsyncFd` is dropped.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(Into::into)
 }
