@@ -37,24 +37,50 @@ struct Running {
 
 impl Running {
     fn start(name: &str, env: &[(&str, &str)]) -> Running {
-        let runtime_dir = tempfile::tempdir().unwrap();
         let mut command = Command::new(example(name));
+        command.envs(env.iter().copied());
+        Running::spawn(command, false)
+    }
+
+    /// Runs `command` in a runtime dir of its own; its stdout lines (and its stderr's, with
+    /// `stderr`) are what [`Running::line`] looks through.
+    fn spawn(mut command: Command, stderr: bool) -> Running {
+        let runtime_dir = tempfile::tempdir().unwrap();
         command
             .env("XDG_RUNTIME_DIR", runtime_dir.path())
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(if stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
         let mut guard = ProcessGuard::spawn(&mut command).expect("spawning the example");
-        let stdout = guard.child_mut().stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
+        let child = guard.child_mut();
+        let streams: Vec<Box<dyn std::io::Read + Send>> = [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for stream in streams {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
                 }
-            }
-        });
+            });
+        }
         Running {
             guard,
             lines,
@@ -66,7 +92,14 @@ impl Running {
     /// Waits for a stdout line containing `text`, and returns it.
     #[track_caller]
     fn line(&mut self, text: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|l| l.contains(text)) {
+        self.line_with(&[text])
+    }
+
+    /// Waits for a line containing each of `parts`, and returns it.
+    #[track_caller]
+    fn line_with(&mut self, parts: &[&str]) -> String {
+        let fits = |line: &String| parts.iter().all(|part| line.contains(part));
+        if let Some(line) = self.seen.iter().find(|l| fits(l)) {
             return line.clone();
         }
         let deadline = Instant::now() + TIMEOUT;
@@ -75,11 +108,11 @@ impl Running {
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if line.contains(text) {
+                    if fits(&line) {
                         return line;
                     }
                 }
-                Err(_) => panic!("no line with {text:?}; saw:\n{}", self.seen.join("\n")),
+                Err(_) => panic!("no line with {parts:?}; saw:\n{}", self.seen.join("\n")),
             }
         }
     }
@@ -106,6 +139,61 @@ impl Running {
     fn terminate(&mut self) -> Option<i32> {
         self.guard.signal(Signal::TERM).unwrap();
         self.wait()
+    }
+}
+
+/// The `ustad` command's binary, built with the workspace.
+fn ustad_command() -> PathBuf {
+    let examples = example("hello_cluster");
+    let path = examples
+        .parent()
+        .and_then(|dir| dir.parent())
+        .expect("target/<profile>")
+        .join("ustad");
+    assert!(
+        path.exists(),
+        "{} is not built (cargo build -p ustad-cli)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn a_library_worker_runs_under_the_ustad_command_too() {
+    // hello_cluster's worker, supervised by `ustad run` instead of its own primary: it finds
+    // its listener by name (LISTEN_FDNAMES), says ready with sd_notify and stops on SIGTERM.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ustad.toml");
+    let worker = example("hello_cluster");
+    std::fs::write(
+        &config,
+        format!(
+            "[sockets.web]\nlisten = \"127.0.0.1:0\"\n\n[pools.web]\ncommand = [{worker:?}]\n\
+             size = 2\nsockets = [\"web\"]\nready = \"notify\"\nready_timeout = \"60s\"\n"
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(ustad_command());
+    command.arg("run").arg(&config);
+    let mut run = Running::spawn(command, true);
+    // Ready by its own word (sd_notify), not by a delay: a worker that never said it would be
+    // killed after ready_timeout.
+    run.line_with(&["web.0 (id 1", "ready after"]);
+    run.line_with(&["web.1 (id 2", "ready after"]);
+    let address = run.address();
+    let mut pids = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while pids.len() < 2 && Instant::now() < deadline {
+        let (code, headers, body) = load::get(address).expect("a response");
+        assert_eq!(code, 200);
+        assert!(body.starts_with("hello from worker "), "{body}");
+        pids.insert(headers["x-worker-pid"].clone());
+    }
+    assert_eq!(pids.len(), 2, "answered by {pids:?}");
+    assert_eq!(run.terminate(), Some(0));
+    for worker in ["web.0 (id 1", "web.1 (id 2"] {
+        let exit = run.line_with(&[worker, "exited"]);
+        assert!(exit.contains("with exit code 0 after"), "{exit}");
     }
 }
 
