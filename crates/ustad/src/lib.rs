@@ -43,6 +43,15 @@
 //! Messages are any `Serialize`/`Deserialize` type; route by type with a
 //! `#[serde(tag = "type")]` enum and a `match`. The wire format is JSON in length-prefixed
 //! frames (`docs/protocol.md`), so workers in other languages can join.
+//!
+//! # Performance
+//! Each worker's channel is a Unix socket whose frames senders encode straight into a buffer
+//! bounded in bytes; a request or reply on an idle channel is written by the sender itself, and
+//! under load many frames go in one write. A worker's messages reach [`Cluster::events`], and
+//! replies their [`Cluster::request`], from the channel's reader directly. Programs and
+//! workers that exchange many messages do best on current-thread tokio runtimes (see
+//! [`Primary::start`]); the numbers, side by side with Node's `cluster`, are in
+//! `docs/benchmarks.md`.
 
 mod channel;
 mod cluster;
