@@ -19,7 +19,7 @@ THREADS=${THREADS:-2}
 PORT=${PORT:-18190}
 LUA=$BENCH/wrk/report.lua
 
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 cargo build --release -q -p ustad --example hello_cluster
 EXAMPLE=$ROOT/target/release/examples/hello_cluster
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ustad-handoff.XXXXXX")

@@ -631,11 +631,11 @@ impl Drop for Forget<'_> {
 }
 
 /// Where workers' channels run. On the program's runtime when it is a current-thread one: the
-/// channel's reader then wakes the task waiting for a reply on the same thread, with no hop
-/// (measured: 2.4× the round trips/s of the supervisor's thread with 1,000 in flight). With a
-/// multi-thread runtime that hop is there either way, and the supervisor's own current-thread
-/// loop serves the channels better than the program's scheduler (measured: 1.4× with 100 in
-/// flight; docs/benchmarks.md, "IPC"), so they run on the supervisor's thread.
+/// channel's reader then wakes the task waiting for a reply on the same thread, with no hop to
+/// another thread. With a multi-thread runtime that hop is there either way, and the
+/// supervisor's own current-thread loop serves the channels better than the program's
+/// scheduler (1.4× the round trips/s with 100 in flight, measured side by side), so they run on
+/// the supervisor's thread (docs/benchmarks.md, "IPC", change 2).
 fn channel_runtime() -> Option<tokio::runtime::Handle> {
     tokio::runtime::Handle::try_current()
         .ok()
