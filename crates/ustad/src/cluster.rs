@@ -109,6 +109,9 @@ pub struct WorkerRef {
 pub enum Event {
     /// A worker process was started.
     Spawned(WorkerRef),
+    /// Its first frame arrived on its channel (whatever it said): its code runs and talks, as
+    /// Node's `online`. Comes after `Spawned`, before `Ready` and before its first message.
+    Online(WorkerRef),
     /// It called `ready()`.
     Ready(WorkerRef),
     /// It sent a message.
@@ -772,6 +775,10 @@ struct WorkerSink {
 }
 
 impl FrameSink for WorkerSink {
+    fn online(&mut self) {
+        self.shared.publish(Event::Online(self.worker.clone()));
+    }
+
     fn offer(&mut self, envelope: Envelope) -> Result<(), Envelope> {
         if matches!(envelope.kind, Kind::Rep { .. } | Kind::Err { .. }) {
             self.conn.pending.resolve(envelope);

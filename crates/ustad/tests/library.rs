@@ -45,12 +45,28 @@ async fn jobs(
         .expect("cluster starts");
     let mut events = cluster.events().expect("first call");
     let mut ready = Vec::new();
+    // Each worker's life up to `ready`, as events tell it: spawned, then online, then ready.
+    let mut lives: BTreeMap<u64, Vec<&'static str>> = BTreeMap::new();
     while ready.len() < size {
         match tokio::time::timeout(TIMEOUT, events.recv()).await {
-            Ok(Some(Event::Ready(worker))) => ready.push(worker),
-            Ok(Some(_)) => {}
+            Ok(Some(event)) => {
+                if let Some((id, kind)) = kind_of(&event) {
+                    lives.entry(id).or_default().push(kind);
+                }
+                if let Event::Ready(worker) = event {
+                    ready.push(worker);
+                }
+            }
             other => panic!("workers did not get ready: {other:?}"),
         }
+    }
+    for worker in &ready {
+        assert_eq!(
+            lives[&worker.id.0],
+            ["spawned", "online", "ready"],
+            "worker {} up to ready",
+            worker.id
+        );
     }
     ready.sort_by_key(|w| w.slot);
     (cluster, events, ready)
@@ -161,6 +177,49 @@ async fn round_robin_rotates_per_tag_over_ready_workers_only() {
     assert_eq!(counts.values().copied().collect::<Vec<_>>(), [2, 2]);
     assert!(cluster.round_robin("nope", "a").is_none());
     cluster.stop(None).await.unwrap();
+}
+
+/// What an event is, and of which worker.
+fn kind_of(event: &Event) -> Option<(u64, &'static str)> {
+    let (worker, kind) = match event {
+        Event::Spawned(worker) => (worker, "spawned"),
+        Event::Online(worker) => (worker, "online"),
+        Event::Ready(worker) => (worker, "ready"),
+        Event::Message { worker, .. } => (worker, "message"),
+        Event::Request { worker, .. } => (worker, "request"),
+        Event::Stopping { worker, .. } => (worker, "stopping"),
+        Event::Exited { worker, .. } => (worker, "exited"),
+        _ => return None,
+    };
+    Some((worker.id.0, kind))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_is_spawned_online_ready_stopping_and_exited_in_that_order() {
+    let (cluster, mut events, workers) = jobs("lifecycle", 2).await;
+    cluster.stop(None).await.unwrap();
+    let mut seen: BTreeMap<u64, Vec<&'static str>> = BTreeMap::new();
+    // `jobs` read up to the workers' `ready`: the stream still holds the rest, and it ends
+    // once the cluster has stopped.
+    let mut rest = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(TIMEOUT, events.recv()).await {
+        rest.push(event);
+    }
+    for worker in &workers {
+        seen.insert(worker.id.0, vec!["spawned", "online", "ready"]);
+    }
+    for (id, kind) in rest.iter().filter_map(kind_of) {
+        seen.entry(id).or_default().push(kind);
+    }
+    for worker in &workers {
+        assert_eq!(
+            seen[&worker.id.0],
+            ["spawned", "online", "ready", "stopping", "exited"],
+            "the life of worker {}",
+            worker.id
+        );
+    }
+    assert_eq!(seen.len(), 2, "no other worker: {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

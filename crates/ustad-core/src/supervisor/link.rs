@@ -94,6 +94,10 @@ pub trait Program: Send + Sync + std::fmt::Debug + 'static {
 
 /// Where one library worker's `msg`, `req`, `rep` and `err` frames go.
 pub trait FrameSink: Send + 'static {
+    /// The worker's first frame arrived, whatever it is: its code runs and talks (Node's
+    /// `online`). Called once, before that frame is handled.
+    fn online(&mut self);
+
     /// Takes a frame, or hands it back when the program is behind: the channel then waits on
     /// [`FrameSink::ready`] and offers it again.
     ///
@@ -217,6 +221,7 @@ async fn read_channel(
     let cut = |why: String| {
         let _ = lifecycle.send((worker.id, Err(why)));
     };
+    let mut heard = false;
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -245,6 +250,12 @@ async fn read_channel(
         };
         if reader.lone() {
             outbox.heard();
+        }
+        if !heard {
+            heard = true;
+            if let Some(sink) = &mut sink {
+                sink.online();
+            }
         }
         match &envelope.kind {
             Kind::Ready | Kind::Heartbeat | Kind::Restart | Kind::Stopping => {
