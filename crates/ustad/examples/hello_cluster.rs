@@ -4,6 +4,8 @@
 //!     cargo run --example hello_cluster            # then: curl 127.0.0.1:8000
 //!     HELLO_ADDR=127.0.0.1:9000 cargo run --example hello_cluster
 //!     HELLO_MODE=round-robin cargo run --example hello_cluster    # or reuseport
+//!     HELLO_ADDR=unix:/tmp/hello.sock cargo run --example hello_cluster
+//!                                  # then: curl --unix-socket /tmp/hello.sock http://x/
 //!
 //! With `HELLO_MODE=round-robin` the primary accepts the connections and hands them to the
 //! workers in turn (Node's default), instead of the workers accepting from a shared socket.
@@ -44,6 +46,14 @@ fn round_robin() -> bool {
     std::env::var("HELLO_MODE").is_ok_and(|mode| mode == "round-robin")
 }
 
+/// Where a worker's connections come from.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+    /// Handed over by the primary (round-robin).
+    Handed,
+}
+
 async fn serve(worker: Worker) -> anyhow::Result<()> {
     let pid = std::process::id();
     // Round-robin: connections come from the primary; shared: from the socket.
@@ -52,7 +62,17 @@ async fn serve(worker: Worker) -> anyhow::Result<()> {
             "worker {} (pid {pid}) takes handed connections",
             worker.id()
         );
-        None
+        Listener::Handed
+    } else if std::env::var("HELLO_ADDR").is_ok_and(|a| a.starts_with("unix:")) {
+        let listener = worker.tokio_unix_listener("web")?;
+        let path = listener.local_addr()?;
+        let path = path.as_pathname().map(|p| p.display().to_string());
+        println!(
+            "worker {} (pid {pid}) serving on unix:{}",
+            worker.id(),
+            path.unwrap_or_default()
+        );
+        Listener::Unix(listener)
     } else {
         let listener = worker.tokio_tcp_listener("web")?;
         println!(
@@ -60,7 +80,7 @@ async fn serve(worker: Worker) -> anyhow::Result<()> {
             worker.id(),
             listener.local_addr()?
         );
-        Some(listener)
+        Listener::Tcp(listener)
     };
     let body = Bytes::from(format!("hello from worker {} (pid {pid})\n", worker.id()));
     worker.ready().await?;
@@ -69,31 +89,42 @@ async fn serve(worker: Worker) -> anyhow::Result<()> {
     loop {
         let next = async {
             match &listener {
-                Some(listener) => Ok::<_, anyhow::Error>(Some(listener.accept().await?.0)),
-                None => match worker.accept().await? {
-                    Some(handed) => Ok(Some(handed.into_tokio_tcp()?)),
-                    None => Ok(None),
+                Listener::Tcp(listener) => {
+                    let (stream, _) = listener.accept().await?;
+                    spawn_connection(stream, body.clone(), pid);
+                }
+                Listener::Unix(listener) => {
+                    let (stream, _) = listener.accept().await?;
+                    spawn_connection(stream, body.clone(), pid);
+                }
+                Listener::Handed => match worker.accept().await? {
+                    Some(handed) => spawn_connection(handed.into_tokio_tcp()?, body.clone(), pid),
+                    None => return Ok(false),
                 },
             }
+            Ok::<_, anyhow::Error>(true)
         };
-        let stream = tokio::select! {
-            stream = next => match stream? {
-                Some(stream) => stream,
-                None => break,
-            },
+        tokio::select! {
+            more = next => if !more? { break },
             _ = &mut stopped => break,
-        };
-        let body = body.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |_: Request<hyper::body::Incoming>| {
-                let mut response = Response::new(Full::new(body.clone()));
-                response.headers_mut().insert("x-worker-pid", pid.into());
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        }
     }
     Ok(())
+}
+
+/// Serves one connection's requests.
+fn spawn_connection<S>(stream: S, body: Bytes, pid: u32)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = service_fn(move |_: Request<hyper::body::Incoming>| {
+            let mut response = Response::new(Full::new(body.clone()));
+            response.headers_mut().insert("x-worker-pid", pid.into());
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let _ = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    });
 }

@@ -59,6 +59,23 @@ impl Handed {
             ))),
         }
     }
+
+    /// The Unix connection, for tokio. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// When the connection is a TCP one, or cannot be registered.
+    pub fn into_tokio_unix(self) -> std::io::Result<tokio::net::UnixStream> {
+        match self.stream {
+            HandedStream::Unix(stream) => {
+                stream.set_nonblocking(true)?;
+                tokio::net::UnixStream::from_std(stream)
+            }
+            HandedStream::Tcp(_) => Err(std::io::Error::other(format!(
+                "socket {} is a TCP socket, not Unix",
+                self.socket
+            ))),
+        }
+    }
 }
 
 /// What the primary sent: a message, or a request to answer.
@@ -200,6 +217,16 @@ impl Worker {
         self.take_listener(name)?
             .into_unix_listener()
             .map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    /// [`Worker::unix_listener`] as a tokio listener. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// As [`Worker::unix_listener`].
+    pub fn tokio_unix_listener(&self, name: &str) -> Result<tokio::net::UnixListener, Error> {
+        let listener = self.unix_listener(name)?;
+        listener.set_nonblocking(true)?;
+        Ok(tokio::net::UnixListener::from_std(listener)?)
     }
 
     fn channel(&self) -> Result<&Channel, Error> {

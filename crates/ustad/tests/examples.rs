@@ -216,6 +216,29 @@ fn hello_cluster_serves_from_several_workers_and_stops_on_sigterm() {
 }
 
 #[test]
+fn hello_cluster_serves_on_a_unix_socket_with_tokio_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hello.sock");
+    let address = format!("unix:{}", path.display());
+    let mut run = Running::start("hello_cluster", &[("HELLO_ADDR", address.as_str())]);
+    let line = run.line("serving on unix:");
+    assert!(line.ends_with(&address), "{line}");
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).expect("connects");
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("a read timeout");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: hello\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("a response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("hello from worker "), "{response}");
+    assert_eq!(run.terminate(), Some(0));
+}
+
+#[test]
 fn pools_runs_three_pools_each_with_its_own_code() {
     let mut run = Running::start(
         "pools",
