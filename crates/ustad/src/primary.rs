@@ -22,6 +22,8 @@ pub struct Pool {
     settings: Vec<Setting>,
     errors: Vec<String>,
     max_in_flight: usize,
+    /// The `listen(2)` backlog of the pool's sockets, when set.
+    backlog: Option<u32>,
 }
 
 /// A setting recorded by a builder method, applied to the pool's spec at the end.
@@ -39,6 +41,7 @@ enum Setting {
     MaxMemory(ByteSize),
     Watchdog(Duration),
     MaxMessage(usize),
+    Cwd(std::path::PathBuf),
 }
 
 impl Pool {
@@ -58,6 +61,7 @@ impl Pool {
             settings: Vec::new(),
             errors,
             max_in_flight: 64,
+            backlog: None,
         }
     }
 
@@ -150,6 +154,18 @@ impl Pool {
                 self
             }
         }
+    }
+
+    /// The workers' working directory [default: the primary's].
+    pub fn cwd(self, dir: impl Into<std::path::PathBuf>) -> Pool {
+        self.with(Setting::Cwd(dir.into()))
+    }
+
+    /// The `listen(2)` backlog of the sockets this pool listens on [default: 1024; capped by
+    /// `net.core.somaxconn`].
+    pub fn backlog(mut self, backlog: u32) -> Pool {
+        self.backlog = Some(backlog);
+        self
     }
 
     /// An environment variable for the workers.
@@ -272,11 +288,28 @@ impl Primary {
                     Setting::MaxMemory(limit) => spec.max_memory = Some(limit),
                     Setting::Watchdog(period) => spec.watchdog = Some(period),
                     Setting::MaxMessage(bytes) => spec.ipc = Some(IpcSpec { max_message: bytes }),
+                    Setting::Cwd(dir) => spec.cwd = Some(dir),
                 }
             }
             for (socket_name, socket) in &pool.sockets {
                 let socket_name = socket_name.clone().unwrap_or_else(|| name.clone());
-                config.sockets.insert(socket_name.clone(), socket.clone());
+                let mut socket = socket.clone();
+                if let Some(backlog) = pool.backlog {
+                    socket.backlog = backlog;
+                }
+                // Pools may share a socket by naming it alike (`listen_as`), as a config
+                // file's pools share a `[sockets.NAME]`: the same socket, not two.
+                if config
+                    .sockets
+                    .get(&socket_name)
+                    .is_some_and(|s| *s != socket)
+                {
+                    problems.push(format!(
+                        "pool `{name}`: socket `{socket_name}` is declared again, differently \
+                         (pools that share a socket must declare it alike)"
+                    ));
+                }
+                config.sockets.insert(socket_name.clone(), socket);
                 spec.sockets.push(socket_name);
             }
             config.pools.insert(name.clone(), spec);
@@ -345,5 +378,84 @@ impl Primary {
             .map(|(name, pool)| (name.clone(), pool.in_flight_limit()))
             .collect();
         Cluster::start(config, self.options(), limits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_reaches_the_pools_spec() {
+        let config = Primary::new()
+            .pool(
+                "web",
+                Pool::new(3)
+                    .listen_as("http", "127.0.0.1:0")
+                    .backlog(64)
+                    .cwd("/srv/app")
+                    .ttl(Duration::from_secs(3600))
+                    .kill_timeout(Duration::from_secs(5))
+                    .stop_signal("SIGINT")
+                    .max_memory("64MiB")
+                    .max_message(4096)
+                    .env("MODE", "web"),
+            )
+            .pool(
+                "jobs",
+                Pool::new(1).listen_as("http", "127.0.0.1:0").backlog(64),
+            )
+            .config()
+            .unwrap();
+        let web = &config.pools["web"];
+        assert_eq!(web.size, Size::fixed(3).unwrap());
+        assert_eq!(web.cwd.as_deref(), Some(std::path::Path::new("/srv/app")));
+        assert_eq!(web.ttl, Some(Duration::from_secs(3600)));
+        assert_eq!(web.kill_timeout, Duration::from_secs(5));
+        assert_eq!(web.stop_signal, "SIGINT".parse().unwrap());
+        assert_eq!(web.max_memory, Some("64MiB".parse().unwrap()));
+        assert_eq!(web.ipc, Some(IpcSpec { max_message: 4096 }));
+        assert_eq!(web.env["MODE"], "web");
+        assert_eq!(config.sockets["http"].backlog, 64);
+        // Both pools name the same socket: one socket, shared, as in a config file.
+        assert_eq!(config.sockets.len(), 1);
+        assert_eq!(config.pools["jobs"].sockets, ["http"]);
+    }
+
+    #[test]
+    fn mistakes_are_refused_together_each_naming_its_pool() {
+        let error = Primary::new()
+            .pool("web", Pool::new(0).listen("nowhere"))
+            .pool(
+                "jobs",
+                Pool::new(1).stop_signal("SIGNOPE").max_memory("lots"),
+            )
+            .pool(
+                "api",
+                Pool::new(1).listen_as("web", "127.0.0.1:1").backlog(0),
+            )
+            .config()
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "pool `web`: size must be at least 1",
+            "pool `web`:",
+            "pool `jobs`:",
+            "SIGNOPE",
+            "lots",
+            "backlog must be at least 1",
+        ] {
+            assert!(error.contains(expected), "{expected:?} in {error}");
+        }
+        let conflict = Primary::new()
+            .pool("a", Pool::new(1).listen_as("http", "127.0.0.1:1"))
+            .pool("b", Pool::new(1).listen_as("http", "127.0.0.1:2"))
+            .config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            conflict.contains("pool `b`: socket `http` is declared again, differently"),
+            "{conflict}"
+        );
     }
 }
