@@ -366,7 +366,8 @@ impl Primary {
     /// On a current-thread runtime, the channels are read only while the runtime runs: a
     /// program that blocks its thread (a long computation, a blocking call) also holds up its
     /// workers' `ready` and `heartbeat` frames, and a pool with a `watchdog` may take them for
-    /// hung. Keep blocking work in `spawn_blocking`, or use a multi-thread runtime.
+    /// hung. Keep blocking work in `spawn_blocking`, or use a multi-thread runtime. The
+    /// channels also live only as long as that runtime: keep it running while the cluster runs.
     ///
     /// # Errors
     /// An invalid configuration, or a socket that cannot be bound (nothing started then).
