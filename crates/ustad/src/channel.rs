@@ -147,10 +147,13 @@ impl Drop for IncomingRequest {
 /// A reply, or why there is none.
 type Reply = Result<Envelope, RequestError>;
 
+/// Who waits for the reply to each request id.
+type Waiting = HashMap<u64, oneshot::Sender<Reply>, BuildHasherDefault<IdHasher>>;
+
 /// Requests sent and not answered yet, by id.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Reply>, BuildHasherDefault<IdHasher>>>,
+    waiting: Mutex<Waiting>,
 }
 
 /// Request ids are sequential numbers: one multiplication spreads them over the table, where
@@ -205,10 +208,7 @@ impl Pending {
         }
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>, BuildHasherDefault<IdHasher>>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -14,8 +14,8 @@
 //! its frame to the socket itself, with one non-blocking `write`, and disarms the outbox; what
 //! the socket does not take goes to the writer task as usual. Hearing from the peer arms it
 //! again ([`Outbox::heard`]) when what it sent came alone (under load frames come many to a
-//! read, and are batched both ways). A request and its reply thus each cost one `write` and no hop,
-//! while a stream of messages (nobody answers) is written through once and then batched.
+//! read, and are batched both ways). A request and its reply thus each cost one `write` and no
+//! hop, while a stream of messages (nobody answers) is written through once and then batched.
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
