@@ -323,7 +323,18 @@ fn logs_shows_recent_lines_and_follows_new_ones() {
 
 #[test]
 fn stop_stops_every_worker_and_waits_for_the_primary() {
-    let mut run = Run::start(&["run", "-w", "2", "--", &test_worker(), "--ignore-term"]);
+    // `--ready notify`: ready once the worker's signal handlers are in place (ready at spawn,
+    // a fast stop could reach a worker before it ignores SIGTERM, and kill it outright).
+    let mut run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "--ready",
+        "notify",
+        "--",
+        &test_worker(),
+        "--ignore-term",
+    ]);
     run.wait_ready(2);
     let out = run.client(&["stop", "--timeout", "300ms"]);
     assert_eq!(out.code, Some(0), "{out:?}");
