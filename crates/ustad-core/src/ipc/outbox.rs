@@ -137,8 +137,18 @@ impl Outbox {
         encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
     ) -> Result<(), PushError<E>> {
         let before = state.buffer.len();
-        if let Err(error) = encode(&mut state.buffer) {
-            state.buffer.truncate(before);
+        // A serializer that panics half way must not leave half a frame for the peer (which
+        // would take the channel for broken): the guard takes it back as the panic unwinds.
+        let mut rewind = Rewind {
+            buffer: &mut state.buffer,
+            to: Some(before),
+        };
+        let encoded = encode(rewind.buffer);
+        if encoded.is_ok() {
+            rewind.to = None;
+        }
+        drop(rewind);
+        if let Err(error) = encoded {
             return Err(PushError::Encode(error));
         }
         if before == 0 && !state.buffer.is_empty() {
@@ -256,6 +266,20 @@ impl Outbox {
     }
 }
 
+/// Truncates a buffer back to `to` when dropped, unless `to` was cleared.
+struct Rewind<'a> {
+    buffer: &'a mut BytesMut,
+    to: Option<usize>,
+}
+
+impl Drop for Rewind<'_> {
+    fn drop(&mut self) {
+        if let Some(to) = self.to {
+            self.buffer.truncate(to);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +377,27 @@ mod tests {
         let mut read = [0u8; 1];
         near.read_exact(&mut read).await.unwrap();
         assert_eq!(&read, b"4");
+    }
+
+    #[tokio::test]
+    async fn a_sender_that_panics_while_encoding_leaves_no_half_frame() {
+        let outbox = Outbox::new(1024);
+        outbox.push(push_bytes(b"whole")).await.unwrap();
+        let panicking = outbox.clone();
+        let panicked = tokio::spawn(async move {
+            let _ = panicking
+                .push(|buffer: &mut BytesMut| -> Result<(), ()> {
+                    buffer.extend_from_slice(b"half");
+                    panic!("a Serialize impl that panics");
+                })
+                .await;
+        })
+        .await;
+        assert!(panicked.is_err(), "the task panicked");
+        outbox.push(push_bytes(b"next")).await.unwrap();
+        let mut batch = BytesMut::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(&batch[..], b"wholenext");
     }
 
     #[tokio::test]
