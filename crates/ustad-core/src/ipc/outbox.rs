@@ -107,6 +107,9 @@ impl Outbox {
     /// Queues the frame that `encode` appends to the buffer (header and all), waiting while
     /// the buffer is full. When `encode` fails, whatever it appended is taken back.
     ///
+    /// `encode` runs under the outbox's lock, so that frames never interleave: it should only
+    /// serialize (a `Serialize` impl that sends on the same channel would deadlock).
+    ///
     /// # Errors
     /// [`PushError::Closed`], or the encoder's error.
     pub async fn push<E>(
