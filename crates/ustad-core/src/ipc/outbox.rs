@@ -250,12 +250,21 @@ impl Outbox {
     pub async fn write_to(&self, socket: &ChannelSocket) {
         let mut batch = BytesMut::with_capacity(4096);
         while self.next_batch(&mut batch).await.is_some() {
-            if socket.write_all(&batch).await.is_err() {
-                self.close();
+            if !self.write_batch(socket, &mut batch).await {
                 return;
             }
-            self.finish_batch(&mut batch);
         }
+    }
+
+    /// Writes a batch [`Outbox::next_batch`] gave, then [`Outbox::finish_batch`]; false (and
+    /// the outbox closed) when the socket failed.
+    pub async fn write_batch(&self, socket: &ChannelSocket, batch: &mut BytesMut) -> bool {
+        if socket.write_all(batch).await.is_err() {
+            self.close();
+            return false;
+        }
+        self.finish_batch(batch);
+        true
     }
 
     /// After a batch is written: empties it (shrinking one that grew past the bound), then

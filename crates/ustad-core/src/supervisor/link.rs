@@ -181,14 +181,9 @@ async fn write_channel(
     loop {
         tokio::select! {
             more = outbox.next_batch(&mut batch) => {
-                if more.is_none() {
+                if more.is_none() || !outbox.write_batch(&socket, &mut batch).await {
                     return;
                 }
-                if socket.write_all(&batch).await.is_err() {
-                    outbox.close();
-                    return;
-                }
-                outbox.finish_batch(&mut batch);
             }
             conn = handed.recv(), if conns_open => match conn {
                 // Closed here once sent: the worker has its own copy of the connection.
