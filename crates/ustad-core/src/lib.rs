@@ -49,6 +49,7 @@
 pub mod config;
 pub mod control;
 pub mod ipc;
+pub mod listening;
 pub mod logbook;
 pub mod metrics;
 pub mod notify;
