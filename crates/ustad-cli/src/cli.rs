@@ -196,8 +196,9 @@ pub(crate) struct PoolFlags {
     #[arg(long, value_name = "NAME")]
     pub(crate) pool: Option<String>,
 
-    /// When a worker is ready: `notify` (it sends READY=1), `delay:2s`, or `none`
-    /// [default: notify for the demo, none otherwise].
+    /// When a worker is ready: `listening` (ustad sees it wait for connections on its
+    /// socket), `notify` (it sends READY=1), `delay:2s`, or `none` [default: notify for the
+    /// demo; listening with --listen; none otherwise].
     #[arg(long, value_name = "MODE")]
     pub(crate) ready: Option<Readiness>,
 

@@ -117,11 +117,11 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
     } else {
         Size::fixed(1).expect("1 > 0")
     });
-    pool.ready = flags.ready.unwrap_or(if demo {
-        Readiness::Notify
-    } else {
-        Readiness::None
-    });
+    pool.ready = match flags.ready {
+        Some(ready) => ready,
+        None if demo => Readiness::Notify,
+        None => config.default_readiness(&pool),
+    };
     if let Some(t) = flags.ready_timeout {
         pool.ready_timeout = t;
     }
@@ -328,7 +328,10 @@ mod tests {
         assert_eq!(app.size, Size::fixed(4).unwrap());
         assert_eq!(app.sockets, ["listen"]);
         assert_eq!(app.env["A"], "b");
-        assert_eq!(app.ready, Readiness::None);
+        // A pool with a socket is ready when it is seen listening on it, unless told otherwise.
+        assert_eq!(app.ready, Readiness::Listening);
+        let config = parse(&["ustad", "run", "--", "python3", "jobs.py"]).unwrap();
+        assert_eq!(config.pools["app"].ready, Readiness::None);
     }
 
     #[test]

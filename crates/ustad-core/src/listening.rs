@@ -225,7 +225,10 @@ fn blocked_on(pid: u32, inodes: &[u64]) -> Option<Sighting> {
 
 /// `socket:[12345]` → 12345.
 fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 const EPOLLIN: u64 = 0x1;
@@ -242,7 +245,11 @@ fn epoll_input_targets(fdinfo: &str) -> Vec<u64> {
                 words.find(|word| word.starts_with(name)).and_then(|word| {
                     // `ino:3c6e` is one word; `events:       19` is two.
                     let value = &word[name.len()..];
-                    let value = if value.is_empty() { words.next()? } else { value };
+                    let value = if value.is_empty() {
+                        words.next()?
+                    } else {
+                        value
+                    };
                     u64::from_str_radix(value, 16).ok()
                 })
             };

@@ -101,7 +101,11 @@ fn check_on(socket: BorrowedFd<'_>, command: Command, how: Wait) {
     let inode = listening::inode_of(socket).unwrap();
     let server = start(command, socket);
     let root = server.child.id();
-    assert_eq!(listening::find(root, &[inode]), None, "seen before it waits");
+    assert_eq!(
+        listening::find(root, &[inode]),
+        None,
+        "seen before it waits"
+    );
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(server.armed as i32).unwrap(),
         rustix::process::Signal::USR2,
@@ -185,12 +189,17 @@ fn waiting_on_another_socket_is_not_listening() {
     loop {
         let syscall = std::fs::read_to_string(format!("/proc/{}/syscall", server.armed));
         if syscall.is_ok_and(|line| {
-            line.split_whitespace().next().and_then(|n| n.parse::<i64>().ok())
+            line.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<i64>().ok())
                 == Some(libc_accept4())
         }) {
             break;
         }
-        assert!(Instant::now() < deadline, "the server never blocked in accept");
+        assert!(
+            Instant::now() < deadline,
+            "the server never blocked in accept"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(listening::find(server.child.id(), &[inode]), None);

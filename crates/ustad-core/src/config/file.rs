@@ -186,7 +186,10 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             spans.insert(field("ready"), r.span());
             r.into_inner()
         });
-        spec.ready = ready.or(raw.ready).unwrap_or(spec.ready);
+        spec.ready = match ready.or(raw.ready) {
+            Some(ready) => ready,
+            None => config.default_readiness(&spec),
+        };
         let ready_timeout = pool.ready_timeout.map(|t| {
             spans.insert(field("ready_timeout"), t.span());
             t.into_inner()

@@ -330,6 +330,12 @@ impl Config {
                     "ready_timeout must be longer than 0s".to_owned(),
                 );
             }
+            if pool.ready == Readiness::Listening && self.listened_sockets(pool).next().is_none() {
+                problem(
+                    Location::PoolField(name.clone(), "ready"),
+                    "ready = \"listening\" needs a socket the workers accept on (\"shared\" or \"reuseport\"); add one to `sockets`, or use \"notify\", \"delay:2s\" or \"none\"".to_owned(),
+                );
+            }
             if let Readiness::Delay(delay) = pool.ready {
                 if delay >= pool.ready_timeout {
                     problem(
@@ -384,6 +390,26 @@ impl Config {
         pool.sockets
             .iter()
             .filter_map(|name| self.sockets.get(name).map(|spec| (name.as_str(), spec)))
+    }
+
+    /// The sockets of a pool that its workers accept on themselves (`shared` and `reuseport`;
+    /// not `round-robin`, whose connections the primary accepts): those a worker is seen
+    /// listening on with `ready = "listening"`.
+    pub fn listened_sockets<'a>(
+        &'a self,
+        pool: &'a PoolSpec,
+    ) -> impl Iterator<Item = (&'a str, &'a SocketSpec)> + 'a {
+        self.pool_sockets(pool)
+            .filter(|(_, socket)| socket.mode != SocketMode::RoundRobin)
+    }
+
+    /// The readiness a pool gets when none is configured: `listening` when its workers accept
+    /// on sockets of their own, `none` otherwise.
+    pub fn default_readiness(&self, pool: &PoolSpec) -> Readiness {
+        match self.listened_sockets(pool).next() {
+            Some(_) => Readiness::Listening,
+            None => Readiness::None,
+        }
     }
 
     /// A one-line summary: `2 sockets, 3 pools: web ×4, jobs ×2, cron ×1`.

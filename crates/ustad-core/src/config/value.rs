@@ -221,6 +221,10 @@ impl<'de> Deserialize<'de> for Size {
 pub enum Readiness {
     /// The worker sends `READY=1` over `NOTIFY_SOCKET` (the sd_notify protocol).
     Notify,
+    /// The primary sees a process of the worker wait for connections on one of its pool's
+    /// sockets (see [`crate::listening`]): the worker does nothing. The default for pools with
+    /// sockets that workers accept on.
+    Listening,
     /// The worker is ready this long after it was spawned.
     Delay(Duration),
     /// The worker is ready as soon as it is spawned.
@@ -231,9 +235,19 @@ impl fmt::Display for Readiness {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Readiness::Notify => f.write_str("notify"),
+            Readiness::Listening => f.write_str("listening"),
             Readiness::Delay(d) => write!(f, "delay:{}", format_duration(*d)),
             Readiness::None => f.write_str("none"),
         }
+    }
+}
+
+impl Readiness {
+    /// Whether the worker's readiness is seen (it says so, or is seen listening) rather than
+    /// assumed (at spawn, or after a delay). A worker whose readiness was seen and that dies
+    /// later is replaced at once; one assumed ready must first stay up `min_uptime`.
+    pub fn is_observed(self) -> bool {
+        matches!(self, Readiness::Notify | Readiness::Listening)
     }
 }
 
@@ -243,11 +257,12 @@ impl FromStr for Readiness {
         let trimmed = text.trim();
         match trimmed {
             "notify" => Ok(Readiness::Notify),
+            "listening" => Ok(Readiness::Listening),
             "none" => Ok(Readiness::None),
             _ => match trimmed.strip_prefix("delay:") {
                 Some(delay) => parse_duration(delay).map(Readiness::Delay),
                 None => Err(format!(
-                    "invalid readiness `{text}`: expected \"notify\", \"delay:DURATION\" (like \"delay:2s\") or \"none\""
+                    "invalid readiness `{text}`: expected \"listening\", \"notify\", \"delay:DURATION\" (like \"delay:2s\") or \"none\""
                 )),
             },
         }
@@ -545,6 +560,8 @@ mod tests {
     #[test]
     fn readiness_forms() {
         assert_eq!("notify".parse::<Readiness>(), Ok(Readiness::Notify));
+        assert_eq!("listening".parse::<Readiness>(), Ok(Readiness::Listening));
+        assert_eq!(Readiness::Listening.to_string(), "listening");
         assert_eq!("none".parse::<Readiness>(), Ok(Readiness::None));
         assert_eq!(
             "delay:2s".parse::<Readiness>(),

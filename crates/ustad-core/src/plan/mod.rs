@@ -88,6 +88,9 @@ pub struct Worker {
     announced_stop: bool,
     /// Its last `STATUS=` text.
     pub status: Option<String>,
+    /// When it was first seen waiting for connections, and on which socket
+    /// (`ready = "listening"`).
+    pub seen_listening: Option<(Instant, Arc<str>)>,
     /// The settings it was started with.
     spec: Arc<PoolSpec>,
     /// With a `watchdog`: when it is deemed hung unless it sends `WATCHDOG=1` first.
@@ -175,6 +178,47 @@ struct Pool {
     retired: bool,
     /// Workers that ended and were replaced, by reason (`ExitCause::as_str`).
     restarts: BTreeMap<&'static str, u64>,
+    /// Ready workers that died lately, which are replaced at once within a budget.
+    ready_deaths: ReadyDeaths,
+}
+
+/// Counts the deaths of a pool's ready workers in windows of [`READY_DEATH_WINDOW`]. A ready
+/// worker that dies is replaced at once: a killed or crashed server is not a failed start.
+/// Up to one death per slot in a window is taken as it comes (an operator's kills, the OOM
+/// killer, chaos); beyond that the pool's workers die faster than they could be serving (a
+/// crash on the first request), and each further replacement waits a little: 100 ms, doubling,
+/// at most [`MAX_READY_DEATH_DELAY`], so the pool neither spins nor stays empty for long.
+#[derive(Debug, Clone, Default)]
+struct ReadyDeaths {
+    window_start: Option<Instant>,
+    count: u32,
+}
+
+/// The window over which deaths of ready workers are counted.
+pub const READY_DEATH_WINDOW: Duration = Duration::from_secs(1);
+/// The longest a ready worker's replacement waits, however fast its pool's workers die.
+pub const MAX_READY_DEATH_DELAY: Duration = Duration::from_secs(1);
+
+impl ReadyDeaths {
+    /// Records a death at `now` in a pool of `size` slots; returns how long its replacement
+    /// waits.
+    fn record(&mut self, now: Instant, size: usize) -> Duration {
+        if self
+            .window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= READY_DEATH_WINDOW)
+        {
+            self.window_start = Some(now);
+            self.count = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        let budget = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
+        match self.count.checked_sub(budget) {
+            None | Some(0) => Duration::ZERO,
+            Some(excess) => MIN_BACKOFF_STEP
+                .saturating_mul(1 << (excess - 1).min(16))
+                .min(MAX_READY_DEATH_DELAY),
+        }
+    }
 }
 
 impl Pool {
@@ -187,6 +231,7 @@ impl Pool {
             rollout: None,
             retired: false,
             restarts: BTreeMap::new(),
+            ready_deaths: ReadyDeaths::default(),
         }
     }
 
@@ -252,6 +297,7 @@ impl Plan {
             Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error, now),
             Event::Exited { id, status } => self.on_exited(id, status, now),
             Event::Message { id, message } => self.on_message(id, message, now),
+            Event::Listening { id, socket, how } => self.on_listening(id, socket, how, now),
             Event::Rollout {
                 pool,
                 trigger,
@@ -406,7 +452,36 @@ impl Plan {
                     }
                 }
             }
-            Readiness::Notify => {}
+            Readiness::Notify | Readiness::Listening => {}
+        }
+    }
+
+    fn on_listening(
+        &mut self,
+        id: WorkerId,
+        socket: Arc<str>,
+        how: crate::listening::Wait,
+        now: Instant,
+    ) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if worker.seen_listening.is_some() || matches!(worker.phase, Phase::Stopping { .. }) {
+            return;
+        }
+        worker.seen_listening = Some((now, socket.clone()));
+        let starting = matches!(worker.phase, Phase::Starting { .. });
+        let waits_for_it = worker.spec.ready == Readiness::Listening;
+        let after = now.saturating_duration_since(worker.spawned_at);
+        let notice = Notice::Listening {
+            worker: self.reference(&self.workers[&id]),
+            socket,
+            how,
+            after,
+        };
+        self.out.notices.push(notice);
+        if starting && waits_for_it {
+            self.become_ready(id, now);
         }
     }
 
@@ -785,24 +860,32 @@ impl Plan {
     }
 
     /// A worker that was not asked to stop is gone (exited, or could not be spawned).
+    ///
+    /// One that had been serving is replaced at once (see [`ReadyDeaths`]): being serving
+    /// means its readiness was seen (`notify`, `listening`), or, where readiness is only
+    /// assumed (`none`, `delay:…`), that it stayed up `min_uptime`. Any other counts as a
+    /// failed start, and its slot backs off.
     fn lost_unasked(&mut self, worker: &Worker, why: &str, now: Instant) {
         if self.shutdown.is_some() {
             return;
         }
         let role = self.detach(worker);
-        let stayed_up = matches!(worker.phase, Phase::Ready { .. })
-            && now.saturating_duration_since(worker.spawned_at) >= worker.spec.min_uptime;
-        if !stayed_up {
+        let served = matches!(worker.phase, Phase::Ready { .. })
+            && (worker.spec.ready.is_observed()
+                || now.saturating_duration_since(worker.spawned_at) >= worker.spec.min_uptime);
+        if !served {
             self.after_failed_start(worker, role, why, now);
             return;
         }
         let pool = &mut self.pools[worker.pool];
+        let size = pool.slots.len();
         let Some(slot) = pool.slots.get_mut(worker.slot) else {
             return;
         };
         slot.failures = 0;
         if role == Role::Current && slot.replacement.is_none() {
-            let delay = worker.spec.restart_delay;
+            let delay = pool.ready_deaths.record(now, size);
+            let slot = &mut pool.slots[worker.slot];
             slot.respawn_at = Some(now + delay);
             self.out.notices.push(Notice::RestartScheduled {
                 pool: pool.name.clone(),
@@ -1138,6 +1221,7 @@ impl Plan {
                 generation,
                 pid: None,
                 spawned_at: now,
+                seen_listening: None,
                 phase: Phase::Starting {
                     deadline,
                     ready_at: None,

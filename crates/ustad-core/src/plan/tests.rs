@@ -305,7 +305,11 @@ fn a_worker_that_stayed_up_resets_the_backoff() {
     sim.advance(2 * S);
     sim.advance(6 * S); // past min_uptime
     sim.exit(WorkerId(3), ExitStatus::Signal(9));
-    assert_eq!(sim.restart_delays(), [(S, 1), (2 * S, 2), (S, 0)]);
+    // Up past min_uptime, it had served: replaced at once, and the backoff is reset.
+    assert_eq!(
+        sim.restart_delays(),
+        [(S, 1), (2 * S, 2), (Duration::ZERO, 0)]
+    );
     let crash = sim.count(|n| {
         matches!(
             n,
@@ -357,6 +361,216 @@ fn spawn_failure_is_a_failed_start() {
             .any(|n| matches!(n, Notice::SpawnFailed { .. }))
     );
     assert_eq!(sim.restart_delays().last(), Some(&(2 * S, 2)));
+}
+
+/// The worker now in a slot of pool `web`.
+fn in_slot(sim: &Sim, slot: usize) -> Option<WorkerId> {
+    sim.workers("web")
+        .into_iter()
+        .find(|(s, ..)| *s == slot)
+        .map(|(_, id, ..)| id)
+}
+
+#[test]
+fn a_worker_seen_ready_is_replaced_at_once_whatever_its_uptime() {
+    let mut sim = ready_pool(2, false);
+    // Killed 100 ms after it was ready, long before min_uptime (5 s).
+    let mut sim2 = Sim::new(&config(&[("web", pool(1, Readiness::Notify))]));
+    sim2.advance(100 * MS);
+    sim2.ready(WorkerId(1));
+    sim2.advance(100 * MS);
+    sim2.exit(WorkerId(1), ExitStatus::Signal(9));
+    assert_eq!(sim2.restart_delays(), [(Duration::ZERO, 0)]);
+    assert_eq!(
+        sim2.starting(),
+        [WorkerId(2)],
+        "replaced in the same instant"
+    );
+    // A worker up for hours too.
+    sim.advance(3600 * S);
+    sim.exit(WorkerId(1), ExitStatus::Code(0));
+    assert_eq!(sim.restart_delays(), [(Duration::ZERO, 0)]);
+    assert_eq!(sim.starting(), [WorkerId(3)]);
+}
+
+#[test]
+fn a_worker_assumed_ready_must_stay_up_min_uptime_to_count_as_serving() {
+    // `none`: ready at spawn is an assumption; dying at 100 ms is a failed start.
+    let mut sim = Sim::new(&config(&[("web", pool(1, Readiness::None))]));
+    sim.advance(100 * MS);
+    sim.exit(WorkerId(1), ExitStatus::Code(1));
+    assert_eq!(sim.restart_delays(), [(S, 1)]);
+    // A worker that never became ready fails its start, whatever the readiness.
+    let mut sim = Sim::new(&config(&[("web", pool(1, Readiness::Listening))]));
+    sim.advance(6 * S);
+    sim.exit(WorkerId(1), ExitStatus::Code(1));
+    assert_eq!(sim.restart_delays(), [(S, 1)]);
+}
+
+#[test]
+fn ready_workers_dying_faster_than_one_per_slot_a_second_wait_a_little_capped_at_a_second() {
+    let mut sim = ready_pool(2, false);
+    let mut delays = Vec::new();
+    // Kill whichever worker holds slot 0 as soon as it is ready, 12 times in a row.
+    for _ in 0..12 {
+        let id = in_slot(&sim, 0).unwrap();
+        if sim.starting().contains(&id) {
+            sim.ready(id);
+        }
+        sim.advance(10 * MS);
+        sim.exit(id, ExitStatus::Signal(11));
+        delays.push(sim.restart_delays().last().unwrap().0);
+        sim.advance(delays.last().copied().unwrap());
+    }
+    let ms = |n: u64| Duration::from_millis(n);
+    // Deaths at 10, 20, 30, 140, 350 and 760 ms: two (the pool's size) in a second at once,
+    // then 100 ms doubling; the 7th, at 1.57 s, opens a new window.
+    assert_eq!(
+        delays,
+        [
+            ms(0),
+            ms(0),
+            ms(100),
+            ms(200),
+            ms(400),
+            ms(800),
+            ms(0),
+            ms(0),
+            ms(100),
+            ms(200),
+            ms(400),
+            ms(800),
+        ]
+    );
+    assert!(
+        sim.restart_delays()
+            .iter()
+            .all(|(_, failures)| *failures == 0)
+    );
+    // With a longer run of deaths in one window the delay stops growing at 1 s.
+    let mut deaths = ReadyDeaths::default();
+    let now = Instant::now();
+    let delays: Vec<Duration> = (0..8).map(|_| deaths.record(now, 1)).collect();
+    assert_eq!(delays, [ms(0), ms(100), ms(200), ms(400), ms(800), S, S, S]);
+}
+
+#[test]
+fn chaos_kills_every_300ms_never_leave_the_pool_empty_and_it_refills_at_once_after() {
+    // 4 workers that take 100 ms to become ready; one is killed every 300 ms for 10 s.
+    let mut sim = Sim::new(&config(&[("web", pool(4, Readiness::Notify))]));
+    let boot = 100 * MS;
+    let mut booting: Vec<(WorkerId, Instant)> = Vec::new();
+    let mut min_serving = usize::MAX;
+    for step in 0..(10_000 / 10) {
+        for id in sim.starting() {
+            if !booting.iter().any(|(b, _)| *b == id) {
+                booting.push((id, sim.now + boot));
+            }
+        }
+        let now = sim.now;
+        let due: Vec<WorkerId> = booting
+            .iter()
+            .filter(|(_, at)| *at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        booting.retain(|(_, at)| *at > now);
+        for id in due {
+            sim.ready(id);
+        }
+        if step >= 50 {
+            min_serving = min_serving.min(sim.serving("web").len());
+        }
+        if step % 30 == 0 {
+            let serving = sim.serving("web");
+            if let Some(id) = serving.get(step / 30 % serving.len().max(1)) {
+                sim.exit(*id, ExitStatus::Signal(9));
+            }
+        }
+        sim.advance(10 * MS);
+    }
+    assert!(
+        min_serving >= 2,
+        "at most one killed and one booting: {min_serving}"
+    );
+    assert!(
+        sim.restart_delays()
+            .iter()
+            .all(|(delay, _)| delay.is_zero()),
+        "3.3 kills a second in a pool of 4 is under the budget"
+    );
+    // The kills stop: every slot serves again one boot later.
+    sim.advance(boot);
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    assert_eq!(sim.serving("web").len(), 4);
+}
+
+#[test]
+fn listening_makes_a_listening_pool_ready_once_and_is_reported_for_others() {
+    let socket: Arc<str> = Arc::from("http");
+    let mut sim = Sim::new(&config(&[
+        ("web", pool(1, Readiness::Listening)),
+        ("api", pool(1, Readiness::Notify)),
+    ]));
+    sim.advance(120 * MS);
+    for id in [WorkerId(1), WorkerId(2)] {
+        sim.handle(Event::Listening {
+            id,
+            socket: socket.clone(),
+            how: crate::listening::Wait::Epoll,
+        });
+    }
+    assert_eq!(sim.serving("web"), [WorkerId(1)]);
+    assert!(
+        sim.serving("api").is_empty(),
+        "notify pools wait for READY=1"
+    );
+    let seen: Vec<(WorkerId, Duration)> = sim
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::Listening { worker, after, .. } => Some((worker.id, *after)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seen, [(WorkerId(1), 120 * MS), (WorkerId(2), 120 * MS)]);
+    let ready = sim.count(|n| matches!(n, Notice::Ready { .. }));
+    sim.handle(Event::Listening {
+        id: WorkerId(1),
+        socket: socket.clone(),
+        how: crate::listening::Wait::Accept,
+    });
+    assert_eq!(
+        sim.count(|n| matches!(n, Notice::Listening { .. })),
+        2,
+        "once"
+    );
+    assert_eq!(sim.count(|n| matches!(n, Notice::Ready { .. })), ready);
+    assert_eq!(
+        sim.plan.worker(WorkerId(1)).unwrap().seen_listening,
+        Some((sim.now, socket))
+    );
+}
+
+#[test]
+fn a_listening_worker_never_seen_is_killed_at_ready_timeout_and_a_rollout_to_it_stops() {
+    let mut sim = Sim::new(&config(&[("web", pool(2, Readiness::Listening))]));
+    for id in sim.starting() {
+        sim.handle(Event::Listening {
+            id,
+            socket: Arc::from("http"),
+            how: crate::listening::Wait::Epoll,
+        });
+    }
+    assert_eq!(sim.serving("web").len(), 2);
+    rollout(&mut sim);
+    let replacement = sim.starting()[0];
+    sim.advance(10 * S);
+    assert!(sim.kills.contains(&replacement));
+    assert!(sim.signals.is_empty(), "no old worker was asked to stop");
+    assert_eq!(sim.serving("web").len(), 2);
+    assert_eq!(sim.count(|n| matches!(n, Notice::RolloutAborted { .. })), 1);
 }
 
 fn ready_pool(size: usize, strict: bool) -> Sim {
@@ -562,22 +776,16 @@ fn a_rollout_with_new_settings_uses_them_and_makes_them_live() {
         spec: Some(spec),
     });
     finish(&mut sim);
-    // A crash afterwards restarts with the new command.
+    // A crash afterwards restarts (at once: it was serving) with the new command.
     let id = sim.serving("web")[0];
     sim.advance(10 * S);
     sim.exit(id, ExitStatus::Code(1));
-    let outcome = sim.plan.tick(sim.now + S);
-    let spawned: Vec<_> = outcome
-        .actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Spawn {
-                spec, generation, ..
-            } => Some((spec.command.words().to_vec(), *generation)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(spawned, [(vec!["app".to_owned(), "--v2".to_owned()], 2)]);
+    let (replacement, _, _, generation) = sim.spawns.last().cloned().unwrap();
+    assert_eq!(generation, 2);
+    assert_eq!(
+        sim.plan.worker(replacement).unwrap().spec().command.words(),
+        ["app", "--v2"]
+    );
 }
 
 #[test]

@@ -124,6 +124,16 @@ pub enum Event {
         /// What.
         message: WorkerMessage,
     },
+    /// A process of the worker was seen waiting for connections on one of its sockets
+    /// (`ready = "listening"`).
+    Listening {
+        /// Which worker.
+        id: WorkerId,
+        /// The socket's name.
+        socket: Arc<str>,
+        /// How it waits.
+        how: crate::listening::Wait,
+    },
     /// Replace every worker of a pool (or of every pool), one slot at a time.
     Rollout {
         /// The pool, or `None` for every pool.
@@ -393,6 +403,17 @@ pub enum Notice {
         /// Time from spawn to ready.
         after: Duration,
     },
+    /// A worker was seen waiting for connections on one of its sockets.
+    Listening {
+        /// Which.
+        worker: WorkerRef,
+        /// The socket's name.
+        socket: Arc<str>,
+        /// How it waits.
+        how: crate::listening::Wait,
+        /// Time from spawn until it was seen.
+        after: Duration,
+    },
     /// A worker was asked to stop.
     Stopping {
         /// Which.
@@ -428,7 +449,7 @@ pub enum Notice {
         slot: usize,
         /// When.
         delay: Duration,
-        /// Consecutive failed starts in this slot (0 after a worker that had stayed up).
+        /// Consecutive failed starts in this slot (0 after a worker that had been ready).
         failures: u32,
     },
     /// A worker will be replaced as soon as its pool is not busy replacing another.
@@ -555,6 +576,16 @@ impl fmt::Display for Notice {
                 write!(f, "{worker} could not be started: {error}")
             }
             Notice::Ready { worker, after } => write!(f, "{worker} ready after {}", d(after)),
+            Notice::Listening {
+                worker,
+                socket,
+                how,
+                after,
+            } => write!(
+                f,
+                "{worker} seen listening on socket {socket} ({how}) after {}",
+                d(after)
+            ),
             Notice::Stopping {
                 worker,
                 reason,

@@ -18,6 +18,7 @@ pub(crate) fn describe(notice: &Notice) -> (&'static str, Option<String>, Option
         Notice::Spawned { worker } => ("spawned", of(worker)),
         Notice::SpawnFailed { worker, .. } => ("spawn_failed", of(worker)),
         Notice::Ready { worker, .. } => ("ready", of(worker)),
+        Notice::Listening { worker, .. } => ("listening", of(worker)),
         Notice::Stopping { worker, .. } => ("stopping", of(worker)),
         Notice::Killed { worker, .. } => ("killed", of(worker)),
         Notice::Exited { worker, .. } => ("exited", of(worker)),
@@ -72,6 +73,26 @@ pub(crate) fn notice(notice: &Notice) {
                 id,
                 pid,
                 generation,
+                after_ms = ms(*after),
+                "{notice}"
+            );
+        }
+        Notice::Listening {
+            worker,
+            socket,
+            how,
+            after,
+        } => {
+            let (pool, slot, id, pid, generation) = worker_fields(worker);
+            info!(
+                event = "listening",
+                pool,
+                slot,
+                id,
+                pid,
+                generation,
+                socket = %socket,
+                how = how.name(),
                 after_ms = ms(*after),
                 "{notice}"
             );
