@@ -8,6 +8,7 @@ mod control;
 mod guard;
 mod handoff;
 mod link;
+mod listen_watch;
 mod log;
 mod reload;
 mod usage;
