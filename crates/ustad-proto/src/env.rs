@@ -14,7 +14,7 @@ pub const LISTEN_PID: &str = "LISTEN_PID";
 /// Set by the primary with [`LISTEN_FDS`].
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 /// What separates the names in [`LISTEN_FDNAMES`].
-pub const LISTEN_FDNAMES_SEPARATOR: char = ':';
+pub const LISTEN_FDNAMES_SEPARATOR: &str = ":";
 /// The name of an inherited socket when [`LISTEN_FDNAMES`] is unset (systemd's default).
 pub const UNNAMED_FD: &str = "unknown";
 /// The first inherited socket's fd (systemd's `SD_LISTEN_FDS_START`); the channel of

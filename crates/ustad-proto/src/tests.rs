@@ -8,7 +8,7 @@ fn environment_names_are_systemds_and_ustads() {
     assert_eq!(env::LISTEN_FDS, "LISTEN_FDS");
     assert_eq!(env::LISTEN_PID, "LISTEN_PID");
     assert_eq!(env::LISTEN_FDNAMES, "LISTEN_FDNAMES");
-    assert_eq!(env::LISTEN_FDNAMES_SEPARATOR, ':');
+    assert_eq!(env::LISTEN_FDNAMES_SEPARATOR, ":");
     assert_eq!(env::UNNAMED_FD, "unknown");
     assert_eq!(env::LISTEN_FDS_START, 3);
     assert_eq!(env::NOTIFY_SOCKET, "NOTIFY_SOCKET");
