@@ -1,7 +1,7 @@
 //! The names of ustad's wire, spelled once: both the primary (`ustad-core`) and the worker side
 //! (`ustad-worker`, the `ustad` library's workers) use these, so that the two cannot drift apart.
 //!
-//! - [`env`]: the environment variables the primary sets for a worker, and those it never
+//! - [`env`](mod@env): the environment variables the primary sets for a worker, and those it never
 //!   passes on from its own environment.
 //! - [`notify`]: the keys and values of the `sd_notify` datagrams ustad sends and understands.
 //! - [`ipc`]: the constants of the framed channel between a library primary and its workers
