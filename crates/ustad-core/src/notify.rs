@@ -20,6 +20,7 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, recvmsg, sockopt,
 };
 use tokio::io::Interest;
+use ustad_proto::notify as sd;
 
 use crate::plan::WorkerMessage;
 
@@ -124,11 +125,12 @@ fn receive(socket: impl AsFd) -> io::Result<Datagram> {
 /// Keys of the sd_notify protocol that ustad accepts and has no use for.
 const IGNORED_KEYS: &[&str] = &[
     "MAINPID",
-    "RELOADING",
-    "MONOTONIC_USEC",
+    sd::RELOADING,
+    sd::MONOTONIC_USEC,
     "ERRNO",
     "BUSERROR",
     "EXIT_STATUS",
+    // The key, not the variable: a new watchdog timeout, which ustad does not take from workers.
     "WATCHDOG_USEC",
     "EXTEND_TIMEOUT_USEC",
     "FDSTORE",
@@ -159,30 +161,41 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<WorkerMessage>, String> {
             ));
         };
         let flag = |name: &str, message: WorkerMessage| {
-            if value == "1" {
+            if value == sd::FLAG {
                 Ok(Some(message))
             } else {
-                Err(format!("{name} must be 1, got {:?}", shorten(value)))
+                Err(format!(
+                    "{name} must be {}, got {:?}",
+                    sd::FLAG,
+                    shorten(value)
+                ))
             }
         };
         let message = match key {
-            "READY" => flag("READY", WorkerMessage::Ready)?,
-            "STOPPING" => flag("STOPPING", WorkerMessage::Stopping)?,
-            "STATUS" => Some(WorkerMessage::Status(shorten(value))),
-            "WATCHDOG" if value == "1" => Some(WorkerMessage::Watchdog),
+            sd::READY => flag(sd::READY, WorkerMessage::Ready)?,
+            sd::STOPPING => flag(sd::STOPPING, WorkerMessage::Stopping)?,
+            sd::STATUS => Some(WorkerMessage::Status(shorten(value))),
+            sd::WATCHDOG if value == sd::FLAG => Some(WorkerMessage::Watchdog),
             // systemd's "the service hung, act now", used by apps that detect it themselves.
-            "WATCHDOG" if value == "trigger" => Some(WorkerMessage::WatchdogTrigger),
-            "WATCHDOG" => {
+            sd::WATCHDOG if value == sd::WATCHDOG_TRIGGER => Some(WorkerMessage::WatchdogTrigger),
+            sd::WATCHDOG => {
                 return Err(format!(
-                    "WATCHDOG must be 1 or trigger, got {:?}",
+                    "{} must be {} or {}, got {:?}",
+                    sd::WATCHDOG,
+                    sd::FLAG,
+                    sd::WATCHDOG_TRIGGER,
                     shorten(value)
                 ));
             }
-            "USTAD_REQUEST" if value == "restart" => Some(WorkerMessage::RequestRestart),
-            "USTAD_REQUEST" => {
+            sd::USTAD_REQUEST if value == sd::REQUEST_RESTART => {
+                Some(WorkerMessage::RequestRestart)
+            }
+            sd::USTAD_REQUEST => {
                 return Err(format!(
-                    "unknown USTAD_REQUEST {:?} (expected \"restart\")",
-                    shorten(value)
+                    "unknown {} {:?} (expected {:?})",
+                    sd::USTAD_REQUEST,
+                    shorten(value),
+                    sd::REQUEST_RESTART
                 ));
             }
             _ if IGNORED_KEYS.contains(&key) => None,

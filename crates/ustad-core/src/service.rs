@@ -23,6 +23,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use ustad_proto::env::NOTIFY_SOCKET;
+use ustad_proto::notify::{FLAG, MONOTONIC_USEC, READY, RELOADING, STATUS, STOPPING};
+
 use crate::status::PoolStatus;
 use crate::sys;
 
@@ -92,13 +95,13 @@ impl ServiceNotifier {
     /// `@name` for an abstract socket. Without one (or with one it cannot use, which is logged)
     /// it does nothing.
     pub fn from_env() -> ServiceNotifier {
-        match std::env::var_os("NOTIFY_SOCKET") {
+        match std::env::var_os(NOTIFY_SOCKET) {
             Some(value) if !value.is_empty() => match ServiceNotifier::new(&value) {
                 Ok(notifier) => notifier,
                 Err(error) => {
                     tracing::warn!(
                         event = "service_notify_failed",
-                        "NOTIFY_SOCKET={}: {error}; the service manager will not be told when ustad is ready",
+                        "{NOTIFY_SOCKET}={}: {error}; the service manager will not be told when ustad is ready",
                         value.to_string_lossy()
                     );
                     ServiceNotifier::disabled()
@@ -162,7 +165,7 @@ impl ServiceNotifier {
         }
         state.phase = Phase::Running;
         state.status = one_line(status);
-        self.send(&format!("READY=1\nSTATUS={}\n", state.status));
+        self.send(&format!("{READY}={FLAG}\n{STATUS}={}\n", state.status));
     }
 
     /// `RELOADING=1` with `MONOTONIC_USEC=` (the `CLOCK_MONOTONIC` time, which systemd's
@@ -179,8 +182,9 @@ impl ServiceNotifier {
         state.phase = Phase::Reloading;
         state.status = "reloading".to_owned();
         self.send(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading\n",
-            sys::monotonic_usec()
+            "{RELOADING}={FLAG}\n{MONOTONIC_USEC}={}\n{STATUS}={}\n",
+            sys::monotonic_usec(),
+            state.status
         ));
     }
 
@@ -192,14 +196,14 @@ impl ServiceNotifier {
         }
         state.phase = Phase::Stopping;
         state.status = "stopping".to_owned();
-        self.send("STOPPING=1\nSTATUS=stopping\n");
+        self.send(&format!("{STOPPING}={FLAG}\n{STATUS}={}\n", state.status));
     }
 
     /// `STATUS=status`: one line for `systemctl status` (line breaks become spaces).
     pub fn status(&self, status: &str) {
         let mut state = self.lock();
         state.status = one_line(status);
-        self.send(&format!("STATUS={}\n", state.status));
+        self.send(&format!("{STATUS}={}\n", state.status));
     }
 
     /// Tells the service manager what changed, given every pool's status after an event:
@@ -247,12 +251,12 @@ impl ServiceNotifier {
                 if first {
                     tracing::warn!(
                         event = "service_notify_failed",
-                        "cannot tell the service manager {what} on NOTIFY_SOCKET={}: {error}",
+                        "cannot tell the service manager {what} on {NOTIFY_SOCKET}={}: {error}",
                         target.shown
                     );
                 } else {
                     tracing::debug!(
-                        "cannot tell the service manager {what} on NOTIFY_SOCKET={}: {error}",
+                        "cannot tell the service manager {what} on {NOTIFY_SOCKET}={}: {error}",
                         target.shown
                     );
                 }

@@ -13,6 +13,12 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use ustad_proto::env::{
+    LISTEN_FDNAMES, LISTEN_FDNAMES_SEPARATOR, LISTEN_FDS, NOTIFY_SOCKET, USTAD_GENERATION,
+    USTAD_IPC_FD, USTAD_IPC_MAX_FRAME, USTAD_POOL, USTAD_WORKER_ID, USTAD_WORKER_INDEX,
+    WATCHDOG_USEC,
+};
+
 use crate::config::{PoolSpec, Readiness};
 use crate::plan::WorkerId;
 use crate::sys::{self, ExecImage, LISTEN_FDS_START};
@@ -74,19 +80,10 @@ pub struct WorkerLaunch<'a> {
     pub ipc: Option<BorrowedFd<'a>>,
 }
 
-/// Variables the primary never passes on from its own environment.
+/// Variables the primary never passes on from its own environment (nor from a pool's `env`):
+/// [`ustad_proto::env::is_reserved`].
 fn is_reserved(key: &OsStr) -> bool {
-    const RESERVED: &[&str] = &[
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-        "NOTIFY_SOCKET",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-    ];
-    // USTAD_IPC_FD and USTAD_IPC_MAX_FRAME are covered by the USTAD_ prefix.
-    let key = key.as_bytes();
-    RESERVED.iter().any(|r| r.as_bytes() == key) || key.starts_with(b"USTAD_")
+    ustad_proto::env::is_reserved(key.as_bytes())
 }
 
 fn env_entry(key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> CString {
@@ -112,30 +109,30 @@ fn worker_env(launch: &WorkerLaunch<'_>) -> Vec<CString> {
             .map(|(k, v)| env_entry(k, v)),
     );
     if !launch.sockets.is_empty() {
-        env.push(env_entry("LISTEN_FDS", launch.sockets.len().to_string()));
+        env.push(env_entry(LISTEN_FDS, launch.sockets.len().to_string()));
         let names: Vec<&str> = launch.sockets.iter().map(|(name, _)| *name).collect();
-        env.push(env_entry("LISTEN_FDNAMES", names.join(":")));
+        env.push(env_entry(
+            LISTEN_FDNAMES,
+            names.join(LISTEN_FDNAMES_SEPARATOR),
+        ));
     }
     if let Some(path) = launch.notify_socket {
-        env.push(env_entry("NOTIFY_SOCKET", path));
+        env.push(env_entry(NOTIFY_SOCKET, path));
         if let Some(watchdog) = spec.watchdog {
             // WATCHDOG_PID is left out: sd_watchdog_enabled() checks it only when it is set,
             // and the worker's pid is not known before the fork.
-            env.push(env_entry("WATCHDOG_USEC", watchdog.as_micros().to_string()));
+            env.push(env_entry(WATCHDOG_USEC, watchdog.as_micros().to_string()));
         }
     }
     if let (Some(_), Some(ipc)) = (launch.ipc, spec.ipc) {
         let fd = sys::LISTEN_FDS_START + launch.sockets.len() as RawFd;
-        env.push(env_entry(crate::ipc::IPC_FD_VAR, fd.to_string()));
-        env.push(env_entry(
-            crate::ipc::MAX_FRAME_VAR,
-            ipc.max_message.to_string(),
-        ));
+        env.push(env_entry(USTAD_IPC_FD, fd.to_string()));
+        env.push(env_entry(USTAD_IPC_MAX_FRAME, ipc.max_message.to_string()));
     }
-    env.push(env_entry("USTAD_POOL", launch.pool));
-    env.push(env_entry("USTAD_WORKER_ID", launch.id.0.to_string()));
-    env.push(env_entry("USTAD_WORKER_INDEX", launch.slot.to_string()));
-    env.push(env_entry("USTAD_GENERATION", launch.generation.to_string()));
+    env.push(env_entry(USTAD_POOL, launch.pool));
+    env.push(env_entry(USTAD_WORKER_ID, launch.id.0.to_string()));
+    env.push(env_entry(USTAD_WORKER_INDEX, launch.slot.to_string()));
+    env.push(env_entry(USTAD_GENERATION, launch.generation.to_string()));
     env
 }
 

@@ -25,13 +25,15 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::process::{Pid, getpid, getppid, set_parent_process_death_signal};
+use ustad_proto::env::LISTEN_PID;
 
 /// The first fd a worker's sockets are placed at (`SD_LISTEN_FDS_START`).
-pub(crate) const LISTEN_FDS_START: RawFd = 3;
+pub(crate) use ustad_proto::env::LISTEN_FDS_START;
 
-const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// The length of `LISTEN_PID=`.
+const LISTEN_PID_PREFIX_LEN: usize = LISTEN_PID.len() + 1;
 /// `LISTEN_PID=` + up to 20 digits + NUL.
-const LISTEN_PID_LEN: usize = LISTEN_PID_PREFIX.len() + 21;
+const LISTEN_PID_LEN: usize = LISTEN_PID_PREFIX_LEN + 21;
 
 /// An `execve` call prepared in advance: argv, envp and the `LISTEN_PID=` slot that the child
 /// fills with its own pid.
@@ -63,7 +65,9 @@ impl ExecImage {
         listen_pid: bool,
     ) -> ExecImage {
         let mut buffer = Box::new([0u8; LISTEN_PID_LEN]);
-        buffer[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+        // `LISTEN_PID=`, written before the fork: the child writes only the digits after it.
+        buffer[..LISTEN_PID.len()].copy_from_slice(LISTEN_PID.as_bytes());
+        buffer[LISTEN_PID.len()] = b'=';
         let listen_pid_ptr = Box::into_raw(buffer);
         let argv_ptrs = argv
             .iter()
@@ -101,7 +105,7 @@ impl ExecImage {
         // SAFETY: `listen_pid` came from `Box::into_raw` in `new` and is freed only in `drop`;
         // `&mut self` guarantees no other access through this value right now.
         let buffer = unsafe { &mut *self.listen_pid };
-        let start = LISTEN_PID_PREFIX.len();
+        let start = LISTEN_PID_PREFIX_LEN;
         for (i, digit) in digits[..len].iter().rev().enumerate() {
             buffer[start + i] = *digit;
         }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 use serde_json::Value;
+use ustad_proto::env::{LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, NOTIFY_SOCKET, USTAD_WORKER_ID};
 
 use crate::DEFAULT_TIMEOUT;
 use crate::process::{self, ProcessGuard};
@@ -238,12 +239,7 @@ impl Cluster {
     ) -> Self {
         let mut cmd = Command::new(ustad_bin);
         cmd.arg("--log-format").arg("json").args(args);
-        for name in [
-            "LISTEN_FDS",
-            "LISTEN_PID",
-            "LISTEN_FDNAMES",
-            "NOTIFY_SOCKET",
-        ] {
+        for name in [LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, NOTIFY_SOCKET] {
             cmd.env_remove(name);
         }
         // The control socket goes to $XDG_RUNTIME_DIR/ustad/NAME.sock: one directory per
@@ -569,7 +565,7 @@ impl Cluster {
             .filter_map(|e| Some((u32::try_from(e.u64("pid")?).ok()?, e.str("id")?.to_owned())))
             .collect();
         for (pid, id) in spawned {
-            if process::pid_alive(pid) && has_env(pid, "USTAD_WORKER_ID", &id) {
+            if process::pid_alive(pid) && has_env(pid, USTAD_WORKER_ID, &id) {
                 if let Some(stat) = process::proc_stat(pid) {
                     let pgrp = stat.pgrp;
                     if pgrp == pid && pgrp != own_group {

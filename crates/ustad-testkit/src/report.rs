@@ -12,18 +12,22 @@ use std::time::{Duration, Instant};
 
 use rustix::net::{AddressFamily, SocketType};
 use serde::{Deserialize, Serialize};
+use ustad_proto::env::{
+    LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, NOTIFY_SOCKET, USTAD_POOL, USTAD_WORKER_ID,
+    USTAD_WORKER_INDEX,
+};
 
 use crate::sys;
 
 /// Environment variables every report includes (as `null` when unset).
 pub const REPORTED_ENV: &[&str] = &[
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "USTAD_POOL",
-    "USTAD_WORKER_ID",
-    "USTAD_WORKER_INDEX",
+    LISTEN_FDS,
+    LISTEN_PID,
+    LISTEN_FDNAMES,
+    NOTIFY_SOCKET,
+    USTAD_POOL,
+    USTAD_WORKER_ID,
+    USTAD_WORKER_INDEX,
 ];
 
 /// A `test-worker`'s report. Field names are the JSON keys.

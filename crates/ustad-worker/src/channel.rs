@@ -5,11 +5,7 @@ use std::os::fd::{OwnedFd, RawFd};
 
 use crate::error::Error;
 use crate::sys::{self, TakeError};
-
-/// The variable naming the channel's fd.
-pub(crate) const IPC_FD_VAR: &str = "USTAD_IPC_FD";
-/// The variable holding the largest frame the primary accepts.
-pub(crate) const MAX_FRAME_VAR: &str = "USTAD_IPC_MAX_FRAME";
+use crate::vars::{USTAD_IPC_FD, USTAD_IPC_MAX_FRAME};
 
 /// Takes this worker's end of the channel: `None` when there is none (a worker of the `ustad`
 /// command, which speaks sd_notify instead). At most once per process.
@@ -17,14 +13,14 @@ pub(crate) const MAX_FRAME_VAR: &str = "USTAD_IPC_MAX_FRAME";
 /// # Errors
 /// When `USTAD_IPC_FD` is not a number, names an fd that is not open, or was taken already.
 pub fn take_channel() -> Result<Option<OwnedFd>, Error> {
-    let value = std::env::var_os(IPC_FD_VAR);
-    let Some(text) = crate::env_str(IPC_FD_VAR, value.as_deref())? else {
+    let value = std::env::var_os(USTAD_IPC_FD);
+    let Some(text) = crate::env_str(USTAD_IPC_FD, value.as_deref())? else {
         return Ok(None);
     };
     let fd: RawFd = text
         .trim()
         .parse()
-        .map_err(|_| Error::invalid_env(IPC_FD_VAR, text, "not an fd number"))?;
+        .map_err(|_| Error::invalid_env(USTAD_IPC_FD, text, "not an fd number"))?;
     match sys::take_channel_fd(fd) {
         Ok(owned) => Ok(Some(owned)),
         Err(TakeError::AlreadyTaken) => Err(Error::Channel {
@@ -47,12 +43,12 @@ pub fn take_channel() -> Result<Option<OwnedFd>, Error> {
 /// # Errors
 /// When the variable is set but not a number.
 pub fn max_frame() -> Result<Option<usize>, Error> {
-    let value = std::env::var_os(MAX_FRAME_VAR);
-    crate::env_str(MAX_FRAME_VAR, value.as_deref())?
+    let value = std::env::var_os(USTAD_IPC_MAX_FRAME);
+    crate::env_str(USTAD_IPC_MAX_FRAME, value.as_deref())?
         .map(|text| {
             text.trim()
                 .parse()
-                .map_err(|_| Error::invalid_env(MAX_FRAME_VAR, text, "not a number of bytes"))
+                .map_err(|_| Error::invalid_env(USTAD_IPC_MAX_FRAME, text, "not a number of bytes"))
         })
         .transpose()
 }

@@ -50,7 +50,10 @@ mod identity;
 mod listen;
 mod notify;
 mod sys;
-pub mod vars;
+
+/// Names of the environment variables a supervisor sets for its workers: those of
+/// [`ustad_proto::env`], the one list both the supervisor and this crate use.
+pub use ustad_proto::env as vars;
 
 use std::ffi::OsStr;
 

@@ -9,11 +9,8 @@ use std::os::unix::net::UnixListener;
 use rustix::net::{AddressFamily, SocketType, sockopt};
 
 use crate::sys::{self, TakeError};
-use crate::vars::{LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID};
+use crate::vars::{LISTEN_FDNAMES, LISTEN_FDNAMES_SEPARATOR, LISTEN_FDS, LISTEN_PID, UNNAMED_FD};
 use crate::{Error, env_str};
-
-/// The name systemd gives a socket when `LISTEN_FDNAMES` is unset.
-const UNKNOWN_NAME: &str = "unknown";
 
 /// One listening socket inherited from the supervisor.
 ///
@@ -109,14 +106,17 @@ pub(crate) fn parse_listen_env(
         ));
     }
     match env_str(LISTEN_FDNAMES, listen_fdnames)? {
-        None => Ok(vec![UNKNOWN_NAME.to_owned(); count]),
+        None => Ok(vec![UNNAMED_FD.to_owned(); count]),
         Some(_) if count == 0 => Ok(Vec::new()),
-        Some(names) => {
-            let names: Vec<String> = names.split(':').map(str::to_owned).collect();
+        Some(text) => {
+            let names: Vec<String> = text
+                .split(LISTEN_FDNAMES_SEPARATOR)
+                .map(str::to_owned)
+                .collect();
             if names.len() != count {
                 return Err(Error::invalid_env(
                     LISTEN_FDNAMES,
-                    &names.join(":"),
+                    text,
                     format!(
                         "expected {count} names (LISTEN_FDS={count}), found {}",
                         names.len()

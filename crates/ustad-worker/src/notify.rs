@@ -8,6 +8,8 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
+use ustad_proto::notify::{FLAG, READY, REQUEST_RESTART, STATUS, STOPPING, USTAD_REQUEST};
+
 use crate::Error;
 use crate::vars::NOTIFY_SOCKET;
 
@@ -65,24 +67,24 @@ impl Notifier {
 
     /// Sends `READY=1`: the worker is listening and the supervisor may count it as serving.
     pub fn ready(&self) -> io::Result<()> {
-        self.notify("READY=1")
+        self.notify(&format!("{READY}={FLAG}"))
     }
 
     /// Sends `STOPPING=1`: the worker has stopped accepting and is draining.
     pub fn stopping(&self) -> io::Result<()> {
-        self.notify("STOPPING=1")
+        self.notify(&format!("{STOPPING}={FLAG}"))
     }
 
     /// Sends `STATUS=<text>`, a one-line status shown by the supervisor. Newlines in `text`
     /// become spaces so that they cannot start a new `KEY=VALUE` line.
     pub fn status(&self, text: &str) -> io::Result<()> {
-        self.notify(&format!("STATUS={}", one_line(text)))
+        self.notify(&format!("{STATUS}={}", one_line(text)))
     }
 
     /// Sends `USTAD_REQUEST=restart`: asks the supervisor to start a replacement for this worker
     /// and then stop this one the usual way (SIGTERM once the replacement is ready).
     pub fn request_restart(&self) -> io::Result<()> {
-        self.notify("USTAD_REQUEST=restart")
+        self.notify(&format!("{USTAD_REQUEST}={REQUEST_RESTART}"))
     }
 }
 

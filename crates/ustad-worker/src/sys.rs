@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
 
 /// The first inherited fd (`SD_LISTEN_FDS_START`).
-pub(crate) const LISTEN_FDS_START: RawFd = 3;
+pub(crate) use ustad_proto::env::LISTEN_FDS_START;
 
 /// Set once the inherited fds have been turned into [`OwnedFd`]s, so that no fd is ever owned
 /// twice (a second owner would close it under the first).

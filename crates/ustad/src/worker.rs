@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 use ustad_core::ipc::{self, FrameReader, Kind, Outbox};
+use ustad_proto::{env, notify};
 use ustad_worker::{Identity, ListenFd, Notifier};
 
 use crate::channel::{IncomingRequest, Message, Pending, await_reply, send};
@@ -124,7 +125,7 @@ impl Worker {
         let Some(identity) = Identity::from_env().map_err(worker_error)? else {
             return Ok(None);
         };
-        let generation = std::env::var("USTAD_GENERATION")
+        let generation = std::env::var(env::USTAD_GENERATION)
             .ok()
             .and_then(|g| g.parse().ok())
             .unwrap_or(1);
@@ -293,7 +294,7 @@ impl Worker {
         }
         if let Some(notifier) = &self.inner.notifier {
             notifier
-                .notify("WATCHDOG=1")
+                .notify(&format!("{}={}", notify::WATCHDOG, notify::FLAG))
                 .map_err(|e| Error::Invalid(e.to_string()))?;
         }
         Ok(())
@@ -310,7 +311,7 @@ impl Worker {
         }
         if let Some(notifier) = &self.inner.notifier {
             notifier
-                .notify("USTAD_REQUEST=restart")
+                .request_restart()
                 .map_err(|e| Error::Invalid(e.to_string()))?;
         }
         Ok(())

@@ -5,8 +5,11 @@ use std::io::Write as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+// The values of `"t"`, as `t::READY`.
+use ustad_proto::ipc::kind as t;
 
-use super::frame::{FrameError, HEADER};
+use super::HEADER;
+use super::frame::FrameError;
 
 /// The kinds of frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,27 +109,27 @@ pub fn decode(frame: Bytes) -> Result<Envelope, FrameError> {
             .ok_or_else(|| FrameError::Envelope(format!("a `{what}` frame needs an `id`")))
     };
     let kind = match wire.t {
-        "ready" => Kind::Ready,
-        "heartbeat" => Kind::Heartbeat,
-        "restart" => Kind::Restart,
-        "stopping" => Kind::Stopping,
-        "stop" => Kind::Stop {
+        t::READY => Kind::Ready,
+        t::HEARTBEAT => Kind::Heartbeat,
+        t::RESTART => Kind::Restart,
+        t::STOPPING => Kind::Stopping,
+        t::STOP => Kind::Stop {
             deadline_ms: wire.deadline_ms.unwrap_or(0),
         },
-        "msg" => Kind::Msg,
-        "req" => Kind::Req {
-            id: needs_id("req")?,
+        t::MSG => Kind::Msg,
+        t::REQ => Kind::Req {
+            id: needs_id(t::REQ)?,
         },
-        "rep" => Kind::Rep {
-            id: needs_id("rep")?,
+        t::REP => Kind::Rep {
+            id: needs_id(t::REP)?,
         },
-        "err" => Kind::Err {
-            id: needs_id("err")?,
+        t::ERR => Kind::Err {
+            id: needs_id(t::ERR)?,
             message: wire.message.clone().unwrap_or_default(),
         },
-        "conn" => Kind::Conn {
+        t::CONN => Kind::Conn {
             socket: wire.socket.clone().ok_or_else(|| {
-                FrameError::Envelope("a `conn` frame needs a `socket`".to_owned())
+                FrameError::Envelope(format!("a `{}` frame needs a `socket`", t::CONN))
             })?,
         },
         other => {
@@ -152,6 +155,9 @@ pub fn decode(frame: Bytes) -> Result<Envelope, FrameError> {
     };
     Ok(Envelope { kind, frame, body })
 }
+
+// The heads are spelled out, to be matched and copied byte for byte; a test checks them
+// against the kinds' names.
 
 /// The start of a `msg` frame as [`encode_body`] writes it.
 const MSG_HEAD: &[u8] = b"{\"t\":\"msg\",\"body\":";
@@ -274,49 +280,49 @@ pub fn encode_simple(kind: &Kind) -> Bytes {
     }
     let simple = match kind {
         Kind::Ready => Simple {
-            t: "ready",
+            t: t::READY,
             id: None,
             message: None,
             deadline_ms: None,
             socket: None,
         },
         Kind::Heartbeat => Simple {
-            t: "heartbeat",
+            t: t::HEARTBEAT,
             id: None,
             message: None,
             deadline_ms: None,
             socket: None,
         },
         Kind::Restart => Simple {
-            t: "restart",
+            t: t::RESTART,
             id: None,
             message: None,
             deadline_ms: None,
             socket: None,
         },
         Kind::Stopping => Simple {
-            t: "stopping",
+            t: t::STOPPING,
             id: None,
             message: None,
             deadline_ms: None,
             socket: None,
         },
         Kind::Stop { deadline_ms } => Simple {
-            t: "stop",
+            t: t::STOP,
             id: None,
             message: None,
             deadline_ms: Some(*deadline_ms),
             socket: None,
         },
         Kind::Err { id, message } => Simple {
-            t: "err",
+            t: t::ERR,
             id: Some(*id),
             message: Some(message),
             deadline_ms: None,
             socket: None,
         },
         Kind::Conn { socket } => Simple {
-            t: "conn",
+            t: t::CONN,
             id: None,
             message: None,
             deadline_ms: None,
@@ -356,6 +362,14 @@ mod tests {
         assert_eq!(envelope.body().unwrap(), br#"{"n":2,"type":"add"}"#);
         let value: serde_json::Value = envelope.decode().unwrap();
         assert_eq!(value["n"], 2);
+    }
+
+    #[test]
+    fn the_canonical_heads_spell_the_kinds_names() {
+        let head = |kind: &str| format!(r#"{{"t":"{kind}","#);
+        assert_eq!(MSG_HEAD, format!(r#"{}"body":"#, head(t::MSG)).as_bytes());
+        assert_eq!(REQ_HEAD, format!(r#"{}"id":"#, head(t::REQ)).as_bytes());
+        assert_eq!(REP_HEAD, format!(r#"{}"id":"#, head(t::REP)).as_bytes());
     }
 
     #[test]

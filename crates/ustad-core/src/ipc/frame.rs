@@ -3,8 +3,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Bytes of the length prefix.
-pub const HEADER: usize = 4;
+use ustad_proto::ipc::HEADER;
 
 /// Why a channel was cut.
 #[derive(Debug, thiserror::Error)]

@@ -19,14 +19,10 @@ mod socket;
 
 pub use envelope::{Envelope, Kind, decode, encode_body, encode_simple};
 pub use fdpass::ReceivedFds;
-pub use frame::{FrameError, FrameReader, HEADER, frame};
+pub use frame::{FrameError, FrameReader, frame};
 pub use outbox::{Closed, OUTBOX_BYTES, Outbox, PushError};
 pub use socket::{ChannelSocket, FdReader, SocketReader};
-
-/// The default largest frame body, in bytes.
-pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
-
-/// The environment variable holding the worker's end of the channel.
-pub const IPC_FD_VAR: &str = "USTAD_IPC_FD";
-/// The environment variable holding the largest frame the primary accepts.
-pub const MAX_FRAME_VAR: &str = "USTAD_IPC_MAX_FRAME";
+/// The channel's constants, spelled once in `ustad-proto` for both ends.
+pub use ustad_proto::ipc::{DEFAULT_MAX_FRAME, HEADER};
+/// The channel's variables under the names this module gave them before `ustad-proto`.
+pub use ustad_proto::ipc::{USTAD_IPC_FD as IPC_FD_VAR, USTAD_IPC_MAX_FRAME as MAX_FRAME_VAR};

@@ -12,6 +12,9 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Socket, Type};
+use ustad_proto::env::{
+    LISTEN_FDNAMES, LISTEN_FDNAMES_SEPARATOR, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID, UNNAMED_FD,
+};
 
 use crate::config::{ListenAddr, SocketSpec};
 use crate::sys;
@@ -81,7 +84,7 @@ pub enum ActivationError {
 }
 
 fn unnamed_hint(name: &str) -> &'static str {
-    if name == "unknown" {
+    if name == UNNAMED_FD {
         " (the default when LISTEN_FDNAMES is not set)"
     } else {
         ""
@@ -109,9 +112,9 @@ impl Activation {
     pub fn from_env() -> Result<Activation, ActivationError> {
         let var = |name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
         let passed = listen_fds_from(
-            var("LISTEN_PID").as_deref(),
-            var("LISTEN_FDS").as_deref(),
-            var("LISTEN_FDNAMES").as_deref(),
+            var(LISTEN_PID).as_deref(),
+            var(LISTEN_FDS).as_deref(),
+            var(LISTEN_FDNAMES).as_deref(),
             std::process::id(),
         )?;
         if passed.is_empty() {
@@ -260,13 +263,13 @@ pub fn listen_fds_from(
     let Some(count) = listen_fds.filter(|_| for_us) else {
         if listen_fds.is_some() {
             tracing::debug!(
-                "LISTEN_FDS is set but LISTEN_PID={listen_pid:?} is not this process ({own_pid}): not socket-activated"
+                "{LISTEN_FDS} is set but {LISTEN_PID}={listen_pid:?} is not this process ({own_pid}): not socket-activated"
             );
         }
         return Ok(Vec::new());
     };
     let invalid = |why: String| ActivationError::Variable {
-        variable: "LISTEN_FDS",
+        variable: LISTEN_FDS,
         value: count.to_owned(),
         why,
     };
@@ -283,17 +286,20 @@ pub fn listen_fds_from(
         return Ok(Vec::new());
     }
     let names: Vec<String> = match listen_fdnames {
-        Some(names) => names.split(':').map(str::to_owned).collect(),
-        None => vec!["unknown".to_owned(); count],
+        Some(names) => names
+            .split(LISTEN_FDNAMES_SEPARATOR)
+            .map(str::to_owned)
+            .collect(),
+        None => vec![UNNAMED_FD.to_owned(); count],
     };
     if names.len() != count {
         return Err(ActivationError::Variable {
-            variable: "LISTEN_FDNAMES",
+            variable: LISTEN_FDNAMES,
             value: listen_fdnames.unwrap_or_default().to_owned(),
-            why: format!("names {} fds, but LISTEN_FDS={count}", names.len()),
+            why: format!("names {} fds, but {LISTEN_FDS}={count}", names.len()),
         });
     }
-    Ok((3..).zip(names).collect())
+    Ok((LISTEN_FDS_START..).zip(names).collect())
 }
 
 #[cfg(test)]

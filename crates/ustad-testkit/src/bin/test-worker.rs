@@ -29,6 +29,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use ustad_proto::env::{
+    LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, NOTIFY_SOCKET, USTAD_WORKER_ID, USTAD_WORKER_INDEX,
+};
 use ustad_testkit::report::{self, FdProbe, Take, WorkerReport};
 
 const USAGE: &str = "\
@@ -150,7 +153,7 @@ fn main() -> ExitCode {
     };
     let me = Arc::new(Identity {
         pid: std::process::id(),
-        id: std::env::var("USTAD_WORKER_ID").unwrap_or_else(|_| "-".to_owned()),
+        id: std::env::var(USTAD_WORKER_ID).unwrap_or_else(|_| "-".to_owned()),
     });
 
     // The environment as received: `listenfd` removes LISTEN_FDS and LISTEN_PID below.
@@ -160,7 +163,7 @@ fn main() -> ExitCode {
         .chain(args.env_report.iter().map(String::as_str))
         .map(|name| (name.to_owned(), std::env::var(name).ok()))
         .collect();
-    let listen_fd_count = std::env::var("LISTEN_FDS")
+    let listen_fd_count = std::env::var(LISTEN_FDS)
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(0)
@@ -228,8 +231,8 @@ fn main() -> ExitCode {
         let path = report::expand_report_path(
             template,
             me.pid,
-            report.env("USTAD_WORKER_ID"),
-            report.env("USTAD_WORKER_INDEX"),
+            report.env(USTAD_WORKER_ID),
+            report.env(USTAD_WORKER_INDEX),
         );
         if let Err(e) = report.write_atomic(&path) {
             say!("test-worker {}: writing {}: {e}", me.id, path.display());
@@ -272,10 +275,10 @@ fn spawn_grandchild() -> Option<u32> {
     let exe = std::env::current_exe().ok()?;
     let spawned = Command::new(exe)
         .args(["--ignore-term", "--never-ready", "--quiet"])
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
+        .env_remove(NOTIFY_SOCKET)
+        .env_remove(LISTEN_FDS)
+        .env_remove(LISTEN_PID)
+        .env_remove(LISTEN_FDNAMES)
         .stdin(Stdio::null())
         .spawn();
     match spawned {
