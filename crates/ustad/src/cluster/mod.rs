@@ -10,6 +10,8 @@
 //! waiting for them. Sending never goes through the supervisor either: the handle encodes
 //! into each worker's outbox directly, waiting when it is full (backpressure).
 
+mod event;
+
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
@@ -25,10 +27,11 @@ use ustad_core::config::value::format_duration;
 use ustad_core::control::protocol::{Reply, Request};
 use ustad_core::control::server::Call;
 use ustad_core::ipc::{Envelope, Kind, Outbox};
-use ustad_core::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
+use ustad_core::plan::WorkerId;
 use ustad_core::status::ClusterStatus;
 use ustad_core::supervisor::{self, FrameSink, Link, LinkEvent, Options, Program, WorkerInfo};
 
+pub use self::event::{Event, PoolName, WorkerRef};
 pub use crate::channel::{IncomingRequest, Message};
 use crate::channel::{Pending, await_reply, send};
 use crate::error::{Error, RequestError};
@@ -37,114 +40,6 @@ use crate::error::{Error, RequestError};
 const EVENTS: usize = 1024;
 /// How many times [`Cluster::dispatch`] tries a task on another worker after one died.
 const DISPATCH_ATTEMPTS: u32 = 3;
-
-/// A pool's name, shared by the events that name its workers (cloning it copies no text).
-/// Compares with `&str`: `worker.pool == "web"`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PoolName(Arc<str>);
-
-impl PoolName {
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for PoolName {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for PoolName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl PartialEq<str> for PoolName {
-    fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
-    }
-}
-
-impl PartialEq<&str> for PoolName {
-    fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
-    }
-}
-
-impl PartialEq<String> for PoolName {
-    fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
-    }
-}
-
-impl From<PoolName> for String {
-    fn from(name: PoolName) -> String {
-        name.0.to_string()
-    }
-}
-
-/// A worker, as events and methods name it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerRef {
-    /// Unique for the life of the primary.
-    pub id: WorkerId,
-    /// Its pool.
-    pub pool: PoolName,
-    /// Its slot (`0..size`), kept by its replacements.
-    pub slot: usize,
-    /// Its generation (rolling restarts increase it).
-    pub generation: u64,
-    /// Its pid.
-    pub pid: u32,
-}
-
-/// What happens in the cluster.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Event {
-    /// A worker process was started.
-    Spawned(WorkerRef),
-    /// Its first frame arrived on its channel (whatever it said): its code runs and talks, as
-    /// Node's `online`. Comes after `Spawned`, before `Ready` and before its first message.
-    Online(WorkerRef),
-    /// It called `ready()`.
-    Ready(WorkerRef),
-    /// It sent a message.
-    Message {
-        /// From whom.
-        worker: WorkerRef,
-        /// What.
-        message: Message,
-    },
-    /// It sent a request; answer it.
-    Request {
-        /// From whom.
-        worker: WorkerRef,
-        /// What.
-        request: IncomingRequest,
-    },
-    /// It was asked to stop.
-    Stopping {
-        /// Which.
-        worker: WorkerRef,
-        /// Why.
-        reason: StopReason,
-    },
-    /// It exited.
-    Exited {
-        /// Which.
-        worker: WorkerRef,
-        /// How.
-        status: ExitStatus,
-        /// Why.
-        cause: ExitCause,
-    },
-}
 
 /// A worker's channel, as the handle uses it.
 #[derive(Debug)]
@@ -660,7 +555,7 @@ impl Program for Hub {
         let shared = &self.0;
         let worker = WorkerRef {
             id: info.id,
-            pool: PoolName(info.pool.clone()),
+            pool: PoolName::new(info.pool.clone()),
             slot: info.slot,
             generation: info.generation,
             pid,
