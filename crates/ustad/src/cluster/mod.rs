@@ -11,6 +11,7 @@
 //! into each worker's outbox directly, waiting when it is full (backpressure).
 
 mod event;
+mod routing;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -32,6 +33,7 @@ use ustad_core::status::ClusterStatus;
 use ustad_core::supervisor::{self, FrameSink, Link, LinkEvent, Options, Program, WorkerInfo};
 
 pub use self::event::{Event, PoolName, WorkerRef};
+use self::routing::{Candidate, Rotations};
 pub use crate::channel::{IncomingRequest, Message};
 use crate::channel::{Pending, await_reply, send};
 use crate::error::{Error, RequestError};
@@ -63,14 +65,20 @@ impl Entry {
     fn serving(&self) -> bool {
         self.ready && !self.stopping && self.conn.as_ref().is_some_and(|c| !c.outbox.is_closed())
     }
+
+    fn candidate(&self) -> Candidate {
+        Candidate {
+            id: self.worker.id,
+            slot: self.worker.slot,
+            in_flight: self.in_flight,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
     workers: BTreeMap<WorkerId, Entry>,
-    /// (pool, tag) → worker → when it was last picked.
-    picks: HashMap<(String, String), HashMap<WorkerId, u64>>,
-    clock: u64,
+    rotations: Rotations,
 }
 
 #[derive(Debug)]
@@ -325,31 +333,14 @@ impl Cluster {
     /// own, over the workers that are ready and not stopping at the time).
     pub fn round_robin(&self, pool: &str, tag: &str) -> Option<WorkerRef> {
         let mut state = self.shared.lock();
-        let picks = state
-            .picks
-            .get(&(pool.to_owned(), tag.to_owned()))
-            .cloned()
-            .unwrap_or_default();
-        let chosen = state
+        let state = &mut *state;
+        let candidates = state
             .workers
             .values()
             .filter(|e| e.worker.pool == pool && e.serving())
-            .min_by_key(|e| {
-                (
-                    picks.get(&e.worker.id).copied().unwrap_or(0),
-                    e.worker.slot,
-                    e.worker.id,
-                )
-            })
-            .map(|e| e.worker.clone())?;
-        state.clock += 1;
-        let clock = state.clock;
-        state
-            .picks
-            .entry((pool.to_owned(), tag.to_owned()))
-            .or_default()
-            .insert(chosen.id, clock);
-        Some(chosen)
+            .map(Entry::candidate);
+        let chosen = state.rotations.pick(pool, tag, candidates)?;
+        state.workers.get(&chosen).map(|e| e.worker.clone())
     }
 
     /// Runs a task on a worker of `pool`: the ready worker with the fewest tasks in flight,
@@ -399,12 +390,13 @@ impl Cluster {
             let changed = self.shared.changed.notified();
             {
                 let mut state = self.shared.lock();
-                let best = state
+                let candidates = state
                     .workers
-                    .values_mut()
-                    .filter(|e| e.worker.pool == pool && e.serving() && e.in_flight < limit)
-                    .min_by_key(|e| (tried.contains(&e.worker.id), e.in_flight, e.worker.slot));
-                if let Some(entry) = best {
+                    .values()
+                    .filter(|e| e.worker.pool == pool && e.serving())
+                    .map(Entry::candidate);
+                let best = routing::least_loaded(candidates, limit, tried);
+                if let Some(entry) = best.and_then(|id| state.workers.get_mut(&id)) {
                     entry.in_flight += 1;
                     return Ok(entry.worker.id);
                 }
