@@ -1,39 +1,40 @@
-//! The primary's handle on a running cluster: events, messages, requests, round-robin by tag,
-//! task dispatch, and the operator's commands (scale, restart, stop).
+//! The primary's handle on a running cluster, [`Cluster`]: events, messages, requests,
+//! round-robin by tag, task dispatch, and the operator's commands (scale, restart, stop).
 //!
 //! The supervisor runs on its own thread (a current-thread runtime: workers die with the
-//! thread that forked them). It tells this handle of every worker's life as it happens (the
-//! [`Hub`], on the supervisor's thread), which keeps the handle's state (which workers are
-//! ready, their channels, tasks in flight) and feeds the [`Event`] stream. Workers' channels
-//! run on the program's own runtime when it has one: a worker's messages and requests go from
-//! its channel's reader straight into the event stream, and replies straight to the request
-//! waiting for them. Sending never goes through the supervisor either: the handle encodes
-//! into each worker's outbox directly, waiting when it is full (backpressure).
+//! thread that forked them). It tells the [`Hub`] of every worker's life as it happens, on the
+//! supervisor's thread; the hub keeps the handle's state (which workers are ready, their
+//! channels, tasks in flight) and feeds the [`Event`] stream. Workers' channels run on the
+//! program's own runtime when it has one: a worker's messages and requests go from its
+//! channel's reader straight into the event stream, and replies straight to the request waiting
+//! for them ([`sink`]). Sending never goes through the supervisor either: the handle encodes
+//! into each worker's outbox directly, waiting when it is full (backpressure). Which worker a
+//! message or task goes to is decided in [`routing`], from plain data.
 
 mod event;
+mod hub;
 mod routing;
+mod sink;
 
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use ustad_core::config::Config;
 use ustad_core::config::value::format_duration;
 use ustad_core::control::protocol::{Reply, Request};
 use ustad_core::control::server::Call;
-use ustad_core::ipc::{Envelope, Kind, Outbox};
+use ustad_core::ipc::Kind;
 use ustad_core::plan::WorkerId;
 use ustad_core::status::ClusterStatus;
-use ustad_core::supervisor::{self, FrameSink, Link, LinkEvent, Options, Program, WorkerInfo};
+use ustad_core::supervisor::{self, Link, Options};
 
 pub use self::event::{Event, PoolName, WorkerRef};
-use self::routing::{Candidate, Rotations};
+use self::hub::{Conn, Hub, Shared};
 pub use crate::channel::{IncomingRequest, Message};
 use crate::channel::{Pending, await_reply, send};
 use crate::error::{Error, RequestError};
@@ -42,91 +43,6 @@ use crate::error::{Error, RequestError};
 const EVENTS: usize = 1024;
 /// How many times [`Cluster::dispatch`] tries a task on another worker after one died.
 const DISPATCH_ATTEMPTS: u32 = 3;
-
-/// A worker's channel, as the handle uses it.
-#[derive(Debug)]
-struct Conn {
-    outbox: Outbox,
-    pending: Pending,
-    /// The largest frame body the worker accepts.
-    max_message: usize,
-}
-
-#[derive(Debug)]
-struct Entry {
-    worker: WorkerRef,
-    ready: bool,
-    stopping: bool,
-    conn: Option<Arc<Conn>>,
-    in_flight: usize,
-}
-
-impl Entry {
-    fn serving(&self) -> bool {
-        self.ready && !self.stopping && self.conn.as_ref().is_some_and(|c| !c.outbox.is_closed())
-    }
-
-    fn candidate(&self) -> Candidate {
-        Candidate {
-            id: self.worker.id,
-            slot: self.worker.slot,
-            in_flight: self.in_flight,
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct State {
-    workers: BTreeMap<WorkerId, Entry>,
-    rotations: Rotations,
-}
-
-#[derive(Debug)]
-struct Shared {
-    calls: mpsc::Sender<Call>,
-    state: Mutex<State>,
-    /// Workers became ready, or dispatch slots freed up.
-    changed: Notify,
-    next_request: AtomicU64,
-    limits: HashMap<String, usize>,
-    stopped: watch::Receiver<bool>,
-    /// The program took the event stream: until then, workers' messages are dropped.
-    listening: AtomicBool,
-    /// The event stream's sending end, until the cluster stops (then the stream ends once the
-    /// last channel has delivered its last message).
-    events: Mutex<Option<mpsc::Sender<Event>>>,
-    /// `Primary::start` waits for the supervisor to have bound its sockets.
-    started: Mutex<Option<std::sync::mpsc::Sender<Result<(), Error>>>>,
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A lifecycle event for the stream: kept (up to the bound) even before the stream is
-    /// taken, so that the first workers' events are not lost.
-    fn publish(&self, event: Event) {
-        if let Some(events) = &*self.events.lock().unwrap_or_else(|e| e.into_inner()) {
-            let _ = events.try_send(event);
-        }
-    }
-
-    /// The supervisor has returned: every request still waiting fails, and the stream ends.
-    fn finish(&self) {
-        let mut state = self.lock();
-        for entry in state.workers.values() {
-            if let Some(conn) = &entry.conn {
-                conn.outbox.close();
-                conn.pending.fail_all(&RequestError::Stopped);
-            }
-        }
-        state.workers.clear();
-        drop(state);
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).take();
-        self.changed.notify_waiters();
-    }
-}
 
 /// A running cluster. See the [crate docs](crate).
 #[derive(Debug)]
@@ -145,17 +61,13 @@ impl Cluster {
         let (stopped_tx, stopped) = watch::channel(false);
         let (events_tx, events_rx) = mpsc::channel(EVENTS);
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Shared::new(
             calls,
-            state: Mutex::new(State::default()),
-            changed: Notify::new(),
-            next_request: AtomicU64::new(1),
             limits,
             stopped,
-            listening: AtomicBool::new(false),
-            events: Mutex::new(Some(events_tx)),
-            started: Mutex::new(Some(started_tx.clone())),
-        });
+            events_tx,
+            started_tx.clone(),
+        ));
         options.link = Some(Link {
             program: Arc::new(Hub(shared.clone())),
             runtime: channel_runtime(),
@@ -214,21 +126,13 @@ impl Cluster {
 
     /// The workers of `pool` that are ready and not stopping.
     pub fn workers(&self, pool: &str) -> Vec<WorkerRef> {
-        self.shared
-            .lock()
-            .workers
-            .values()
-            .filter(|e| e.worker.pool == pool && e.serving())
-            .map(|e| e.worker.clone())
-            .collect()
+        self.shared.lock().serving_workers(pool)
     }
 
     fn conn(&self, worker: WorkerId) -> Result<Arc<Conn>, RequestError> {
-        let state = self.shared.lock();
-        state
-            .workers
-            .get(&worker)
-            .and_then(|entry| entry.conn.clone())
+        self.shared
+            .lock()
+            .conn(worker)
             .ok_or(RequestError::NoWorker(worker.0))
     }
 
@@ -255,14 +159,7 @@ impl Cluster {
         pool: &str,
         message: &T,
     ) -> Result<usize, RequestError> {
-        let targets: Vec<Arc<Conn>> = self
-            .shared
-            .lock()
-            .workers
-            .values()
-            .filter(|e| e.worker.pool == pool && e.serving())
-            .filter_map(|e| e.conn.clone())
-            .collect();
+        let targets = self.shared.lock().serving_conns(pool);
         let mut sent = 0;
         for conn in targets {
             match send(
@@ -332,15 +229,7 @@ impl Cluster {
     /// The ready worker of `pool` least recently picked for `tag` (each tag rotates on its
     /// own, over the workers that are ready and not stopping at the time).
     pub fn round_robin(&self, pool: &str, tag: &str) -> Option<WorkerRef> {
-        let mut state = self.shared.lock();
-        let state = &mut *state;
-        let candidates = state
-            .workers
-            .values()
-            .filter(|e| e.worker.pool == pool && e.serving())
-            .map(Entry::candidate);
-        let chosen = state.rotations.pick(pool, tag, candidates)?;
-        state.workers.get(&chosen).map(|e| e.worker.clone())
+        self.shared.lock().round_robin(pool, tag)
     }
 
     /// Runs a task on a worker of `pool`: the ready worker with the fewest tasks in flight,
@@ -388,18 +277,9 @@ impl Cluster {
     ) -> Result<WorkerId, RequestError> {
         loop {
             let changed = self.shared.changed.notified();
-            {
-                let mut state = self.shared.lock();
-                let candidates = state
-                    .workers
-                    .values()
-                    .filter(|e| e.worker.pool == pool && e.serving())
-                    .map(Entry::candidate);
-                let best = routing::least_loaded(candidates, limit, tried);
-                if let Some(entry) = best.and_then(|id| state.workers.get_mut(&id)) {
-                    entry.in_flight += 1;
-                    return Ok(entry.worker.id);
-                }
+            let taken = self.shared.lock().take_dispatch_slot(pool, limit, tried);
+            if let Some(worker) = taken {
+                return Ok(worker);
             }
             if *self.shared.stopped.borrow() {
                 return Err(RequestError::Stopped);
@@ -413,9 +293,7 @@ impl Cluster {
     }
 
     fn release(&self, worker: WorkerId) {
-        if let Some(entry) = self.shared.lock().workers.get_mut(&worker) {
-            entry.in_flight = entry.in_flight.saturating_sub(1);
-        }
+        self.shared.lock().release_dispatch_slot(worker);
         self.shared.changed.notify_waiters();
     }
 
@@ -530,186 +408,4 @@ fn channel_runtime() -> Option<tokio::runtime::Handle> {
     tokio::runtime::Handle::try_current()
         .ok()
         .filter(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
-}
-
-/// The supervisor's view of the handle: it keeps the handle's state as workers come and go,
-/// and gives each worker's channel its [`WorkerSink`].
-#[derive(Debug)]
-struct Hub(Arc<Shared>);
-
-impl Program for Hub {
-    fn spawned(
-        &self,
-        info: &Arc<WorkerInfo>,
-        pid: u32,
-        channel: Option<(Outbox, usize)>,
-    ) -> Option<Box<dyn FrameSink>> {
-        let shared = &self.0;
-        let worker = WorkerRef {
-            id: info.id,
-            pool: PoolName::new(info.pool.clone()),
-            slot: info.slot,
-            generation: info.generation,
-            pid,
-        };
-        let conn = channel.map(|(outbox, max_message)| {
-            Arc::new(Conn {
-                outbox,
-                pending: Pending::default(),
-                max_message,
-            })
-        });
-        shared.lock().workers.insert(
-            worker.id,
-            Entry {
-                worker: worker.clone(),
-                ready: false,
-                stopping: false,
-                conn: conn.clone(),
-                in_flight: 0,
-            },
-        );
-        let events = shared
-            .events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        shared.publish(Event::Spawned(worker.clone()));
-        Some(Box::new(WorkerSink {
-            worker,
-            conn: conn?,
-            events: events?,
-            shared: shared.clone(),
-        }))
-    }
-
-    fn event(&self, event: LinkEvent) {
-        let shared = &self.0;
-        let mut state = shared.lock();
-        let event = match event {
-            LinkEvent::Started => {
-                drop(state);
-                let started = shared
-                    .started
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
-                if let Some(started) = started {
-                    let _ = started.send(Ok(()));
-                }
-                return;
-            }
-            LinkEvent::Stopped => return,
-            LinkEvent::ChannelClosed { id } => {
-                // Cut off for breaking the protocol: no more work for it; it is being replaced.
-                let Some(conn) = state.workers.get_mut(&id).and_then(|e| e.conn.take()) else {
-                    return;
-                };
-                drop(state);
-                conn.outbox.close();
-                conn.pending.fail_all(&RequestError::WorkerGone(id.0));
-                shared.changed.notify_waiters();
-                return;
-            }
-            LinkEvent::Ready { id } => {
-                let Some(entry) = state.workers.get_mut(&id) else {
-                    return;
-                };
-                entry.ready = true;
-                let worker = entry.worker.clone();
-                drop(state);
-                shared.changed.notify_waiters();
-                Event::Ready(worker)
-            }
-            LinkEvent::Stopping { id, reason } => {
-                let Some(entry) = state.workers.get_mut(&id) else {
-                    return;
-                };
-                entry.stopping = true;
-                Event::Stopping {
-                    worker: entry.worker.clone(),
-                    reason,
-                }
-            }
-            LinkEvent::Exited { id, status, cause } => {
-                let Some(entry) = state.workers.remove(&id) else {
-                    return;
-                };
-                drop(state);
-                if let Some(conn) = &entry.conn {
-                    conn.outbox.close();
-                    conn.pending.fail_all(&RequestError::WorkerGone(id.0));
-                }
-                shared.changed.notify_waiters();
-                Event::Exited {
-                    worker: entry.worker,
-                    status,
-                    cause,
-                }
-            }
-        };
-        shared.publish(event);
-    }
-}
-
-/// Where one worker's channel puts its frames: replies to the requests waiting for them,
-/// messages and requests into the event stream (waiting when the program is behind).
-struct WorkerSink {
-    worker: WorkerRef,
-    conn: Arc<Conn>,
-    events: mpsc::Sender<Event>,
-    shared: Arc<Shared>,
-}
-
-impl FrameSink for WorkerSink {
-    fn online(&mut self) {
-        self.shared.publish(Event::Online(self.worker.clone()));
-    }
-
-    fn offer(&mut self, envelope: Envelope) -> Result<(), Envelope> {
-        if matches!(envelope.kind, Kind::Rep { .. } | Kind::Err { .. }) {
-            self.conn.pending.resolve(envelope);
-            return Ok(());
-        }
-        if !self.shared.listening.load(Ordering::Acquire) {
-            // Nobody reads the stream yet: dropped (a request fails at once, on drop).
-            if let Kind::Req { id } = envelope.kind {
-                let conn = &self.conn;
-                drop(IncomingRequest::new(
-                    id,
-                    envelope,
-                    conn.outbox.clone(),
-                    conn.max_message,
-                ));
-            }
-            return Ok(());
-        }
-        let permit = match self.events.try_reserve() {
-            Ok(permit) => permit,
-            Err(mpsc::error::TrySendError::Full(())) => return Err(envelope),
-            // The program dropped the stream.
-            Err(mpsc::error::TrySendError::Closed(())) => return Ok(()),
-        };
-        let worker = self.worker.clone();
-        permit.send(match envelope.kind {
-            Kind::Req { id } => Event::Request {
-                worker,
-                request: IncomingRequest::new(
-                    id,
-                    envelope,
-                    self.conn.outbox.clone(),
-                    self.conn.max_message,
-                ),
-            },
-            _ => Event::Message {
-                worker,
-                message: Message::new(envelope),
-            },
-        });
-        Ok(())
-    }
-
-    fn ready(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
-        Box::pin(async move { self.events.reserve().await.is_ok() })
-    }
 }
