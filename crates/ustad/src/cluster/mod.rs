@@ -39,7 +39,8 @@ pub use crate::channel::{IncomingRequest, Message};
 use crate::channel::{Pending, await_reply, send};
 use crate::error::{Error, RequestError};
 
-/// Events queued for [`Cluster::events`] before the pump waits for the program.
+/// Events [`Cluster::events`] holds unread: beyond them lifecycle events are dropped, and
+/// workers' channels wait for room.
 const EVENTS: usize = 1024;
 /// How many times [`Cluster::dispatch`] tries a task on another worker after one died.
 const DISPATCH_ATTEMPTS: u32 = 3;
