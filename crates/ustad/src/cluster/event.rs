@@ -1,0 +1,120 @@
+//! What the program learns of its cluster: the [`Event`] stream's items and how they name
+//! workers ([`WorkerRef`], [`PoolName`]).
+
+use std::sync::Arc;
+
+use ustad_core::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
+
+use crate::channel::{IncomingRequest, Message};
+
+/// A pool's name, shared by the events that name its workers (cloning it copies no text).
+/// Compares with `&str`: `worker.pool == "web"`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolName(Arc<str>);
+
+impl PoolName {
+    pub(super) fn new(name: Arc<str>) -> PoolName {
+        PoolName(name)
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for PoolName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PoolName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for PoolName {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for PoolName {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for PoolName {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl From<PoolName> for String {
+    fn from(name: PoolName) -> String {
+        name.0.to_string()
+    }
+}
+
+/// A worker, as events and methods name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRef {
+    /// Unique for the life of the primary.
+    pub id: WorkerId,
+    /// Its pool.
+    pub pool: PoolName,
+    /// Its slot (`0..size`), kept by its replacements.
+    pub slot: usize,
+    /// Its generation (rolling restarts increase it).
+    pub generation: u64,
+    /// Its pid.
+    pub pid: u32,
+}
+
+/// What happens in the cluster.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A worker process was started.
+    Spawned(WorkerRef),
+    /// Its first frame arrived on its channel (whatever it said): its code runs and talks, as
+    /// Node's `online`. Comes after `Spawned`, before `Ready` and before its first message.
+    Online(WorkerRef),
+    /// It called `ready()`.
+    Ready(WorkerRef),
+    /// It sent a message.
+    Message {
+        /// From whom.
+        worker: WorkerRef,
+        /// What.
+        message: Message,
+    },
+    /// It sent a request; answer it.
+    Request {
+        /// From whom.
+        worker: WorkerRef,
+        /// What.
+        request: IncomingRequest,
+    },
+    /// It was asked to stop.
+    Stopping {
+        /// Which.
+        worker: WorkerRef,
+        /// Why.
+        reason: StopReason,
+    },
+    /// It exited.
+    Exited {
+        /// Which.
+        worker: WorkerRef,
+        /// How.
+        status: ExitStatus,
+        /// Why.
+        cause: ExitCause,
+    },
+}
