@@ -300,10 +300,10 @@ impl Runtime {
     /// Tells event followers and reload waiters about a notice.
     pub(super) fn publish(&mut self, notice: &Notice) {
         if !self.subscribers.is_empty() {
-            let (event, pool, id) = log::describe(notice);
+            let (pool, id) = log::subject(notice);
             let record = Reply::Event(EventRecord {
                 time: unix_now(),
-                event: event.to_owned(),
+                event: notice.name().to_owned(),
                 pool,
                 id,
                 message: notice.to_string(),
