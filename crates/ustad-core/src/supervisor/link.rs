@@ -311,7 +311,7 @@ impl super::Runtime {
                 if let Some(outboxes) = self.channels.remove(&id) {
                     outboxes.frames.close();
                 }
-                self.handoff.remove(id);
+                self.round_robin.remove(id);
                 if let Some(program) = &self.program {
                     program.event(LinkEvent::ChannelClosed { id });
                 }

@@ -6,10 +6,10 @@
 
 mod control;
 mod guard;
-mod handoff;
 mod link;
 mod log;
 mod reload;
+mod round_robin;
 mod usage;
 
 use std::collections::VecDeque;
@@ -208,14 +208,14 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         None => (None, None, None),
     };
     let (lifecycle, mut lifecycle_frames) = mpsc::unbounded_channel();
-    let handoff =
-        handoff::Handoff::start(&listeners).map_err(setup("accept on round-robin sockets"))?;
+    let round_robin = round_robin::RoundRobinAcceptor::start(&listeners)
+        .map_err(setup("accept on round-robin sockets"))?;
     let mut runtime = Runtime {
         program,
         channel_runtime,
         lifecycle,
         channels: std::collections::HashMap::new(),
-        handoff,
+        round_robin,
         plan: Plan::new(&config, seed),
         config,
         listeners,
@@ -386,7 +386,7 @@ struct Runtime {
     /// The outboxes of each library worker's channel.
     channels: std::collections::HashMap<WorkerId, link::Outboxes>,
     /// The acceptors of `round-robin` sockets.
-    handoff: handoff::Handoff,
+    round_robin: round_robin::RoundRobinAcceptor,
     plan: Plan,
     config: Config,
     listeners: Listeners,
@@ -438,7 +438,7 @@ impl Runtime {
                 self.publish(notice);
                 self.publish_link(notice);
                 let (channels, plan, config) = (&self.channels, &self.plan, &self.config);
-                self.handoff.follow(notice, |id| {
+                self.round_robin.follow(notice, |id| {
                     let outboxes = channels.get(&id)?;
                     let sockets: Vec<String> =
                         plan.worker(id)?
