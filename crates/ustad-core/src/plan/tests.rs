@@ -1238,3 +1238,25 @@ fn every_notice_has_a_name_of_its_own() {
     );
     assert!(names.iter().all(|name| !name.is_empty()));
 }
+
+#[test]
+fn an_outcome_tells_whether_its_event_was_refused() {
+    let mut sim = ready_pool(1, false);
+    let refused = sim.plan.handle(
+        Event::Scale {
+            pool: "nope".into(),
+            size: 2,
+        },
+        sim.now,
+    );
+    assert_eq!(refused.refusal(), Some("scaling unknown pool `nope`"));
+    let accepted = sim.plan.handle(
+        Event::Scale {
+            pool: "web".into(),
+            size: 2,
+        },
+        sim.now,
+    );
+    assert_eq!(accepted.refusal(), None);
+    assert!(!accepted.actions.is_empty());
+}

@@ -98,10 +98,7 @@ impl Runtime {
     /// Handles an event, answering `done` with `message`, or `error` with the plan's refusal.
     fn checked(&mut self, event: Event, message: String) -> Reply {
         let outcome = self.plan.handle(event, Instant::now());
-        let refusal = outcome.notices.iter().find_map(|notice| match notice {
-            Notice::Refused { why } => Some(why.clone()),
-            _ => None,
-        });
+        let refusal = outcome.refusal().map(str::to_owned);
         self.perform(outcome);
         match refusal {
             Some(why) => Reply::error(why),

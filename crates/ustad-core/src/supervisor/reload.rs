@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::Runtime;
-use crate::plan::{Event, Notice, RolloutTrigger};
+use crate::plan::{Event, RolloutTrigger};
 
 /// What a reload did.
 #[derive(Debug)]
@@ -143,10 +143,7 @@ impl Runtime {
         let mut refusals = Vec::new();
         for event in events {
             let outcome = self.plan.handle(event, std::time::Instant::now());
-            refusals.extend(outcome.notices.iter().filter_map(|n| match n {
-                Notice::Refused { why } => Some(why.clone()),
-                _ => None,
-            }));
+            refusals.extend(outcome.refusal().map(str::to_owned));
             self.perform(outcome);
         }
         self.close_retired_sockets();
