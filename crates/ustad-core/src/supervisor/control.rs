@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Runtime, log};
+use super::{Supervisor, log};
 use crate::config::value::parse_duration;
 use crate::control::protocol::{EventRecord, Progress, Reply, Request};
 use crate::control::server::Call;
@@ -33,7 +33,7 @@ fn unix_now() -> f64 {
         .map_or(0.0, |t| t.as_secs_f64())
 }
 
-impl Runtime {
+impl Supervisor {
     pub(super) fn on_call(&mut self, call: Call) {
         let Call { request, replies } = call;
         match request {

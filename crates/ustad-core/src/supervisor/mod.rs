@@ -210,7 +210,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
     let (lifecycle, mut lifecycle_frames) = mpsc::unbounded_channel();
     let round_robin = round_robin::RoundRobinAcceptor::start(&listeners)
         .map_err(setup("accept on round-robin sockets"))?;
-    let mut runtime = Runtime {
+    let mut supervisor = Supervisor {
         program,
         channel_runtime,
         lifecycle,
@@ -241,18 +241,18 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         finished: false,
         rejections: RateLimit::default(),
     };
-    if let Some(program) = &runtime.program {
+    if let Some(program) = &supervisor.program {
         program.event(LinkEvent::Started);
     }
-    let outcome = runtime.plan.start(Instant::now());
-    runtime.perform(outcome);
+    let outcome = supervisor.plan.start(Instant::now());
+    supervisor.perform(outcome);
     let mut memory_check = tokio::time::interval(usage::MEMORY_INTERVAL);
     memory_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    while !(runtime.finished && runtime.lingering.is_empty()) {
+    while !(supervisor.finished && supervisor.lingering.is_empty()) {
         let deadline = [
-            runtime.plan.next_deadline(),
-            runtime.lingering.iter().map(|l| l.deadline).min(),
+            supervisor.plan.next_deadline(),
+            supervisor.lingering.iter().map(|l| l.deadline).min(),
         ]
         .into_iter()
         .flatten()
@@ -264,46 +264,46 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
             }
         };
         tokio::select! {
-            Some((id, status)) = exited.recv() => runtime.on_exit(id, status),
-            _ = signals.interrupt.recv() => runtime.on_stop_signal("SIGINT"),
-            _ = signals.terminate.recv() => runtime.on_stop_signal("SIGTERM"),
-            _ = signals.hangup.recv() => runtime.on_hangup(),
+            Some((id, status)) = exited.recv() => supervisor.on_exit(id, status),
+            _ = signals.interrupt.recv() => supervisor.on_stop_signal("SIGINT"),
+            _ = signals.terminate.recv() => supervisor.on_stop_signal("SIGTERM"),
+            _ = signals.hangup.recv() => supervisor.on_hangup(),
             _ = signals.user2.recv() => {
                 info!(event = "signal", signal = "SIGUSR2", "SIGUSR2: rolling restart of every pool");
-                runtime.handle(Event::Rollout { pool: None, trigger: RolloutTrigger::Restart, spec: None });
+                supervisor.handle(Event::Rollout { pool: None, trigger: RolloutTrigger::Restart, spec: None });
             }
-            _ = signals.tty_in.recv() => runtime.scale_first_pool(1),
-            _ = signals.tty_out.recv() => runtime.scale_first_pool(-1),
-            _ = signals.child.recv() => runtime.on_child_signal(),
-            datagram = runtime.notify.recv() => runtime.on_datagram(datagram),
-            Some(call) = calls.recv() => runtime.on_call(call),
+            _ = signals.tty_in.recv() => supervisor.scale_first_pool(1),
+            _ = signals.tty_out.recv() => supervisor.scale_first_pool(-1),
+            _ = signals.child.recv() => supervisor.on_child_signal(),
+            datagram = supervisor.notify.recv() => supervisor.on_datagram(datagram),
+            Some(call) = calls.recv() => supervisor.on_call(call),
             Some(call) = async {
                 match &mut link_calls {
                     Some(calls) => calls.recv().await,
                     None => std::future::pending().await,
                 }
-            } => runtime.on_call(call),
-            Some((id, frame)) = lifecycle_frames.recv() => runtime.on_lifecycle_frame(id, frame),
+            } => supervisor.on_call(call),
+            Some((id, frame)) = lifecycle_frames.recv() => supervisor.on_lifecycle_frame(id, frame),
             Some(reply) = status_requests.recv() => {
-                let _ = reply.send(runtime.status());
+                let _ = reply.send(supervisor.status());
             }
-            _ = memory_check.tick(), if runtime.watches_memory() => runtime.check_memory(),
-            () = sleep => runtime.on_deadline(),
+            _ = memory_check.tick(), if supervisor.watches_memory() => supervisor.check_memory(),
+            () = sleep => supervisor.on_deadline(),
         }
     }
     for task in [serving, metrics_server].into_iter().flatten() {
         task.abort();
     }
     drop(control);
-    if runtime.subreaper {
-        runtime.kill_adopted_orphans().await;
+    if supervisor.subreaper {
+        supervisor.kill_adopted_orphans().await;
     }
-    if let Some(program) = &runtime.program {
+    if let Some(program) = &supervisor.program {
         program.event(LinkEvent::Stopped);
     }
-    runtime.output.finish(Duration::from_secs(1)).await;
+    supervisor.output.finish(Duration::from_secs(1)).await;
     // Dropping the guard closes its pipe: it exits, and is reaped.
-    drop(runtime.guard.take());
+    drop(supervisor.guard.take());
     Ok(())
 }
 
@@ -376,7 +376,7 @@ impl RateLimit {
     }
 }
 
-struct Runtime {
+struct Supervisor {
     /// The embedding program (Rust library).
     program: Option<Arc<dyn Program>>,
     /// Where library workers' channels run; `None`: here.
@@ -422,7 +422,7 @@ struct Runtime {
     rejections: RateLimit,
 }
 
-impl Runtime {
+impl Supervisor {
     fn handle(&mut self, event: Event) {
         let outcome = self.plan.handle(event, Instant::now());
         self.perform(outcome);

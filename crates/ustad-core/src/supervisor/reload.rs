@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::Runtime;
+use super::Supervisor;
 use crate::plan::{Event, RolloutTrigger};
 
 /// What a reload did.
@@ -21,7 +21,7 @@ pub(super) struct Applied {
     pub(super) rolled: Vec<String>,
 }
 
-impl Runtime {
+impl Supervisor {
     /// Reloads, rolling `named` pools (or, when empty and not `only_changed`, every pool).
     pub(super) fn reload(
         &mut self,
