@@ -6,6 +6,7 @@
 
 mod control;
 mod guard;
+mod launch;
 mod link;
 mod log;
 mod process_groups;
@@ -16,7 +17,6 @@ mod usage;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,16 +25,14 @@ use tokio::signal::unix::{Signal as SignalStream, SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError, PoolSpec, Problem, Signal};
+use crate::config::{Config, ConfigError, Problem, Signal};
 use crate::control::server::{Call, ControlServer};
-use crate::ipc::Outbox;
 use crate::logbook::LogBook;
 use crate::notify::{Datagram, NotifySocket};
 use crate::output::{OutputRelay, OutputStyle};
 use crate::plan::{Action, Event, ExitStatus, Notice, Phase, Plan, RolloutTrigger, WorkerId};
 use crate::procfs;
 use crate::sockets::{BindError, Listeners};
-use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
 use crate::status::ClusterStatus;
 
 use self::guard::Guard;
@@ -457,7 +455,7 @@ impl Supervisor {
                         generation,
                         spec,
                     } => {
-                        let event = self.spawn(id, &pool, slot, generation, &spec);
+                        let event = self.launch(id, &pool, slot, generation, &spec);
                         queue.push_back(self.plan.handle(event, Instant::now()));
                     }
                     Action::Signal { id, pid, signal } => {
@@ -489,126 +487,6 @@ impl Supervisor {
         if self.service.is_enabled() {
             self.service.update(&self.plan.status(Instant::now()));
         }
-    }
-
-    fn spawn(
-        &mut self,
-        id: WorkerId,
-        pool: &str,
-        slot: usize,
-        generation: u64,
-        spec: &Arc<PoolSpec>,
-    ) -> Event {
-        if let Err(error) = self.listeners.ensure_slot(&spec.sockets, pool, slot) {
-            return Event::SpawnFailed {
-                id,
-                error: error.to_string(),
-            };
-        }
-        let pair = match spec.ipc {
-            Some(_) => match rustix::net::socketpair(
-                rustix::net::AddressFamily::UNIX,
-                rustix::net::SocketType::STREAM,
-                rustix::net::SocketFlags::CLOEXEC,
-                None,
-            ) {
-                Ok(pair) => Some(pair),
-                Err(error) => {
-                    return Event::SpawnFailed {
-                        id,
-                        error: format!("cannot create the message channel: {error}"),
-                    };
-                }
-            },
-            None => None,
-        };
-        let launch = WorkerLaunch {
-            id,
-            pool,
-            slot,
-            generation,
-            spec,
-            sockets: self.listeners.fds(&spec.sockets, pool, slot),
-            notify_socket: wants_notify(spec).then(|| self.notify.path()),
-            ipc: pair.as_ref().map(|(_, child)| child.as_fd()),
-        };
-        let mut child = match spawn_worker(&launch) {
-            Ok(child) => child,
-            Err(error) => {
-                return Event::SpawnFailed {
-                    id,
-                    error: error.to_string(),
-                };
-            }
-        };
-        let Some(pid) = child.id() else {
-            return Event::SpawnFailed {
-                id,
-                error: "the process vanished at once".to_owned(),
-            };
-        };
-        self.output
-            .attach(pool, slot, id.0, child.stdout.take(), child.stderr.take());
-        let info = Arc::new(WorkerInfo {
-            id,
-            pool: Arc::from(pool),
-            slot,
-            generation,
-        });
-        let channel = match (pair, spec.ipc) {
-            (Some((parent, _child)), Some(ipc)) => {
-                Some((parent, ipc, Outbox::new(crate::ipc::OUTBOX_BYTES)))
-            }
-            _ => None,
-        };
-        let sink = self.program.as_ref().and_then(|program| {
-            let outbox = channel
-                .as_ref()
-                .map(|(_, ipc, outbox)| (outbox.clone(), ipc.max_message));
-            program.spawned(&info, pid, outbox)
-        });
-        if let Some((parent, ipc, outbox)) = channel {
-            match link::start_channel(
-                parent,
-                info.clone(),
-                ipc,
-                self.lifecycle.clone(),
-                sink,
-                outbox.clone(),
-                self.channel_runtime.as_ref(),
-            ) {
-                Ok(conns) => {
-                    self.channels.insert(
-                        id,
-                        link::Outboxes {
-                            frames: outbox,
-                            conns,
-                        },
-                    );
-                }
-                Err(error) => {
-                    outbox.close();
-                    error!(
-                        "worker {pool}.{slot} (id {id}): cannot use its message channel: {error}"
-                    );
-                }
-            }
-        }
-        if let Some(guard) = &mut self.guard {
-            guard.watch(pid);
-        }
-        let exits = self.exits.clone();
-        tokio::spawn(async move {
-            let status = match child.wait().await {
-                Ok(status) => ExitStatus::from(status),
-                Err(error) => {
-                    error!("waiting for worker pid {pid} failed: {error}");
-                    ExitStatus::Code(-1)
-                }
-            };
-            let _ = exits.send((id, status));
-        });
-        Event::Spawned { id, pid }
     }
 
     fn on_exit(&mut self, id: WorkerId, status: ExitStatus) {
