@@ -9,6 +9,7 @@ mod guard;
 mod launch;
 mod link;
 mod log;
+mod notify;
 mod process_groups;
 mod reload;
 mod round_robin;
@@ -23,15 +24,14 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{Signal as SignalStream, SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::config::{Config, ConfigError, Problem, Signal};
 use crate::control::server::{Call, ControlServer};
 use crate::logbook::LogBook;
-use crate::notify::{Datagram, NotifySocket};
+use crate::notify::NotifySocket;
 use crate::output::{OutputRelay, OutputStyle};
 use crate::plan::{Action, Event, ExitStatus, Notice, Phase, Plan, RolloutTrigger, WorkerId};
-use crate::procfs;
 use crate::sockets::{BindError, Listeners};
 use crate::status::ClusterStatus;
 
@@ -238,7 +238,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         guard,
         guard_cleanup,
         finished: false,
-        rejections: RateLimit::default(),
+        rejections: notify::RateLimit::default(),
     };
     if let Some(program) = &supervisor.program {
         program.event(LinkEvent::Started);
@@ -330,38 +330,6 @@ impl Signals {
     }
 }
 
-/// Limits how often rejected notify datagrams are logged, so a hostile worker cannot flood
-/// the log.
-#[derive(Debug, Default)]
-struct RateLimit {
-    window_start: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    const PER_WINDOW: u32 = 10;
-    const WINDOW: Duration = Duration::from_secs(10);
-
-    /// Whether to log this one; also returns how many were suppressed since the last one.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .window_start
-            .is_none_or(|start| now.duration_since(start) >= Self::WINDOW)
-        {
-            self.window_start = Some(now);
-            self.logged = 0;
-        }
-        if self.logged < Self::PER_WINDOW {
-            self.logged += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
-
 struct Supervisor {
     /// The embedding program (Rust library).
     program: Option<Arc<dyn Program>>,
@@ -405,7 +373,7 @@ struct Supervisor {
     /// What a guard removes when the primary dies (see `Guard::start`).
     guard_cleanup: Vec<PathBuf>,
     finished: bool,
-    rejections: RateLimit,
+    rejections: notify::RateLimit,
 }
 
 impl Supervisor {
@@ -551,59 +519,6 @@ impl Supervisor {
         );
         let size = size.saturating_add_signed(delta);
         self.handle(Event::Scale { pool, size });
-    }
-
-    fn on_datagram(&mut self, received: io::Result<Datagram>) {
-        let now = Instant::now();
-        let datagram = match received {
-            Ok(datagram) => datagram,
-            Err(error) => {
-                if let Some(suppressed) = self.rejections.allow(now) {
-                    warn!(
-                        event = "notify_error",
-                        suppressed, "reading the notify socket failed: {error}"
-                    );
-                }
-                return;
-            }
-        };
-        let worker = datagram.pid.and_then(|pid| self.attribute(pid));
-        match (worker, datagram.content) {
-            (Some(id), Ok(messages)) => {
-                for message in messages {
-                    self.handle(Event::Message { id, message });
-                }
-            }
-            (worker, content) => {
-                let why = match (&worker, content) {
-                    (None, _) => "the sender is not a worker of this primary".to_owned(),
-                    (Some(_), Err(why)) => why,
-                    (Some(_), Ok(_)) => unreachable!("handled above"),
-                };
-                if let Some(suppressed) = self.rejections.allow(now) {
-                    let from = match worker.and_then(|id| self.plan.worker_ref(id)) {
-                        Some(worker) => format!("worker {worker}"),
-                        None => format!(
-                            "pid {}",
-                            datagram
-                                .pid
-                                .map_or_else(|| "?".to_owned(), |p| p.to_string())
-                        ),
-                    };
-                    let pid = datagram.pid.unwrap_or(0);
-                    warn!(event = "notify_rejected", pid, suppressed, why = %why, "notify datagram from {from} dropped: {why}");
-                }
-            }
-        }
-    }
-
-    /// The worker a notify sender belongs to: the worker itself, or a process in its group.
-    fn attribute(&self, pid: u32) -> Option<WorkerId> {
-        if let Some(worker) = self.plan.worker_by_pid(pid) {
-            return Some(worker.id);
-        }
-        let group = procfs::stat(pid)?.pgrp;
-        self.plan.worker_by_pid(group).map(|w| w.id)
     }
 
     fn on_deadline(&mut self) {
