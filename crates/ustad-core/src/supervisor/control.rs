@@ -15,7 +15,6 @@ use crate::config::value::parse_duration;
 use crate::control::protocol::{EventRecord, Progress, Reply, Request};
 use crate::control::server::Call;
 use crate::plan::{Event, Notice, RolloutTrigger, WorkerId};
-use crate::status::ClusterStatus;
 
 /// A `reload --wait` client and the rolls it waits for.
 #[derive(Debug)]
@@ -336,55 +335,5 @@ impl Supervisor {
             }
         }
         self.settle_reload_waiters();
-    }
-
-    /// A snapshot of the cluster, with CPU and memory read from `/proc` now.
-    pub(super) fn status(&mut self) -> ClusterStatus {
-        let now = Instant::now();
-        let workers: Vec<(WorkerId, u32)> = self
-            .plan
-            .workers()
-            .filter_map(|w| Some((w.id, w.pid?)))
-            .collect();
-        let samples = self.usage.sample(&workers, now);
-        let mut pools = self.plan.status(now);
-        for worker in pools.iter_mut().flat_map(|p| p.workers.iter_mut()) {
-            if let Some(sample) = samples.get(&WorkerId(worker.id)) {
-                worker.cpu_seconds = Some(sample.cpu_seconds);
-                worker.cpu_percent = sample.cpu_percent;
-                worker.rss_bytes = Some(sample.rss_bytes);
-            }
-        }
-        ClusterStatus {
-            name: self.name.clone(),
-            pid: std::process::id(),
-            uptime_secs: now.duration_since(self.started).as_secs_f64(),
-            config_file: self.config_file.clone(),
-            shutting_down: self.plan.is_shutting_down(),
-            pools,
-        }
-    }
-
-    /// Whether a pool has a `max_memory` to enforce.
-    pub(super) fn watches_memory(&self) -> bool {
-        self.plan
-            .workers()
-            .any(|w| w.spec().max_memory.is_some() && w.is_ready())
-    }
-
-    pub(super) fn check_memory(&mut self) {
-        let workers: Vec<(WorkerId, u32)> = self
-            .plan
-            .workers()
-            .filter(|w| w.spec().max_memory.is_some() && w.is_ready())
-            .filter_map(|w| Some((w.id, w.pid?)))
-            .collect();
-        let samples = self.usage.sample(&workers, Instant::now());
-        for (id, sample) in samples {
-            self.handle(Event::Memory {
-                id,
-                rss: sample.rss_bytes,
-            });
-        }
     }
 }
