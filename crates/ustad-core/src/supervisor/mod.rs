@@ -3,6 +3,13 @@
 //!
 //! It runs on a tokio `current_thread` runtime, on the thread that called it, for the life of
 //! the primary: `PR_SET_PDEATHSIG` ties each worker to the thread that forked it.
+//!
+//! Here: the loop, and the dispatch of what it hears to the plan and back. Beside it, a room
+//! per concern: `setup` (what is bound and started before the loop, in order), `launch`
+//! (starting a worker), `notify` (datagrams from workers), `process_groups` (what is left of
+//! workers: lingering groups, adopted orphans, the guard), `usage` (CPU and memory, status),
+//! `control` (clients), `reload`, `round_robin` (the acceptor of `round-robin` sockets) and
+//! `link` (the Rust library's side).
 
 mod control;
 mod guard;
@@ -13,116 +20,33 @@ mod notify;
 mod process_groups;
 mod reload;
 mod round_robin;
+mod setup;
 mod usage;
 
-use std::collections::VecDeque;
-use std::io;
-use std::net::SocketAddr;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::signal::unix::{Signal as SignalStream, SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{error, info};
 
-use crate::config::{Config, ConfigError, Problem, Signal};
-use crate::control::server::{Call, ControlServer};
+use crate::config::{Config, Signal, SocketSpec};
+use crate::control::protocol::Reply;
 use crate::logbook::LogBook;
 use crate::notify::NotifySocket;
-use crate::output::{OutputRelay, OutputStyle};
-use crate::plan::{Action, Event, ExitStatus, Notice, Phase, Plan, RolloutTrigger, WorkerId};
-use crate::sockets::{BindError, Listeners};
-use crate::status::ClusterStatus;
+use crate::output::OutputRelay;
+use crate::plan::{
+    Action, Event, ExitStatus, Notice, Outcome, Phase, Plan, RolloutTrigger, WorkerId,
+};
+use crate::service::ServiceNotifier;
+use crate::sockets::Listeners;
 
 use self::guard::Guard;
 pub use self::link::{FrameSink, Link, LinkEvent, Program, WorkerInfo};
-use self::process_groups::{Lingering, enable_subreaper, signal_group, worker_kill_timeout};
-
-/// Re-reads the configuration (on SIGHUP).
-pub type Reload = Box<dyn FnMut() -> Result<Config, ConfigError> + Send>;
-
-/// How the supervisor runs.
-#[non_exhaustive]
-pub struct Options {
-    /// Re-reads the configuration on SIGHUP; without it SIGHUP restarts with the running one.
-    pub reload: Option<Reload>,
-    /// How workers' output is prefixed.
-    pub output: OutputStyle,
-    /// Become a child subreaper (`PR_SET_CHILD_SUBREAPER`), so that processes escaping a
-    /// worker's process group are re-parented to the primary and cleaned up at exit.
-    pub subreaper: bool,
-    /// Start a guard process that kills the workers' process groups if the primary dies (the
-    /// workers themselves die with it in any case, through `PR_SET_PDEATHSIG`).
-    pub guard: bool,
-    /// The instance's name, shown by `ustad status`.
-    pub name: String,
-    /// Where to listen for control clients (`ustad status`…); `None`: nowhere.
-    pub control: Option<PathBuf>,
-    /// The configuration file, shown by `ustad status`.
-    pub config_file: Option<PathBuf>,
-    /// Where to serve `/metrics` and `/healthz`.
-    pub metrics: Option<SocketAddr>,
-    /// The embedding program's ends, for the Rust library.
-    pub link: Option<Link>,
-}
-
-impl Default for Options {
-    fn default() -> Options {
-        Options {
-            reload: None,
-            output: OutputStyle::default(),
-            subreaper: true,
-            guard: true,
-            name: "ustad".to_owned(),
-            control: None,
-            config_file: None,
-            metrics: None,
-            link: None,
-        }
-    }
-}
-
-impl std::fmt::Debug for Options {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options")
-            .field("reload", &self.reload.is_some())
-            .field("output", &self.output)
-            .field("subreaper", &self.subreaper)
-            .field("guard", &self.guard)
-            .field("name", &self.name)
-            .field("control", &self.control)
-            .field("config_file", &self.config_file)
-            .field("metrics", &self.metrics)
-            .field("link", &self.link.is_some())
-            .finish()
-    }
-}
-
-/// Why the supervisor could not run.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SupervisorError {
-    /// The configuration is invalid.
-    #[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Invalid(Vec<Problem>),
-    /// A socket could not be bound; nothing was started.
-    #[error(transparent)]
-    Bind(#[from] BindError),
-    /// Setting up the primary failed.
-    #[error("cannot {what}: {source}")]
-    Setup {
-        /// What was being set up.
-        what: &'static str,
-        /// The OS error.
-        source: io::Error,
-    },
-    /// The supervisor was called from a multi-threaded runtime.
-    #[error(
-        "the supervisor must run on a tokio current_thread runtime (workers die with the thread that forked them)"
-    )]
-    NotCurrentThread,
-}
+use self::process_groups::{Lingering, signal_group, worker_kill_timeout};
+use self::setup::Inputs;
+pub use self::setup::{Options, Reload, SupervisorError};
 
 /// Runs the cluster until it is told to stop (SIGINT/SIGTERM) and every worker has exited.
 ///
@@ -131,115 +55,17 @@ pub enum SupervisorError {
 /// once), SIGHUP reloads and rolls every pool, SIGUSR2 rolls every pool with the running
 /// configuration, SIGTTIN/SIGTTOU add/remove a worker of the first pool.
 pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError> {
-    config.validate().map_err(SupervisorError::Invalid)?;
-    if tokio::runtime::Handle::current().runtime_flavor()
-        != tokio::runtime::RuntimeFlavor::CurrentThread
-    {
-        return Err(SupervisorError::NotCurrentThread);
-    }
-    let setup = |what| move |source| SupervisorError::Setup { what, source };
-    let listeners = Listeners::bind(&config)?;
-    for (socket, address) in listeners.addresses() {
-        info!(event = "listening", socket = %socket, address = %address, "socket {socket} listening on {address}");
-    }
-    let control = match &options.control {
-        Some(path) => Some(Arc::new(
-            ControlServer::bind(path).map_err(setup("listen on the control socket"))?,
-        )),
-        None => None,
-    };
-    if let Some(control) = &control {
-        info!(event = "control", path = %control.path().display(), "control socket {}", control.path().display());
-    }
-    let metrics = match options.metrics {
-        Some(address) => {
-            let listener = std::net::TcpListener::bind(address)
-                .and_then(|listener| {
-                    listener.set_nonblocking(true)?;
-                    tokio::net::TcpListener::from_std(listener)
-                })
-                .map_err(|error| SupervisorError::Setup {
-                    what: "serve metrics",
-                    source: io::Error::new(
-                        error.kind(),
-                        format!("cannot listen on {address}: {error}"),
-                    ),
-                })?;
-            let address = listener.local_addr().map_or(address, |a| a);
-            info!(event = "metrics", address = %address, "metrics on http://{address}/metrics and /healthz");
-            Some(listener)
-        }
-        None => None,
-    };
-    if options.subreaper {
-        enable_subreaper().map_err(setup("become a child subreaper"))?;
-    }
-    let mut signals = Signals::new().map_err(setup("install signal handlers"))?;
-    let notify = NotifySocket::bind().map_err(setup("bind the notify socket"))?;
-    let mut guard_cleanup = notify.paths().to_vec();
-    if let Some(control) = &control {
-        guard_cleanup.insert(0, control.path().to_owned());
-    }
-    let guard = match options.guard {
-        true => Some(Guard::start(&guard_cleanup).map_err(setup("start the guard process"))?),
-        false => None,
-    };
-    let (exits, mut exited) = mpsc::unbounded_channel();
-    let clock = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.as_nanos() as u64);
-    let seed = u64::from(std::process::id()) ^ clock ^ 0x9e37_79b9_7f4a_7c15;
-    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
-    let serving = control
-        .clone()
-        .map(|control| tokio::spawn(async move { control.serve(calls_tx).await }));
-    let (status_tx, mut status_requests) = mpsc::channel::<oneshot::Sender<ClusterStatus>>(16);
-    let metrics_server = metrics.map(|listener| {
-        tokio::spawn(async move {
-            if let Err(error) = crate::metrics::serve(listener, status_tx).await {
-                error!("the metrics server stopped: {error}");
-            }
-        })
-    });
-    let logbook = LogBook::default();
-    let (program, channel_runtime, mut link_calls) = match options.link {
-        Some(link) => (Some(link.program), link.runtime, Some(link.calls)),
-        None => (None, None, None),
-    };
-    let (lifecycle, mut lifecycle_frames) = mpsc::unbounded_channel();
-    let round_robin = round_robin::RoundRobinAcceptor::start(&listeners)
-        .map_err(setup("accept on round-robin sockets"))?;
-    let mut supervisor = Supervisor {
-        program,
-        channel_runtime,
-        lifecycle,
-        channels: std::collections::HashMap::new(),
-        round_robin,
-        plan: Plan::new(&config, seed),
-        config,
-        listeners,
-        notify,
-        output: OutputRelay::start(options.output, logbook.clone()),
-        logbook,
-        reload: options.reload,
-        service: crate::service::ServiceNotifier::from_env(),
-        name: options.name,
-        config_file: options.config_file,
-        started: Instant::now(),
-        usage: usage::Usage::default(),
-        subscribers: Vec::new(),
-        stop_waiters: Vec::new(),
-        reload_waiters: Vec::new(),
-        subreaper: options.subreaper,
-        aborted: Vec::new(),
-        retired_sockets: Vec::new(),
-        exits,
-        lingering: Vec::new(),
-        guard,
-        guard_cleanup,
-        finished: false,
-        rejections: notify::RateLimit::default(),
-    };
+    let (mut supervisor, inputs) = setup::start(config, options)?;
+    let Inputs {
+        mut signals,
+        mut exited,
+        mut calls,
+        mut link_calls,
+        mut lifecycle_frames,
+        mut status_requests,
+        control,
+        servers,
+    } = inputs;
     if let Some(program) = &supervisor.program {
         program.event(LinkEvent::Started);
     }
@@ -290,7 +116,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
             () = sleep => supervisor.on_deadline(),
         }
     }
-    for task in [serving, metrics_server].into_iter().flatten() {
+    for task in servers {
         task.abort();
     }
     drop(control);
@@ -306,30 +132,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
     Ok(())
 }
 
-struct Signals {
-    interrupt: SignalStream,
-    terminate: SignalStream,
-    hangup: SignalStream,
-    user2: SignalStream,
-    tty_in: SignalStream,
-    tty_out: SignalStream,
-    child: SignalStream,
-}
-
-impl Signals {
-    fn new() -> io::Result<Signals> {
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-            hangup: signal(SignalKind::hangup())?,
-            user2: signal(SignalKind::user_defined2())?,
-            tty_in: signal(SignalKind::from_raw(libc::SIGTTIN))?,
-            tty_out: signal(SignalKind::from_raw(libc::SIGTTOU))?,
-            child: signal(SignalKind::child())?,
-        })
-    }
-}
-
+/// The process layer's state: what the loop's handlers (here and in the rooms beside) act on.
 struct Supervisor {
     /// The embedding program (Rust library).
     program: Option<Arc<dyn Program>>,
@@ -338,29 +141,33 @@ struct Supervisor {
     /// Lifecycle frames from library workers' channels.
     lifecycle: link::Lifecycle,
     /// The outboxes of each library worker's channel.
-    channels: std::collections::HashMap<WorkerId, link::Outboxes>,
-    /// The acceptors of `round-robin` sockets.
+    channels: HashMap<WorkerId, link::Outboxes>,
+    /// The acceptor of `round-robin` sockets.
     round_robin: round_robin::RoundRobinAcceptor,
     plan: Plan,
+    /// The configuration running (the last one reloaded).
     config: Config,
     listeners: Listeners,
     notify: NotifySocket,
     output: OutputRelay,
+    /// Where each worker's exit-watching task reports.
     exits: mpsc::UnboundedSender<(WorkerId, ExitStatus)>,
+    /// Process groups of exited workers whose other members have until a deadline.
     lingering: Vec<Lingering>,
     logbook: LogBook,
     /// Re-reads the configuration file, when there is one.
     reload: Option<Reload>,
     /// ustad's own `NOTIFY_SOCKET`, when a service manager gave it one.
-    service: crate::service::ServiceNotifier,
+    service: ServiceNotifier,
+    /// The instance's name, for `ustad status`.
     name: String,
     config_file: Option<PathBuf>,
     started: Instant,
     usage: usage::Usage,
     /// Clients of `ustad top` / the `events` request.
-    subscribers: Vec<mpsc::Sender<crate::control::protocol::Reply>>,
+    subscribers: Vec<mpsc::Sender<Reply>>,
     /// Clients of `ustad stop`, answered when the primary exits (by closing).
-    stop_waiters: Vec<mpsc::Sender<crate::control::protocol::Reply>>,
+    stop_waiters: Vec<mpsc::Sender<Reply>>,
     /// Clients of `ustad reload --wait`.
     reload_waiters: Vec<control::ReloadWaiter>,
     /// A child subreaper: adopted processes are reaped, and stopped at exit.
@@ -368,11 +175,13 @@ struct Supervisor {
     /// Rollouts aborted since the last reload request: pool and why.
     aborted: Vec<(String, String)>,
     /// Sockets a reload removed, closed once no worker uses them.
-    retired_sockets: Vec<(String, crate::config::SocketSpec)>,
+    retired_sockets: Vec<(String, SocketSpec)>,
     guard: Option<Guard>,
     /// What a guard removes when the primary dies (see `Guard::start`).
     guard_cleanup: Vec<PathBuf>,
+    /// The plan said every worker has stopped: the loop ends once no group lingers.
     finished: bool,
+    /// How often rejected notify datagrams are logged.
     rejections: notify::RateLimit,
 }
 
@@ -384,7 +193,7 @@ impl Supervisor {
 
     /// Logs the notices and performs the actions of an outcome, and of the outcomes those
     /// actions lead to.
-    fn perform(&mut self, outcome: crate::plan::Outcome) {
+    fn perform(&mut self, outcome: Outcome) {
         let mut queue = VecDeque::from([outcome]);
         while let Some(outcome) = queue.pop_front() {
             for notice in &outcome.notices {
