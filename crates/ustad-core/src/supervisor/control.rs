@@ -189,7 +189,7 @@ impl Supervisor {
     fn reload_request(&mut self, pools: &[String], wait: bool, replies: mpsc::Sender<Reply>) {
         tracing::info!(event = "control", "reload requested by a control client");
         self.aborted.clear();
-        let reloaded = self.reload(pools, false);
+        let reloaded = self.reload(pools);
         self.service.reloading();
         self.service.update(&self.plan.status(Instant::now()));
         match reloaded {

@@ -307,7 +307,7 @@ impl Supervisor {
                 "rolling restart of every pool (no config file to re-read)"
             }
         );
-        let reloaded = self.reload(&[], false);
+        let reloaded = self.reload(&[]);
         self.service.reloading();
         self.service.update(&self.plan.status(Instant::now()));
         if let Err(error) = reloaded {
