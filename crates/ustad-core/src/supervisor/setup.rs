@@ -137,7 +137,7 @@ pub(super) struct Inputs {
     pub(super) servers: Vec<JoinHandle<()>>,
 }
 
-/// Sets everything up, in order; nothing is started yet.
+/// Sets everything up, in order; no worker is started yet (the loop starts them).
 pub(super) fn start(
     config: Config,
     options: Options,
