@@ -508,19 +508,11 @@ mod tests {
 
     fn worker(id: u64, slot: usize, state: WorkerState) -> WorkerStatus {
         WorkerStatus {
-            id,
-            slot,
-            pid: Some(1000 + id as u32),
-            generation: 1,
-            state,
-            stop_reason: None,
             uptime_secs: 3.5,
-            restarts: 0,
-            last_exit: None,
-            status: None,
             cpu_percent: Some(1.5),
             cpu_seconds: Some(0.25 * id as f64),
             rss_bytes: Some(1_048_576 * id),
+            ..WorkerStatus::fixture(id, slot, state)
         }
     }
 

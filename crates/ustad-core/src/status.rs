@@ -120,6 +120,30 @@ pub struct WorkerStatus {
     pub rss_bytes: Option<u64>,
 }
 
+impl WorkerStatus {
+    /// A worker for the tests of what shows statuses (tables, `top`, `/metrics`): pid
+    /// `1000 + id`, generation 1, nothing measured yet. Each test sets the figures it shows
+    /// with `..WorkerStatus::fixture(…)`, so the list of fields is written once.
+    #[doc(hidden)]
+    pub fn fixture(id: u64, slot: usize, state: WorkerState) -> WorkerStatus {
+        WorkerStatus {
+            id,
+            slot,
+            pid: Some(1000 + id as u32),
+            generation: 1,
+            state,
+            stop_reason: None,
+            uptime_secs: 0.0,
+            restarts: 0,
+            last_exit: None,
+            status: None,
+            cpu_percent: None,
+            cpu_seconds: None,
+            rss_bytes: None,
+        }
+    }
+}
+
 /// How a slot's previous worker ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastExitStatus {

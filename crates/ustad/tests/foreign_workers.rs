@@ -668,10 +668,10 @@ impl Drop for OwnChild {
 
 /// A library primary runs inside a program that may have child processes of its own. Today the
 /// supervisor, a child subreaper, takes every child of the process that is not one of its
-/// workers for an orphan that escaped a worker (`supervisor/mod.rs`): `reap_adopted` waits for
-/// those that exit, stealing their status from the program (whose `wait` then fails with
-/// ECHILD), and `kill_adopted_orphans` SIGTERMs, then SIGKILLs, those still running when the
-/// cluster stops. Two clusters in one process stop each other's workers.
+/// workers for an orphan that escaped a worker (`supervisor/process_groups.rs`):
+/// `reap_adopted` waits for those that exit, stealing their status from the program (whose
+/// `wait` then fails with ECHILD), and `kill_adopted_orphans` SIGTERMs, then SIGKILLs, those
+/// still running when the cluster stops. Two clusters in one process stop each other's workers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_library_primary_leaves_the_programs_own_children_alone() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;

@@ -163,12 +163,6 @@ mod tests {
     #[test]
     fn a_table_with_a_pool_summary_and_its_workers() {
         let worker = |id, slot, state| WorkerStatus {
-            id,
-            slot,
-            pid: Some(1000 + id as u32),
-            generation: 1,
-            state,
-            stop_reason: None,
             uptime_secs: 65.0,
             restarts: 1,
             last_exit: Some(LastExitStatus {
@@ -176,10 +170,10 @@ mod tests {
                 reason: "crash".into(),
                 secs_ago: 70.0,
             }),
-            status: None,
             cpu_percent: Some(2.5),
             cpu_seconds: Some(1.0),
             rss_bytes: Some(10 << 20),
+            ..WorkerStatus::fixture(id, slot, state)
         };
         let status = ClusterStatus {
             name: "shop".into(),

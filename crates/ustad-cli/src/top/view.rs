@@ -515,19 +515,11 @@ mod tests {
 
     fn worker(id: u64, slot: usize, state: WorkerState) -> WorkerStatus {
         WorkerStatus {
-            id,
-            slot,
-            pid: Some(1000 + id as u32),
-            generation: 1,
-            state,
-            stop_reason: None,
             uptime_secs: 75.0,
-            restarts: 0,
-            last_exit: None,
-            status: None,
             cpu_percent: Some(1.25),
             cpu_seconds: Some(0.5),
             rss_bytes: Some(12_900_000),
+            ..WorkerStatus::fixture(id, slot, state)
         }
     }
 

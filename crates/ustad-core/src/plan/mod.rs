@@ -253,6 +253,18 @@ pub struct Outcome {
     pub notices: Vec<Notice>,
 }
 
+impl Outcome {
+    /// Why the plan refused the event this outcome answers, if it did: the one way to tell. A
+    /// refused event changes nothing and is refused once (the refusal is a notice, so it is
+    /// logged with the others).
+    pub fn refusal(&self) -> Option<&str> {
+        self.notices.iter().find_map(|notice| match notice {
+            Notice::Refused { why } => Some(why.as_str()),
+            _ => None,
+        })
+    }
+}
+
 /// The supervisor's state machine. See the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct Plan {

@@ -1331,3 +1331,146 @@ fn a_worker_cut_off_is_replaced_rolling_when_serving_and_fails_its_start_when_st
     sim.advance(2 * S);
     assert_eq!(sim.starting(), [WorkerId(5)]);
 }
+
+/// The names are the `event` of the JSON log and of the control stream: scripts tell notices
+/// apart by them.
+#[test]
+fn every_notice_has_a_name_of_its_own() {
+    let worker = WorkerRef {
+        pool: "web".into(),
+        slot: 0,
+        id: WorkerId(1),
+        pid: Some(1000),
+        generation: 1,
+    };
+    let pool: Arc<str> = "web".into();
+    let notices = [
+        Notice::Spawned {
+            worker: worker.clone(),
+        },
+        Notice::SpawnFailed {
+            worker: worker.clone(),
+            error: String::new(),
+        },
+        Notice::Ready {
+            worker: worker.clone(),
+            after: S,
+        },
+        Notice::Listening {
+            worker: worker.clone(),
+            socket: pool.clone(),
+            how: crate::listening::Wait::Epoll,
+            after: S,
+        },
+        Notice::Stopping {
+            worker: worker.clone(),
+            reason: StopReason::Rollout,
+            signal: Signal::TERM,
+        },
+        Notice::Killed {
+            worker: worker.clone(),
+            cause: KillCause::ShutdownNow,
+        },
+        Notice::Exited {
+            worker: worker.clone(),
+            status: ExitStatus::Code(0),
+            cause: ExitCause::Crashed,
+            uptime: S,
+        },
+        Notice::RestartScheduled {
+            pool: pool.clone(),
+            slot: 0,
+            delay: S,
+            failures: 0,
+        },
+        Notice::ReplaceQueued {
+            worker: worker.clone(),
+            reason: StopReason::Ttl,
+        },
+        Notice::ReplaceAbandoned {
+            worker: worker.clone(),
+            reason: StopReason::Ttl,
+            why: String::new(),
+        },
+        Notice::RolloutStarted {
+            pool: pool.clone(),
+            generation: 2,
+            trigger: RolloutTrigger::Restart,
+            superseded: None,
+        },
+        Notice::RolloutFinished {
+            pool: pool.clone(),
+            generation: 2,
+            replaced: 1,
+            elapsed: S,
+        },
+        Notice::RolloutAborted {
+            pool: pool.clone(),
+            generation: 2,
+            replaced: 0,
+            size: 1,
+            why: String::new(),
+        },
+        Notice::Scaled {
+            pool: pool.clone(),
+            from: 1,
+            to: 2,
+        },
+        Notice::Status {
+            worker: worker.clone(),
+            text: String::new(),
+        },
+        Notice::Refused { why: String::new() },
+        Notice::ShutdownStarted {
+            immediate: false,
+            workers: 1,
+        },
+        Notice::AllStopped,
+        Notice::PoolAdded {
+            pool: pool.clone(),
+            size: 1,
+        },
+        Notice::PoolRemoved {
+            pool: pool.clone(),
+            workers: 1,
+        },
+        Notice::Hung {
+            worker: worker.clone(),
+            silent_for: S,
+        },
+        Notice::OverMemory {
+            worker,
+            rss: 2,
+            limit: 1,
+        },
+    ];
+    let names: std::collections::BTreeSet<&str> = notices.iter().map(Notice::name).collect();
+    assert_eq!(
+        names.len(),
+        notices.len(),
+        "two notices share a name: {names:?}"
+    );
+    assert!(names.iter().all(|name| !name.is_empty()));
+}
+
+#[test]
+fn an_outcome_tells_whether_its_event_was_refused() {
+    let mut sim = ready_pool(1, false);
+    let refused = sim.plan.handle(
+        Event::Scale {
+            pool: "nope".into(),
+            size: 2,
+        },
+        sim.now,
+    );
+    assert_eq!(refused.refusal(), Some("scaling unknown pool `nope`"));
+    let accepted = sim.plan.handle(
+        Event::Scale {
+            pool: "web".into(),
+            size: 2,
+        },
+        sim.now,
+    );
+    assert_eq!(accepted.refusal(), None);
+    assert!(!accepted.actions.is_empty());
+}

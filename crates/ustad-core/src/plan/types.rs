@@ -381,7 +381,7 @@ impl fmt::Display for ExitCause {
     }
 }
 
-/// Lifecycle events worth logging (and, later, publishing to clients).
+/// Lifecycle events worth logging and publishing to control clients.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
     /// A worker process was started.
@@ -563,6 +563,37 @@ pub enum Notice {
         /// The limit, bytes.
         limit: u64,
     },
+}
+
+impl Notice {
+    /// Its event name: the `event` field of the JSON log and of the control stream's event
+    /// records (`docs/control.md`), so part of both formats.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Notice::Spawned { .. } => "spawned",
+            Notice::SpawnFailed { .. } => "spawn_failed",
+            Notice::Ready { .. } => "ready",
+            Notice::Listening { .. } => "listening",
+            Notice::Stopping { .. } => "stopping",
+            Notice::Killed { .. } => "killed",
+            Notice::Exited { .. } => "exited",
+            Notice::RestartScheduled { .. } => "restart_scheduled",
+            Notice::ReplaceQueued { .. } => "replace_queued",
+            Notice::ReplaceAbandoned { .. } => "replace_abandoned",
+            Notice::RolloutStarted { .. } => "rollout_started",
+            Notice::RolloutFinished { .. } => "rollout_finished",
+            Notice::RolloutAborted { .. } => "rollout_aborted",
+            Notice::Scaled { .. } => "scaled",
+            Notice::Status { .. } => "status",
+            Notice::Refused { .. } => "refused",
+            Notice::ShutdownStarted { .. } => "shutdown",
+            Notice::AllStopped => "stopped",
+            Notice::PoolAdded { .. } => "pool_added",
+            Notice::PoolRemoved { .. } => "pool_removed",
+            Notice::Hung { .. } => "hung",
+            Notice::OverMemory { .. } => "over_memory",
+        }
+    }
 }
 
 impl fmt::Display for Notice {

@@ -10,12 +10,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Runtime, log};
+use super::{Supervisor, log};
 use crate::config::value::parse_duration;
 use crate::control::protocol::{EventRecord, Progress, Reply, Request};
 use crate::control::server::Call;
 use crate::plan::{Event, Notice, RolloutTrigger, WorkerId};
-use crate::status::ClusterStatus;
 
 /// A `reload --wait` client and the rolls it waits for.
 #[derive(Debug)]
@@ -33,7 +32,7 @@ fn unix_now() -> f64 {
         .map_or(0.0, |t| t.as_secs_f64())
 }
 
-impl Runtime {
+impl Supervisor {
     pub(super) fn on_call(&mut self, call: Call) {
         let Call { request, replies } = call;
         match request {
@@ -98,10 +97,7 @@ impl Runtime {
     /// Handles an event, answering `done` with `message`, or `error` with the plan's refusal.
     fn checked(&mut self, event: Event, message: String) -> Reply {
         let outcome = self.plan.handle(event, Instant::now());
-        let refusal = outcome.notices.iter().find_map(|notice| match notice {
-            Notice::Refused { why } => Some(why.clone()),
-            _ => None,
-        });
+        let refusal = outcome.refusal().map(str::to_owned);
         self.perform(outcome);
         match refusal {
             Some(why) => Reply::error(why),
@@ -193,7 +189,7 @@ impl Runtime {
     fn reload_request(&mut self, pools: &[String], wait: bool, replies: mpsc::Sender<Reply>) {
         tracing::info!(event = "control", "reload requested by a control client");
         self.aborted.clear();
-        let reloaded = self.reload(pools, false);
+        let reloaded = self.reload(pools);
         self.service.reloading();
         self.service.update(&self.plan.status(Instant::now()));
         match reloaded {
@@ -300,10 +296,10 @@ impl Runtime {
     /// Tells event followers and reload waiters about a notice.
     pub(super) fn publish(&mut self, notice: &Notice) {
         if !self.subscribers.is_empty() {
-            let (event, pool, id) = log::describe(notice);
+            let (pool, id) = log::subject(notice);
             let record = Reply::Event(EventRecord {
                 time: unix_now(),
-                event: event.to_owned(),
+                event: notice.name().to_owned(),
                 pool,
                 id,
                 message: notice.to_string(),
@@ -339,55 +335,5 @@ impl Runtime {
             }
         }
         self.settle_reload_waiters();
-    }
-
-    /// A snapshot of the cluster, with CPU and memory read from `/proc` now.
-    pub(super) fn status(&mut self) -> ClusterStatus {
-        let now = Instant::now();
-        let workers: Vec<(WorkerId, u32)> = self
-            .plan
-            .workers()
-            .filter_map(|w| Some((w.id, w.pid?)))
-            .collect();
-        let samples = self.usage.sample(&workers, now);
-        let mut pools = self.plan.status(now);
-        for worker in pools.iter_mut().flat_map(|p| p.workers.iter_mut()) {
-            if let Some(sample) = samples.get(&WorkerId(worker.id)) {
-                worker.cpu_seconds = Some(sample.cpu_seconds);
-                worker.cpu_percent = sample.cpu_percent;
-                worker.rss_bytes = Some(sample.rss_bytes);
-            }
-        }
-        ClusterStatus {
-            name: self.name.clone(),
-            pid: std::process::id(),
-            uptime_secs: now.duration_since(self.started).as_secs_f64(),
-            config_file: self.config_file.clone(),
-            shutting_down: self.plan.is_shutting_down(),
-            pools,
-        }
-    }
-
-    /// Whether a pool has a `max_memory` to enforce.
-    pub(super) fn watches_memory(&self) -> bool {
-        self.plan
-            .workers()
-            .any(|w| w.spec().max_memory.is_some() && w.is_ready())
-    }
-
-    pub(super) fn check_memory(&mut self) {
-        let workers: Vec<(WorkerId, u32)> = self
-            .plan
-            .workers()
-            .filter(|w| w.spec().max_memory.is_some() && w.is_ready())
-            .filter_map(|w| Some((w.id, w.pid?)))
-            .collect();
-        let samples = self.usage.sample(&workers, Instant::now());
-        for (id, sample) in samples {
-            self.handle(Event::Memory {
-                id,
-                rss: sample.rss_bytes,
-            });
-        }
     }
 }

@@ -295,7 +295,7 @@ async fn read_channel(
     outbox.close();
 }
 
-impl super::Runtime {
+impl super::Supervisor {
     /// A lifecycle frame from a library worker, or why its channel broke.
     pub(super) fn on_lifecycle_frame(&mut self, id: WorkerId, frame: Result<Kind, String>) {
         use crate::plan::{Event, WorkerMessage};
@@ -311,7 +311,7 @@ impl super::Runtime {
                 if let Some(outboxes) = self.channels.remove(&id) {
                     outboxes.frames.close();
                 }
-                self.handoff.remove(id);
+                self.round_robin.remove(id);
                 if let Some(program) = &self.program {
                     program.event(LinkEvent::ChannelClosed { id });
                 }

@@ -10,39 +10,39 @@ fn ms(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A notice's event name (as in the JSON log), pool and worker id, for control clients.
-pub(crate) fn describe(notice: &Notice) -> (&'static str, Option<String>, Option<u64>) {
+/// A notice's pool and worker id, for control clients (its name is [`Notice::name`]).
+pub(crate) fn subject(notice: &Notice) -> (Option<String>, Option<u64>) {
     let of = |w: &WorkerRef| (Some(w.pool.to_string()), Some(w.id.0));
     let pool = |p: &std::sync::Arc<str>| (Some(p.to_string()), None);
-    let (event, (pool, id)) = match notice {
-        Notice::Spawned { worker } => ("spawned", of(worker)),
-        Notice::SpawnFailed { worker, .. } => ("spawn_failed", of(worker)),
-        Notice::Ready { worker, .. } => ("ready", of(worker)),
-        Notice::Listening { worker, .. } => ("listening", of(worker)),
-        Notice::Stopping { worker, .. } => ("stopping", of(worker)),
-        Notice::Killed { worker, .. } => ("killed", of(worker)),
-        Notice::Exited { worker, .. } => ("exited", of(worker)),
-        Notice::RestartScheduled { pool: p, .. } => ("restart_scheduled", pool(p)),
-        Notice::ReplaceQueued { worker, .. } => ("replace_queued", of(worker)),
-        Notice::ReplaceAbandoned { worker, .. } => ("replace_abandoned", of(worker)),
-        Notice::RolloutStarted { pool: p, .. } => ("rollout_started", pool(p)),
-        Notice::RolloutFinished { pool: p, .. } => ("rollout_finished", pool(p)),
-        Notice::RolloutAborted { pool: p, .. } => ("rollout_aborted", pool(p)),
-        Notice::Scaled { pool: p, .. } => ("scaled", pool(p)),
-        Notice::Status { worker, .. } => ("status", of(worker)),
-        Notice::Refused { .. } => ("refused", (None, None)),
-        Notice::ShutdownStarted { .. } => ("shutdown", (None, None)),
-        Notice::AllStopped => ("stopped", (None, None)),
-        Notice::PoolAdded { pool: p, .. } => ("pool_added", pool(p)),
-        Notice::PoolRemoved { pool: p, .. } => ("pool_removed", pool(p)),
-        Notice::Hung { worker, .. } => ("hung", of(worker)),
-        Notice::OverMemory { worker, .. } => ("over_memory", of(worker)),
-    };
-    (event, pool, id)
+    match notice {
+        Notice::Spawned { worker }
+        | Notice::SpawnFailed { worker, .. }
+        | Notice::Ready { worker, .. }
+        | Notice::Listening { worker, .. }
+        | Notice::Stopping { worker, .. }
+        | Notice::Killed { worker, .. }
+        | Notice::Exited { worker, .. }
+        | Notice::ReplaceQueued { worker, .. }
+        | Notice::ReplaceAbandoned { worker, .. }
+        | Notice::Status { worker, .. }
+        | Notice::Hung { worker, .. }
+        | Notice::OverMemory { worker, .. } => of(worker),
+        Notice::RestartScheduled { pool: p, .. }
+        | Notice::RolloutStarted { pool: p, .. }
+        | Notice::RolloutFinished { pool: p, .. }
+        | Notice::RolloutAborted { pool: p, .. }
+        | Notice::Scaled { pool: p, .. }
+        | Notice::PoolAdded { pool: p, .. }
+        | Notice::PoolRemoved { pool: p, .. } => pool(p),
+        Notice::Refused { .. } | Notice::ShutdownStarted { .. } | Notice::AllStopped => {
+            (None, None)
+        }
+    }
 }
 
 /// Logs one notice.
 pub(crate) fn notice(notice: &Notice) {
+    let event = notice.name();
     let worker_fields = |w: &WorkerRef| {
         (
             w.pool.to_string(),
@@ -55,19 +55,16 @@ pub(crate) fn notice(notice: &Notice) {
     match notice {
         Notice::Spawned { worker, .. } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
-            info!(
-                event = "spawned",
-                pool, slot, id, pid, generation, "{notice}"
-            );
+            info!(event, pool, slot, id, pid, generation, "{notice}");
         }
         Notice::SpawnFailed { worker, error } => {
             let (pool, slot, id, _, generation) = worker_fields(worker);
-            error!(event = "spawn_failed", pool, slot, id, generation, error = %error, "{notice}");
+            error!(event, pool, slot, id, generation, error = %error, "{notice}");
         }
         Notice::Ready { worker, after } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
             info!(
-                event = "ready",
+                event,
                 pool,
                 slot,
                 id,
@@ -85,7 +82,7 @@ pub(crate) fn notice(notice: &Notice) {
         } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
             info!(
-                event = "listening",
+                event,
                 pool,
                 slot,
                 id,
@@ -103,11 +100,11 @@ pub(crate) fn notice(notice: &Notice) {
             signal,
         } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
-            info!(event = "stopping", pool, slot, id, pid, generation, reason = reason.as_str(), signal = %signal, "{notice}");
+            info!(event, pool, slot, id, pid, generation, reason = reason.as_str(), signal = %signal, "{notice}");
         }
         Notice::Killed { worker, cause } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
-            warn!(event = "killed", pool, slot, id, pid, generation, why = %cause, "{notice}");
+            warn!(event, pool, slot, id, pid, generation, why = %cause, "{notice}");
         }
         Notice::Exited {
             worker,
@@ -124,12 +121,12 @@ pub(crate) fn notice(notice: &Notice) {
             };
             if matches!(cause, crate::plan::ExitCause::Crashed) {
                 warn!(
-                    event = "exited",
+                    event,
                     pool, slot, id, pid, generation, code, signal, reason, uptime_ms, "{notice}"
                 );
             } else {
                 info!(
-                    event = "exited",
+                    event,
                     pool, slot, id, pid, generation, code, signal, reason, uptime_ms, "{notice}"
                 );
             }
@@ -143,21 +140,15 @@ pub(crate) fn notice(notice: &Notice) {
             let pool = pool.to_string();
             let delay_ms = ms(*delay);
             if *failures > 0 {
-                warn!(
-                    event = "restart_scheduled",
-                    pool, slot, delay_ms, failures, "{notice}"
-                );
+                warn!(event, pool, slot, delay_ms, failures, "{notice}");
             } else {
-                info!(
-                    event = "restart_scheduled",
-                    pool, slot, delay_ms, failures, "{notice}"
-                );
+                info!(event, pool, slot, delay_ms, failures, "{notice}");
             }
         }
         Notice::ReplaceQueued { worker, reason } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
             info!(
-                event = "replace_queued",
+                event,
                 pool,
                 slot,
                 id,
@@ -173,7 +164,7 @@ pub(crate) fn notice(notice: &Notice) {
             why,
         } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
-            warn!(event = "replace_abandoned", pool, slot, id, pid, generation, reason = reason.as_str(), why = %why, "{notice}");
+            warn!(event, pool, slot, id, pid, generation, reason = reason.as_str(), why = %why, "{notice}");
         }
         Notice::RolloutStarted {
             pool,
@@ -183,7 +174,7 @@ pub(crate) fn notice(notice: &Notice) {
         } => {
             let pool = pool.to_string();
             let superseded = superseded.unwrap_or(0);
-            info!(event = "rollout_started", pool, generation, reason = %trigger, superseded, "{notice}");
+            info!(event, pool, generation, reason = %trigger, superseded, "{notice}");
         }
         Notice::RolloutFinished {
             pool,
@@ -193,7 +184,7 @@ pub(crate) fn notice(notice: &Notice) {
         } => {
             let pool = pool.to_string();
             info!(
-                event = "rollout_finished",
+                event,
                 pool,
                 generation,
                 replaced,
@@ -209,38 +200,33 @@ pub(crate) fn notice(notice: &Notice) {
             why,
         } => {
             let pool = pool.to_string();
-            error!(event = "rollout_aborted", pool, generation, replaced, size, why = %why, "{notice}");
+            error!(event, pool, generation, replaced, size, why = %why, "{notice}");
         }
         Notice::Scaled { pool, from, to } => {
             let pool = pool.to_string();
-            info!(event = "scaled", pool, from, to, "{notice}");
+            info!(event, pool, from, to, "{notice}");
         }
         Notice::Status { worker, text } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
-            info!(event = "status", pool, slot, id, pid, generation, text = %text, "{notice}");
+            info!(event, pool, slot, id, pid, generation, text = %text, "{notice}");
         }
-        Notice::Refused { why } => warn!(event = "refused", why = %why, "{notice}"),
+        Notice::Refused { why } => warn!(event, why = %why, "{notice}"),
         Notice::ShutdownStarted { immediate, workers } => {
-            info!(
-                event = "shutdown",
-                graceful = !immediate,
-                workers,
-                "{notice}"
-            );
+            info!(event, graceful = !immediate, workers, "{notice}");
         }
-        Notice::AllStopped => info!(event = "stopped", "{notice}"),
+        Notice::AllStopped => info!(event, "{notice}"),
         Notice::PoolAdded { pool, size } => {
             let pool = pool.to_string();
-            info!(event = "pool_added", pool, size, "{notice}");
+            info!(event, pool, size, "{notice}");
         }
         Notice::PoolRemoved { pool, workers } => {
             let pool = pool.to_string();
-            info!(event = "pool_removed", pool, workers, "{notice}");
+            info!(event, pool, workers, "{notice}");
         }
         Notice::Hung { worker, silent_for } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
             error!(
-                event = "hung",
+                event,
                 pool,
                 slot,
                 id,
@@ -253,7 +239,7 @@ pub(crate) fn notice(notice: &Notice) {
         Notice::OverMemory { worker, rss, limit } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
             warn!(
-                event = "over_memory",
+                event,
                 pool, slot, id, pid, generation, rss, limit, "{notice}"
             );
         }

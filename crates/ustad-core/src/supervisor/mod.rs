@@ -3,128 +3,51 @@
 //!
 //! It runs on a tokio `current_thread` runtime, on the thread that called it, for the life of
 //! the primary: `PR_SET_PDEATHSIG` ties each worker to the thread that forked it.
+//!
+//! Here: the loop, and the dispatch of what it hears to the plan and back. Beside it, a room
+//! per concern: `setup` (what is bound and started before the loop, in order), `launch`
+//! (starting a worker), `notify` (datagrams from workers), `process_groups` (what is left of
+//! workers: lingering groups, adopted orphans, the guard), `usage` (CPU and memory, status),
+//! `control` (clients), `reload`, `round_robin` (the acceptor of `round-robin` sockets) and
+//! `link` (the Rust library's side).
 
 mod control;
 mod guard;
-mod handoff;
+mod launch;
 mod link;
 mod listen_watch;
 mod log;
+mod notify;
+mod process_groups;
 mod reload;
+mod round_robin;
+mod setup;
 mod usage;
 
-use std::collections::VecDeque;
-use std::io;
-use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, kill_process_group, set_child_subreaper, test_kill_process_group};
-use tokio::signal::unix::{Signal as SignalStream, SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, info, warn};
+use tokio::sync::mpsc;
+use tracing::{error, info};
 
-use crate::config::{Config, ConfigError, PoolSpec, Problem, Signal};
-use crate::control::server::{Call, ControlServer};
-use crate::ipc::Outbox;
+use crate::config::{Config, Signal, SocketSpec};
+use crate::control::protocol::Reply;
 use crate::logbook::LogBook;
-use crate::notify::{Datagram, NotifySocket};
-use crate::output::{OutputRelay, OutputStyle};
-use crate::plan::{Action, Event, ExitStatus, Notice, Phase, Plan, RolloutTrigger, WorkerId};
-use crate::procfs;
-use crate::sockets::{BindError, Listeners};
-use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
-use crate::status::ClusterStatus;
+use crate::notify::NotifySocket;
+use crate::output::OutputRelay;
+use crate::plan::{
+    Action, Event, ExitStatus, Notice, Outcome, Phase, Plan, RolloutTrigger, WorkerId,
+};
+use crate::service::ServiceNotifier;
+use crate::sockets::Listeners;
 
 use self::guard::Guard;
 pub use self::link::{FrameSink, Link, LinkEvent, Program, WorkerInfo};
-
-/// Re-reads the configuration (on SIGHUP).
-pub type Reload = Box<dyn FnMut() -> Result<Config, ConfigError> + Send>;
-
-/// How the supervisor runs.
-#[non_exhaustive]
-pub struct Options {
-    /// Re-reads the configuration on SIGHUP; without it SIGHUP restarts with the running one.
-    pub reload: Option<Reload>,
-    /// How workers' output is prefixed.
-    pub output: OutputStyle,
-    /// Become a child subreaper (`PR_SET_CHILD_SUBREAPER`), so that processes escaping a
-    /// worker's process group are re-parented to the primary and cleaned up at exit.
-    pub subreaper: bool,
-    /// Start a guard process that kills the workers' process groups if the primary dies (the
-    /// workers themselves die with it in any case, through `PR_SET_PDEATHSIG`).
-    pub guard: bool,
-    /// The instance's name, shown by `ustad status`.
-    pub name: String,
-    /// Where to listen for control clients (`ustad status`…); `None`: nowhere.
-    pub control: Option<PathBuf>,
-    /// The configuration file, shown by `ustad status`.
-    pub config_file: Option<PathBuf>,
-    /// Where to serve `/metrics` and `/healthz`.
-    pub metrics: Option<SocketAddr>,
-    /// The embedding program's ends, for the Rust library.
-    pub link: Option<Link>,
-}
-
-impl Default for Options {
-    fn default() -> Options {
-        Options {
-            reload: None,
-            output: OutputStyle::default(),
-            subreaper: true,
-            guard: true,
-            name: "ustad".to_owned(),
-            control: None,
-            config_file: None,
-            metrics: None,
-            link: None,
-        }
-    }
-}
-
-impl std::fmt::Debug for Options {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options")
-            .field("reload", &self.reload.is_some())
-            .field("output", &self.output)
-            .field("subreaper", &self.subreaper)
-            .field("guard", &self.guard)
-            .field("name", &self.name)
-            .field("control", &self.control)
-            .field("config_file", &self.config_file)
-            .field("metrics", &self.metrics)
-            .field("link", &self.link.is_some())
-            .finish()
-    }
-}
-
-/// Why the supervisor could not run.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SupervisorError {
-    /// The configuration is invalid.
-    #[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Invalid(Vec<Problem>),
-    /// A socket could not be bound; nothing was started.
-    #[error(transparent)]
-    Bind(#[from] BindError),
-    /// Setting up the primary failed.
-    #[error("cannot {what}: {source}")]
-    Setup {
-        /// What was being set up.
-        what: &'static str,
-        /// The OS error.
-        source: io::Error,
-    },
-    /// The supervisor was called from a multi-threaded runtime.
-    #[error(
-        "the supervisor must run on a tokio current_thread runtime (workers die with the thread that forked them)"
-    )]
-    NotCurrentThread,
-}
+use self::process_groups::{Lingering, signal_group, worker_kill_timeout};
+use self::setup::Inputs;
+pub use self::setup::{Options, Reload, SupervisorError};
 
 /// Runs the cluster until it is told to stop (SIGINT/SIGTERM) and every worker has exited.
 ///
@@ -133,127 +56,29 @@ pub enum SupervisorError {
 /// once), SIGHUP reloads and rolls every pool, SIGUSR2 rolls every pool with the running
 /// configuration, SIGTTIN/SIGTTOU add/remove a worker of the first pool.
 pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError> {
-    config.validate().map_err(SupervisorError::Invalid)?;
-    if tokio::runtime::Handle::current().runtime_flavor()
-        != tokio::runtime::RuntimeFlavor::CurrentThread
-    {
-        return Err(SupervisorError::NotCurrentThread);
-    }
-    let setup = |what| move |source| SupervisorError::Setup { what, source };
-    let listeners = Listeners::bind(&config)?;
-    for (socket, address) in listeners.addresses() {
-        info!(event = "listening", socket = %socket, address = %address, "socket {socket} listening on {address}");
-    }
-    let control = match &options.control {
-        Some(path) => Some(Arc::new(
-            ControlServer::bind(path).map_err(setup("listen on the control socket"))?,
-        )),
-        None => None,
-    };
-    if let Some(control) = &control {
-        info!(event = "control", path = %control.path().display(), "control socket {}", control.path().display());
-    }
-    let metrics = match options.metrics {
-        Some(address) => {
-            let listener = std::net::TcpListener::bind(address)
-                .and_then(|listener| {
-                    listener.set_nonblocking(true)?;
-                    tokio::net::TcpListener::from_std(listener)
-                })
-                .map_err(|error| SupervisorError::Setup {
-                    what: "serve metrics",
-                    source: io::Error::new(
-                        error.kind(),
-                        format!("cannot listen on {address}: {error}"),
-                    ),
-                })?;
-            let address = listener.local_addr().map_or(address, |a| a);
-            info!(event = "metrics", address = %address, "metrics on http://{address}/metrics and /healthz");
-            Some(listener)
-        }
-        None => None,
-    };
-    if options.subreaper {
-        enable_subreaper().map_err(setup("become a child subreaper"))?;
-    }
-    let mut signals = Signals::new().map_err(setup("install signal handlers"))?;
-    let notify = NotifySocket::bind().map_err(setup("bind the notify socket"))?;
-    let mut guard_cleanup = notify.paths().to_vec();
-    if let Some(control) = &control {
-        guard_cleanup.insert(0, control.path().to_owned());
-    }
-    let guard = match options.guard {
-        true => Some(Guard::start(&guard_cleanup).map_err(setup("start the guard process"))?),
-        false => None,
-    };
-    let (exits, mut exited) = mpsc::unbounded_channel();
-    let clock = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.as_nanos() as u64);
-    let seed = u64::from(std::process::id()) ^ clock ^ 0x9e37_79b9_7f4a_7c15;
-    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
-    let serving = control
-        .clone()
-        .map(|control| tokio::spawn(async move { control.serve(calls_tx).await }));
-    let (status_tx, mut status_requests) = mpsc::channel::<oneshot::Sender<ClusterStatus>>(16);
-    let metrics_server = metrics.map(|listener| {
-        tokio::spawn(async move {
-            if let Err(error) = crate::metrics::serve(listener, status_tx).await {
-                error!("the metrics server stopped: {error}");
-            }
-        })
-    });
-    let logbook = LogBook::default();
-    let (program, channel_runtime, mut link_calls) = match options.link {
-        Some(link) => (Some(link.program), link.runtime, Some(link.calls)),
-        None => (None, None, None),
-    };
-    let (lifecycle, mut lifecycle_frames) = mpsc::unbounded_channel();
-    let handoff =
-        handoff::Handoff::start(&listeners).map_err(setup("accept on round-robin sockets"))?;
-    let mut runtime = Runtime {
-        program,
-        channel_runtime,
-        lifecycle,
-        channels: std::collections::HashMap::new(),
-        handoff,
-        plan: Plan::new(&config, seed),
-        config,
-        listeners,
-        notify,
-        output: OutputRelay::start(options.output, logbook.clone()),
-        logbook,
-        reload: options.reload,
-        service: crate::service::ServiceNotifier::from_env(),
-        name: options.name,
-        config_file: options.config_file,
-        started: Instant::now(),
-        usage: usage::Usage::default(),
-        subscribers: Vec::new(),
-        stop_waiters: Vec::new(),
-        reload_waiters: Vec::new(),
-        subreaper: options.subreaper,
-        aborted: Vec::new(),
-        retired_sockets: Vec::new(),
-        exits,
-        lingering: Vec::new(),
-        guard,
-        guard_cleanup,
-        finished: false,
-        rejections: RateLimit::default(),
-    };
-    if let Some(program) = &runtime.program {
+    let (mut supervisor, inputs) = setup::start(config, options)?;
+    let Inputs {
+        mut signals,
+        mut exited,
+        mut calls,
+        mut link_calls,
+        mut lifecycle_frames,
+        mut status_requests,
+        control,
+        servers,
+    } = inputs;
+    if let Some(program) = &supervisor.program {
         program.event(LinkEvent::Started);
     }
-    let outcome = runtime.plan.start(Instant::now());
-    runtime.perform(outcome);
+    let outcome = supervisor.plan.start(Instant::now());
+    supervisor.perform(outcome);
     let mut memory_check = tokio::time::interval(usage::MEMORY_INTERVAL);
     memory_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    while !(runtime.finished && runtime.lingering.is_empty()) {
+    while !(supervisor.finished && supervisor.lingering.is_empty()) {
         let deadline = [
-            runtime.plan.next_deadline(),
-            runtime.lingering.iter().map(|l| l.deadline).min(),
+            supervisor.plan.next_deadline(),
+            supervisor.lingering_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -265,119 +90,51 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
             }
         };
         tokio::select! {
-            Some((id, status)) = exited.recv() => runtime.on_exit(id, status),
-            _ = signals.interrupt.recv() => runtime.on_stop_signal("SIGINT"),
-            _ = signals.terminate.recv() => runtime.on_stop_signal("SIGTERM"),
-            _ = signals.hangup.recv() => runtime.on_hangup(),
+            Some((id, status)) = exited.recv() => supervisor.on_exit(id, status),
+            _ = signals.interrupt.recv() => supervisor.on_stop_signal("SIGINT"),
+            _ = signals.terminate.recv() => supervisor.on_stop_signal("SIGTERM"),
+            _ = signals.hangup.recv() => supervisor.on_hangup(),
             _ = signals.user2.recv() => {
                 info!(event = "signal", signal = "SIGUSR2", "SIGUSR2: rolling restart of every pool");
-                runtime.handle(Event::Rollout { pool: None, trigger: RolloutTrigger::Restart, spec: None });
+                supervisor.handle(Event::Rollout { pool: None, trigger: RolloutTrigger::Restart, spec: None });
             }
-            _ = signals.tty_in.recv() => runtime.scale_first_pool(1),
-            _ = signals.tty_out.recv() => runtime.scale_first_pool(-1),
-            _ = signals.child.recv() => runtime.on_child_signal(),
-            datagram = runtime.notify.recv() => runtime.on_datagram(datagram),
-            Some(call) = calls.recv() => runtime.on_call(call),
+            _ = signals.tty_in.recv() => supervisor.scale_first_pool(1),
+            _ = signals.tty_out.recv() => supervisor.scale_first_pool(-1),
+            _ = signals.child.recv() => supervisor.on_child_signal(),
+            datagram = supervisor.notify.recv() => supervisor.on_datagram(datagram),
+            Some(call) = calls.recv() => supervisor.on_call(call),
             Some(call) = async {
                 match &mut link_calls {
                     Some(calls) => calls.recv().await,
                     None => std::future::pending().await,
                 }
-            } => runtime.on_call(call),
-            Some((id, frame)) = lifecycle_frames.recv() => runtime.on_lifecycle_frame(id, frame),
+            } => supervisor.on_call(call),
+            Some((id, frame)) = lifecycle_frames.recv() => supervisor.on_lifecycle_frame(id, frame),
             Some(reply) = status_requests.recv() => {
-                let _ = reply.send(runtime.status());
+                let _ = reply.send(supervisor.status());
             }
-            _ = memory_check.tick(), if runtime.watches_memory() => runtime.check_memory(),
-            () = sleep => runtime.on_deadline(),
+            _ = memory_check.tick(), if supervisor.watches_memory() => supervisor.check_memory(),
+            () = sleep => supervisor.on_deadline(),
         }
     }
-    for task in [serving, metrics_server].into_iter().flatten() {
+    for task in servers {
         task.abort();
     }
     drop(control);
-    if runtime.subreaper {
-        runtime.kill_adopted_orphans().await;
+    if supervisor.subreaper {
+        supervisor.kill_adopted_orphans().await;
     }
-    if let Some(program) = &runtime.program {
+    if let Some(program) = &supervisor.program {
         program.event(LinkEvent::Stopped);
     }
-    runtime.output.finish(Duration::from_secs(1)).await;
+    supervisor.output.finish(Duration::from_secs(1)).await;
     // Dropping the guard closes its pipe: it exits, and is reaped.
-    drop(runtime.guard.take());
+    drop(supervisor.guard.take());
     Ok(())
 }
 
-fn enable_subreaper() -> io::Result<()> {
-    // rustix passes the pid as prctl's flag argument: any non-zero value turns it on.
-    set_child_subreaper(Some(rustix::process::getpid())).map_err(io::Error::from)
-}
-
-struct Signals {
-    interrupt: SignalStream,
-    terminate: SignalStream,
-    hangup: SignalStream,
-    user2: SignalStream,
-    tty_in: SignalStream,
-    tty_out: SignalStream,
-    child: SignalStream,
-}
-
-impl Signals {
-    fn new() -> io::Result<Signals> {
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-            hangup: signal(SignalKind::hangup())?,
-            user2: signal(SignalKind::user_defined2())?,
-            tty_in: signal(SignalKind::from_raw(libc::SIGTTIN))?,
-            tty_out: signal(SignalKind::from_raw(libc::SIGTTOU))?,
-            child: signal(SignalKind::child())?,
-        })
-    }
-}
-
-/// A process group whose leader (the worker) has exited while other members remain: they get
-/// SIGKILL at `deadline` unless they are gone by then.
-#[derive(Debug)]
-struct Lingering {
-    pgid: u32,
-    deadline: Instant,
-}
-
-/// Limits how often rejected notify datagrams are logged, so a hostile worker cannot flood
-/// the log.
-#[derive(Debug, Default)]
-struct RateLimit {
-    window_start: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    const PER_WINDOW: u32 = 10;
-    const WINDOW: Duration = Duration::from_secs(10);
-
-    /// Whether to log this one; also returns how many were suppressed since the last one.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .window_start
-            .is_none_or(|start| now.duration_since(start) >= Self::WINDOW)
-        {
-            self.window_start = Some(now);
-            self.logged = 0;
-        }
-        if self.logged < Self::PER_WINDOW {
-            self.logged += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
-
-struct Runtime {
+/// The process layer's state: what the loop's handlers (here and in the rooms beside) act on.
+struct Supervisor {
     /// The embedding program (Rust library).
     program: Option<Arc<dyn Program>>,
     /// Where library workers' channels run; `None`: here.
@@ -385,29 +142,33 @@ struct Runtime {
     /// Lifecycle frames from library workers' channels.
     lifecycle: link::Lifecycle,
     /// The outboxes of each library worker's channel.
-    channels: std::collections::HashMap<WorkerId, link::Outboxes>,
-    /// The acceptors of `round-robin` sockets.
-    handoff: handoff::Handoff,
+    channels: HashMap<WorkerId, link::Outboxes>,
+    /// The acceptor of `round-robin` sockets.
+    round_robin: round_robin::RoundRobinAcceptor,
     plan: Plan,
+    /// The configuration running (the last one reloaded).
     config: Config,
     listeners: Listeners,
     notify: NotifySocket,
     output: OutputRelay,
+    /// Where each worker's exit-watching task reports.
     exits: mpsc::UnboundedSender<(WorkerId, ExitStatus)>,
+    /// Process groups of exited workers whose other members have until a deadline.
     lingering: Vec<Lingering>,
     logbook: LogBook,
     /// Re-reads the configuration file, when there is one.
     reload: Option<Reload>,
     /// ustad's own `NOTIFY_SOCKET`, when a service manager gave it one.
-    service: crate::service::ServiceNotifier,
+    service: ServiceNotifier,
+    /// The instance's name, for `ustad status`.
     name: String,
     config_file: Option<PathBuf>,
     started: Instant,
     usage: usage::Usage,
     /// Clients of `ustad top` / the `events` request.
-    subscribers: Vec<mpsc::Sender<crate::control::protocol::Reply>>,
+    subscribers: Vec<mpsc::Sender<Reply>>,
     /// Clients of `ustad stop`, answered when the primary exits (by closing).
-    stop_waiters: Vec<mpsc::Sender<crate::control::protocol::Reply>>,
+    stop_waiters: Vec<mpsc::Sender<Reply>>,
     /// Clients of `ustad reload --wait`.
     reload_waiters: Vec<control::ReloadWaiter>,
     /// A child subreaper: adopted processes are reaped, and stopped at exit.
@@ -415,15 +176,17 @@ struct Runtime {
     /// Rollouts aborted since the last reload request: pool and why.
     aborted: Vec<(String, String)>,
     /// Sockets a reload removed, closed once no worker uses them.
-    retired_sockets: Vec<(String, crate::config::SocketSpec)>,
+    retired_sockets: Vec<(String, SocketSpec)>,
     guard: Option<Guard>,
     /// What a guard removes when the primary dies (see `Guard::start`).
     guard_cleanup: Vec<PathBuf>,
+    /// The plan said every worker has stopped: the loop ends once no group lingers.
     finished: bool,
-    rejections: RateLimit,
+    /// How often rejected notify datagrams are logged.
+    rejections: notify::RateLimit,
 }
 
-impl Runtime {
+impl Supervisor {
     fn handle(&mut self, event: Event) {
         let outcome = self.plan.handle(event, Instant::now());
         self.perform(outcome);
@@ -431,7 +194,7 @@ impl Runtime {
 
     /// Logs the notices and performs the actions of an outcome, and of the outcomes those
     /// actions lead to.
-    fn perform(&mut self, outcome: crate::plan::Outcome) {
+    fn perform(&mut self, outcome: Outcome) {
         let mut queue = VecDeque::from([outcome]);
         while let Some(outcome) = queue.pop_front() {
             for notice in &outcome.notices {
@@ -439,7 +202,7 @@ impl Runtime {
                 self.publish(notice);
                 self.publish_link(notice);
                 let (channels, plan, config) = (&self.channels, &self.plan, &self.config);
-                self.handoff.follow(notice, |id| {
+                self.round_robin.follow(notice, |id| {
                     let outboxes = channels.get(&id)?;
                     let sockets: Vec<String> =
                         plan.worker(id)?
@@ -470,7 +233,7 @@ impl Runtime {
                         generation,
                         spec,
                     } => {
-                        let event = self.spawn(id, &pool, slot, generation, &spec);
+                        let event = self.launch(id, &pool, slot, generation, &spec);
                         queue.push_back(self.plan.handle(event, Instant::now()));
                     }
                     Action::Signal { id, pid, signal } => {
@@ -504,151 +267,9 @@ impl Runtime {
         }
     }
 
-    fn spawn(
-        &mut self,
-        id: WorkerId,
-        pool: &str,
-        slot: usize,
-        generation: u64,
-        spec: &Arc<PoolSpec>,
-    ) -> Event {
-        if let Err(error) = self.listeners.ensure_slot(&spec.sockets, pool, slot) {
-            return Event::SpawnFailed {
-                id,
-                error: error.to_string(),
-            };
-        }
-        let pair = match spec.ipc {
-            Some(_) => match rustix::net::socketpair(
-                rustix::net::AddressFamily::UNIX,
-                rustix::net::SocketType::STREAM,
-                rustix::net::SocketFlags::CLOEXEC,
-                None,
-            ) {
-                Ok(pair) => Some(pair),
-                Err(error) => {
-                    return Event::SpawnFailed {
-                        id,
-                        error: format!("cannot create the message channel: {error}"),
-                    };
-                }
-            },
-            None => None,
-        };
-        let launch = WorkerLaunch {
-            id,
-            pool,
-            slot,
-            generation,
-            spec,
-            sockets: self.listeners.fds(&spec.sockets, pool, slot),
-            notify_socket: wants_notify(spec).then(|| self.notify.path()),
-            ipc: pair.as_ref().map(|(_, child)| child.as_fd()),
-        };
-        let mut child = match spawn_worker(&launch) {
-            Ok(child) => child,
-            Err(error) => {
-                return Event::SpawnFailed {
-                    id,
-                    error: error.to_string(),
-                };
-            }
-        };
-        let Some(pid) = child.id() else {
-            return Event::SpawnFailed {
-                id,
-                error: "the process vanished at once".to_owned(),
-            };
-        };
-        self.output
-            .attach(pool, slot, id.0, child.stdout.take(), child.stderr.take());
-        let info = Arc::new(WorkerInfo {
-            id,
-            pool: Arc::from(pool),
-            slot,
-            generation,
-        });
-        let channel = match (pair, spec.ipc) {
-            (Some((parent, _child)), Some(ipc)) => {
-                Some((parent, ipc, Outbox::new(crate::ipc::OUTBOX_BYTES)))
-            }
-            _ => None,
-        };
-        let sink = self.program.as_ref().and_then(|program| {
-            let outbox = channel
-                .as_ref()
-                .map(|(_, ipc, outbox)| (outbox.clone(), ipc.max_message));
-            program.spawned(&info, pid, outbox)
-        });
-        if let Some((parent, ipc, outbox)) = channel {
-            match link::start_channel(
-                parent,
-                info.clone(),
-                ipc,
-                self.lifecycle.clone(),
-                sink,
-                outbox.clone(),
-                self.channel_runtime.as_ref(),
-            ) {
-                Ok(conns) => {
-                    self.channels.insert(
-                        id,
-                        link::Outboxes {
-                            frames: outbox,
-                            conns,
-                        },
-                    );
-                }
-                Err(error) => {
-                    outbox.close();
-                    error!(
-                        "worker {pool}.{slot} (id {id}): cannot use its message channel: {error}"
-                    );
-                }
-            }
-        }
-        if let Some(guard) = &mut self.guard {
-            guard.watch(pid);
-        }
-        let exits = self.exits.clone();
-        tokio::spawn(async move {
-            let status = match child.wait().await {
-                Ok(status) => ExitStatus::from(status),
-                Err(error) => {
-                    error!("waiting for worker pid {pid} failed: {error}");
-                    ExitStatus::Code(-1)
-                }
-            };
-            let _ = exits.send((id, status));
-        });
-        Event::Spawned { id, pid }
-    }
-
     fn on_exit(&mut self, id: WorkerId, status: ExitStatus) {
         self.channels.remove(&id);
-        // Other members of the worker's process group outlive it only until the deadline of
-        // its stop (or, after a crash, for one kill_timeout after the stop signal).
-        if let Some(worker) = self.plan.worker(id) {
-            if let Some(pgid) = worker.pid {
-                let now = Instant::now();
-                if group_exists(pgid) {
-                    let deadline = match worker.phase {
-                        Phase::Stopping { kill_at, .. } => kill_at.unwrap_or(now),
-                        _ => {
-                            signal_group(pgid, worker_stop_signal(&self.plan, id));
-                            now + worker_kill_timeout(&self.plan, id)
-                        }
-                    };
-                    debug!(
-                        pgid,
-                        "worker pid {pgid} exited; the rest of its process group has until its deadline"
-                    );
-                    self.lingering.push(Lingering { pgid, deadline });
-                } else if let Some(guard) = &mut self.guard {
-                    guard.forget(pgid);
-                }
-            }
-        }
+        self.linger(id);
         self.handle(Event::Exited { id, status });
         self.settle_lingering(None);
         self.close_retired_sockets();
@@ -667,11 +288,7 @@ impl Runtime {
             }
         );
         if immediate {
-            let now = Instant::now();
-            for lingering in &mut self.lingering {
-                lingering.deadline = now;
-            }
-            self.settle_lingering(Some(now));
+            self.kill_lingering_now();
         }
         self.service.stopping();
         self.handle(Event::Shutdown {
@@ -691,7 +308,7 @@ impl Runtime {
                 "rolling restart of every pool (no config file to re-read)"
             }
         );
-        let reloaded = self.reload(&[], false);
+        let reloaded = self.reload(&[]);
         self.service.reloading();
         self.service.update(&self.plan.status(Instant::now()));
         if let Err(error) = reloaded {
@@ -714,59 +331,6 @@ impl Runtime {
         self.handle(Event::Scale { pool, size });
     }
 
-    fn on_datagram(&mut self, received: io::Result<Datagram>) {
-        let now = Instant::now();
-        let datagram = match received {
-            Ok(datagram) => datagram,
-            Err(error) => {
-                if let Some(suppressed) = self.rejections.allow(now) {
-                    warn!(
-                        event = "notify_error",
-                        suppressed, "reading the notify socket failed: {error}"
-                    );
-                }
-                return;
-            }
-        };
-        let worker = datagram.pid.and_then(|pid| self.attribute(pid));
-        match (worker, datagram.content) {
-            (Some(id), Ok(messages)) => {
-                for message in messages {
-                    self.handle(Event::Message { id, message });
-                }
-            }
-            (worker, content) => {
-                let why = match (&worker, content) {
-                    (None, _) => "the sender is not a worker of this primary".to_owned(),
-                    (Some(_), Err(why)) => why,
-                    (Some(_), Ok(_)) => unreachable!("handled above"),
-                };
-                if let Some(suppressed) = self.rejections.allow(now) {
-                    let from = match worker.and_then(|id| self.plan.worker_ref(id)) {
-                        Some(worker) => format!("worker {worker}"),
-                        None => format!(
-                            "pid {}",
-                            datagram
-                                .pid
-                                .map_or_else(|| "?".to_owned(), |p| p.to_string())
-                        ),
-                    };
-                    let pid = datagram.pid.unwrap_or(0);
-                    warn!(event = "notify_rejected", pid, suppressed, why = %why, "notify datagram from {from} dropped: {why}");
-                }
-            }
-        }
-    }
-
-    /// The worker a notify sender belongs to: the worker itself, or a process in its group.
-    fn attribute(&self, pid: u32) -> Option<WorkerId> {
-        if let Some(worker) = self.plan.worker_by_pid(pid) {
-            return Some(worker.id);
-        }
-        let group = procfs::stat(pid)?.pgrp;
-        self.plan.worker_by_pid(group).map(|w| w.id)
-    }
-
     fn on_deadline(&mut self) {
         let now = Instant::now();
         let outcome = self.plan.tick(now);
@@ -783,162 +347,4 @@ impl Runtime {
         }
         self.settle_lingering(None);
     }
-
-    /// Forgets groups that are gone; with `now`, kills those past their deadline.
-    fn settle_lingering(&mut self, now: Option<Instant>) {
-        let mut released = Vec::new();
-        self.lingering.retain(|lingering| {
-            let alive = group_exists(lingering.pgid);
-            let expired = now.is_some_and(|now| lingering.deadline <= now);
-            if alive && expired {
-                warn!(
-                    event = "killed",
-                    pgid = lingering.pgid,
-                    "killing what is left of the process group of exited worker pid {}",
-                    lingering.pgid
-                );
-                signal_group(lingering.pgid, Signal::KILL);
-            }
-            let keep = alive && !expired;
-            if !keep {
-                released.push(lingering.pgid);
-            }
-            keep
-        });
-        if let Some(guard) = &mut self.guard {
-            for pgid in released {
-                guard.forget(pgid);
-            }
-        }
-    }
-
-    /// A guard only exits on its own when something killed it: start another one and tell it
-    /// every process group there is to watch.
-    fn replace_lost_guard(&mut self) {
-        let Some(guard) = &mut self.guard else { return };
-        if !guard.has_exited() {
-            return;
-        }
-        let lost = guard.pid();
-        let mut guard = match Guard::start(&self.guard_cleanup) {
-            Ok(guard) => guard,
-            Err(error) => {
-                self.guard = None;
-                error!(
-                    event = "guard_lost",
-                    pid = lost,
-                    "the guard process (pid {lost}) was killed and cannot be replaced ({error}): if ustad is killed, what workers started may outlive it"
-                );
-                return;
-            }
-        };
-        let groups: Vec<u32> = self
-            .plan
-            .workers()
-            .filter_map(|worker| worker.pid)
-            .chain(self.lingering.iter().map(|lingering| lingering.pgid))
-            .collect();
-        for pgid in groups {
-            guard.watch(pgid);
-        }
-        warn!(
-            event = "guard_replaced",
-            pid = lost,
-            new_pid = guard.pid(),
-            "the guard process (pid {lost}) was killed; started a new one (pid {})",
-            guard.pid()
-        );
-        self.guard = Some(guard);
-    }
-
-    fn is_guard(&self, pid: u32) -> bool {
-        self.guard.as_ref().is_some_and(|guard| guard.pid() == pid)
-    }
-
-    /// Reaps zombies among this process's children that are not workers: processes adopted
-    /// as a subreaper (or as PID 1). Workers are reaped by their own tasks.
-    fn reap_adopted(&self) {
-        for pid in procfs::own_children() {
-            if self.plan.worker_by_pid(pid).is_some() || self.is_guard(pid) {
-                continue;
-            }
-            if procfs::stat(pid).is_some_and(|stat| stat.state == 'Z') {
-                if let Some(raw) = Pid::from_raw(pid as i32) {
-                    let _ =
-                        rustix::process::waitpid(Some(raw), rustix::process::WaitOptions::NOHANG);
-                    debug!(pid, "reaped adopted process {pid}");
-                }
-            }
-        }
-    }
-
-    /// At exit, every worker is gone; any process still a child of ours escaped a worker's
-    /// process group (e.g. with `setsid`) and was adopted: ask it to stop, then kill it.
-    async fn kill_adopted_orphans(&self) {
-        let orphans: Vec<u32> = procfs::own_children()
-            .into_iter()
-            .filter(|pid| !self.is_guard(*pid))
-            .filter(|pid| procfs::stat(*pid).is_some_and(|s| s.state != 'Z'))
-            .collect();
-        if orphans.is_empty() {
-            self.reap_adopted();
-            return;
-        }
-        for pid in &orphans {
-            warn!(
-                event = "orphan",
-                pid,
-                "stopping pid {pid} ({}), left behind by a worker",
-                procfs::cmdline(*pid)
-            );
-            if let Some(raw) = Pid::from_raw(*pid as i32) {
-                let _ = rustix::process::kill_process(raw, rustix::process::Signal::TERM);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            self.reap_adopted();
-            if orphans
-                .iter()
-                .all(|pid| !procfs::own_children().contains(pid))
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        for pid in orphans {
-            if let Some(raw) = Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(raw, rustix::process::Signal::KILL);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.reap_adopted();
-    }
-}
-
-fn worker_stop_signal(plan: &Plan, id: WorkerId) -> Signal {
-    plan.stop_signal_of(id).unwrap_or(Signal::TERM)
-}
-
-fn worker_kill_timeout(plan: &Plan, id: WorkerId) -> Duration {
-    plan.kill_timeout_of(id).unwrap_or(Duration::from_secs(10))
-}
-
-/// Sends a signal to a process group; a group that is already gone is not an error.
-fn signal_group(pgid: u32, signal: Signal) {
-    let (Some(pid), Some(signal)) = (
-        Pid::from_raw(pgid as i32),
-        rustix::process::Signal::from_named_raw(signal.number()),
-    ) else {
-        return;
-    };
-    if let Err(error) = kill_process_group(pid, signal) {
-        if error != rustix::io::Errno::SRCH {
-            warn!("cannot send {signal:?} to process group {pgid}: {error}");
-        }
-    }
-}
-
-fn group_exists(pgid: u32) -> bool {
-    Pid::from_raw(pgid as i32).is_some_and(|pid| test_kill_process_group(pid).is_ok())
 }

@@ -1,17 +1,73 @@
 //! CPU and memory of the workers' process groups, sampled from `/proc` only when someone
 //! asks (`ustad status`, `/metrics`) or a pool has a `max_memory`: an idle primary reads
-//! nothing.
+//! nothing. With them, the cluster's status and the enforcement of `max_memory`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::plan::WorkerId;
+use super::Supervisor;
+use crate::plan::{Event, WorkerId};
 use crate::procfs;
+use crate::status::ClusterStatus;
 
 /// How often memory is checked when a pool has `max_memory`.
 pub(super) const MEMORY_INTERVAL: Duration = Duration::from_secs(1);
 /// CPU % is measured over at least this long; a sooner sample reuses the last figure.
 const MIN_CPU_WINDOW: Duration = Duration::from_millis(250);
+
+impl Supervisor {
+    /// A snapshot of the cluster, with CPU and memory read from `/proc` now.
+    pub(super) fn status(&mut self) -> ClusterStatus {
+        let now = Instant::now();
+        let workers: Vec<(WorkerId, u32)> = self
+            .plan
+            .workers()
+            .filter_map(|w| Some((w.id, w.pid?)))
+            .collect();
+        let samples = self.usage.sample(&workers, now);
+        let mut pools = self.plan.status(now);
+        for worker in pools.iter_mut().flat_map(|p| p.workers.iter_mut()) {
+            if let Some(sample) = samples.get(&WorkerId(worker.id)) {
+                worker.cpu_seconds = Some(sample.cpu_seconds);
+                worker.cpu_percent = sample.cpu_percent;
+                worker.rss_bytes = Some(sample.rss_bytes);
+            }
+        }
+        ClusterStatus {
+            name: self.name.clone(),
+            pid: std::process::id(),
+            uptime_secs: now.duration_since(self.started).as_secs_f64(),
+            config_file: self.config_file.clone(),
+            shutting_down: self.plan.is_shutting_down(),
+            pools,
+        }
+    }
+
+    /// Whether a pool has a `max_memory` to enforce.
+    pub(super) fn watches_memory(&self) -> bool {
+        self.plan
+            .workers()
+            .any(|w| w.spec().max_memory.is_some() && w.is_ready())
+    }
+
+    /// Tells the plan the memory of each ready worker whose pool has a `max_memory` (the plan
+    /// decides which is over, for how long).
+    pub(super) fn check_memory(&mut self) {
+        let workers: Vec<(WorkerId, u32)> = self
+            .plan
+            .workers()
+            .filter(|w| w.spec().max_memory.is_some() && w.is_ready())
+            .filter_map(|w| Some((w.id, w.pid?)))
+            .collect();
+        let samples = self.usage.sample(&workers, Instant::now());
+        for (id, sample) in samples {
+            self.handle(Event::Memory {
+                id,
+                rss: sample.rss_bytes,
+            });
+        }
+    }
+}
 
 /// One worker's figures.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -34,13 +34,15 @@ struct Table {
     targets: HashMap<String, Vec<Target>>,
 }
 
-/// The acceptors of the `round-robin` sockets and whom they hand connections to.
+/// Accepts on every `round-robin` socket (a task each) and hands each connection to a ready
+/// worker.
 #[derive(Debug, Default)]
-pub(super) struct Handoff {
+pub(super) struct RoundRobinAcceptor {
     table: Arc<Mutex<Table>>,
     /// Signalled when a worker is added.
     added: Arc<Notify>,
-    acceptors: Vec<JoinHandle<()>>,
+    /// One accept loop per socket.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 enum Listener {
@@ -64,10 +66,10 @@ impl Listener {
     }
 }
 
-impl Handoff {
+impl RoundRobinAcceptor {
     /// Starts an acceptor for each `round-robin` socket of `listeners`.
-    pub(super) fn start(listeners: &Listeners) -> io::Result<Handoff> {
-        let mut handoff = Handoff::default();
+    pub(super) fn start(listeners: &Listeners) -> io::Result<RoundRobinAcceptor> {
+        let mut acceptor = RoundRobinAcceptor::default();
         for (name, fd) in listeners.handed() {
             let socket = socket2::Socket::from(fd.try_clone_to_owned()?);
             socket.set_nonblocking(true)?;
@@ -80,12 +82,12 @@ impl Handoff {
             let task = tokio::spawn(accept_loop(
                 name.to_owned(),
                 listener,
-                handoff.table.clone(),
-                handoff.added.clone(),
+                acceptor.table.clone(),
+                acceptor.added.clone(),
             ));
-            handoff.acceptors.push(task);
+            acceptor.tasks.push(task);
         }
-        Ok(handoff)
+        Ok(acceptor)
     }
 
     /// A worker is ready to take connections of `socket`.
@@ -129,10 +131,10 @@ impl Handoff {
     }
 }
 
-impl Drop for Handoff {
+impl Drop for RoundRobinAcceptor {
     fn drop(&mut self) {
-        for acceptor in &self.acceptors {
-            acceptor.abort();
+        for task in &self.tasks {
+            task.abort();
         }
     }
 }

@@ -1,0 +1,157 @@
+//! Launching a worker: its sockets and message channel made ready, the process spawned, its
+//! output relayed, its channel wired to the embedding program, and a task that reports its
+//! exit to the loop.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use tracing::error;
+
+use super::Supervisor;
+use super::link::{self, WorkerInfo};
+use crate::config::{IpcSpec, PoolSpec};
+use crate::ipc::Outbox;
+use crate::plan::{Event, ExitStatus, WorkerId};
+use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
+
+impl Supervisor {
+    /// Starts a worker; what happened is the plan's next event (`Spawned` or `SpawnFailed`).
+    pub(super) fn launch(
+        &mut self,
+        id: WorkerId,
+        pool: &str,
+        slot: usize,
+        generation: u64,
+        spec: &Arc<PoolSpec>,
+    ) -> Event {
+        if let Err(error) = self.listeners.ensure_slot(&spec.sockets, pool, slot) {
+            return Event::SpawnFailed {
+                id,
+                error: error.to_string(),
+            };
+        }
+        let pair = match spec.ipc.map(|_| channel_pair()).transpose() {
+            Ok(pair) => pair,
+            Err(error) => {
+                return Event::SpawnFailed {
+                    id,
+                    error: format!("cannot create the message channel: {error}"),
+                };
+            }
+        };
+        let launch = WorkerLaunch {
+            id,
+            pool,
+            slot,
+            generation,
+            spec,
+            sockets: self.listeners.fds(&spec.sockets, pool, slot),
+            notify_socket: wants_notify(spec).then(|| self.notify.path()),
+            ipc: pair.as_ref().map(|(_, child)| child.as_fd()),
+        };
+        let mut child = match spawn_worker(&launch) {
+            Ok(child) => child,
+            Err(error) => {
+                return Event::SpawnFailed {
+                    id,
+                    error: error.to_string(),
+                };
+            }
+        };
+        let Some(pid) = child.id() else {
+            return Event::SpawnFailed {
+                id,
+                error: "the process vanished at once".to_owned(),
+            };
+        };
+        self.output
+            .attach(pool, slot, id.0, child.stdout.take(), child.stderr.take());
+        let info = Arc::new(WorkerInfo {
+            id,
+            pool: Arc::from(pool),
+            slot,
+            generation,
+        });
+        self.wire_channel(&info, pid, pair, spec.ipc);
+        if let Some(guard) = &mut self.guard {
+            guard.watch(pid);
+        }
+        self.watch_exit(id, pid, child);
+        Event::Spawned { id, pid }
+    }
+
+    /// Tells the program of the new worker and, when the worker has a message channel (the
+    /// parent's end of `pair`; the child's end is closed here), starts it.
+    fn wire_channel(
+        &mut self,
+        info: &Arc<WorkerInfo>,
+        pid: u32,
+        pair: Option<(OwnedFd, OwnedFd)>,
+        ipc: Option<IpcSpec>,
+    ) {
+        let channel = match (pair, ipc) {
+            (Some((parent, _child)), Some(ipc)) => {
+                Some((parent, ipc, Outbox::new(crate::ipc::OUTBOX_BYTES)))
+            }
+            _ => None,
+        };
+        let sink = self.program.as_ref().and_then(|program| {
+            let outbox = channel
+                .as_ref()
+                .map(|(_, ipc, outbox)| (outbox.clone(), ipc.max_message));
+            program.spawned(info, pid, outbox)
+        });
+        let Some((parent, ipc, outbox)) = channel else {
+            return;
+        };
+        match link::start_channel(
+            parent,
+            info.clone(),
+            ipc,
+            self.lifecycle.clone(),
+            sink,
+            outbox.clone(),
+            self.channel_runtime.as_ref(),
+        ) {
+            Ok(conns) => {
+                self.channels.insert(
+                    info.id,
+                    link::Outboxes {
+                        frames: outbox,
+                        conns,
+                    },
+                );
+            }
+            Err(error) => {
+                outbox.close();
+                let WorkerInfo { id, pool, slot, .. } = &**info;
+                error!("worker {pool}.{slot} (id {id}): cannot use its message channel: {error}");
+            }
+        }
+    }
+
+    /// Reports the worker's exit to the loop once its process ends (tokio reaps it).
+    fn watch_exit(&self, id: WorkerId, pid: u32, mut child: tokio::process::Child) {
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => ExitStatus::from(status),
+                Err(error) => {
+                    error!("waiting for worker pid {pid} failed: {error}");
+                    ExitStatus::Code(-1)
+                }
+            };
+            let _ = exits.send((id, status));
+        });
+    }
+}
+
+/// The two ends of a worker's message channel: the primary's, and the worker's.
+fn channel_pair() -> rustix::io::Result<(OwnedFd, OwnedFd)> {
+    rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+}
