@@ -141,7 +141,8 @@ fn kill(pid: u32, signal: Signal) {
 
 /// `ustad run` of a 2-worker pool `web` with metrics on a free port; returns the run and the
 /// metrics address.
-fn start(restart_delay: &str) -> (Run, SocketAddr) {
+/// Each worker says it is ready `ready_after` after it starts.
+fn start(ready_after: &str) -> (Run, SocketAddr) {
     let worker = test_worker();
     let run = Run::start(&[
         "run",
@@ -153,14 +154,14 @@ fn start(restart_delay: &str) -> (Run, SocketAddr) {
         "2",
         "--ready",
         "notify",
-        "--restart-delay",
-        restart_delay,
         "--min-uptime",
         "100ms",
         "--metrics",
         "127.0.0.1:0",
         "--",
         &worker,
+        "--ready-after",
+        ready_after,
     ]);
     let event = run.cluster.wait_event(|e| e.is("metrics"), TIMEOUT);
     let addr = event
@@ -172,7 +173,7 @@ fn start(restart_delay: &str) -> (Run, SocketAddr) {
 
 #[test]
 fn metrics_follow_the_cluster_workers_restarts_and_memory() {
-    let (mut run, addr) = start("100ms");
+    let (mut run, addr) = start("0");
     let ready = run.wait_ready(2);
     let web = [("pool", "web")];
 
@@ -243,8 +244,9 @@ fn metrics_follow_the_cluster_workers_restarts_and_memory() {
 
 #[test]
 fn healthz_is_503_while_a_pool_lacks_a_ready_worker() {
-    // Long enough to see the hole, short enough to see it filled.
-    let (mut run, addr) = start("4s");
+    // A ready worker that dies is replaced at once; its replacement takes 1.5 s to be ready:
+    // long enough to see the hole, short enough to see it filled.
+    let (mut run, addr) = start("1500");
     let ready = run.wait_ready(2);
     let reply = healthz_until(addr, 200);
     assert_eq!(reply.body, "ok\n");

@@ -285,9 +285,10 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
         })
 }
 
-/// Whether a pool's workers get `NOTIFY_SOCKET`.
+/// Whether a pool's workers get `NOTIFY_SOCKET`: those that may say they are ready (with
+/// `listening`, `READY=1` counts too) or must send `WATCHDOG=1`.
 pub fn wants_notify(spec: &PoolSpec) -> bool {
-    spec.ready == Readiness::Notify || spec.watchdog.is_some()
+    matches!(spec.ready, Readiness::Notify | Readiness::Listening) || spec.watchdog.is_some()
 }
 
 #[cfg(test)]

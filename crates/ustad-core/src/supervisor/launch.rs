@@ -9,7 +9,8 @@ use tracing::error;
 
 use super::Supervisor;
 use super::link::{self, WorkerInfo};
-use crate::config::{IpcSpec, PoolSpec};
+use super::listen_watch::Expected;
+use crate::config::{IpcSpec, PoolSpec, Readiness};
 use crate::ipc::Outbox;
 use crate::plan::{Event, ExitStatus, WorkerId};
 use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
@@ -77,6 +78,22 @@ impl Supervisor {
             guard.watch(pid);
         }
         self.watch_exit(id, pid, child);
+        if spec.ready == Readiness::Listening {
+            let sockets = self
+                .listeners
+                .fds(&spec.sockets, pool, slot)
+                .into_iter()
+                .filter_map(|(name, fd)| {
+                    Some(Expected {
+                        inode: crate::listening::inode_of(fd)?,
+                        name: Arc::from(name),
+                    })
+                })
+                .collect();
+            let label = format!("{pool}.{slot} (id {id}, pid {pid})");
+            self.listen_watch
+                .watch(id, pid, label, sockets, std::time::Instant::now());
+        }
         Event::Spawned { id, pid }
     }
 

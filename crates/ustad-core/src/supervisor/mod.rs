@@ -79,6 +79,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         let deadline = [
             supervisor.plan.next_deadline(),
             supervisor.lingering_deadline(),
+            supervisor.listen_watch.next_look(),
         ]
         .into_iter()
         .flatten()
@@ -184,6 +185,8 @@ struct Supervisor {
     finished: bool,
     /// How often rejected notify datagrams are logged.
     rejections: notify::RateLimit,
+    /// Starting workers of `ready = "listening"` pools, until they are seen listening.
+    listen_watch: listen_watch::ListenWatch,
 }
 
 impl Supervisor {
@@ -218,6 +221,13 @@ impl Supervisor {
                             .collect();
                     Some((sockets, outboxes.conns.clone()))
                 });
+                if let Notice::Ready { worker, .. }
+                | Notice::Stopping { worker, .. }
+                | Notice::Killed { worker, .. }
+                | Notice::Exited { worker, .. } = notice
+                {
+                    self.listen_watch.forget(worker.id);
+                }
                 if let Notice::Scaled { pool, from, to } = notice {
                     if to < from {
                         self.listeners.release_slots(pool, *to);
@@ -333,6 +343,9 @@ impl Supervisor {
 
     fn on_deadline(&mut self) {
         let now = Instant::now();
+        for seen in self.listen_watch.look(now, crate::listening::find) {
+            self.handle(seen);
+        }
         let outcome = self.plan.tick(now);
         self.perform(outcome);
         self.settle_lingering(Some(now));

@@ -231,6 +231,7 @@ pub(super) fn start(
         guard_cleanup,
         finished: false,
         rejections: RateLimit::default(),
+        listen_watch: Default::default(),
     };
     let inputs = Inputs {
         signals,
