@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod demo_worker;
 mod lifecycle;
+mod listening;
 mod metrics;
 mod notify;
 mod rollout;

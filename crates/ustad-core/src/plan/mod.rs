@@ -309,7 +309,12 @@ impl Plan {
             Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error, now),
             Event::Exited { id, status } => self.on_exited(id, status, now),
             Event::Message { id, message } => self.on_message(id, message, now),
-            Event::Listening { id, socket, how } => self.on_listening(id, socket, how, now),
+            Event::Listening {
+                id,
+                socket,
+                how,
+                process,
+            } => self.on_listening(id, socket, (how, process), now),
             Event::Rollout {
                 pool,
                 trigger,
@@ -472,7 +477,7 @@ impl Plan {
         &mut self,
         id: WorkerId,
         socket: Arc<str>,
-        how: crate::listening::Wait,
+        (how, process): (crate::listening::Wait, u32),
         now: Instant,
     ) {
         let Some(worker) = self.workers.get_mut(&id) else {
@@ -489,6 +494,7 @@ impl Plan {
             worker: self.reference(&self.workers[&id]),
             socket,
             how,
+            process,
             after,
         };
         self.out.notices.push(notice);

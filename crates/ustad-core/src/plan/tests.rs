@@ -519,6 +519,7 @@ fn listening_makes_a_listening_pool_ready_once_and_is_reported_for_others() {
             id,
             socket: socket.clone(),
             how: crate::listening::Wait::Epoll,
+            process: 1,
         });
     }
     assert_eq!(sim.serving("web"), [WorkerId(1)]);
@@ -540,6 +541,7 @@ fn listening_makes_a_listening_pool_ready_once_and_is_reported_for_others() {
         id: WorkerId(1),
         socket: socket.clone(),
         how: crate::listening::Wait::Accept,
+        process: 1,
     });
     assert_eq!(
         sim.count(|n| matches!(n, Notice::Listening { .. })),
@@ -561,6 +563,7 @@ fn a_listening_worker_never_seen_is_killed_at_ready_timeout_and_a_rollout_to_it_
             id,
             socket: Arc::from("http"),
             how: crate::listening::Wait::Epoll,
+            process: 1,
         });
     }
     assert_eq!(sim.serving("web").len(), 2);
@@ -1360,6 +1363,7 @@ fn every_notice_has_a_name_of_its_own() {
             worker: worker.clone(),
             socket: pool.clone(),
             how: crate::listening::Wait::Epoll,
+            process: 1001,
             after: S,
         },
         Notice::Stopping {

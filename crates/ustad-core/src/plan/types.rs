@@ -133,6 +133,8 @@ pub enum Event {
         socket: Arc<str>,
         /// How it waits.
         how: crate::listening::Wait,
+        /// The process seen waiting: the worker's, or one it started.
+        process: u32,
     },
     /// Replace every worker of a pool (or of every pool), one slot at a time.
     Rollout {
@@ -411,6 +413,8 @@ pub enum Notice {
         socket: Arc<str>,
         /// How it waits.
         how: crate::listening::Wait,
+        /// The process seen waiting: the worker's, or one it started.
+        process: u32,
         /// Time from spawn until it was seen.
         after: Duration,
     },
@@ -611,12 +615,15 @@ impl fmt::Display for Notice {
                 worker,
                 socket,
                 how,
+                process,
                 after,
-            } => write!(
-                f,
-                "{worker} seen listening on socket {socket} ({how}) after {}",
-                d(after)
-            ),
+            } => {
+                write!(f, "{worker} seen listening on socket {socket} ({how}")?;
+                if worker.pid != Some(*process) {
+                    write!(f, " in pid {process}")?;
+                }
+                write!(f, ") after {}", d(after))
+            }
             Notice::Stopping {
                 worker,
                 reason,

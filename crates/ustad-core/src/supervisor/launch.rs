@@ -91,8 +91,9 @@ impl Supervisor {
                 })
                 .collect();
             let label = format!("{pool}.{slot} (id {id}, pid {pid})");
+            let now = std::time::Instant::now();
             self.listen_watch
-                .watch(id, pid, label, sockets, std::time::Instant::now());
+                .watch(id, pid, label, sockets, spec.ready_timeout, now);
         }
         Event::Spawned { id, pid }
     }

@@ -19,9 +19,9 @@ use crate::plan::{Event, WorkerId};
 const MIN_INTERVAL: Duration = Duration::from_millis(2);
 /// Looks never come further apart.
 const MAX_INTERVAL: Duration = Duration::from_millis(100);
-/// After this long without being seen listening, a worker's pool is named in the log with what
-/// to do.
-pub(super) const SLOW_WARNING: Duration = Duration::from_secs(10);
+/// After this long without being seen listening (or half its `ready_timeout`, when that is
+/// sooner), a worker is named in the log with what to do.
+const SLOW_WARNING: Duration = Duration::from_secs(10);
 
 /// A socket a worker is expected to wait on: its inode and its name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,7 @@ struct Watched {
     sockets: Vec<Expected>,
     spawned: Instant,
     next_look: Instant,
+    warn_after: Duration,
     warned: bool,
 }
 
@@ -48,13 +49,15 @@ pub(super) struct ListenWatch {
 }
 
 impl ListenWatch {
-    /// Starts watching a worker spawned at `now`.
+    /// Starts watching a worker spawned at `now`, which is killed unless ready within
+    /// `ready_timeout`.
     pub(super) fn watch(
         &mut self,
         id: WorkerId,
         pid: u32,
         label: String,
         sockets: Vec<Expected>,
+        ready_timeout: Duration,
         now: Instant,
     ) {
         self.watched.insert(
@@ -65,6 +68,7 @@ impl ListenWatch {
                 sockets,
                 spawned: now,
                 next_look: now + MIN_INTERVAL,
+                warn_after: SLOW_WARNING.min(ready_timeout / 2),
                 warned: false,
             },
         );
@@ -103,25 +107,28 @@ impl ListenWatch {
                     id: *id,
                     socket,
                     how: sighting.how,
+                    process: sighting.pid,
                 });
                 continue;
             }
             let starting_for = now.saturating_duration_since(watched.spawned);
             watched.next_look = now + interval(starting_for);
-            if starting_for >= SLOW_WARNING && !watched.warned {
+            if starting_for >= watched.warn_after && !watched.warned {
                 watched.warned = true;
                 let names: Vec<&str> = watched.sockets.iter().map(|s| &*s.name).collect();
                 warn!(
                     event = "not_listening",
                     id = id.0,
                     pid = watched.pid,
-                    "worker {} has not been seen waiting for connections on socket {} after {}s: \
+                    "worker {} has not been seen waiting for connections on socket {} after {}: \
                      if it binds its own port, have it take the socket ustad passes (fd 3, \
                      LISTEN_FDS); if it accepts through io_uring or is ready some other way, set \
                      its pool's ready = \"notify\" or \"delay:…\"",
                     watched.label,
                     names.join(", "),
-                    starting_for.as_secs()
+                    crate::config::value::format_duration(Duration::from_millis(
+                        u64::try_from(starting_for.as_millis()).unwrap_or(u64::MAX)
+                    ))
                 );
             }
         }
@@ -145,6 +152,7 @@ mod tests {
     use crate::listening::{Sighting, Wait};
 
     const MS: Duration = Duration::from_millis(1);
+    const TIMEOUT: Duration = Duration::from_secs(30);
 
     fn http(inode: u64) -> Vec<Expected> {
         vec![
@@ -170,7 +178,7 @@ mod tests {
     fn a_worker_is_looked_at_when_due_and_forgotten_once_seen() {
         let mut watch = ListenWatch::default();
         let start = Instant::now();
-        watch.watch(WorkerId(7), 1234, "web.0".into(), http(50), start);
+        watch.watch(WorkerId(7), 1234, "web.0".into(), http(50), TIMEOUT, start);
         assert_eq!(watch.next_look(), Some(start + 2 * MS));
         let mut looks = Vec::new();
         let events = watch.look(start + MS, |pid, _| {
@@ -194,8 +202,18 @@ mod tests {
             })
         });
         match events.as_slice() {
-            [Event::Listening { id, socket, how }] => {
-                assert_eq!((*id, &**socket, *how), (WorkerId(7), "admin", Wait::Poll));
+            [
+                Event::Listening {
+                    id,
+                    socket,
+                    how,
+                    process,
+                },
+            ] => {
+                assert_eq!(
+                    (*id, &**socket, *how, *process),
+                    (WorkerId(7), "admin", Wait::Poll, 1235)
+                );
             }
             other => panic!("expected one Listening event, got {other:?}"),
         }
@@ -206,8 +224,8 @@ mod tests {
     fn forgotten_workers_are_not_looked_at() {
         let mut watch = ListenWatch::default();
         let start = Instant::now();
-        watch.watch(WorkerId(1), 10, "web.0".into(), http(5), start);
-        watch.watch(WorkerId(2), 20, "web.1".into(), http(5), start);
+        watch.watch(WorkerId(1), 10, "web.0".into(), http(5), TIMEOUT, start);
+        watch.watch(WorkerId(2), 20, "web.1".into(), http(5), TIMEOUT, start);
         watch.forget(WorkerId(1));
         let mut looked = Vec::new();
         watch.look(start + Duration::from_secs(1), |pid, _| {

@@ -78,6 +78,7 @@ pub(crate) fn notice(notice: &Notice) {
             worker,
             socket,
             how,
+            process,
             after,
         } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
@@ -90,6 +91,7 @@ pub(crate) fn notice(notice: &Notice) {
                 generation,
                 socket = %socket,
                 how = how.name(),
+                process,
                 after_ms = ms(*after),
                 "{notice}"
             );
