@@ -1,11 +1,11 @@
 //! A worker's side: who it is, its listeners, and its channel to the primary.
 //!
-//! The channel starts on first use, on the tokio runtime of the caller: a writer task that
-//! writes what senders gather in the channel's outbox (bounded in bytes: sending waits when the
-//! primary reads slowly), and a reader task that hands
-//! replies to the requests waiting for them and queues the primary's messages and requests for
-//! [`Worker::recv`] (bounded too: a primary flooding a worker that does not read is slowed
-//! down by the socket, not buffered for).
+//! The channel starts on first use, on the tokio runtime of the caller: the writer and reader
+//! of `ustad_core::ipc::channel`, the same as the primary's. The writer writes what senders
+//! gather in the channel's outbox (bounded in bytes: sending waits when the primary reads
+//! slowly); the reader hands replies to the requests waiting for them and queues the primary's
+//! messages and requests for [`Worker::recv`] (bounded too: a primary flooding a worker that
+//! does not read is slowed down by the socket, not buffered for).
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +15,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
-use ustad_core::ipc::{self, FrameReader, Kind, Outbox};
+use ustad_core::ipc::channel::{Ended, Flow};
+use ustad_core::ipc::{self, Kind, Outbox};
 use ustad_proto::{env, notify};
 use ustad_worker::{Identity, ListenFd, Notifier};
 
@@ -430,77 +431,27 @@ impl Channel {
         let (stop_tx, stop) = watch::channel(None);
         let (handed_tx, handed) = mpsc::channel(INBOX);
         let pending = Arc::new(Pending::default());
-        tokio::spawn({
-            let (outbox, stream) = (outbox.clone(), stream.clone());
-            async move { outbox.write_to(&stream).await }
-        });
-        let replies = pending.clone();
-        let answer = outbox.clone();
+        tokio::spawn(ipc::channel::write(outbox.clone(), stream.clone(), None));
+        let reader = ipc::FdReader::new(stream);
+        let mut receiver = FromPrimaryReceiver {
+            replies: pending.clone(),
+            answer: outbox.clone(),
+            fds: reader.fds(),
+            handed: handed_tx,
+            stop: stop_tx,
+            inbox: inbox_tx,
+            max_frame,
+        };
         tokio::spawn(async move {
-            let reader = ipc::FdReader::new(stream);
-            let fds = reader.fds();
-            let mut reader = FrameReader::new(reader, max_frame);
-            loop {
-                let frame = match reader.next().await {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break,
-                    Err(error) => {
-                        tracing::error!("the channel to the primary broke: {error}");
-                        break;
-                    }
-                };
-                let envelope = match ipc::decode(frame) {
-                    Ok(envelope) => envelope,
-                    Err(error) => {
-                        tracing::error!(
-                            "the primary sent a frame this worker cannot read: {error}"
-                        );
-                        break;
-                    }
-                };
-                if reader.lone() {
-                    answer.heard();
-                }
-                match envelope.kind {
-                    Kind::Rep { .. } | Kind::Err { .. } => {
-                        replies.resolve(envelope);
-                    }
-                    Kind::Conn { socket } => {
-                        let fd = fds.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                        let Some(fd) = fd else {
-                            // A `conn` without its fd: the primary broke the protocol.
-                            break;
-                        };
-                        let connection = socket2::Socket::from(fd);
-                        let stream = match connection.local_addr() {
-                            Ok(address) if address.as_socket().is_some() => {
-                                HandedStream::Tcp(connection.into())
-                            }
-                            _ => HandedStream::Unix(connection.into()),
-                        };
-                        if handed_tx.send(Handed { socket, stream }).await.is_err() {
-                            break;
-                        }
-                    }
-                    Kind::Stop { deadline_ms } => {
-                        let _ = stop_tx.send(Some(Duration::from_millis(deadline_ms)));
-                    }
-                    Kind::Req { id } => {
-                        let request = IncomingRequest::new(id, envelope, answer.clone(), max_frame);
-                        if inbox_tx.send(FromPrimary::Request(request)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Kind::Msg => {
-                        let message = FromPrimary::Message(Message::new(envelope));
-                        if inbox_tx.send(message).await.is_err() {
-                            break;
-                        }
-                    }
-                    _ => {}
+            let answer = receiver.answer.clone();
+            match ipc::channel::read(reader, max_frame, &answer, &mut receiver).await {
+                Ended::Closed | Ended::Stopped => {}
+                Ended::Lost(error) => tracing::error!("the channel to the primary broke: {error}"),
+                Ended::Broken(why) => {
+                    tracing::error!("the primary sent a frame this worker cannot read: {why}");
                 }
             }
-            replies.fail_all(&RequestError::Stopped);
+            receiver.replies.fail_all(&RequestError::Stopped);
             answer.close();
         });
         Ok(Channel {
@@ -511,5 +462,69 @@ impl Channel {
             stop,
             handed: tokio::sync::Mutex::new(handed),
         })
+    }
+}
+
+/// The worker's side of its channel: replies to the requests waiting for them, messages and
+/// requests to [`Worker::recv`], connections to [`Worker::accept`], `stop` to
+/// [`Worker::stopped`].
+struct FromPrimaryReceiver {
+    replies: Arc<Pending>,
+    /// Where answers to requests go.
+    answer: Outbox,
+    /// The fds that came with `conn` frames.
+    fds: ipc::ReceivedFds,
+    handed: mpsc::Sender<Handed>,
+    stop: watch::Sender<Option<Duration>>,
+    inbox: mpsc::Sender<FromPrimary>,
+    max_frame: usize,
+}
+
+impl ipc::channel::Receiver for FromPrimaryReceiver {
+    async fn envelope(&mut self, envelope: ipc::Envelope) -> Flow {
+        let delivered = match envelope.kind {
+            Kind::Rep { .. } | Kind::Err { .. } => {
+                self.replies.resolve(envelope);
+                true
+            }
+            Kind::Conn { socket } => {
+                let fd = self
+                    .fds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop_front();
+                let Some(fd) = fd else {
+                    return Flow::Broken("a `conn` frame came without its fd".to_owned());
+                };
+                let connection = socket2::Socket::from(fd);
+                let stream = match connection.local_addr() {
+                    Ok(address) if address.as_socket().is_some() => {
+                        HandedStream::Tcp(connection.into())
+                    }
+                    _ => HandedStream::Unix(connection.into()),
+                };
+                self.handed.send(Handed { socket, stream }).await.is_ok()
+            }
+            Kind::Stop { deadline_ms } => {
+                let _ = self.stop.send(Some(Duration::from_millis(deadline_ms)));
+                true
+            }
+            Kind::Req { id } => {
+                let request =
+                    IncomingRequest::new(id, envelope, self.answer.clone(), self.max_frame);
+                self.inbox.send(FromPrimary::Request(request)).await.is_ok()
+            }
+            Kind::Msg => {
+                let message = FromPrimary::Message(Message::new(envelope));
+                self.inbox.send(message).await.is_ok()
+            }
+            _ => true,
+        };
+        // A receiving end dropped: the worker no longer listens.
+        if delivered {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
     }
 }

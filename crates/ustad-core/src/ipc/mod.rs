@@ -11,6 +11,7 @@
 //! an envelope is a protocol error that ends the channel (the peer is cut off); it never
 //! allocates more than the maximum.
 
+pub mod channel;
 mod envelope;
 mod fdpass;
 mod frame;

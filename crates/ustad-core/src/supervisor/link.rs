@@ -18,12 +18,12 @@ use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::config::IpcSpec;
 use crate::control::server::Call;
-use crate::ipc::{self, Envelope, FrameError, FrameReader, Kind, Outbox};
+use crate::ipc::channel::{Ended, Flow};
+use crate::ipc::{self, Envelope, Kind, Outbox};
 use crate::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
 
 /// A worker, as the program sees it.
@@ -125,7 +125,7 @@ pub struct Link {
 pub(super) type Lifecycle = mpsc::UnboundedSender<(WorkerId, Result<Kind, String>)>;
 
 /// A connection to hand to a worker: its `conn` frame and its fd.
-pub(super) type Handed = (Bytes, OwnedFd);
+pub(super) type Handed = ipc::channel::Handed;
 
 /// Where a worker's frames go: messages, and connections with their fds.
 #[derive(Debug, Clone)]
@@ -157,113 +157,75 @@ pub(super) fn start_channel(
     let stream = Arc::new(ipc::ChannelSocket::new(socket)?);
     outbox.attach(stream.clone());
     let (conns, handed) = mpsc::channel::<Handed>(CONNS);
-    runtime.spawn(write_channel(outbox.clone(), stream.clone(), handed));
-    runtime.spawn(read_channel(
-        ipc::SocketReader(stream),
+    runtime.spawn(ipc::channel::write(
+        outbox.clone(),
+        stream.clone(),
+        Some(handed),
+    ));
+    let mut receiver = ToProgram {
         worker,
-        spec.max_message,
         lifecycle,
         sink,
         outbox,
-    ));
+        heard: false,
+    };
+    runtime.spawn(async move {
+        let outbox = receiver.outbox.clone();
+        let ended = ipc::channel::read(
+            ipc::SocketReader(stream),
+            spec.max_message,
+            &outbox,
+            &mut receiver,
+        )
+        .await;
+        let id = receiver.worker.id;
+        match ended {
+            Ended::Closed | Ended::Stopped => {}
+            // A worker that exits or dies (even mid-frame) closes its channel: that is the
+            // end of it, not a breach of the protocol.
+            Ended::Lost(error) => {
+                tracing::debug!(id = id.0, "channel of worker {id} ended: {error}");
+            }
+            Ended::Broken(why) => {
+                let _ = receiver.lifecycle.send((id, Err(why)));
+            }
+        }
+        outbox.close();
+    });
     Ok(conns)
 }
 
-/// Writes the outbox's batches, and handed connections with their fds, until the outbox
-/// closes or the worker is gone.
-async fn write_channel(
+/// The primary's side of a worker's channel: lifecycle frames go to the supervisor loop, the
+/// rest to the program.
+struct ToProgram {
+    worker: Arc<WorkerInfo>,
+    lifecycle: Lifecycle,
+    sink: Option<Box<dyn FrameSink>>,
     outbox: Outbox,
-    socket: Arc<ipc::ChannelSocket>,
-    mut handed: mpsc::Receiver<Handed>,
-) {
-    let mut batch = BytesMut::with_capacity(4096);
-    let mut conns_open = true;
-    loop {
-        tokio::select! {
-            more = outbox.next_batch(&mut batch) => {
-                if more.is_none() || !outbox.write_batch(&socket, &mut batch).await {
-                    return;
-                }
-            }
-            conn = handed.recv(), if conns_open => match conn {
-                // Closed here once sent: the worker has its own copy of the connection.
-                Some((frame, fd)) => {
-                    outbox.hold();
-                    let sent = socket.send_with_fd(&frame, &fd).await;
-                    outbox.release();
-                    if sent.is_err() {
-                        outbox.close();
-                        return;
-                    }
-                }
-                None => conns_open = false,
-            },
-        }
-    }
+    /// A first frame came (the program was told the worker is online).
+    heard: bool,
 }
 
-/// Reads a worker's frames: lifecycle ones to the supervisor loop, the rest to the program.
-/// Closes the outbox when the worker's end closes or breaks the protocol.
-async fn read_channel(
-    reader: ipc::SocketReader,
-    worker: Arc<WorkerInfo>,
-    max_message: usize,
-    lifecycle: Lifecycle,
-    mut sink: Option<Box<dyn FrameSink>>,
-    outbox: Outbox,
-) {
-    let mut reader = FrameReader::new(reader, max_message);
-    let cut = |why: String| {
-        let _ = lifecycle.send((worker.id, Err(why)));
-    };
-    let mut heard = false;
-    loop {
-        let frame = match reader.next().await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break,
-            // A worker that exits or dies (even mid-frame) closes its channel: that is the
-            // end of it, not a breach of the protocol.
-            Err(error @ (FrameError::Io(_) | FrameError::Truncated { .. })) => {
-                tracing::debug!(
-                    id = worker.id.0,
-                    "channel of worker {} ended: {error}",
-                    worker.id
-                );
-                break;
-            }
-            Err(error) => {
-                cut(error.to_string());
-                break;
-            }
-        };
-        let envelope = match ipc::decode(frame) {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                cut(error.to_string());
-                break;
-            }
-        };
-        if reader.lone() {
-            outbox.heard();
-        }
-        if !heard {
-            heard = true;
-            if let Some(sink) = &mut sink {
+impl ipc::channel::Receiver for ToProgram {
+    async fn envelope(&mut self, envelope: Envelope) -> Flow {
+        if !self.heard {
+            self.heard = true;
+            if let Some(sink) = &mut self.sink {
                 sink.online();
             }
         }
         match &envelope.kind {
             Kind::Ready | Kind::Heartbeat | Kind::Restart | Kind::Stopping => {
-                if lifecycle.send((worker.id, Ok(envelope.kind))).is_err() {
-                    break;
+                match self.lifecycle.send((self.worker.id, Ok(envelope.kind))) {
+                    Ok(()) => Flow::Continue,
+                    Err(_) => Flow::Stop,
                 }
             }
             Kind::Stop { .. } | Kind::Conn { .. } => {
-                cut("a worker may not send `stop` or `conn`".to_owned());
-                break;
+                Flow::Broken("a worker may not send `stop` or `conn`".to_owned())
             }
             Kind::Msg | Kind::Req { .. } | Kind::Rep { .. } | Kind::Err { .. } => {
-                let Some(sink) = &mut sink else {
+                let Some(sink) = &mut self.sink else {
                     // Nobody on this side takes messages (`Primary::run`): a request gets
                     // an answer at once rather than waiting out its timeout.
                     if let Kind::Req { id } = envelope.kind {
@@ -271,28 +233,26 @@ async fn read_channel(
                             id,
                             message: "this primary takes no requests (it runs Primary::run, not Primary::start)".to_owned(),
                         });
-                        if outbox.push_now(&refusal).is_err() {
-                            break;
+                        if self.outbox.push_now(&refusal).is_err() {
+                            return Flow::Stop;
                         }
                     }
-                    continue;
+                    return Flow::Continue;
                 };
                 let mut envelope = envelope;
                 // Waits while the program is behind: the worker's writes back up.
                 loop {
                     match sink.offer(envelope) {
-                        Ok(()) => break,
+                        Ok(()) => return Flow::Continue,
                         Err(back) => envelope = back,
                     }
                     if !sink.ready().await {
-                        outbox.close();
-                        return;
+                        return Flow::Stop;
                     }
                 }
             }
         }
     }
-    outbox.close();
 }
 
 impl super::Supervisor {
