@@ -8,11 +8,11 @@ use std::sync::Arc;
 use tracing::error;
 
 use super::Supervisor;
-use super::link::{self, WorkerInfo};
+use super::link;
 use super::listen_watch::Expected;
 use crate::config::{IpcSpec, PoolSpec, Readiness};
 use crate::ipc::Outbox;
-use crate::plan::{Event, ExitStatus, WorkerId};
+use crate::plan::{Event, ExitStatus, WorkerId, WorkerRef};
 use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
 
 impl Supervisor {
@@ -67,13 +67,14 @@ impl Supervisor {
         };
         self.output
             .attach(pool, slot, id.0, child.stdout.take(), child.stderr.take());
-        let info = Arc::new(WorkerInfo {
-            id,
+        let worker = WorkerRef {
             pool: Arc::from(pool),
             slot,
+            id,
+            pid: Some(pid),
             generation,
-        });
-        self.wire_channel(&info, pid, pair, spec.ipc);
+        };
+        self.wire_channel(&worker, pair, spec.ipc);
         if let Some(guard) = &mut self.guard {
             guard.watch(pid);
         }
@@ -102,8 +103,7 @@ impl Supervisor {
     /// parent's end of `pair`; the child's end is closed here), starts it.
     fn wire_channel(
         &mut self,
-        info: &Arc<WorkerInfo>,
-        pid: u32,
+        worker: &WorkerRef,
         pair: Option<(OwnedFd, OwnedFd)>,
         ipc: Option<IpcSpec>,
     ) {
@@ -117,14 +117,14 @@ impl Supervisor {
             let outbox = channel
                 .as_ref()
                 .map(|(_, ipc, outbox)| (outbox.clone(), ipc.max_message));
-            program.spawned(info, pid, outbox)
+            program.spawned(worker, outbox)
         });
         let Some((parent, ipc, outbox)) = channel else {
             return;
         };
         match link::start_channel(
             parent,
-            info.clone(),
+            worker.id,
             ipc,
             self.lifecycle.clone(),
             sink,
@@ -133,7 +133,7 @@ impl Supervisor {
         ) {
             Ok(conns) => {
                 self.channels.insert(
-                    info.id,
+                    worker.id,
                     link::Outboxes {
                         frames: outbox,
                         conns,
@@ -142,8 +142,7 @@ impl Supervisor {
             }
             Err(error) => {
                 outbox.close();
-                let WorkerInfo { id, pool, slot, .. } = &**info;
-                error!("worker {pool}.{slot} (id {id}): cannot use its message channel: {error}");
+                error!("worker {worker}: cannot use its message channel: {error}");
             }
         }
     }

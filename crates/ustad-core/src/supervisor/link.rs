@@ -24,20 +24,7 @@ use crate::config::IpcSpec;
 use crate::control::server::Call;
 use crate::ipc::channel::{Ended, Flow};
 use crate::ipc::{self, Envelope, Kind, Outbox};
-use crate::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
-
-/// A worker, as the program sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerInfo {
-    /// Its id (unique for the primary's life).
-    pub id: WorkerId,
-    /// Its pool.
-    pub pool: Arc<str>,
-    /// Its slot.
-    pub slot: usize,
-    /// Its generation.
-    pub generation: u64,
-}
+use crate::plan::{ExitCause, ExitStatus, StopReason, WorkerId, WorkerRef};
 
 /// What happens to workers after they are spawned, for the program.
 #[derive(Debug, Clone)]
@@ -78,13 +65,13 @@ pub enum LinkEvent {
 /// The program that embeds the supervisor. Its methods are called on the supervisor's
 /// thread, in the order things happen: keep them short, and never block in them.
 pub trait Program: Send + Sync + std::fmt::Debug + 'static {
-    /// A worker was started. A worker with a channel comes with its outbox and the largest
-    /// frame body it accepts; the answer is where its frames for the program go (`None`: its
-    /// messages are dropped and its requests refused).
+    /// A worker was started (its pid is known: `worker.pid` is `Some`). A worker with a
+    /// channel comes with its outbox and the largest frame body it accepts; the answer is where
+    /// its frames for the program go (`None`: its messages are dropped and its requests
+    /// refused).
     fn spawned(
         &self,
-        worker: &Arc<WorkerInfo>,
-        pid: u32,
+        worker: &WorkerRef,
         channel: Option<(Outbox, usize)>,
     ) -> Option<Box<dyn FrameSink>>;
 
@@ -141,7 +128,7 @@ const CONNS: usize = 64;
 /// returns where connections for it go.
 pub(super) fn start_channel(
     socket: OwnedFd,
-    worker: Arc<WorkerInfo>,
+    worker: WorkerId,
     spec: IpcSpec,
     lifecycle: Lifecycle,
     sink: Option<Box<dyn FrameSink>>,
@@ -178,7 +165,7 @@ pub(super) fn start_channel(
             &mut receiver,
         )
         .await;
-        let id = receiver.worker.id;
+        let id = receiver.worker;
         match ended {
             Ended::Closed | Ended::Stopped => {}
             // A worker that exits or dies (even mid-frame) closes its channel: that is the
@@ -198,7 +185,7 @@ pub(super) fn start_channel(
 /// The primary's side of a worker's channel: lifecycle frames go to the supervisor loop, the
 /// rest to the program.
 struct ToProgram {
-    worker: Arc<WorkerInfo>,
+    worker: WorkerId,
     lifecycle: Lifecycle,
     sink: Option<Box<dyn FrameSink>>,
     outbox: Outbox,
@@ -216,7 +203,7 @@ impl ipc::channel::Receiver for ToProgram {
         }
         match &envelope.kind {
             Kind::Ready | Kind::Heartbeat | Kind::Restart | Kind::Stopping => {
-                match self.lifecycle.send((self.worker.id, Ok(envelope.kind))) {
+                match self.lifecycle.send((self.worker, Ok(envelope.kind))) {
                     Ok(()) => Flow::Continue,
                     Err(_) => Flow::Stop,
                 }

@@ -44,7 +44,7 @@ use crate::service::ServiceNotifier;
 use crate::sockets::Listeners;
 
 use self::guard::Guard;
-pub use self::link::{FrameSink, Link, LinkEvent, Program, WorkerInfo};
+pub use self::link::{FrameSink, Link, LinkEvent, Program};
 use self::process_groups::{Lingering, signal_group, worker_kill_timeout};
 use self::setup::Inputs;
 pub use self::setup::{Options, Reload, SupervisorError};

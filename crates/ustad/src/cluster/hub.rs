@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use ustad_core::control::server::Call;
 use ustad_core::ipc::Outbox;
 use ustad_core::plan::WorkerId;
-use ustad_core::supervisor::{FrameSink, LinkEvent, Program, WorkerInfo};
+use ustad_core::supervisor::{FrameSink, LinkEvent, Program};
 
 use super::event::{Event, PoolName, WorkerRef};
 use super::routing::{self, Candidate, Rotations};
@@ -200,17 +200,16 @@ pub(super) struct Hub(pub(super) Arc<Shared>);
 impl Program for Hub {
     fn spawned(
         &self,
-        info: &Arc<WorkerInfo>,
-        pid: u32,
+        spawned: &ustad_core::plan::WorkerRef,
         channel: Option<(Outbox, usize)>,
     ) -> Option<Box<dyn FrameSink>> {
         let shared = &self.0;
         let worker = WorkerRef {
-            id: info.id,
-            pool: PoolName::new(info.pool.clone()),
-            slot: info.slot,
-            generation: info.generation,
-            pid,
+            id: spawned.id,
+            pool: PoolName::new(spawned.pool.clone()),
+            slot: spawned.slot,
+            generation: spawned.generation,
+            pid: spawned.pid.unwrap_or_default(),
         };
         let conn = channel.map(|(outbox, max_message)| {
             Arc::new(Conn {
