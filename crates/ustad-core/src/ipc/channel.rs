@@ -124,15 +124,8 @@ pub async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipc::socket::pair;
     use crate::ipc::{Kind, SocketReader, encode_simple};
-
-    fn pair() -> (Arc<ChannelSocket>, Arc<ChannelSocket>) {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        (
-            Arc::new(ChannelSocket::new(a.into()).unwrap()),
-            Arc::new(ChannelSocket::new(b.into()).unwrap()),
-        )
-    }
 
     /// Keeps the kinds it is given; breaks on `stop`, stops after `stopping`.
     #[derive(Default)]

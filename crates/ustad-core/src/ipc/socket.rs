@@ -199,18 +199,20 @@ impl AsyncRead for FdReader {
     }
 }
 
+/// Two connected channel sockets, for tests. Must be called within a tokio runtime.
+#[cfg(test)]
+pub(crate) fn pair() -> (Arc<ChannelSocket>, Arc<ChannelSocket>) {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    (
+        Arc::new(ChannelSocket::new(a.into()).unwrap()),
+        Arc::new(ChannelSocket::new(b.into()).unwrap()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
-
-    fn pair() -> (Arc<ChannelSocket>, Arc<ChannelSocket>) {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        (
-            Arc::new(ChannelSocket::new(a.into()).unwrap()),
-            Arc::new(ChannelSocket::new(b.into()).unwrap()),
-        )
-    }
 
     #[tokio::test]
     async fn a_writer_that_fills_the_socket_waits_for_room_and_loses_nothing() {
