@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ustad_core::config::value::parse_duration;
-use ustad_core::config::{ByteSize, Readiness, Signal, Size};
+use ustad_core::config::{ByteSize, IpcProtocol, Readiness, Signal, Size};
 
 /// Run any program as a supervised cluster of worker processes: shared sockets, readiness,
 /// restarts, zero-downtime rolling restarts, graceful stop.
@@ -197,8 +197,9 @@ pub(crate) struct PoolFlags {
     pub(crate) pool: Option<String>,
 
     /// When a worker is ready: `listening` (ustad sees it wait for connections on its
-    /// socket), `notify` (it sends READY=1), `delay:2s`, or `none` [default: notify for the
-    /// demo; listening with --listen; none otherwise].
+    /// socket), `notify` (it sends READY=1), `message` (with --ipc node: it calls
+    /// process.send('ready')), `delay:2s`, or `none` [default: notify for the demo; listening
+    /// with --listen; none otherwise].
     #[arg(long, value_name = "MODE")]
     pub(crate) ready: Option<Readiness>,
 
@@ -242,6 +243,17 @@ pub(crate) struct PoolFlags {
     #[arg(long, value_name = "SIGNAL")]
     pub(crate) stop_signal: Option<Signal>,
 
+    /// Open a message channel to each worker: `node` is Node's own (process.send and
+    /// process.on('message'), as child_process.fork opens it), for PM2's conventions:
+    /// process.send('ready'), and the 'shutdown' message before the stop signal.
+    #[arg(long, value_name = "PROTOCOL")]
+    pub(crate) ipc: Option<IpcProtocol>,
+
+    /// With --ipc node: the time between the 'shutdown' message and the stop signal
+    /// [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) stop_grace: Option<Duration>,
+
     /// Discard the workers' stdout and stderr.
     #[arg(long)]
     pub(crate) silent: bool,
@@ -279,6 +291,8 @@ impl PoolFlags {
         note(self.watchdog.is_some(), "--watchdog");
         note(self.strict, "--strict");
         note(self.stop_signal.is_some(), "--stop-signal");
+        note(self.ipc.is_some(), "--ipc");
+        note(self.stop_grace.is_some(), "--stop-grace");
         note(self.silent, "--silent");
         note(!self.env.is_empty(), "--env");
         note(self.cwd.is_some(), "--cwd");

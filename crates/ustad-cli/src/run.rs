@@ -139,6 +139,12 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
     pool.watchdog = flags.watchdog;
     pool.strict = flags.strict;
     pool.silent = flags.silent;
+    if let Some(protocol) = flags.ipc {
+        pool.ipc = Some(ustad_core::config::IpcSpec::new(protocol));
+    }
+    if let Some(grace) = flags.stop_grace {
+        pool.stop_grace = grace;
+    }
     if let Some(signal) = flags.stop_signal {
         pool.stop_signal = signal;
     }

@@ -9,6 +9,7 @@ mod demo_worker;
 mod lifecycle;
 mod listening;
 mod metrics;
+mod node_ipc;
 mod notify;
 mod rollout;
 mod systemd;

@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use ustad_proto::env::{
-    LISTEN_FDNAMES, LISTEN_FDNAMES_SEPARATOR, LISTEN_FDS, NOTIFY_SOCKET, USTAD_GENERATION,
-    USTAD_IPC_FD, USTAD_IPC_MAX_FRAME, USTAD_POOL, USTAD_WORKER_ID, USTAD_WORKER_INDEX,
-    WATCHDOG_USEC,
+    LISTEN_FDNAMES, LISTEN_FDNAMES_SEPARATOR, LISTEN_FDS, NODE_CHANNEL_FD,
+    NODE_CHANNEL_SERIALIZATION_JSON, NODE_CHANNEL_SERIALIZATION_MODE, NOTIFY_SOCKET,
+    USTAD_GENERATION, USTAD_IPC_FD, USTAD_IPC_MAX_FRAME, USTAD_POOL, USTAD_WORKER_ID,
+    USTAD_WORKER_INDEX, WATCHDOG_USEC,
 };
 
-use crate::config::{PoolSpec, Readiness};
+use crate::config::{IpcProtocol, PoolSpec, Readiness};
 use crate::plan::WorkerId;
 use crate::sys::{self, ExecImage, LISTEN_FDS_START};
 
@@ -126,8 +127,19 @@ fn worker_env(launch: &WorkerLaunch<'_>) -> Vec<CString> {
     }
     if let (Some(_), Some(ipc)) = (launch.ipc, spec.ipc) {
         let fd = sys::LISTEN_FDS_START + launch.sockets.len() as RawFd;
-        env.push(env_entry(USTAD_IPC_FD, fd.to_string()));
-        env.push(env_entry(USTAD_IPC_MAX_FRAME, ipc.max_message.to_string()));
+        match ipc.protocol {
+            IpcProtocol::Ustad => {
+                env.push(env_entry(USTAD_IPC_FD, fd.to_string()));
+                env.push(env_entry(USTAD_IPC_MAX_FRAME, ipc.max_message.to_string()));
+            }
+            IpcProtocol::Node => {
+                env.push(env_entry(NODE_CHANNEL_FD, fd.to_string()));
+                env.push(env_entry(
+                    NODE_CHANNEL_SERIALIZATION_MODE,
+                    NODE_CHANNEL_SERIALIZATION_JSON,
+                ));
+            }
+        }
     }
     env.push(env_entry(USTAD_POOL, launch.pool));
     env.push(env_entry(USTAD_WORKER_ID, launch.id.0.to_string()));

@@ -48,6 +48,16 @@ pub const USTAD_IPC_FD: &str = "USTAD_IPC_FD";
 /// primary with [`USTAD_IPC_FD`].
 pub const USTAD_IPC_MAX_FRAME: &str = "USTAD_IPC_MAX_FRAME";
 
+/// The fd of the worker's end of Node's IPC channel (see [`crate::node`]): with it, Node sets
+/// up `process.send` and `process.on('message')`, as for a child of `child_process.fork`. Set
+/// by the primary for a pool with `ipc = "node"`, in place of [`USTAD_IPC_FD`].
+pub const NODE_CHANNEL_FD: &str = "NODE_CHANNEL_FD";
+/// How Node serializes messages on [`NODE_CHANNEL_FD`]; ustad sets
+/// [`NODE_CHANNEL_SERIALIZATION_JSON`].
+pub const NODE_CHANNEL_SERIALIZATION_MODE: &str = "NODE_CHANNEL_SERIALIZATION_MODE";
+/// One JSON text per line: the serialization ustad speaks.
+pub const NODE_CHANNEL_SERIALIZATION_JSON: &str = "json";
+
 /// Variables the primary never passes on to a worker, from its own environment or a pool's
 /// `env`, besides every name starting with [`RESERVED_PREFIX`]: a worker must not see its
 /// supervisor's own socket activation or service manager.
@@ -58,6 +68,10 @@ pub const RESERVED: &[&str] = &[
     NOTIFY_SOCKET,
     WATCHDOG_USEC,
     WATCHDOG_PID,
+    // A channel fd named by ustad's own parent (ustad started by Node's `fork`) is not the
+    // worker's: Node would try to open it.
+    NODE_CHANNEL_FD,
+    NODE_CHANNEL_SERIALIZATION_MODE,
 ];
 /// The prefix of ustad's own variables, all reserved (the `USTAD_*` constants above, and any
 /// later ones).

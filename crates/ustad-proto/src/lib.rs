@@ -6,6 +6,7 @@
 //! - [`notify`]: the keys and values of the `sd_notify` datagrams ustad sends and understands.
 //! - [`ipc`]: the constants of the framed channel between a library primary and its workers
 //!   (`docs/protocol.md` describes the channel itself).
+//! - [`node`]: the messages of Node's own IPC channel, for pools of unmodified Node apps.
 //!
 //! Names only: no parsing, no I/O, no dependencies.
 //!
@@ -20,6 +21,7 @@
 
 pub mod env;
 pub mod ipc;
+pub mod node;
 pub mod notify;
 
 #[cfg(test)]

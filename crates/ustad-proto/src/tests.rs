@@ -1,7 +1,7 @@
 //! The spellings of the wire, pinned: workers in other languages and systemd itself spell these
 //! names too, so changing one here breaks them, whatever the Rust code agrees on.
 
-use crate::{env, ipc, notify};
+use crate::{env, ipc, node, notify};
 
 #[test]
 fn environment_names_are_systemds_and_ustads() {
@@ -20,6 +20,26 @@ fn environment_names_are_systemds_and_ustads() {
     assert_eq!(env::USTAD_GENERATION, "USTAD_GENERATION");
     assert_eq!(env::USTAD_IPC_FD, "USTAD_IPC_FD");
     assert_eq!(env::USTAD_IPC_MAX_FRAME, "USTAD_IPC_MAX_FRAME");
+    assert_eq!(env::NODE_CHANNEL_FD, "NODE_CHANNEL_FD");
+    assert_eq!(
+        env::NODE_CHANNEL_SERIALIZATION_MODE,
+        "NODE_CHANNEL_SERIALIZATION_MODE"
+    );
+    assert_eq!(env::NODE_CHANNEL_SERIALIZATION_JSON, "json");
+    assert!(env::is_reserved(env::NODE_CHANNEL_FD.as_bytes()));
+}
+
+#[test]
+fn node_messages_are_pm2s_and_nodes() {
+    assert_eq!(node::READY, "ready");
+    assert_eq!(node::SHUTDOWN, "shutdown");
+    assert_eq!(node::KEY, "ustad");
+    assert_eq!(node::INTERNAL_KEY, "cmd");
+    assert_eq!(node::INTERNAL_PREFIX, "NODE_");
+    assert_eq!(node::request::RESTART, "restart");
+    assert_eq!(node::request::STOPPING, "stopping");
+    assert_eq!(node::request::HEARTBEAT, "heartbeat");
+    assert_eq!(node::request::READY, "ready");
 }
 
 #[test]

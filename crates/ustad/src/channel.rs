@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
+use ustad_core::config::IpcProtocol;
 use ustad_core::ipc::{self, Envelope, Kind, Outbox, PushError};
 
 use crate::error::RequestError;
@@ -21,15 +22,25 @@ use crate::error::RequestError;
 /// [`RequestError::TooLarge`], [`RequestError::Encoding`], or `closed` when the channel is.
 pub(crate) async fn send<T: Serialize + ?Sized>(
     outbox: &Outbox,
+    protocol: IpcProtocol,
     kind: &Kind,
     body: &T,
     max: usize,
     closed: RequestError,
 ) -> Result<(), RequestError> {
+    if protocol == IpcProtocol::Node && *kind != Kind::Msg {
+        return Err(RequestError::NotSupported(
+            "a Node worker (ipc = \"node\") takes messages (process.on('message')), not requests",
+        ));
+    }
     let encode = |buffer: &mut BytesMut| {
         let start = buffer.len();
-        ipc::encode_body(buffer, kind, body).map_err(|e| RequestError::Encoding(e.to_string()))?;
-        let size = buffer.len() - start - ipc::HEADER;
+        let (encoded, overhead) = match protocol {
+            IpcProtocol::Ustad => (ipc::encode_body(buffer, kind, body), ipc::HEADER),
+            IpcProtocol::Node => (ipc::node::encode(buffer, body), 1),
+        };
+        encoded.map_err(|e| RequestError::Encoding(e.to_string()))?;
+        let size = buffer.len() - start - overhead;
         if size > max {
             return Err(RequestError::TooLarge { size, max });
         }
@@ -104,7 +115,17 @@ impl IncomingRequest {
     pub async fn reply<R: Serialize + ?Sized>(mut self, reply: &R) -> Result<(), RequestError> {
         self.answered = true;
         let kind = Kind::Rep { id: self.id };
-        match send(&self.outbox, &kind, reply, self.max, RequestError::Stopped).await {
+        let ustad = IpcProtocol::Ustad;
+        match send(
+            &self.outbox,
+            ustad,
+            &kind,
+            reply,
+            self.max,
+            RequestError::Stopped,
+        )
+        .await
+        {
             Err(error @ (RequestError::Encoding(_) | RequestError::TooLarge { .. })) => {
                 let failed = ipc::encode_simple(&Kind::Err {
                     id: self.id,

@@ -64,4 +64,7 @@ pub enum RequestError {
     /// The cluster has stopped.
     #[error("the cluster has stopped")]
     Stopped,
+    /// The worker cannot take this (a request to a Node worker, which takes messages only).
+    #[error("{0}")]
+    NotSupported(&'static str),
 }

@@ -62,6 +62,7 @@ mod worker;
 pub use cluster::{Cluster, Event, IncomingRequest, Message, PoolName, WorkerRef};
 pub use error::{Error, RequestError};
 pub use primary::{Pool, Primary};
+pub use ustad_core::config::Readiness;
 pub use ustad_core::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
 pub use worker::{FromPrimary, Handed, HandedStream, Worker};
 

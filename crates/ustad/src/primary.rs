@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use ustad_core::config::{
-    ByteSize, Command, Config, IpcSpec, ListenAddr, PoolSpec, Readiness, Signal, Size, SocketMode,
-    SocketSpec,
+    ByteSize, Command, Config, IpcProtocol, IpcSpec, ListenAddr, PoolSpec, Readiness, Signal, Size,
+    SocketMode, SocketSpec,
 };
 use ustad_core::supervisor::{self, Options};
 
@@ -42,6 +42,8 @@ enum Setting {
     Watchdog(Duration),
     MaxMessage(usize),
     Cwd(std::path::PathBuf),
+    NodeIpc,
+    Ready(Readiness),
 }
 
 impl Pool {
@@ -113,6 +115,24 @@ impl Pool {
     pub fn command<S: Into<String>>(mut self, words: impl IntoIterator<Item = S>) -> Pool {
         self.command = Some(words.into_iter().map(Into::into).collect());
         self
+    }
+
+    /// Runs the pool's [`command`](Pool::command) as unmodified Node apps over Node's own IPC
+    /// channel (`process.send`, `process.on('message')`), as `child_process.fork` opens it:
+    /// their `process.send(value)` arrives as [`crate::Event::Message`], and
+    /// [`Cluster::send`](crate::Cluster::send) and `broadcast` reach their
+    /// `process.on('message')` (requests do not: Node has no replies). A worker is ready when
+    /// it calls `process.send('ready')` (PM2's `wait_ready`), and is sent `'shutdown'` a
+    /// `stop_grace` (2 s) before its stop signal. See `docs/protocol.md`.
+    pub fn node(self) -> Pool {
+        self.with(Setting::NodeIpc)
+    }
+
+    /// When a new worker counts as ready [default: when it says so: `ready()`, or a Node
+    /// worker's `process.send('ready')`]. `Readiness::Listening` for workers that know nothing
+    /// of ustad: ready once seen waiting for connections on the pool's socket.
+    pub fn ready(self, readiness: Readiness) -> Pool {
+        self.with(Setting::Ready(readiness))
     }
 
     /// How long a new worker may take to call `ready()` [default: 30 s].
@@ -287,8 +307,19 @@ impl Primary {
                     Setting::Silent(silent) => spec.silent = silent,
                     Setting::MaxMemory(limit) => spec.max_memory = Some(limit),
                     Setting::Watchdog(period) => spec.watchdog = Some(period),
-                    Setting::MaxMessage(bytes) => spec.ipc = Some(IpcSpec { max_message: bytes }),
+                    Setting::MaxMessage(bytes) => {
+                        let ipc = spec.ipc.get_or_insert_with(IpcSpec::default);
+                        ipc.max_message = bytes;
+                    }
                     Setting::Cwd(dir) => spec.cwd = Some(dir),
+                    Setting::NodeIpc => {
+                        let ipc = spec.ipc.get_or_insert_with(IpcSpec::default);
+                        ipc.protocol = IpcProtocol::Node;
+                        if spec.ready == Readiness::Notify {
+                            spec.ready = Readiness::Message;
+                        }
+                    }
+                    Setting::Ready(readiness) => spec.ready = readiness,
                 }
             }
             for (socket_name, socket) in &pool.sockets {
@@ -415,7 +446,7 @@ mod tests {
         assert_eq!(web.kill_timeout, Duration::from_secs(5));
         assert_eq!(web.stop_signal, "SIGINT".parse().unwrap());
         assert_eq!(web.max_memory, Some("64MiB".parse().unwrap()));
-        assert_eq!(web.ipc, Some(IpcSpec { max_message: 4096 }));
+        assert_eq!(web.ipc.map(|ipc| ipc.max_message), Some(4096));
         assert_eq!(web.env["MODE"], "web");
         assert_eq!(config.sockets["http"].backlog, 64);
         // Both pools name the same socket: one socket, shared, as in a config file.

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
+use ustad_core::config::IpcProtocol;
 use ustad_core::ipc::channel::{Ended, Flow};
 use ustad_core::ipc::{self, Kind, Outbox};
 use ustad_proto::{env, notify};
@@ -371,6 +372,7 @@ impl Worker {
         let outbox = &self.channel()?.outbox;
         send(
             outbox,
+            IpcProtocol::Ustad,
             &Kind::Msg,
             message,
             self.inner.max_frame,
@@ -412,7 +414,16 @@ impl Worker {
         let exchange = async {
             let kind = Kind::Req { id };
             let max = self.inner.max_frame;
-            send(&channel.outbox, &kind, request, max, RequestError::Stopped).await?;
+            let ustad = IpcProtocol::Ustad;
+            send(
+                &channel.outbox,
+                ustad,
+                &kind,
+                request,
+                max,
+                RequestError::Stopped,
+            )
+            .await?;
             await_reply(reply, RequestError::Stopped).await
         };
         let result = tokio::time::timeout(timeout, exchange).await;
@@ -444,7 +455,8 @@ impl Channel {
         };
         tokio::spawn(async move {
             let answer = receiver.answer.clone();
-            match ipc::channel::read(reader, max_frame, &answer, &mut receiver).await {
+            let ustad = IpcProtocol::Ustad;
+            match ipc::channel::read(reader, ustad, max_frame, &answer, &mut receiver).await {
                 Ended::Closed | Ended::Stopped => {}
                 Ended::Lost(error) => tracing::error!("the channel to the primary broke: {error}"),
                 Ended::Broken(why) => {

@@ -10,10 +10,11 @@ use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;
 
 use super::value::{
-    ByteSize, Command, DurationValue, ListenAddr, Readiness, Signal, Size, SocketMode,
+    ByteSize, Command, DurationValue, IpcProtocol, ListenAddr, Readiness, Signal, Size, SocketMode,
 };
 use super::{
-    Config, ConfigError, DEFAULT_BACKLOG, Diagnostic, Location, PoolSpec, SocketSpec, SpanTable,
+    Config, ConfigError, DEFAULT_BACKLOG, Diagnostic, IpcSpec, Location, PoolSpec, SocketSpec,
+    SpanTable,
 };
 
 /// Settings that may be given at the top level as defaults for every pool.
@@ -66,6 +67,8 @@ struct RawPool {
     silent: Option<bool>,
     max_memory: Option<ByteSize>,
     watchdog: Option<Spanned<DurationValue>>,
+    ipc: Option<Spanned<IpcProtocol>>,
+    stop_grace: Option<Spanned<DurationValue>>,
 }
 
 /// An environment value: a string, or a number or boolean written without quotes
@@ -181,6 +184,14 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             spans.insert(Location::PoolSocket(name.clone(), index), socket.span());
         }
         spec.sockets = pool.sockets.into_iter().map(Spanned::into_inner).collect();
+        if let Some(ipc) = pool.ipc {
+            spans.insert(field("ipc"), ipc.span());
+            spec.ipc = Some(IpcSpec::new(ipc.into_inner()));
+        }
+        if let Some(grace) = pool.stop_grace {
+            spans.insert(field("stop_grace"), grace.span());
+            spec.stop_grace = grace.into_inner().0;
+        }
         // A pool-level value wins over the top-level default, which wins over the built-in one.
         let ready = pool.ready.map(|r| {
             spans.insert(field("ready"), r.span());
@@ -232,7 +243,14 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             .or(raw.stop_signal)
             .unwrap_or(spec.stop_signal);
         // Problems of a field that was not written in this pool point at the pool's name.
-        for field_name in ["ready", "ready_timeout", "ttl", "watchdog"] {
+        for field_name in [
+            "ready",
+            "ready_timeout",
+            "ttl",
+            "watchdog",
+            "ipc",
+            "stop_grace",
+        ] {
             spans
                 .entry(Location::PoolField(name.clone(), field_name))
                 .or_insert_with(|| name_span.clone());

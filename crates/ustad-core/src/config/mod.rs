@@ -20,7 +20,7 @@ use std::time::Duration;
 use indexmap::IndexMap;
 
 pub use error::{ConfigError, Diagnostic};
-pub use value::{ByteSize, Command, ListenAddr, Readiness, Signal, Size, SocketMode};
+pub use value::{ByteSize, Command, IpcProtocol, ListenAddr, Readiness, Signal, Size, SocketMode};
 
 /// Default `kill_timeout`: how long a worker may take to stop before it is killed.
 pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,6 +30,9 @@ pub const DEFAULT_RESTART_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `min_uptime`: a worker that exits sooner counts as a failed start (backoff grows).
 pub const DEFAULT_MIN_UPTIME: Duration = Duration::from_secs(5);
+/// Default `stop_grace`: with `ipc = "node"`, the time between the `'shutdown'` message and the
+/// stop signal.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(2);
 /// Default listen backlog.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 
@@ -94,6 +97,9 @@ pub struct PoolSpec {
     pub min_uptime: Duration,
     /// The signal that asks a worker to stop gracefully.
     pub stop_signal: Signal,
+    /// With `ipc = "node"`: a worker is sent `'shutdown'` over its channel this long before
+    /// its stop signal (PM2's `shutdown_with_message`), so that an app may drain on the message.
+    pub stop_grace: Duration,
     /// Drop the workers' stdout and stderr instead of relaying them.
     pub silent: bool,
     /// Replace a worker (rolling) whose process group's RSS stays above this.
@@ -110,15 +116,25 @@ pub struct PoolSpec {
 /// A pool's message channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpcSpec {
-    /// The largest frame either side accepts, in bytes.
+    /// What it speaks.
+    pub protocol: IpcProtocol,
+    /// The largest frame (or, for Node, line) either side accepts, in bytes.
     pub max_message: usize,
+}
+
+impl IpcSpec {
+    /// A channel speaking `protocol`, with the default `max_message`.
+    pub fn new(protocol: IpcProtocol) -> IpcSpec {
+        IpcSpec {
+            protocol,
+            max_message: crate::ipc::DEFAULT_MAX_FRAME,
+        }
+    }
 }
 
 impl Default for IpcSpec {
     fn default() -> IpcSpec {
-        IpcSpec {
-            max_message: crate::ipc::DEFAULT_MAX_FRAME,
-        }
+        IpcSpec::new(IpcProtocol::Ustad)
     }
 }
 
@@ -139,6 +155,7 @@ impl PoolSpec {
             restart_delay: DEFAULT_RESTART_DELAY,
             min_uptime: DEFAULT_MIN_UPTIME,
             stop_signal: Signal::TERM,
+            stop_grace: DEFAULT_STOP_GRACE,
             silent: false,
             max_memory: None,
             watchdog: None,
@@ -298,7 +315,10 @@ impl Config {
                     .sockets
                     .get(socket)
                     .is_some_and(|s| s.mode == SocketMode::RoundRobin);
-                if handed && pool.ipc.is_none() {
+                let speaks_ustad = pool
+                    .ipc
+                    .is_some_and(|ipc| ipc.protocol == IpcProtocol::Ustad);
+                if handed && !speaks_ustad {
                     problem(
                         Location::PoolSocket(name.clone(), index),
                         format!(
@@ -334,6 +354,12 @@ impl Config {
                 problem(
                     Location::PoolField(name.clone(), "ready"),
                     "ready = \"listening\" needs a socket the workers accept on (\"shared\" or \"reuseport\"); add one to `sockets`, or use \"notify\", \"delay:2s\" or \"none\"".to_owned(),
+                );
+            }
+            if pool.ready == Readiness::Message && pool.ipc.is_none() {
+                problem(
+                    Location::PoolField(name.clone(), "ready"),
+                    "ready = \"message\" needs a message channel to hear it on: set ipc = \"node\" for a Node app that calls process.send('ready')".to_owned(),
                 );
             }
             if let Readiness::Delay(delay) = pool.ready {

@@ -225,6 +225,9 @@ pub enum Readiness {
     /// sockets (see [`crate::listening`]): the worker does nothing. The default for pools with
     /// sockets that workers accept on.
     Listening,
+    /// The worker says so over its message channel: a Node app's `process.send('ready')`
+    /// (`ipc = "node"`, PM2's `wait_ready`), a library worker's `ready()`.
+    Message,
     /// The worker is ready this long after it was spawned.
     Delay(Duration),
     /// The worker is ready as soon as it is spawned.
@@ -236,6 +239,7 @@ impl fmt::Display for Readiness {
         match self {
             Readiness::Notify => f.write_str("notify"),
             Readiness::Listening => f.write_str("listening"),
+            Readiness::Message => f.write_str("message"),
             Readiness::Delay(d) => write!(f, "delay:{}", format_duration(*d)),
             Readiness::None => f.write_str("none"),
         }
@@ -247,7 +251,10 @@ impl Readiness {
     /// assumed (at spawn, or after a delay). A worker whose readiness was seen and that dies
     /// later is replaced at once; one assumed ready must first stay up `min_uptime`.
     pub fn is_observed(self) -> bool {
-        matches!(self, Readiness::Notify | Readiness::Listening)
+        matches!(
+            self,
+            Readiness::Notify | Readiness::Listening | Readiness::Message
+        )
     }
 }
 
@@ -258,13 +265,48 @@ impl FromStr for Readiness {
         match trimmed {
             "notify" => Ok(Readiness::Notify),
             "listening" => Ok(Readiness::Listening),
+            "message" => Ok(Readiness::Message),
             "none" => Ok(Readiness::None),
             _ => match trimmed.strip_prefix("delay:") {
                 Some(delay) => parse_duration(delay).map(Readiness::Delay),
                 None => Err(format!(
-                    "invalid readiness `{text}`: expected \"listening\", \"notify\", \"delay:DURATION\" (like \"delay:2s\") or \"none\""
+                    "invalid readiness `{text}`: expected \"listening\", \"notify\", \"message\", \"delay:DURATION\" (like \"delay:2s\") or \"none\""
                 )),
             },
+        }
+    }
+}
+
+/// What a pool's message channel speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IpcProtocol {
+    /// ustad's framed protocol (`docs/protocol.md`): the Rust library's workers, and workers in
+    /// other languages that speak it (`USTAD_IPC_FD`).
+    #[default]
+    Ustad,
+    /// Node's own IPC channel (`NODE_CHANNEL_FD`, JSON lines), as `child_process.fork` opens
+    /// it: an unmodified Node app's `process.send()` and `process.on('message')`.
+    Node,
+}
+
+impl fmt::Display for IpcProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpcProtocol::Ustad => "ustad",
+            IpcProtocol::Node => "node",
+        })
+    }
+}
+
+impl FromStr for IpcProtocol {
+    type Err = String;
+    fn from_str(text: &str) -> Result<IpcProtocol, String> {
+        match text.trim() {
+            "node" => Ok(IpcProtocol::Node),
+            "ustad" => Ok(IpcProtocol::Ustad),
+            _ => Err(format!(
+                "invalid ipc `{text}`: expected \"node\" (Node's process.send) or \"ustad\" (docs/protocol.md)"
+            )),
         }
     }
 }
@@ -522,7 +564,8 @@ macro_rules! deserialize_from_str {
 }
 
 deserialize_from_str! {
-    Readiness => "\"notify\", \"delay:DURATION\" or \"none\"",
+    Readiness => "\"listening\", \"notify\", \"message\", \"delay:DURATION\" or \"none\"",
+    IpcProtocol => "\"node\" or \"ustad\"",
     ListenAddr => "a listen address string like \"127.0.0.1:8000\" or \"unix:/run/app.sock\"",
     SocketMode => "\"shared\", \"reuseport\" or \"round-robin\"",
     Signal => "a signal name string like \"SIGTERM\"",

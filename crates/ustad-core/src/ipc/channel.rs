@@ -3,6 +3,7 @@
 //! reader loop that reads frames, decodes their envelopes, arms write-through, and gives each
 //! envelope to the side that owns the channel ([`Receiver`]). The primary's side
 //! (`supervisor::link`) and the worker's (`ustad::worker`) differ only in their receivers.
+//! The same loop reads Node's channel (JSON lines, [`super::node`]) into the same envelopes.
 
 use std::future::Future;
 use std::os::fd::OwnedFd;
@@ -12,7 +13,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
+use super::node::LineReader;
 use super::{ChannelSocket, Envelope, FrameError, FrameReader, Outbox, decode};
+use crate::config::IpcProtocol;
 
 /// A connection to hand to the peer: its `conn` frame and its fd.
 pub type Handed = (Bytes, OwnedFd);
@@ -50,15 +53,54 @@ pub enum Ended {
     Stopped,
 }
 
-/// Reads the peer's frames of at most `max_frame` bytes and gives their envelopes to
-/// `receiver`, until the channel ends; says how. A frame that comes alone arms `outbox`'s
-/// write-through (see [`Outbox::heard`]).
-pub async fn read<R, V>(reader: R, max_frame: usize, outbox: &Outbox, receiver: &mut V) -> Ended
+/// Where envelopes come from: frames, or Node's lines.
+enum Source<R> {
+    Frames(FrameReader<R>),
+    Lines(LineReader<R>),
+}
+
+impl<R: AsyncRead + Unpin> Source<R> {
+    async fn next(&mut self) -> Result<Option<Bytes>, FrameError> {
+        match self {
+            Source::Frames(frames) => frames.next().await,
+            Source::Lines(lines) => lines.next().await,
+        }
+    }
+
+    fn lone(&self) -> bool {
+        match self {
+            Source::Frames(frames) => frames.lone(),
+            Source::Lines(lines) => lines.lone(),
+        }
+    }
+
+    /// The envelope of a frame or line; `None` for what is not for ustad (Node's own).
+    fn decode(&self, frame: Bytes) -> Result<Option<Envelope>, FrameError> {
+        match self {
+            Source::Frames(_) => decode(frame).map(Some),
+            Source::Lines(_) => super::node::decode(frame),
+        }
+    }
+}
+
+/// Reads the peer's frames (or lines) of at most `max_frame` bytes in `protocol` and gives
+/// their envelopes to `receiver`, until the channel ends; says how. A frame that comes alone
+/// arms `outbox`'s write-through (see [`Outbox::heard`]).
+pub async fn read<R, V>(
+    reader: R,
+    protocol: IpcProtocol,
+    max_frame: usize,
+    outbox: &Outbox,
+    receiver: &mut V,
+) -> Ended
 where
     R: AsyncRead + Unpin + Send,
     V: Receiver,
 {
-    let mut frames = FrameReader::new(reader, max_frame);
+    let mut frames = match protocol {
+        IpcProtocol::Ustad => Source::Frames(FrameReader::new(reader, max_frame)),
+        IpcProtocol::Node => Source::Lines(LineReader::new(reader, max_frame)),
+    };
     loop {
         let frame = match frames.next().await {
             Ok(Some(frame)) => frame,
@@ -68,8 +110,9 @@ where
             }
             Err(error) => return Ended::Broken(error.to_string()),
         };
-        let envelope = match decode(frame) {
-            Ok(envelope) => envelope,
+        let envelope = match frames.decode(frame) {
+            Ok(Some(envelope)) => envelope,
+            Ok(None) => continue,
             Err(error) => return Ended::Broken(error.to_string()),
         };
         if frames.lone() {
@@ -155,7 +198,14 @@ mod tests {
         }
         let mut keep = Keep::default();
         let outbox = Outbox::new(1024);
-        let ended = read(SocketReader(far), 1024, &outbox, &mut keep).await;
+        let ended = read(
+            SocketReader(far),
+            IpcProtocol::Ustad,
+            1024,
+            &outbox,
+            &mut keep,
+        )
+        .await;
         (ended, keep.0)
     }
 
@@ -205,6 +255,27 @@ mod tests {
         );
         let (ended, _) = read_from(&[b"\xff\xff\x00\x00"], false).await;
         assert!(matches!(ended, Ended::Broken(_)), "too long: {ended:?}");
+    }
+
+    #[tokio::test]
+    async fn nodes_lines_become_the_same_envelopes_and_its_own_messages_are_skipped() {
+        let (near, far) = pair();
+        near.write_all(b"\"ready\"\n{\"cmd\":\"NODE_X\"}\n{\"hits\":3}\n{\"ustad\":\"restart\"}\n")
+            .await
+            .unwrap();
+        drop(near);
+        let mut keep = Keep::default();
+        let outbox = Outbox::new(1024);
+        let ended = read(
+            SocketReader(far),
+            IpcProtocol::Node,
+            1024,
+            &outbox,
+            &mut keep,
+        )
+        .await;
+        assert!(matches!(ended, Ended::Closed), "{ended:?}");
+        assert_eq!(keep.0, [Kind::Ready, Kind::Msg, Kind::Restart]);
     }
 
     #[tokio::test]

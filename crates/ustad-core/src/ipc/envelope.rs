@@ -64,6 +64,16 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// An envelope whose body is the whole of `json` (a message of Node's channel).
+    pub(crate) fn whole(kind: Kind, json: Bytes) -> Envelope {
+        let body = Some(0..json.len());
+        Envelope {
+            kind,
+            frame: json,
+            body,
+        }
+    }
+
     /// The `body` as raw JSON text (`msg`, `req` and `rep` have one).
     pub fn body(&self) -> Option<&[u8]> {
         self.body.clone().map(|range| &self.frame[range])

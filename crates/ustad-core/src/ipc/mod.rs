@@ -15,6 +15,7 @@ pub mod channel;
 mod envelope;
 mod fdpass;
 mod frame;
+pub mod node;
 mod outbox;
 mod socket;
 

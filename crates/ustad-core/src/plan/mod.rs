@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, PoolSpec, Readiness, Signal};
+use crate::config::{Config, IpcProtocol, PoolSpec, Readiness, Signal};
 use crate::status;
 
 pub use types::{
@@ -99,6 +99,9 @@ pub struct Worker {
     last_alive: Instant,
     /// Since when its memory has been above `max_memory`.
     over_memory_since: Option<Instant>,
+    /// Stopping, told to stop over its channel (Node's `'shutdown'`): when its stop signal
+    /// follows, and which.
+    signal_at: Option<(Instant, Signal)>,
 }
 
 impl Worker {
@@ -358,6 +361,15 @@ impl Plan {
                     let timeout = worker.spec.kill_timeout;
                     self.kill(id, KillCause::KillTimeout(timeout));
                 }
+                Phase::Stopping { .. } if worker.signal_at.is_some_and(|(at, _)| at <= now) => {
+                    let (pid, signal) = (worker.pid, worker.signal_at.map(|(_, s)| s));
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.signal_at = None;
+                    }
+                    if let (Some(pid), Some(signal)) = (pid, signal) {
+                        self.out.actions.push(Action::Signal { id, pid, signal });
+                    }
+                }
                 Phase::Ready { .. } if worker.ttl_at.is_some_and(|at| at <= now) => {
                     let (pool, slot) = (worker.pool, worker.slot);
                     if let Some(w) = self.workers.get_mut(&id) {
@@ -390,6 +402,7 @@ impl Plan {
             let alive = !matches!(w.phase, Phase::Stopping { .. });
             [
                 phase,
+                w.signal_at.map(|(at, _)| at).filter(|_| !alive),
                 w.ttl_at.filter(|_| matches!(w.phase, Phase::Ready { .. })),
                 w.watchdog_at.filter(|_| alive),
             ]
@@ -469,7 +482,7 @@ impl Plan {
                     }
                 }
             }
-            Readiness::Notify | Readiness::Listening => {}
+            Readiness::Notify | Readiness::Listening | Readiness::Message => {}
         }
     }
 
@@ -798,6 +811,9 @@ impl Plan {
                             *kill_at = Some(now + timeout);
                         }
                     }
+                    if let Some((at, _)) = &mut worker.signal_at {
+                        *at = (*at).min(now + timeout);
+                    }
                 }
             }
         }
@@ -1008,18 +1024,37 @@ impl Plan {
         }
         let snapshot = worker.clone();
         self.detach(&snapshot);
-        let kill_at = Some(now + snapshot.spec.kill_timeout);
+        let kill_at = now + snapshot.spec.kill_timeout;
+        // A Node app is told over its channel first, and given `stop_grace` to act on it (a
+        // hung worker gets its signal at once).
+        let told = snapshot
+            .spec
+            .ipc
+            .is_some_and(|ipc| ipc.protocol == IpcProtocol::Node)
+            && reason != StopReason::Watchdog
+            && snapshot.pid.is_some();
+        let grace = snapshot.spec.stop_grace.min(snapshot.spec.kill_timeout);
         if let Some(w) = self.workers.get_mut(&id) {
-            w.phase = Phase::Stopping { reason, kill_at };
+            w.phase = Phase::Stopping {
+                reason,
+                kill_at: Some(kill_at),
+            };
+            w.signal_at = (told && !grace.is_zero()).then_some((now + grace, signal));
         }
         self.out.notices.push(Notice::Stopping {
             worker: self.reference(&snapshot),
             reason,
             signal,
+            told: told.then_some(grace),
         });
         // Without a pid (not spawned yet), `on_spawned` kills it as soon as the pid is known.
         if let Some(pid) = snapshot.pid {
-            self.out.actions.push(Action::Signal { id, pid, signal });
+            if told {
+                self.out.actions.push(Action::AskToStop { id });
+            }
+            if !told || grace.is_zero() {
+                self.out.actions.push(Action::Signal { id, pid, signal });
+            }
         }
     }
 
@@ -1240,6 +1275,7 @@ impl Plan {
                 pid: None,
                 spawned_at: now,
                 seen_listening: None,
+                signal_at: None,
                 phase: Phase::Starting {
                     deadline,
                     ready_at: None,

@@ -38,6 +38,8 @@ struct Sim {
     notices: Vec<Notice>,
     signals: Vec<(WorkerId, Signal)>,
     kills: Vec<WorkerId>,
+    /// Workers told over their channel to stop.
+    asked: Vec<WorkerId>,
     spawns: Vec<(WorkerId, String, usize, u64)>,
     alive: BTreeMap<WorkerId, String>,
     exited: bool,
@@ -57,6 +59,7 @@ impl Sim {
             notices: Vec::new(),
             signals: Vec::new(),
             kills: Vec::new(),
+            asked: Vec::new(),
             spawns: Vec::new(),
             alive: BTreeMap::new(),
             exited: false,
@@ -93,6 +96,7 @@ impl Sim {
                     }
                     Action::Signal { id, signal, .. } => self.signals.push((id, signal)),
                     Action::Kill { id, .. } => self.kills.push(id),
+                    Action::AskToStop { id } => self.asked.push(id),
                     Action::Exit => self.exited = true,
                 }
             }
@@ -361,6 +365,88 @@ fn spawn_failure_is_a_failed_start() {
             .any(|n| matches!(n, Notice::SpawnFailed { .. }))
     );
     assert_eq!(sim.restart_delays().last(), Some(&(2 * S, 2)));
+}
+
+fn node_pool(size: usize, grace: Duration) -> PoolSpec {
+    let mut spec = pool(size, Readiness::Message);
+    spec.ipc = Some(crate::config::IpcSpec::new(
+        crate::config::IpcProtocol::Node,
+    ));
+    spec.stop_grace = grace;
+    spec
+}
+
+#[test]
+fn a_node_worker_is_told_to_shut_down_then_signalled_after_its_grace() {
+    let mut sim = Sim::new(&config(&[("web", node_pool(1, 2 * S))]));
+    sim.ready(WorkerId(1));
+    rollout(&mut sim);
+    sim.ready(WorkerId(2));
+    assert_eq!(sim.asked, [WorkerId(1)], "'shutdown' at once");
+    assert!(sim.signals.is_empty(), "no signal yet");
+    sim.advance(2 * S - MS);
+    assert!(sim.signals.is_empty());
+    sim.advance(MS);
+    assert_eq!(
+        sim.signals,
+        [(WorkerId(1), Signal::TERM)],
+        "the signal after the grace"
+    );
+    // It exits on its own before its kill_timeout (5 s): no SIGKILL.
+    sim.exit(WorkerId(1), ExitStatus::Code(0));
+    sim.advance(10 * S);
+    assert!(sim.kills.is_empty());
+}
+
+#[test]
+fn a_node_worker_that_exits_on_the_message_gets_no_signal() {
+    let mut sim = Sim::new(&config(&[("web", node_pool(1, 2 * S))]));
+    sim.ready(WorkerId(1));
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: None,
+    });
+    assert_eq!(sim.asked, [WorkerId(1)]);
+    sim.advance(500 * MS);
+    sim.exit(WorkerId(1), ExitStatus::Code(0));
+    sim.advance(10 * S);
+    assert!(sim.signals.is_empty() && sim.kills.is_empty());
+    assert!(sim.exited);
+}
+
+#[test]
+fn a_shorter_shutdown_timeout_brings_a_node_workers_signal_forward() {
+    let mut sim = Sim::new(&config(&[("web", node_pool(1, 4 * S))]));
+    sim.ready(WorkerId(1));
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: Some(S),
+    });
+    sim.advance(S);
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::TERM)]);
+    assert_eq!(
+        sim.kills,
+        [WorkerId(1)],
+        "and the kill, at the same deadline"
+    );
+}
+
+#[test]
+fn a_hung_node_worker_or_a_zero_grace_gets_its_signal_at_once() {
+    let mut spec = node_pool(1, Duration::ZERO);
+    let mut sim = Sim::new(&config(&[("web", spec.clone())]));
+    sim.ready(WorkerId(1));
+    sim.handle(Event::Replace { id: WorkerId(1) });
+    sim.ready(WorkerId(2));
+    assert_eq!(sim.asked, [WorkerId(1)]);
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::TERM)]);
+    spec.stop_grace = 2 * S;
+    spec.watchdog = Some(S);
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    sim.ready(WorkerId(1));
+    sim.advance(S);
+    assert!(sim.asked.is_empty(), "a hung worker is not asked");
+    assert_eq!(sim.signals, [(WorkerId(1), Signal::ABRT)]);
 }
 
 /// The worker now in a slot of pool `web`.
@@ -1370,6 +1456,7 @@ fn every_notice_has_a_name_of_its_own() {
             worker: worker.clone(),
             reason: StopReason::Rollout,
             signal: Signal::TERM,
+            told: None,
         },
         Notice::Killed {
             worker: worker.clone(),

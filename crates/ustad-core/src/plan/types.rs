@@ -225,6 +225,12 @@ pub enum Action {
         /// Its process group.
         pid: u32,
     },
+    /// Tell a worker over its channel to stop (Node's `'shutdown'` message); its stop signal
+    /// follows after its pool's `stop_grace`, as an [`Action::Signal`].
+    AskToStop {
+        /// Which worker.
+        id: WorkerId,
+    },
     /// Every worker has stopped after a shutdown: the primary may exit.
     Exit,
 }
@@ -426,6 +432,8 @@ pub enum Notice {
         reason: StopReason,
         /// With which signal.
         signal: Signal,
+        /// Told to stop over its channel first (`ipc = "node"`): the time until its signal.
+        told: Option<Duration>,
     },
     /// A worker's process group got SIGKILL.
     Killed {
@@ -628,10 +636,23 @@ impl fmt::Display for Notice {
                 worker,
                 reason,
                 signal,
+                told: None,
             } => {
                 write!(
                     f,
                     "{worker} stopping ({reason}): sent {signal} to its process group"
+                )
+            }
+            Notice::Stopping {
+                worker,
+                reason,
+                signal,
+                told: Some(grace),
+            } => {
+                write!(
+                    f,
+                    "{worker} stopping ({reason}): sent 'shutdown' over its channel, {signal} to its process group in {}",
+                    d(grace)
                 )
             }
             Notice::Killed { worker, cause } => {

@@ -116,7 +116,7 @@ impl Supervisor {
         let sink = self.program.as_ref().and_then(|program| {
             let outbox = channel
                 .as_ref()
-                .map(|(_, ipc, outbox)| (outbox.clone(), ipc.max_message));
+                .map(|(_, ipc, outbox)| (outbox.clone(), *ipc));
             program.spawned(worker, outbox)
         });
         let Some((parent, ipc, outbox)) = channel else {
@@ -137,6 +137,7 @@ impl Supervisor {
                     link::Outboxes {
                         frames: outbox,
                         conns,
+                        protocol: ipc.protocol,
                     },
                 );
             }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::config::IpcSpec;
+use crate::config::{IpcProtocol, IpcSpec};
 use crate::control::server::Call;
 use crate::ipc::channel::{Ended, Flow};
 use crate::ipc::{self, Envelope, Kind, Outbox};
@@ -66,13 +66,13 @@ pub enum LinkEvent {
 /// thread, in the order things happen: keep them short, and never block in them.
 pub trait Program: Send + Sync + std::fmt::Debug + 'static {
     /// A worker was started (its pid is known: `worker.pid` is `Some`). A worker with a
-    /// channel comes with its outbox and the largest frame body it accepts; the answer is where
-    /// its frames for the program go (`None`: its messages are dropped and its requests
-    /// refused).
+    /// channel comes with its outbox and what the channel speaks, with the largest frame body
+    /// it accepts; the answer is where its frames for the program go (`None`: its messages are
+    /// dropped and its requests refused).
     fn spawned(
         &self,
         worker: &WorkerRef,
-        channel: Option<(Outbox, usize)>,
+        channel: Option<(Outbox, IpcSpec)>,
     ) -> Option<Box<dyn FrameSink>>;
 
     /// Anything else that happens to workers, and to the supervisor.
@@ -119,6 +119,8 @@ pub(super) type Handed = ipc::channel::Handed;
 pub(super) struct Outboxes {
     pub(super) frames: Outbox,
     pub(super) conns: mpsc::Sender<Handed>,
+    /// What the channel speaks.
+    pub(super) protocol: IpcProtocol,
 }
 
 /// Connections queued for one worker before the acceptor picks another.
@@ -160,6 +162,7 @@ pub(super) fn start_channel(
         let outbox = receiver.outbox.clone();
         let ended = ipc::channel::read(
             ipc::SocketReader(stream),
+            spec.protocol,
             spec.max_message,
             &outbox,
             &mut receiver,

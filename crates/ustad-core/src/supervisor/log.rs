@@ -100,9 +100,11 @@ pub(crate) fn notice(notice: &Notice) {
             worker,
             reason,
             signal,
+            told,
         } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
-            info!(event, pool, slot, id, pid, generation, reason = reason.as_str(), signal = %signal, "{notice}");
+            let grace_ms = told.map(ms);
+            info!(event, pool, slot, id, pid, generation, reason = reason.as_str(), signal = %signal, grace_ms, "{notice}");
         }
         Notice::Killed { worker, cause } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);

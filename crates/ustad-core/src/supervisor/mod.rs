@@ -251,7 +251,10 @@ impl Supervisor {
                         // otherwise be killed by the signal as it exits (Python restores the
                         // default handlers as it shuts down), and seem to have died of it.
                         signal_group(pid, signal);
-                        if let Some(outboxes) = self.channels.get(&id) {
+                        let ustads = self.channels.get(&id).filter(|outboxes| {
+                            outboxes.protocol == crate::config::IpcProtocol::Ustad
+                        });
+                        if let Some(outboxes) = ustads {
                             // The time until SIGKILL, as the plan set it (a shutdown with a
                             // timeout shortens it).
                             let deadline = match self.plan.worker(id).map(|w| w.phase) {
@@ -265,6 +268,11 @@ impl Supervisor {
                             let _ = outboxes.frames.push_now(&crate::ipc::encode_simple(
                                 &crate::ipc::Kind::Stop { deadline_ms },
                             ));
+                        }
+                    }
+                    Action::AskToStop { id } => {
+                        if let Some(outboxes) = self.channels.get(&id) {
+                            let _ = outboxes.frames.push_now(&crate::ipc::node::shutdown_line());
                         }
                     }
                     Action::Kill { pid, .. } => signal_group(pid, Signal::KILL),

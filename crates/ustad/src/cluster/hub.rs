@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, watch};
+use ustad_core::config::{IpcProtocol, IpcSpec};
 use ustad_core::control::server::Call;
 use ustad_core::ipc::Outbox;
 use ustad_core::plan::WorkerId;
@@ -26,6 +27,8 @@ pub(super) struct Conn {
     pub(super) pending: Pending,
     /// The largest frame body the worker accepts.
     pub(super) max_message: usize,
+    /// What its channel speaks.
+    pub(super) protocol: IpcProtocol,
 }
 
 /// One worker, as the hub follows it.
@@ -201,7 +204,7 @@ impl Program for Hub {
     fn spawned(
         &self,
         spawned: &ustad_core::plan::WorkerRef,
-        channel: Option<(Outbox, usize)>,
+        channel: Option<(Outbox, IpcSpec)>,
     ) -> Option<Box<dyn FrameSink>> {
         let shared = &self.0;
         let worker = WorkerRef {
@@ -211,11 +214,12 @@ impl Program for Hub {
             generation: spawned.generation,
             pid: spawned.pid.unwrap_or_default(),
         };
-        let conn = channel.map(|(outbox, max_message)| {
+        let conn = channel.map(|(outbox, ipc)| {
             Arc::new(Conn {
                 outbox,
                 pending: Pending::default(),
-                max_message,
+                max_message: ipc.max_message,
+                protocol: ipc.protocol,
             })
         });
         shared.lock().workers.insert(

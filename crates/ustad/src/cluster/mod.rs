@@ -148,7 +148,16 @@ impl Cluster {
     ) -> Result<(), RequestError> {
         let conn = self.conn(worker)?;
         let gone = RequestError::WorkerGone(worker.0);
-        send(&conn.outbox, &Kind::Msg, message, conn.max_message, gone).await
+        let (outbox, protocol) = (&conn.outbox, conn.protocol);
+        send(
+            outbox,
+            protocol,
+            &Kind::Msg,
+            message,
+            conn.max_message,
+            gone,
+        )
+        .await
     }
 
     /// Sends `message` to every ready worker of `pool`; returns how many got it.
@@ -165,6 +174,7 @@ impl Cluster {
         for conn in targets {
             match send(
                 &conn.outbox,
+                conn.protocol,
                 &Kind::Msg,
                 message,
                 conn.max_message,
@@ -218,6 +228,7 @@ impl Cluster {
         let gone = RequestError::WorkerGone(worker.0);
         send(
             &conn.outbox,
+            conn.protocol,
             &Kind::Req { id },
             request,
             conn.max_message,
