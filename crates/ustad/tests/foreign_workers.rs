@@ -711,3 +711,95 @@ async fn a_library_primary_leaves_the_programs_own_children_alone() {
         "the program's own running child: {status:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unmodified_node_workers_talk_over_nodes_own_channel() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = Primary::new()
+        .name(&instance("node-fork"))
+        .pool(
+            "js",
+            Pool::new(2)
+                .command(["node".to_owned(), script("node_fork_worker.js")])
+                .node()
+                .kill_timeout(Duration::from_secs(10)),
+        )
+        .start()
+        .expect("the primary starts");
+    let _stop = StopOnPanic(&cluster);
+    let mut events = Events::of(&cluster);
+
+    // 1. Each greets with process.send() and is ready by process.send('ready').
+    let phase = deadline();
+    let mut greeted = BTreeSet::new();
+    let mut workers = Vec::new();
+    while workers.len() < 2 || greeted.len() < 2 {
+        events
+            .until(phase, "greetings and readiness", |event| match event {
+                Event::Message { worker, message } => {
+                    let body: Value = message.decode().expect("JSON");
+                    assert_eq!(body, json!({"hello": worker.pid}));
+                    greeted.insert(worker.id);
+                    Some(())
+                }
+                Event::Ready(worker) => {
+                    workers.push(worker);
+                    Some(())
+                }
+                _ => None,
+            })
+            .await;
+    }
+
+    // 2. Cluster::send reaches process.on('message'); its answer comes back as a message.
+    let first = &workers[0];
+    cluster
+        .send(first.id, &json!({"n": 1}))
+        .await
+        .expect("sent");
+    let back = events
+        .until(deadline(), "the answer", |event| match event {
+            Event::Message { worker, message } if worker.id == first.id => {
+                Some(message.decode::<Value>().expect("JSON"))
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(back, json!({"back": {"n": 1}, "pid": first.pid}));
+
+    // 3. A broadcast reaches both.
+    let sent = cluster
+        .broadcast("js", &"everyone")
+        .await
+        .expect("broadcast");
+    assert_eq!(sent, 2);
+    let mut answered = BTreeSet::new();
+    while answered.len() < 2 {
+        let (id, body) = events
+            .until(
+                deadline(),
+                "answers to the broadcast",
+                |event| match event {
+                    Event::Message { worker, message } => {
+                        Some((worker.id, message.decode::<Value>().expect("JSON")))
+                    }
+                    _ => None,
+                },
+            )
+            .await;
+        assert_eq!(body["back"], json!("everyone"));
+        answered.insert(id);
+    }
+
+    // 4. Node has no replies: a request is refused at once, not timed out.
+    let refused = cluster
+        .request::<_, Value>(first.id, &json!({"q": 1}), REQUEST)
+        .await;
+    assert!(
+        matches!(refused, Err(RequestError::NotSupported(_))),
+        "{refused:?}"
+    );
+
+    // 5. They exit 0 on the 'shutdown' message.
+    stop_cleanly(&cluster, &mut events, &workers).await;
+}
