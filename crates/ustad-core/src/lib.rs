@@ -15,12 +15,16 @@
 //! 2. **Spawning.** Each worker runs in its own process group, with stdin from `/dev/null` and
 //!    stdout/stderr relayed line by line ([`output`]), and dies with the primary
 //!    (`PR_SET_PDEATHSIG`).
-//! 3. **Readiness.** A worker is *ready* when it sends `READY=1` on `NOTIFY_SOCKET`
-//!    (`ready = "notify"`, [`notify`]), after a fixed delay, or at once. A worker not ready
-//!    within `ready_timeout` is killed and counts as a failed start.
-//! 4. **Restarts.** A worker that exits without being asked leaves its slot empty; the slot is
-//!    refilled after `restart_delay`, and after an exponential backoff (capped at a minute)
-//!    while starts keep failing. A worker that stays up `min_uptime` resets the backoff.
+//! 3. **Readiness.** A worker is *ready* when the primary sees one of its processes wait for
+//!    connections on one of its sockets (`ready = "listening"`, the default for pools with
+//!    sockets, [`listening`]), when it sends `READY=1` on `NOTIFY_SOCKET` (`ready = "notify"`,
+//!    [`notify`]) or `'ready'` over its message channel, after a fixed delay, or at once. A
+//!    worker not ready within `ready_timeout` is killed and counts as a failed start.
+//! 4. **Restarts.** A worker that exits without being asked leaves its slot empty. One that
+//!    had been ready is replaced at once (a pool whose ready workers die faster than one per
+//!    slot a second waits a little, at most a second); one that never became ready is a failed
+//!    start, and its slot is refilled after `restart_delay`, then an exponential backoff
+//!    (capped at a minute) while starts keep failing.
 //! 5. **Generations and rollouts.** Every worker belongs to a generation of its pool. A
 //!    rollout to generation `g` (SIGHUP, SIGUSR2) replaces, one slot at a time, every worker
 //!    older than `g`: start the replacement, wait until it is ready, then stop the old one,
