@@ -56,6 +56,20 @@ fn serves(extra: &[&str], command: &[&str], how: &str) -> (Run, Vec<LogEvent>) {
 #[test]
 fn node_listening_on_fd_3_is_seen_by_epoll() {
     let (mut run, _) = serves(&[], &["node", &fixture("naive.js")], "epoll");
+    // `status --json` says when each worker was seen listening, and where.
+    let status: serde_json::Value =
+        serde_json::from_str(&run.client(&["status", "--json"]).ok()).expect("JSON status");
+    let workers = status["pools"][0]["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 2, "{status}");
+    for worker in workers {
+        assert_eq!(worker["listening"]["socket"], "listen", "{worker}");
+        assert!(
+            worker["listening"]["after_secs"]
+                .as_f64()
+                .is_some_and(|s| s > 0.0),
+            "{worker}"
+        );
+    }
     run.stop();
 }
 

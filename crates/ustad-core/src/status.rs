@@ -118,6 +118,18 @@ pub struct WorkerStatus {
     pub cpu_seconds: Option<f64>,
     /// Resident memory of its process group, in bytes.
     pub rss_bytes: Option<u64>,
+    /// When it was seen waiting for connections (`ready = "listening"`), and on which socket.
+    #[serde(default)]
+    pub listening: Option<ListeningStatus>,
+}
+
+/// When and where a worker was seen listening.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListeningStatus {
+    /// The socket's name.
+    pub socket: String,
+    /// Seconds from its spawn until it was seen.
+    pub after_secs: f64,
 }
 
 impl WorkerStatus {
@@ -140,6 +152,7 @@ impl WorkerStatus {
             cpu_percent: None,
             cpu_seconds: None,
             rss_bytes: None,
+            listening: None,
         }
     }
 }

@@ -803,3 +803,52 @@ async fn unmodified_node_workers_talk_over_nodes_own_channel() {
     // 5. They exit 0 on the 'shutdown' message.
     stop_cleanly(&cluster, &mut events, &workers).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_ready_when_listening_learns_where_it_listens() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let server = "require('http').createServer((q, s) => s.end('hi')).listen({ fd: 3 })";
+    let cluster = Primary::new()
+        .name(&instance("listening"))
+        .pool(
+            "web",
+            Pool::new(1)
+                .listen("127.0.0.1:0")
+                .command(["node", "-e", server])
+                .ready(ustad::Readiness::Listening),
+        )
+        .start()
+        .expect("the primary starts");
+    let _stop = StopOnPanic(&cluster);
+    let mut events = Events::of(&cluster);
+    let (worker, socket, address) = events
+        .until(
+            deadline(),
+            "the worker seen listening",
+            |event| match event {
+                Event::Listening {
+                    worker,
+                    socket,
+                    address,
+                } => Some((worker, socket, address)),
+                Event::Ready(worker) => panic!("{worker:?} ready before it was seen listening"),
+                _ => None,
+            },
+        )
+        .await;
+    assert_eq!(socket, "web");
+    let address: std::net::SocketAddr = address.parse().expect("an IP address");
+    assert_ne!(address.port(), 0, "the port actually bound");
+    let ready = events.until(deadline(), "ready", ready).await;
+    assert_eq!(ready.id, worker.id);
+    // And it answers there.
+    let mut stream = std::net::TcpStream::connect(address).expect("connecting");
+    std::io::Write::write_all(&mut stream, b"GET / HTTP/1.0\r\n\r\n").expect("asking");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).expect("reading");
+    assert!(answer.ends_with("hi"), "{answer}");
+    tokio::time::timeout(PHASE, cluster.stop(Some(Duration::from_secs(2))))
+        .await
+        .expect("the cluster stops in time")
+        .expect("the cluster stops");
+}

@@ -1418,6 +1418,14 @@ impl Plan {
                             cpu_percent: None,
                             cpu_seconds: None,
                             rss_bytes: None,
+                            listening: w.seen_listening.as_ref().map(|(at, socket)| {
+                                status::ListeningStatus {
+                                    socket: socket.to_string(),
+                                    after_secs: at
+                                        .saturating_duration_since(w.spawned_at)
+                                        .as_secs_f64(),
+                                }
+                            }),
                         }
                     })
                     .collect();

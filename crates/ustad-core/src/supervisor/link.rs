@@ -34,6 +34,15 @@ pub enum LinkEvent {
         /// Which.
         id: WorkerId,
     },
+    /// It was seen waiting for connections on one of its sockets (`ready = "listening"`).
+    Listening {
+        /// Which.
+        id: WorkerId,
+        /// The socket's name.
+        socket: Arc<str>,
+        /// Its address, with the port actually bound (`127.0.0.1:41234`, `unix:/run/a.sock`).
+        address: String,
+    },
     /// It was asked to stop.
     Stopping {
         /// Which.
@@ -290,6 +299,16 @@ impl super::Supervisor {
         };
         let event = match notice {
             Notice::Ready { worker, .. } => LinkEvent::Ready { id: worker.id },
+            Notice::Listening { worker, socket, .. } => LinkEvent::Listening {
+                id: worker.id,
+                socket: socket.clone(),
+                address: self
+                    .listeners
+                    .addresses()
+                    .into_iter()
+                    .find(|(name, _)| **name == **socket)
+                    .map_or_else(|| "?".to_owned(), |(_, address)| address),
+            },
             Notice::Stopping { worker, reason, .. } => LinkEvent::Stopping {
                 id: worker.id,
                 reason: *reason,

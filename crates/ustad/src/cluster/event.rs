@@ -85,7 +85,18 @@ pub enum Event {
     /// Its first frame arrived on its channel (whatever it said): its code runs and talks, as
     /// Node's `online`. Comes after `Spawned`, before `Ready` and before its first message.
     Online(WorkerRef),
-    /// It called `ready()`.
+    /// It was seen waiting for connections on one of its pool's sockets (a pool with
+    /// `Pool::ready(Readiness::Listening)`), as Node's `listening`: once, before `Ready`. The
+    /// address is the one actually bound, so a pool listening on port 0 learns its port.
+    Listening {
+        /// Which.
+        worker: WorkerRef,
+        /// The socket's name.
+        socket: String,
+        /// Its address (`127.0.0.1:41234`, `unix:/run/app.sock`).
+        address: String,
+    },
+    /// It is ready: it called `ready()` (or said so another way, or was seen listening).
     Ready(WorkerRef),
     /// It sent a message.
     Message {

@@ -284,6 +284,20 @@ impl Program for Hub {
                 shared.changed.notify_waiters();
                 Event::Ready(worker)
             }
+            LinkEvent::Listening {
+                id,
+                socket,
+                address,
+            } => {
+                let Some(entry) = state.workers.get(&id) else {
+                    return;
+                };
+                Event::Listening {
+                    worker: entry.worker.clone(),
+                    socket: socket.to_string(),
+                    address,
+                }
+            }
             LinkEvent::Stopping { id, reason } => {
                 let Some(entry) = state.workers.get_mut(&id) else {
                     return;
