@@ -122,6 +122,30 @@ fn scale_grows_and_shrinks_a_pool_from_the_highest_slot() {
     );
 }
 
+/// Reliability issue, part 1: sizes and deltas from a control client are bounded; none of them
+/// takes the primary (and every worker) down.
+#[test]
+fn absurd_sizes_and_deltas_are_refused_and_the_primary_lives_on() {
+    let mut run = Run::start(&["run", "-w", "2", "--", &test_worker()]);
+    run.wait_ready(2);
+    for (size, says) in [
+        ("18446744073709551615", "processes"),
+        ("4294967296", "processes"),
+        ("+9223372036854775807", "processes"),
+        (
+            "-9223372036854775808",
+            "cannot shrink by 9223372036854775808",
+        ),
+    ] {
+        let refused = run.client(&["scale", "app", size]);
+        assert_eq!(refused.code, Some(1), "{size}: {refused:?}");
+        assert!(refused.stderr.contains(says), "{size}: {refused:?}");
+    }
+    // Still there, still serving both workers.
+    assert_eq!(worker_pids(&status_json(&run), "app").len(), 2);
+    run.stop();
+}
+
 fn stopped_pid(run: &Run, slot: u64) -> u64 {
     run.cluster
         .events()

@@ -380,6 +380,11 @@ size = "auto"
                 "size 0",
             ),
             (
+                "[pools.web]\ncommand = [\"a\"]\nsize = 4294967296\n",
+                "ustad.toml:3:8: size 4294967296 is more workers than this machine can run processes",
+                "size beyond the processes a machine can run",
+            ),
+            (
                 "[sockets.a]\nlisten = \"127.0.0.1:8000\"\n[sockets.b]\nlisten = \"127.0.0.1:8000\"\n[pools.web]\ncommand = [\"a\"]\n",
                 "ustad.toml:4:10: `127.0.0.1:8000` is already used by socket `a`",
                 "duplicate listen address",

@@ -310,6 +310,16 @@ impl Config {
             if let Err(message) = check_name(name) {
                 problem(Location::Pool(name.clone()), message);
             }
+            let max = value::max_workers();
+            if pool.size.count() > max {
+                problem(
+                    Location::PoolField(name.clone(), "size"),
+                    format!(
+                        "size {} is more workers than this machine can run processes (at most {max}: kernel.pid_max, kernel.threads-max)",
+                        pool.size
+                    ),
+                );
+            }
             for (index, socket) in pool.sockets.iter().enumerate() {
                 let handed = self
                     .sockets

@@ -130,6 +130,34 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// The kernel's ceiling on `kernel.pid_max` on 64-bit Linux (`PID_MAX_LIMIT`): no system runs
+/// more processes than this, whatever it is configured to.
+pub const PID_MAX_LIMIT: usize = 4_194_304;
+
+/// The most workers one pool may have on this machine: no more than it can run processes at
+/// all (`kernel.pid_max` and `kernel.threads-max`; every worker is at least one). Read once.
+pub fn max_workers() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        };
+        [
+            read("/proc/sys/kernel/pid_max"),
+            read("/proc/sys/kernel/threads-max"),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(PID_MAX_LIMIT)
+        .min(PID_MAX_LIMIT)
+    })
+}
+
 /// How many workers a pool runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Size {

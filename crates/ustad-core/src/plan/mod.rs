@@ -781,6 +781,13 @@ impl Plan {
             self.refuse(format!("pool `{pool}` cannot shrink below 1 worker"));
             return;
         }
+        if size > crate::config::value::PID_MAX_LIMIT {
+            self.refuse(format!(
+                "pool `{pool}` cannot have {size} workers: no system runs more than {} processes",
+                crate::config::value::PID_MAX_LIMIT
+            ));
+            return;
+        }
         self.resize(index, size, now);
     }
 

@@ -1545,6 +1545,25 @@ fn every_notice_has_a_name_of_its_own() {
 }
 
 #[test]
+fn a_size_beyond_any_systems_processes_is_refused_not_allocated() {
+    let mut sim = ready_pool(1, false);
+    let outcome = sim.plan.handle(
+        Event::Scale {
+            pool: "web".into(),
+            size: usize::MAX,
+        },
+        sim.now,
+    );
+    assert!(
+        outcome
+            .refusal()
+            .is_some_and(|why| why.contains("processes"))
+    );
+    assert!(outcome.actions.is_empty());
+    assert_eq!(sim.plan.pools().next(), Some(("web", 1)));
+}
+
+#[test]
 fn an_outcome_tells_whether_its_event_was_refused() {
     let mut sim = ready_pool(1, false);
     let refused = sim.plan.handle(

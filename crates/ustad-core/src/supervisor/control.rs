@@ -117,18 +117,29 @@ impl Supervisor {
         let target = match (size, delta) {
             (Some(size), None) => size,
             (None, Some(delta)) => {
-                let target = current as i64 + delta;
-                if target < 1 {
-                    return Reply::error(format!(
-                        "pool `{pool}` has {current} worker{}: it cannot shrink by {}",
-                        if current == 1 { "" } else { "s" },
-                        -delta
-                    ));
+                let target = i64::try_from(current)
+                    .ok()
+                    .and_then(|current| current.checked_add(delta));
+                match target {
+                    Some(target) if target < 1 => {
+                        return Reply::error(format!(
+                            "pool `{pool}` has {current} worker{}: it cannot shrink by {}",
+                            if current == 1 { "" } else { "s" },
+                            delta.unsigned_abs()
+                        ));
+                    }
+                    Some(target) => usize::try_from(target).unwrap_or(usize::MAX),
+                    None => usize::MAX,
                 }
-                target as usize
             }
             _ => return Reply::error("scale needs a size or a delta, not both"),
         };
+        let max = crate::config::value::max_workers();
+        if target > max {
+            return Reply::error(format!(
+                "pool `{pool}` cannot have {target} workers: this machine runs at most {max} processes (kernel.pid_max, kernel.threads-max)"
+            ));
+        }
         if target == current {
             return Reply::done(format!("pool {pool} already has {current} workers"));
         }
