@@ -412,6 +412,32 @@ fn garbage_oversized_and_half_written_requests_leave_the_primary_serving() {
     assert_eq!(run.cluster.try_exit_status(), None);
 }
 
+/// Reliability issue, part 3: a thousand connections that send nothing do not keep the owner
+/// out, and each is dropped once its request is overdue.
+#[test]
+fn a_thousand_idle_connections_neither_lock_out_status_nor_stay_forever() {
+    let mut run = Run::start(&["run", "-w", "1", "--", &test_worker()]);
+    run.wait_ready(1);
+    let control = run.control();
+    let idle: Vec<UnixStream> = (0..1000)
+        .map(|_| UnixStream::connect(&control).expect("connecting"))
+        .collect();
+    let status = status_json(&run);
+    assert_eq!(worker_pids(&status, "app").len(), 1, "{status}");
+    let stopped = run.client(&["scale", "app", "2"]).ok();
+    assert!(stopped.contains("scaled from 1 to 2"), "{stopped}");
+    // Each idle client is told why and closed, within the request deadline (2 s).
+    for mut stream in idle.into_iter().step_by(100) {
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .expect("the primary closes it");
+        assert!(answer.contains("no complete request within"), "{answer}");
+    }
+    run.stop();
+}
+
 #[test]
 fn a_client_of_another_user_is_refused() {
     if !rustix::process::geteuid().is_root() {
