@@ -38,6 +38,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a worker's memory must stay above `max_memory` before it is replaced: one high
 /// sample (a burst) is not enough.
 pub const MEMORY_GRACE: Duration = Duration::from_secs(3);
+/// A worker's `STATUS=` changes are logged at most this often.
+pub const STATUS_LOG_INTERVAL: Duration = Duration::from_secs(3);
 /// The shortest backoff step, used when `restart_delay` is zero.
 const MIN_BACKOFF_STEP: Duration = Duration::from_millis(100);
 
@@ -88,6 +90,8 @@ pub struct Worker {
     announced_stop: bool,
     /// Its last `STATUS=` text.
     pub status: Option<String>,
+    /// When a change of its `STATUS=` was last logged, and how many since were not.
+    status_logged: Option<(Instant, u64)>,
     /// When it was first seen waiting for connections, and on which socket
     /// (`ready = "listening"`).
     pub seen_listening: Option<(Instant, Arc<str>)>,
@@ -561,11 +565,27 @@ impl Plan {
                 }
             }
             WorkerMessage::Status(text) => {
-                if worker.status.as_deref() != Some(&text) {
-                    worker.status = Some(text.clone());
-                    let worker = self.reference(&self.workers[&id]);
-                    self.out.notices.push(Notice::Status { worker, text });
+                if worker.status.as_deref() == Some(&text) {
+                    return;
                 }
+                worker.status = Some(text.clone());
+                // A status is state (`ustad status` shows the last one); its changes are
+                // logged at most once per interval, with a count of those that were not.
+                let suppressed = match worker.status_logged {
+                    Some((at, suppressed)) if now.saturating_duration_since(at) < STATUS_LOG_INTERVAL => {
+                        worker.status_logged = Some((at, suppressed + 1));
+                        return;
+                    }
+                    Some((_, suppressed)) => suppressed,
+                    None => 0,
+                };
+                worker.status_logged = Some((now, 0));
+                let worker = self.reference(&self.workers[&id]);
+                self.out.notices.push(Notice::Status {
+                    worker,
+                    text,
+                    suppressed,
+                });
             }
             WorkerMessage::Stopping => {
                 if matches!(worker.phase, Phase::Stopping { .. }) {
@@ -1281,6 +1301,7 @@ impl Plan {
                 generation,
                 pid: None,
                 spawned_at: now,
+                status_logged: None,
                 seen_listening: None,
                 signal_at: None,
                 phase: Phase::Starting {

@@ -1152,6 +1152,43 @@ fn a_failed_ttl_replacement_keeps_the_worker_and_tries_again_later() {
 }
 
 #[test]
+fn a_flood_of_status_changes_is_logged_once_per_interval_with_a_count() {
+    let mut sim = ready_pool(1, false);
+    for n in 0..100_000 {
+        sim.message(WorkerId(1), WorkerMessage::Status(format!("step {n}")));
+        if n % 10_000 == 9_999 {
+            sim.advance(S);
+        }
+    }
+    let logged: Vec<(String, u64)> = sim
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::Status {
+                text, suppressed, ..
+            } => Some((text.clone(), *suppressed)),
+            _ => None,
+        })
+        .collect();
+    // 10 s of changes, one logged every 3 s: at 0, 3, 6 and 9 s.
+    assert_eq!(
+        logged,
+        [
+            ("step 0".to_owned(), 0),
+            ("step 30000".to_owned(), 29_999),
+            ("step 60000".to_owned(), 29_999),
+            ("step 90000".to_owned(), 29_999),
+        ]
+    );
+    // The last one is the worker's status all the same.
+    let status = sim.plan.status(sim.now);
+    assert_eq!(
+        status[0].workers[0].status.as_deref(),
+        Some("step 99999")
+    );
+}
+
+#[test]
 fn messages_from_stopping_workers_are_ignored() {
     let mut sim = ready_pool(1, false);
     sim.message(WorkerId(1), WorkerMessage::Status("busy".into()));
@@ -1510,6 +1547,7 @@ fn every_notice_has_a_name_of_its_own() {
         Notice::Status {
             worker: worker.clone(),
             text: String::new(),
+            suppressed: 0,
         },
         Notice::Refused { why: String::new() },
         Notice::ShutdownStarted {

@@ -530,6 +530,9 @@ pub enum Notice {
         worker: WorkerRef,
         /// The text.
         text: String,
+        /// Changes of it not logged since the last one that was (at most one is logged
+        /// every [`crate::plan::STATUS_LOG_INTERVAL`]).
+        suppressed: u64,
     },
     /// A request was refused (unknown pool, bad size, shutting down…).
     Refused {
@@ -739,7 +742,19 @@ impl fmt::Display for Notice {
             Notice::Scaled { pool, from, to } => {
                 write!(f, "pool {pool} scaled from {from} to {to}")
             }
-            Notice::Status { worker, text } => write!(f, "{worker} status: {text}"),
+            Notice::Status {
+                worker,
+                text,
+                suppressed: 0,
+            } => write!(f, "{worker} status: {text}"),
+            Notice::Status {
+                worker,
+                text,
+                suppressed,
+            } => write!(
+                f,
+                "{worker} status: {text} ({suppressed} changes since the last one logged)"
+            ),
             Notice::Refused { why } => write!(f, "refused: {why}"),
             Notice::ShutdownStarted {
                 immediate: false,

@@ -210,9 +210,13 @@ pub(crate) fn notice(notice: &Notice) {
             let pool = pool.to_string();
             info!(event, pool, from, to, "{notice}");
         }
-        Notice::Status { worker, text } => {
+        Notice::Status {
+            worker,
+            text,
+            suppressed,
+        } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
-            info!(event, pool, slot, id, pid, generation, text = %text, "{notice}");
+            info!(event, pool, slot, id, pid, generation, text = %text, suppressed, "{notice}");
         }
         Notice::Refused { why } => warn!(event, why = %why, "{notice}"),
         Notice::ShutdownStarted { immediate, workers } => {
