@@ -146,6 +146,42 @@ fn absurd_sizes_and_deltas_are_refused_and_the_primary_lives_on() {
     run.stop();
 }
 
+/// Reliability issue, part 5: a crash loop's backoff shows where operators look.
+#[test]
+fn status_shows_each_backing_off_slot_with_its_failures_and_next_attempt() {
+    let mut run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "--restart-delay",
+        "30s",
+        "--",
+        &test_worker(),
+        "--exit-code",
+        "3",
+    ]);
+    run.cluster
+        .wait_events(|e| e.is("restart_scheduled"), 2, TIMEOUT);
+    let status = status_json(&run);
+    let waiting = status["pools"][0]["waiting"]
+        .as_array()
+        .expect("waiting slots");
+    assert_eq!(waiting.len(), 2, "{status}");
+    for slot in waiting {
+        assert_eq!(slot["failures"], 1, "{slot}");
+        let next = slot["next_attempt_secs"].as_f64().expect("a time");
+        assert!(next > 0.0 && next <= 30.0, "{slot}");
+        assert_eq!(slot["last_exit"]["status"], "exit code 3", "{slot}");
+    }
+    let table = run.client(&["status"]).ok();
+    assert!(
+        table.contains("backoff: 1 failed start, next in"),
+        "{table}"
+    );
+    assert!(table.contains("exit code 3 (crash)"), "{table}");
+    run.stop();
+}
+
 fn stopped_pid(run: &Run, slot: u64) -> u64 {
     run.cluster
         .events()

@@ -51,6 +51,23 @@ pub struct PoolStatus {
     pub restarts: BTreeMap<String, u64>,
     /// Its live workers (starting, ready and stopping), by slot.
     pub workers: Vec<WorkerStatus>,
+    /// Empty slots waiting before their next worker starts: backing off after failed starts,
+    /// or after ready workers died faster than the pool may replace them at once.
+    #[serde(default)]
+    pub waiting: Vec<WaitingSlot>,
+}
+
+/// An empty slot that waits before its next attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaitingSlot {
+    /// The slot.
+    pub slot: usize,
+    /// Failed starts in a row (0 when it waits after a ready worker's death).
+    pub failures: u32,
+    /// Seconds until the next attempt.
+    pub next_attempt_secs: f64,
+    /// How the slot's last worker ended.
+    pub last_exit: Option<LastExitStatus>,
 }
 
 /// A rolling restart in progress.

@@ -572,7 +572,9 @@ impl Plan {
                 // A status is state (`ustad status` shows the last one); its changes are
                 // logged at most once per interval, with a count of those that were not.
                 let suppressed = match worker.status_logged {
-                    Some((at, suppressed)) if now.saturating_duration_since(at) < STATUS_LOG_INTERVAL => {
+                    Some((at, suppressed))
+                        if now.saturating_duration_since(at) < STATUS_LOG_INTERVAL =>
+                    {
                         worker.status_logged = Some((at, suppressed + 1));
                         return;
                     }
@@ -1457,6 +1459,26 @@ impl Plan {
                         }
                     })
                     .collect();
+                let exit_status = |exit: LastExit| status::LastExitStatus {
+                    status: exit.status.to_string(),
+                    reason: exit.cause.as_str().to_owned(),
+                    secs_ago: secs(exit.at),
+                };
+                let waiting = pool
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.current.is_none() && s.replacement.is_none())
+                    .filter_map(|(slot, s)| {
+                        let at = s.respawn_at.filter(|at| *at > now)?;
+                        Some(status::WaitingSlot {
+                            slot,
+                            failures: s.failures,
+                            next_attempt_secs: at.saturating_duration_since(now).as_secs_f64(),
+                            last_exit: s.last_exit.map(exit_status),
+                        })
+                    })
+                    .collect();
                 let ready = pool
                     .slots
                     .iter()
@@ -1483,6 +1505,7 @@ impl Plan {
                         .map(|(reason, n)| ((*reason).to_owned(), *n))
                         .collect(),
                     workers,
+                    waiting,
                 }
             })
             .collect()

@@ -1182,10 +1182,7 @@ fn a_flood_of_status_changes_is_logged_once_per_interval_with_a_count() {
     );
     // The last one is the worker's status all the same.
     let status = sim.plan.status(sim.now);
-    assert_eq!(
-        status[0].workers[0].status.as_deref(),
-        Some("step 99999")
-    );
+    assert_eq!(status[0].workers[0].status.as_deref(), Some("step 99999"));
 }
 
 #[test]
