@@ -88,6 +88,8 @@ pub struct Worker {
     ttl_at: Option<Instant>,
     /// It sent `STOPPING=1`.
     announced_stop: bool,
+    /// Its message channel was cut because it broke the protocol: its exit is not a crash.
+    cut: bool,
     /// Its last `STATUS=` text.
     pub status: Option<String>,
     /// When a change of its `STATUS=` was last logged, and how many since were not.
@@ -538,6 +540,9 @@ impl Plan {
         let cause = match worker.phase {
             Phase::Stopping { reason, .. } => ExitCause::Stopped(reason),
             _ if worker.announced_stop => ExitCause::Announced,
+            // Cut off, it may leave before its replacement asks it to: for breaking the
+            // protocol, not a crash.
+            _ if worker.cut => ExitCause::Stopped(StopReason::Protocol),
             _ => ExitCause::Crashed,
         };
         self.out.notices.push(Notice::Exited {
@@ -685,6 +690,12 @@ impl Plan {
             return;
         };
         let (pool, slot) = (worker.pool, worker.slot);
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.cut = true;
+        }
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
         match worker.phase {
             Phase::Ready { .. } if self.is_current(pool, slot, id) => {
                 self.queue_replacement(pool, slot, StopReason::Protocol);
@@ -1312,6 +1323,7 @@ impl Plan {
                 },
                 ttl_at: None,
                 announced_stop: false,
+                cut: false,
                 status: None,
                 spec,
                 watchdog_at: None,

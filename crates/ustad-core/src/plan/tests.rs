@@ -1455,6 +1455,25 @@ fn a_worker_cut_off_is_replaced_rolling_when_serving_and_fails_its_start_when_st
     assert_eq!(sim.starting(), [WorkerId(5)]);
 }
 
+#[test]
+fn a_worker_cut_off_that_leaves_on_its_own_broke_the_protocol_it_did_not_crash() {
+    let mut sim = ready_pool(1, false);
+    sim.handle(Event::Cut {
+        id: WorkerId(1),
+        why: "not JSON".into(),
+    });
+    // Its channel closed, it exits before its successor is ready.
+    sim.exit(WorkerId(1), ExitStatus::Code(1));
+    let cause = sim.notices.iter().find_map(|n| match n {
+        Notice::Exited { cause, .. } => Some(*cause),
+        _ => None,
+    });
+    assert_eq!(cause, Some(ExitCause::Stopped(StopReason::Protocol)));
+    let status = sim.plan.status(sim.now);
+    assert_eq!(status[0].restarts.get("protocol"), Some(&1), "{status:?}");
+    assert_eq!(status[0].restarts.get("crash"), None);
+}
+
 /// The names are the `event` of the JSON log and of the control stream: scripts tell notices
 /// apart by them.
 #[test]
