@@ -217,9 +217,14 @@ pub(crate) fn run(
         options.config_file = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
     }
     options.output = output;
-    // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG).
+    // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG). Writing
+    // to ustad's stdout and stderr (the relay of workers' output) is the only blocking work,
+    // one write at a time per stream: two threads at most, gone after a second of quiet (tokio's
+    // default, 512 threads kept for 10 s, showed as threads appearing after each reload).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(2)
+        .thread_keep_alive(std::time::Duration::from_secs(1))
         .build()
         .map_err(|e| Failure::runtime(format!("cannot start the runtime: {e}")))?;
     runtime
