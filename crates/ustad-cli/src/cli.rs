@@ -71,11 +71,37 @@ pub(crate) enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
-    /// Stop every worker gracefully; the primary exits once they are gone.
+    /// Stop every worker gracefully; the primary exits once they are gone. With a worker
+    /// id: stop that one worker, not replaced (its slot stays empty until `ustad restart
+    /// POOL` or `ustad scale`).
     Stop {
+        /// Only this worker.
+        #[arg(value_name = "WORKER_ID")]
+        worker: Option<u64>,
         /// Give workers this long before they are killed, instead of their kill_timeout.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         timeout: Option<Duration>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Send a signal to a worker's process group, or to every worker of a pool (a worker it
+    /// ends is replaced, as any worker that dies).
+    Kill {
+        /// A pool name or a worker id.
+        #[arg(value_name = "POOL|WORKER_ID")]
+        what: String,
+        /// The signal: SIGTERM, TERM, SIGUSR1…
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Follow what happens in the cluster, one line per event (spawned, ready, exited with its
+    /// code or signal, rollouts…), for scripts and hooks.
+    Events {
+        /// One JSON object per line, with the event's fields as keys.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: TargetArgs,
     },

@@ -182,6 +182,95 @@ fn status_shows_each_backing_off_slot_with_its_failures_and_next_attempt() {
     run.stop();
 }
 
+/// Issue "What users still miss", part 1: one worker at a time from the command line.
+#[test]
+fn stop_one_worker_kill_a_pool_and_follow_the_events_as_json() {
+    let mut run = Run::start(&["run", "-w", "2", "--ready", "notify", "--", &test_worker()]);
+    run.wait_ready(2);
+    // `ustad events --json` follows everything that happens, with exit codes and signals.
+    let control = run.control();
+    let events_out = run.path("events.jsonl");
+    let mut follow = std::process::Command::new(crate::util::ustad());
+    follow
+        .args(["events", "--json", "--control"])
+        .arg(&control)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&events_out).unwrap());
+    let mut follower = ustad_testkit::process::ProcessGuard::spawn(&mut follow).unwrap();
+    // It follows from when it connected: grow the pool until it has seen that happen.
+    let mut size = 2;
+    let subscribed = std::time::Instant::now() + TIMEOUT;
+    while !std::fs::read_to_string(&events_out)
+        .unwrap()
+        .contains("\"scaled\"")
+    {
+        assert!(
+            std::time::Instant::now() < subscribed,
+            "the follower saw nothing"
+        );
+        size += 1;
+        run.client(&["scale", "app", &size.to_string()]).ok();
+        run.wait_ready(size);
+    }
+    let ready = run.wait_ready(size);
+    let target = pid(&ready[1]) as u64;
+    let id = ready[1].u64("id").unwrap();
+    let out = run.client(&["stop", &id.to_string()]).ok();
+    assert!(out.contains("slot stays empty"), "{out}");
+    let exit = run
+        .cluster
+        .wait_event(|e| e.is("exited") && e.u64("id") == Some(id), TIMEOUT);
+    assert_eq!(exit.str("reason"), Some("operator"), "{exit}");
+    // Not replaced: one worker, and the slot shows why it is empty.
+    let table = run.client(&["status"]).ok();
+    assert!(table.contains("empty: stopped by an operator"), "{table}");
+    assert_eq!(worker_pids(&status_json(&run), "app").len(), size - 1);
+    // kill POOL SIGNAL: every worker of the pool; a ready worker that dies is replaced at once.
+    let killed = run.client(&["kill", "app", "SIGKILL"]).ok();
+    assert!(
+        killed.contains(&format!("sent SIGKILL to {} workers", size - 1)),
+        "{killed}"
+    );
+    run.cluster.wait_events(
+        |e| e.is("exited") && e.i64("signal") == Some(9),
+        size - 1,
+        TIMEOUT,
+    );
+    run.wait_ready(2 * size - 1);
+    let bad = run.client(&["kill", "app", "SIGNOPE"]);
+    assert_eq!(bad.code, Some(1), "{bad:?}");
+    let gone = run.client(&["kill", &id.to_string()]);
+    assert!(gone.stderr.contains("no worker with id"), "{gone:?}");
+    // A restart of the pool fills the emptied slot.
+    run.client(&["restart", "app"]).ok();
+    run.cluster
+        .wait_event(|e| e.is("rollout_finished"), TIMEOUT);
+    assert_eq!(worker_pids(&status_json(&run), "app").len(), size);
+    run.stop();
+    // The follower ends with the primary; what it printed are JSON events with their fields.
+    let status = follower
+        .wait_timeout(TIMEOUT)
+        .expect("events ends with the primary");
+    assert!(status.success());
+    let text = std::fs::read_to_string(&events_out).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON event"))
+        .collect();
+    let stopped = events
+        .iter()
+        .find(|e| e["event"] == "exited" && e["pid"] == target)
+        .unwrap_or_else(|| panic!("no exit of pid {target} in:\n{text}"));
+    assert_eq!(stopped["reason"], "operator");
+    assert_eq!(stopped["code"], 0);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "exited" && e["signal"] == 9 && e["reason"] == "crash"),
+        "{text}"
+    );
+}
+
 fn stopped_pid(run: &Run, slot: u64) -> u64 {
     run.cluster
         .events()

@@ -185,12 +185,13 @@ pub fn render(status: &ClusterStatus) -> String {
                 pool: pool.name.clone(),
                 slot: waiting.slot as u64,
             };
+            let Some(next) = waiting.next_attempt_secs else {
+                continue;
+            };
             failed_starts
                 .get_or_create(&labels)
                 .set(u64::from(waiting.failures));
-            next_attempt
-                .get_or_create(&labels)
-                .set(waiting.next_attempt_secs);
+            next_attempt.get_or_create(&labels).set(next);
         }
     }
 
@@ -596,7 +597,8 @@ mod tests {
                     waiting: vec![crate::status::WaitingSlot {
                         slot: 1,
                         failures: 3,
-                        next_attempt_secs: 4.5,
+                        next_attempt_secs: Some(4.5),
+                        stopped: false,
                         last_exit: None,
                     }],
                 },

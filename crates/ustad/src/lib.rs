@@ -59,7 +59,9 @@ mod error;
 mod primary;
 mod worker;
 
-pub use cluster::{Cluster, Event, IncomingRequest, Message, PoolName, WorkerRef};
+pub use cluster::{
+    Cluster, Event, IncomingRequest, Message, PoolName, WorkerInfo, WorkerRef, WorkerState,
+};
 pub use error::{Error, RequestError};
 pub use primary::{Pool, Primary};
 pub use ustad_core::config::Readiness;

@@ -20,7 +20,10 @@ enum Line {
 /// How an empty slot waiting for its next attempt reads in the STATE column:
 /// `backoff: 4 failed starts, next in 6s`.
 pub(crate) fn waiting_state(waiting: &ustad_core::status::WaitingSlot) -> String {
-    let next = age(waiting.next_attempt_secs);
+    let Some(next) = waiting.next_attempt_secs.filter(|_| !waiting.stopped) else {
+        return "empty: stopped by an operator".to_owned();
+    };
+    let next = age(next);
     match waiting.failures {
         0 => format!("empty, restart in {next}"),
         1 => format!("backoff: 1 failed start, next in {next}"),
@@ -244,7 +247,8 @@ mod tests {
                 waiting: vec![WaitingSlot {
                     slot: 2,
                     failures: 4,
-                    next_attempt_secs: 6.2,
+                    next_attempt_secs: Some(6.2),
+                    stopped: false,
                     last_exit: Some(LastExitStatus {
                         status: "exit code 1".into(),
                         reason: "crash".into(),

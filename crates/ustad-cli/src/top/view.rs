@@ -373,11 +373,16 @@ fn waiting_line(waiting: &WaitingSlot) -> Line {
         line.push(align(&text, column.width, column.right), tone)
             .plain(GAP);
     }
-    let next = duration(waiting.next_attempt_secs);
-    let why = match waiting.failures {
-        0 => format!("restart in {next}"),
-        1 => format!("backoff: 1 failed start, next in {next}"),
-        n => format!("backoff: {n} failed starts, next in {next}"),
+    let why = match waiting.next_attempt_secs.filter(|_| !waiting.stopped) {
+        None => "stopped by an operator: restart or scale the pool to refill it".to_owned(),
+        Some(next) => {
+            let next = duration(next);
+            match waiting.failures {
+                0 => format!("restart in {next}"),
+                1 => format!("backoff: 1 failed start, next in {next}"),
+                n => format!("backoff: {n} failed starts, next in {next}"),
+            }
+        }
     };
     line.push(why, Tone::Warn);
     if let Some(exit) = &waiting.last_exit {
@@ -641,7 +646,8 @@ mod tests {
         status.pools[1].waiting = vec![WaitingSlot {
             slot: 1,
             failures: 3,
-            next_attempt_secs: 4.2,
+            next_attempt_secs: Some(4.2),
+            stopped: false,
             last_exit: Some(LastExitStatus {
                 status: "exit code 1".into(),
                 reason: "crash".into(),

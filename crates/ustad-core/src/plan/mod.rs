@@ -150,6 +150,8 @@ struct Slot {
     restarts: u32,
     /// How the last worker of this slot ended.
     last_exit: Option<LastExit>,
+    /// An operator stopped its worker: it stays empty until its pool is restarted or scaled.
+    parked: bool,
 }
 
 /// The part a worker plays in its slot.
@@ -334,6 +336,7 @@ impl Plan {
             Event::AddPool { name, spec } => self.on_add_pool(name, spec),
             Event::RemovePool { name } => self.on_remove_pool(&name, now),
             Event::Replace { id } => self.on_replace(id),
+            Event::StopWorker { id } => self.on_stop_worker(id, now),
             Event::Cut { id, why } => self.on_cut(id, &why, now),
             Event::Memory { id, rss } => self.on_memory(id, rss, now),
         }
@@ -685,6 +688,36 @@ impl Plan {
         self.queue_replacement(pool, slot, StopReason::Restart);
     }
 
+    fn on_stop_worker(&mut self, id: WorkerId, now: Instant) {
+        if self.shutdown.is_some() {
+            self.refuse(format!("stopping worker {id} during shutdown"));
+            return;
+        }
+        let Some(worker) = self.workers.get(&id) else {
+            self.refuse(format!("no worker with id {id}"));
+            return;
+        };
+        if matches!(worker.phase, Phase::Stopping { .. }) {
+            let worker = self.reference(worker);
+            self.refuse(format!("worker {worker} is stopping already"));
+            return;
+        }
+        let (pool, slot) = (worker.pool, worker.slot);
+        // Its slot is left empty: a replacement under way goes too, and nothing is queued.
+        let replacement = match self.pools[pool].slots.get_mut(slot) {
+            Some(s) => {
+                s.parked = true;
+                s.pending = None;
+                s.respawn_at = None;
+                s.replacement.map(|(id, _)| id)
+            }
+            None => None,
+        };
+        for id in [Some(id), replacement].into_iter().flatten() {
+            self.stop(id, StopReason::Operator, now);
+        }
+    }
+
     fn on_cut(&mut self, id: WorkerId, why: &str, now: Instant) {
         let Some(worker) = self.workers.get(&id) else {
             return;
@@ -773,6 +806,10 @@ impl Plan {
         };
         for index in targets {
             let p = &mut self.pools[index];
+            // A restart fills the slots an operator emptied.
+            for slot in &mut p.slots {
+                slot.parked = false;
+            }
             let superseded = p.rollout.as_ref().map(|r| r.generation);
             let generation = superseded.unwrap_or(p.generation).max(p.generation) + 1;
             // A restart keeps the pool's current size (it may have been scaled); new settings
@@ -1160,6 +1197,10 @@ impl Plan {
 
     fn resize(&mut self, index: usize, size: usize, now: Instant) {
         let pool = &mut self.pools[index];
+        // Scaling fills the slots an operator emptied (to the new size).
+        for slot in &mut pool.slots {
+            slot.parked = false;
+        }
         let from = pool.slots.len();
         if size == from {
             return;
@@ -1209,7 +1250,11 @@ impl Plan {
         for slot in 0..self.pools[pool].slots.len() {
             let s = &self.pools[pool].slots[slot];
             let empty = s.current.is_none() && s.replacement.is_none();
-            if empty && s.respawn_at.is_none_or(|at| at <= now) && !self.has_detached(pool, slot) {
+            if empty
+                && !s.parked
+                && s.respawn_at.is_none_or(|at| at <= now)
+                && !self.has_detached(pool, slot)
+            {
                 let id = self.spawn(pool, slot, now);
                 let s = &mut self.pools[pool].slots[slot];
                 s.current = Some(id);
@@ -1482,11 +1527,16 @@ impl Plan {
                     .enumerate()
                     .filter(|(_, s)| s.current.is_none() && s.replacement.is_none())
                     .filter_map(|(slot, s)| {
-                        let at = s.respawn_at.filter(|at| *at > now)?;
+                        let next = s.respawn_at.filter(|at| *at > now);
+                        if next.is_none() && !s.parked {
+                            return None;
+                        }
                         Some(status::WaitingSlot {
                             slot,
                             failures: s.failures,
-                            next_attempt_secs: at.saturating_duration_since(now).as_secs_f64(),
+                            next_attempt_secs: next
+                                .map(|at| at.saturating_duration_since(now).as_secs_f64()),
+                            stopped: s.parked,
                             last_exit: s.last_exit.map(exit_status),
                         })
                     })

@@ -449,6 +449,44 @@ fn a_hung_node_worker_or_a_zero_grace_gets_its_signal_at_once() {
     assert_eq!(sim.signals, [(WorkerId(1), Signal::ABRT)]);
 }
 
+#[test]
+fn a_worker_stopped_by_an_operator_leaves_its_slot_empty_until_restart_or_scale() {
+    let mut sim = ready_pool(2, false);
+    sim.handle(Event::StopWorker { id: WorkerId(2) });
+    assert_eq!(sim.signals, [(WorkerId(2), Signal::TERM)]);
+    sim.exit_stopped();
+    sim.advance(60 * S);
+    assert!(sim.starting().is_empty(), "not refilled");
+    assert_eq!(sim.serving("web"), [WorkerId(1)]);
+    let status = sim.plan.status(sim.now);
+    let waiting = &status[0].waiting;
+    assert_eq!(waiting.len(), 1);
+    assert_eq!((waiting[0].slot, waiting[0].stopped), (1, true));
+    assert_eq!(waiting[0].next_attempt_secs, None);
+    // Twice is refused, as is a worker that is gone.
+    let again = sim
+        .plan
+        .handle(Event::StopWorker { id: WorkerId(2) }, sim.now);
+    assert!(again.refusal().is_some_and(|why| why.contains("no worker")));
+    // A restart of the pool fills it (and rolls the rest).
+    rollout(&mut sim);
+    assert_eq!(sim.workers("web").iter().filter(|w| w.0 == 1).count(), 1);
+    finish(&mut sim);
+    assert_eq!(sim.serving("web").len(), 2);
+    // So does scaling.
+    let id = sim.serving("web")[0];
+    sim.handle(Event::StopWorker { id });
+    sim.exit_stopped();
+    sim.handle(Event::Scale {
+        pool: "web".into(),
+        size: 3,
+    });
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    assert_eq!(sim.serving("web").len(), 3);
+}
+
 /// The worker now in a slot of pool `web`.
 fn in_slot(sim: &Sim, slot: usize) -> Option<WorkerId> {
     sim.workers("web")
