@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ustad_core::config::value::parse_duration;
-use ustad_core::config::{ByteSize, IpcProtocol, Readiness, Signal, Size};
+use ustad_core::config::{Budget, ByteSize, IpcProtocol, Readiness, Signal, Size};
 
 /// Run any program as a supervised cluster of worker processes: shared sockets, readiness,
 /// restarts, zero-downtime rolling restarts, graceful stop.
@@ -265,6 +265,15 @@ pub(crate) struct PoolFlags {
     #[arg(long)]
     pub(crate) strict: bool,
 
+    /// Replacements a rolling restart starts at once: a count or a share of the pool (25%)
+    /// [default: 1].
+    #[arg(long, value_name = "N|P%")]
+    pub(crate) max_surge: Option<Budget>,
+
+    /// Slots a rolling restart may leave without a serving worker at once [default: 0].
+    #[arg(long, value_name = "N|P%")]
+    pub(crate) max_unavailable: Option<Budget>,
+
     /// The signal that asks a worker to stop [default: SIGTERM].
     #[arg(long, value_name = "SIGNAL")]
     pub(crate) stop_signal: Option<Signal>,
@@ -316,6 +325,8 @@ impl PoolFlags {
         note(self.max_memory.is_some(), "--max-memory");
         note(self.watchdog.is_some(), "--watchdog");
         note(self.strict, "--strict");
+        note(self.max_surge.is_some(), "--max-surge");
+        note(self.max_unavailable.is_some(), "--max-unavailable");
         note(self.stop_signal.is_some(), "--stop-signal");
         note(self.ipc.is_some(), "--ipc");
         note(self.stop_grace.is_some(), "--stop-grace");

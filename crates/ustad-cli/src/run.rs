@@ -138,6 +138,8 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
     pool.max_memory = flags.max_memory;
     pool.watchdog = flags.watchdog;
     pool.strict = flags.strict;
+    pool.max_surge = flags.max_surge;
+    pool.max_unavailable = flags.max_unavailable;
     pool.silent = flags.silent;
     if let Some(protocol) = flags.ipc {
         pool.ipc = Some(ustad_core::config::IpcSpec::new(protocol));

@@ -64,7 +64,7 @@ pub use cluster::{
 };
 pub use error::{Error, RequestError};
 pub use primary::{Pool, Primary};
-pub use ustad_core::config::Readiness;
+pub use ustad_core::config::{Budget, Readiness};
 pub use ustad_core::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
 pub use worker::{FromPrimary, Handed, HandedStream, Worker};
 

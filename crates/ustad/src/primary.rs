@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use ustad_core::config::{
-    ByteSize, Command, Config, IpcProtocol, IpcSpec, ListenAddr, PoolSpec, Readiness, Signal, Size,
-    SocketMode, SocketSpec,
+    Budget, ByteSize, Command, Config, IpcProtocol, IpcSpec, ListenAddr, PoolSpec, Readiness,
+    Signal, Size, SocketMode, SocketSpec,
 };
 use ustad_core::supervisor::{self, Options};
 
@@ -44,6 +44,8 @@ enum Setting {
     Cwd(std::path::PathBuf),
     NodeIpc,
     Ready(Readiness),
+    MaxSurge(Budget),
+    MaxUnavailable(Budget),
 }
 
 impl Pool {
@@ -133,6 +135,17 @@ impl Pool {
     /// of ustad: ready once seen waiting for connections on the pool's socket.
     pub fn ready(self, readiness: Readiness) -> Pool {
         self.with(Setting::Ready(readiness))
+    }
+
+    /// Replacements a rolling restart starts at once, beside the workers they replace
+    /// [default: 1]: `Budget::Count(4)` or `Budget::Percent(25)`.
+    pub fn max_surge(self, budget: Budget) -> Pool {
+        self.with(Setting::MaxSurge(budget))
+    }
+
+    /// Slots a rolling restart may leave without a serving worker at once [default: 0].
+    pub fn max_unavailable(self, budget: Budget) -> Pool {
+        self.with(Setting::MaxUnavailable(budget))
     }
 
     /// How long a new worker may take to call `ready()` [default: 30 s].
@@ -320,6 +333,8 @@ impl Primary {
                         }
                     }
                     Setting::Ready(readiness) => spec.ready = readiness,
+                    Setting::MaxSurge(budget) => spec.max_surge = Some(budget),
+                    Setting::MaxUnavailable(budget) => spec.max_unavailable = Some(budget),
                 }
             }
             for (socket_name, socket) in &pool.sockets {

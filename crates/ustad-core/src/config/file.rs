@@ -10,7 +10,8 @@ use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;
 
 use super::value::{
-    ByteSize, Command, DurationValue, IpcProtocol, ListenAddr, Readiness, Signal, Size, SocketMode,
+    Budget, ByteSize, Command, DurationValue, IpcProtocol, ListenAddr, Readiness, Signal, Size,
+    SocketMode,
 };
 use super::{
     Config, ConfigError, DEFAULT_BACKLOG, Diagnostic, IpcSpec, Location, PoolSpec, SocketSpec,
@@ -29,6 +30,8 @@ struct RawConfig {
     stop_signal: Option<Signal>,
     ttl: Option<DurationValue>,
     strict: Option<bool>,
+    max_surge: Option<Budget>,
+    max_unavailable: Option<Budget>,
     silent: Option<bool>,
     max_memory: Option<ByteSize>,
     watchdog: Option<DurationValue>,
@@ -59,7 +62,9 @@ struct RawPool {
     env: IndexMap<Spanned<String>, EnvValue>,
     cwd: Option<PathBuf>,
     ttl: Option<Spanned<DurationValue>>,
-    strict: Option<bool>,
+    strict: Option<Spanned<bool>>,
+    max_surge: Option<Spanned<Budget>>,
+    max_unavailable: Option<Spanned<Budget>>,
     kill_timeout: Option<DurationValue>,
     restart_delay: Option<DurationValue>,
     min_uptime: Option<DurationValue>,
@@ -221,7 +226,29 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             t.into_inner()
         });
         spec.ttl = ttl.or(raw.ttl).map(|t| t.0);
-        spec.strict = pool.strict.or(raw.strict).unwrap_or(spec.strict);
+        let mut spanned = |key, span: std::ops::Range<usize>| {
+            spans.insert(field(key), span);
+        };
+        if let Some(strict) = pool.strict {
+            spanned("strict", strict.span());
+            spec.strict = strict.into_inner();
+        } else if let Some(strict) = raw.strict {
+            spec.strict = strict;
+        }
+        spec.max_surge = match pool.max_surge {
+            Some(surge) => {
+                spanned("max_surge", surge.span());
+                Some(surge.into_inner())
+            }
+            None => raw.max_surge,
+        };
+        spec.max_unavailable = match pool.max_unavailable {
+            Some(unavailable) => {
+                spanned("max_unavailable", unavailable.span());
+                Some(unavailable.into_inner())
+            }
+            None => raw.max_unavailable,
+        };
         spec.silent = pool.silent.or(raw.silent).unwrap_or(spec.silent);
         spec.max_memory = pool.max_memory.or(raw.max_memory);
         let watchdog = pool.watchdog.map(|t| {
@@ -250,6 +277,9 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             "watchdog",
             "ipc",
             "stop_grace",
+            "strict",
+            "max_surge",
+            "max_unavailable",
         ] {
             spans
                 .entry(Location::PoolField(name.clone(), field_name))

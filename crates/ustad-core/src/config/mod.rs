@@ -20,7 +20,9 @@ use std::time::Duration;
 use indexmap::IndexMap;
 
 pub use error::{ConfigError, Diagnostic};
-pub use value::{ByteSize, Command, IpcProtocol, ListenAddr, Readiness, Signal, Size, SocketMode};
+pub use value::{
+    Budget, ByteSize, Command, IpcProtocol, ListenAddr, Readiness, Signal, Size, SocketMode,
+};
 
 /// Default `kill_timeout`: how long a worker may take to stop before it is killed.
 pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,8 +89,13 @@ pub struct PoolSpec {
     pub cwd: Option<PathBuf>,
     /// Recycle each worker after this long (±10% jitter), by rolling replacement.
     pub ttl: Option<Duration>,
-    /// Never run more than `size` workers, even while replacing one (stop, then start).
+    /// Never run more than `size` workers, even while replacing one (stop, then start): the
+    /// same as `max_surge = 0`, `max_unavailable = 1`.
     pub strict: bool,
+    /// Replacements a rollout starts at once, beside the workers they replace (default 1).
+    pub max_surge: Option<Budget>,
+    /// Slots a rollout may leave without a serving worker at once (default 0).
+    pub max_unavailable: Option<Budget>,
     /// How long a worker may take to stop after `stop_signal` before its group is killed.
     pub kill_timeout: Duration,
     /// The pause before a worker that exited on its own is replaced.
@@ -151,6 +158,8 @@ impl PoolSpec {
             cwd: None,
             ttl: None,
             strict: false,
+            max_surge: None,
+            max_unavailable: None,
             kill_timeout: DEFAULT_KILL_TIMEOUT,
             restart_delay: DEFAULT_RESTART_DELAY,
             min_uptime: DEFAULT_MIN_UPTIME,
@@ -161,6 +170,21 @@ impl PoolSpec {
             watchdog: None,
             ipc: None,
         }
+    }
+}
+
+impl PoolSpec {
+    /// How far a rollout of a pool of `size` may go at once: (`max_surge`, `max_unavailable`)
+    /// as counts. `strict` is `(0, 1)`; the defaults `(1, 0)`.
+    pub fn rollout_budget(&self, size: usize) -> (usize, usize) {
+        let (surge, unavailable) = match (self.strict, self.max_surge, self.max_unavailable) {
+            (true, None, None) => (Budget::Count(0), Budget::Count(1)),
+            (_, surge, unavailable) => (
+                surge.unwrap_or(Budget::Count(1)),
+                unavailable.unwrap_or(Budget::Count(0)),
+            ),
+        };
+        (surge.of(size, true), unavailable.of(size, false).min(size))
     }
 }
 
@@ -388,6 +412,26 @@ impl Config {
                 problem(
                     Location::PoolField(name.clone(), "watchdog"),
                     "watchdog must be longer than 0s (leave it out to turn it off)".to_owned(),
+                );
+            }
+            if pool.strict && (pool.max_surge.is_some() || pool.max_unavailable.is_some()) {
+                problem(
+                    Location::PoolField(name.clone(), "strict"),
+                    "strict means max_surge = 0 and max_unavailable = 1: give either strict or the two budgets".to_owned(),
+                );
+            } else if pool.rollout_budget(pool.size.count()) == (0, 0) {
+                let at = match pool.max_surge {
+                    Some(_) => "max_surge",
+                    None => "max_unavailable",
+                };
+                problem(
+                    Location::PoolField(name.clone(), at),
+                    format!(
+                        "a rollout could never start: with max_surge = {} and max_unavailable = {} for {} workers, no replacement may start beside an old worker and no old worker may stop first",
+                        pool.max_surge.unwrap_or(Budget::Count(1)),
+                        pool.max_unavailable.unwrap_or(Budget::Count(0)),
+                        pool.size
+                    ),
                 );
             }
             if pool.ttl.is_some_and(|ttl| ttl.is_zero()) {

@@ -8,9 +8,11 @@
 //! - A **pool** has `size` **slots**. A slot holds at most one *current* worker (starting or
 //!   serving) and, during a replacement, one *replacement* that is starting.
 //! - Every worker belongs to a **generation** of its pool. A **rollout** to generation `g`
-//!   replaces, one slot at a time, every worker older than `g`: start the replacement, wait
-//!   until it is ready, then ask the old one to stop. A pool never has more than one extra
-//!   worker alive (`strict` pools: none; the old one is stopped first).
+//!   replaces every worker older than `g`: start the replacement, wait until it is ready, then
+//!   ask the old one to stop. By default one slot at a time, so a pool never has more than one
+//!   extra worker alive; a pool's `max_surge` (replacements at once) and `max_unavailable`
+//!   (slots that may be empty meanwhile) widen it into batches (`strict` pools: none extra,
+//!   the old one is stopped first).
 //! - A worker asked to stop is *detached* from its slot: it no longer counts as serving, and the
 //!   slot is not refilled until it has exited.
 //! - A worker that exits without being asked leaves its slot empty; the slot is refilled after
@@ -1263,24 +1265,26 @@ impl Plan {
         }
     }
 
+    /// Starts the replacements the pool's rollout budget allows: while fewer than
+    /// `size + max_surge` of its workers are alive, a replacement starts beside an outdated
+    /// worker; past that, while more than `size - max_unavailable` slots serve, an outdated
+    /// worker is stopped first and its slot refilled once it has exited. With the defaults
+    /// (`max_surge = 1`, `max_unavailable = 0`) that is one slot at a time, its replacement
+    /// ready before the old worker is asked to stop; `strict` is `0` and `1`.
     fn start_next_replacement(&mut self, pool: usize, now: Instant) {
         let p = &self.pools[pool];
-        let strict = p.spawn_target().1.strict;
-        let stopping = self
-            .workers
-            .values()
-            .any(|w| w.pool == pool && matches!(w.phase, Phase::Stopping { .. }));
-        let replacing = p.slots.iter().any(|s| s.replacement.is_some());
-        let unsettled = p.slots.iter().any(|s| {
-            s.current
-                .is_none_or(|id| !matches!(self.workers[&id].phase, Phase::Ready { .. }))
-        });
-        // One replacement at a time per pool, and never while an old worker is still draining:
-        // at most one extra worker alive (none when strict).
-        if stopping || replacing || (strict && unsettled) {
-            return;
-        }
+        let size = p.slots.len();
+        let (surge, unavailable) = p.spawn_target().1.rollout_budget(size);
+        let mut alive = self.workers.values().filter(|w| w.pool == pool).count();
+        let mut serving = p
+            .slots
+            .iter()
+            .filter(|s| s.current.is_some_and(|id| self.workers[&id].is_ready()))
+            .count();
         let outdated = |s: &Slot| -> Option<StopReason> {
+            if s.replacement.is_some() {
+                return None;
+            }
             let worker = &self.workers[&s.current?];
             if !matches!(worker.phase, Phase::Ready { .. }) {
                 return None;
@@ -1292,23 +1296,28 @@ impl Plan {
                 _ => s.pending,
             }
         };
-        let Some((slot, reason)) = p
+        let due: Vec<(usize, StopReason)> = p
             .slots
             .iter()
             .enumerate()
-            .find_map(|(i, s)| outdated(s).map(|r| (i, r)))
-        else {
-            return;
-        };
-        self.pools[pool].slots[slot].pending = None;
-        if strict {
-            let old = self.pools[pool].slots[slot]
-                .current
-                .expect("outdated implies current");
-            self.stop(old, reason, now);
-        } else {
-            let id = self.spawn(pool, slot, now);
-            self.pools[pool].slots[slot].replacement = Some((id, reason));
+            .filter_map(|(i, s)| outdated(s).map(|r| (i, r)))
+            .collect();
+        for (slot, reason) in due {
+            if alive < size + surge {
+                let id = self.spawn(pool, slot, now);
+                let s = &mut self.pools[pool].slots[slot];
+                s.replacement = Some((id, reason));
+                s.pending = None;
+                alive += 1;
+            } else if serving > size.saturating_sub(unavailable) {
+                let s = &mut self.pools[pool].slots[slot];
+                s.pending = None;
+                let old = s.current.expect("outdated implies current");
+                self.stop(old, reason, now);
+                serving -= 1;
+            } else {
+                break;
+            }
         }
     }
 

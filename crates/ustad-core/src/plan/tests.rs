@@ -487,6 +487,125 @@ fn a_worker_stopped_by_an_operator_leaves_its_slot_empty_until_restart_or_scale(
     assert_eq!(sim.serving("web").len(), 3);
 }
 
+/// Rolls a pool of `size` whose workers take `boot` to be ready and `drain` to exit after
+/// their stop signal, with this budget; checks at every step that no more than
+/// `size + surge` workers are alive and no fewer than `size - unavailable` slots serve.
+/// Returns how long the rollout took.
+fn batched_rollout(
+    size: usize,
+    surge: Option<crate::config::Budget>,
+    unavailable: Option<crate::config::Budget>,
+    expect: (usize, usize),
+) -> Duration {
+    let boot = S;
+    let drain = 200 * MS;
+    let mut spec = pool(size, Readiness::Notify);
+    spec.max_surge = surge;
+    spec.max_unavailable = unavailable;
+    assert_eq!(spec.rollout_budget(size), expect);
+    let (surge, unavailable) = expect;
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    let started = sim.now;
+    rollout(&mut sim);
+    let mut booting: Vec<(WorkerId, Instant)> = Vec::new();
+    let mut draining: Vec<(WorkerId, Instant)> = Vec::new();
+    let mut step = 0;
+    while sim.plan.status(sim.now)[0].rollout.is_some() {
+        step += 1;
+        assert!(step < 100_000, "the rollout never finished");
+        let now = sim.now;
+        for id in sim.starting() {
+            if !booting.iter().any(|(b, _)| *b == id) {
+                booting.push((id, now + boot));
+            }
+        }
+        for (id, _) in &sim.signals {
+            if sim.alive.contains_key(id) && !draining.iter().any(|(d, _)| d == id) {
+                draining.push((*id, now + drain));
+            }
+        }
+        let ready: Vec<WorkerId> = booting
+            .iter()
+            .filter(|(_, at)| *at <= now)
+            .map(|b| b.0)
+            .collect();
+        booting.retain(|(_, at)| *at > now);
+        for id in ready {
+            sim.ready(id);
+        }
+        let gone: Vec<WorkerId> = draining
+            .iter()
+            .filter(|(_, at)| *at <= now)
+            .map(|d| d.0)
+            .collect();
+        draining.retain(|(_, at)| *at > now);
+        for id in gone {
+            sim.exit(id, ExitStatus::Code(0));
+        }
+        let alive = sim.alive.values().filter(|p| *p == "web").count();
+        assert!(
+            alive <= size + surge,
+            "{alive} alive, budget {size} + {surge}"
+        );
+        let serving = sim.plan.status(sim.now)[0].ready;
+        assert!(
+            serving + unavailable >= size,
+            "{serving} serving, budget {size} - {unavailable}"
+        );
+        sim.advance(50 * MS);
+    }
+    assert_eq!(sim.serving("web").len(), size);
+    assert!(
+        sim.workers("web").iter().filter(|w| w.3).all(|w| w.2 == 2),
+        "every serving worker is new"
+    );
+    sim.now.saturating_duration_since(started)
+}
+
+#[test]
+fn rollouts_in_batches_respect_max_surge_and_max_unavailable_throughout() {
+    use crate::config::Budget::{Count, Percent};
+    // The default: one at a time, 100 steps of boot + drain for 100 workers.
+    let one_by_one = batched_rollout(100, None, None, (1, 0));
+    // 10% surge: ten batches.
+    let batches = batched_rollout(100, Some(Percent(10)), None, (10, 0));
+    assert!(
+        batches * 8 < one_by_one,
+        "{batches:?} in batches, {one_by_one:?} one by one"
+    );
+    // Surge and unavailability together, and strict's equivalent.
+    batched_rollout(10, Some(Count(2)), Some(Count(2)), (2, 2));
+    batched_rollout(10, Some(Count(0)), Some(Percent(20)), (0, 2));
+    batched_rollout(3, Some(Count(0)), Some(Count(1)), (0, 1));
+    // Percentages round up for the surge, down for the unavailable.
+    batched_rollout(4, Some(Percent(10)), Some(Percent(10)), (1, 0));
+}
+
+#[test]
+fn strict_is_no_surge_and_one_unavailable_and_a_budget_of_nothing_is_refused() {
+    let mut spec = pool(4, Readiness::Notify);
+    spec.strict = true;
+    assert_eq!(spec.rollout_budget(4), (0, 1));
+    spec.max_surge = Some(crate::config::Budget::Count(2));
+    let mut config = config(&[("web", spec.clone())]);
+    let problems = config.validate().unwrap_err();
+    assert!(
+        problems[0].message.contains("give either strict"),
+        "{problems:?}"
+    );
+    spec.strict = false;
+    spec.max_surge = Some(crate::config::Budget::Count(0));
+    config.pools.insert("web".into(), spec);
+    let problems = config.validate().unwrap_err();
+    assert!(
+        problems[0].message.contains("could never start"),
+        "{problems:?}"
+    );
+}
+
 /// The worker now in a slot of pool `web`.
 fn in_slot(sim: &Sim, slot: usize) -> Option<WorkerId> {
     sim.workers("web")
