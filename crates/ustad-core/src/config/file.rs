@@ -106,40 +106,81 @@ impl<'de> Deserialize<'de> for EnvValue {
     }
 }
 
-/// Parses and validates `text`, read from `path`.
+/// At most this many problems are reported from one file.
+const MAX_PROBLEMS: usize = 50;
+
+/// Parses and validates `text`, read from `path`. Every problem is reported, not the first
+/// only: a line the parser refuses is set aside (blanked, so that positions stay those of
+/// the file) and the rest parsed again, until it parses; then what validation finds in the
+/// rest is added.
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    let raw: RawConfig = toml::from_str(text).map_err(|error| {
-        let message = error.message().to_owned();
-        let diagnostic = match error.span() {
-            Some(span) => Diagnostic::at_span(&origin, text, span, message),
-            None => Diagnostic::unlocated(&origin, message),
-        };
-        ConfigError::Invalid {
-            diagnostics: vec![diagnostic],
+    let mut diagnostics: Vec<(usize, Diagnostic)> = Vec::new();
+    let mut rest = text.to_owned();
+    let raw = loop {
+        match toml::from_str::<RawConfig>(&rest) {
+            Ok(raw) => break Some(raw),
+            Err(error) => {
+                let message = error.message().to_owned();
+                let Some(span) = error.span() else {
+                    diagnostics.push((0, Diagnostic::unlocated(&origin, message)));
+                    break None;
+                };
+                diagnostics.push((
+                    span.start,
+                    Diagnostic::at_span(&origin, text, span.clone(), message),
+                ));
+                if diagnostics.len() >= MAX_PROBLEMS || !blank_setting(&mut rest, &span) {
+                    break None;
+                }
+            }
         }
-    })?;
+    };
     let base_dir = path.parent().unwrap_or(Path::new("."));
-    let (config, spans) = resolve(raw, base_dir);
-    match config.validate() {
-        Ok(()) => Ok(config),
-        Err(problems) => {
-            let mut diagnostics: Vec<(usize, Diagnostic)> = problems
-                .into_iter()
-                .map(|problem| match spans.get(&problem.at) {
-                    Some(span) => (
-                        span.start,
-                        Diagnostic::at_span(&origin, text, span.clone(), problem.message),
-                    ),
-                    None => (0, Diagnostic::unlocated(&origin, problem.to_string())),
-                })
-                .collect();
-            diagnostics.sort_by_key(|(start, _)| *start);
-            Err(ConfigError::Invalid {
-                diagnostics: diagnostics.into_iter().map(|(_, d)| d).collect(),
-            })
+    if let Some(raw) = raw {
+        let (config, spans) = resolve(raw, base_dir);
+        match config.validate() {
+            Ok(()) if diagnostics.is_empty() => return Ok(config),
+            Ok(()) => {}
+            Err(problems) => {
+                diagnostics.extend(problems.into_iter().map(
+                    |problem| match spans.get(&problem.at) {
+                        Some(span) => (
+                            span.start,
+                            Diagnostic::at_span(&origin, text, span.clone(), problem.message),
+                        ),
+                        None => (0, Diagnostic::unlocated(&origin, problem.to_string())),
+                    },
+                ));
+            }
         }
     }
+    diagnostics.sort_by_key(|(start, _)| *start);
+    Err(ConfigError::Invalid {
+        diagnostics: diagnostics.into_iter().map(|(_, d)| d).collect(),
+    })
+}
+
+/// Blanks the `key = value` line holding `span` in `text` (spaces, so every other position is
+/// unchanged), so that parsing can go on past it. `false` when the span is not within one such
+/// line (a table header, a value over several lines, a syntax error): nothing more can be found.
+fn blank_setting(text: &mut String, span: &std::ops::Range<usize>) -> bool {
+    let Some(before) = text.get(..span.start) else {
+        return false;
+    };
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = &text[start..end];
+    let setting = !line.trim_start().starts_with('[')
+        && line.contains('=')
+        && span.end <= end
+        && toml::from_str::<toml::Table>(line).is_ok();
+    if !setting {
+        return false;
+    }
+    let blank = " ".repeat(end - start);
+    text.replace_range(start..end, &blank);
+    true
 }
 
 /// Turns the raw file into a [`Config`], applying top-level defaults, and records where each
@@ -331,6 +372,32 @@ silent = false
 command = "python3 worker.py --queue 'high prio'"
 size = "auto"
 "#;
+
+    #[test]
+    fn every_problem_of_a_file_is_reported_with_its_place() {
+        let text = "[pools.web]\ncommand = \"x\"\nsize = 0\nbogus = 1\n\n[pools.jobs]\ncommand = \"y\"\nready = \"sometimes\"\n[pools.cron]\ncommand = \"z\"\nttl = \"0s\"\n";
+        let error = load(text).unwrap_err();
+        assert!(
+            error.contains("ustad.toml:3:8: size must be at least 1"),
+            "{error}"
+        );
+        assert!(
+            error.contains("ustad.toml:4:1: unknown field `bogus`"),
+            "{error}"
+        );
+        assert!(
+            error.contains("ustad.toml:8:9: invalid readiness `sometimes`"),
+            "{error}"
+        );
+        // What validation finds in the rest comes too.
+        assert!(
+            error.contains("ustad.toml:11:7: ttl must be longer than 0s"),
+            "{error}"
+        );
+        // A syntax error ends the search: what follows it cannot be read.
+        let error = load("[pools.web\ncommand = \"x\"\n").unwrap_err();
+        assert_eq!(error.matches("ustad.toml:").count(), 1, "{error}");
+    }
 
     #[test]
     fn the_documented_example_loads_with_defaults_applied() {
