@@ -122,6 +122,10 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             Ok(raw) => break Some(raw),
             Err(error) => {
                 let message = error.message().to_owned();
+                // A field set aside is missing now: not a problem of the file.
+                if !diagnostics.is_empty() && message.starts_with("missing field") {
+                    break None;
+                }
                 let Some(span) = error.span() else {
                     diagnostics.push((0, Diagnostic::unlocated(&origin, message)));
                     break None;
