@@ -66,7 +66,11 @@ fn main() -> ExitCode {
             lines,
             target,
         } => client::logs(&target.target(), pool, lines, follow),
-        Command::Top { interval, target } => match top::run(&target.target(), interval) {
+        Command::Top { interval, target } => match top::run(
+            &target.target(),
+            interval,
+            logging::use_color(cli.color, std::io::stdout().is_terminal()),
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => exit::Failure::runtime(format!("{error:#}")).report(),
         },
