@@ -300,6 +300,14 @@ pub(crate) struct PoolFlags {
     /// The workers' working directory.
     #[arg(long, value_name = "DIR")]
     pub(crate) cwd: Option<PathBuf>,
+
+    /// Run the workers as this user (name or uid), with its groups; ustad must be root.
+    #[arg(long, value_name = "USER")]
+    pub(crate) user: Option<String>,
+
+    /// Run the workers with this group (name or gid) instead of the user's.
+    #[arg(long, value_name = "GROUP")]
+    pub(crate) group: Option<String>,
 }
 
 impl PoolFlags {
@@ -333,6 +341,8 @@ impl PoolFlags {
         note(self.silent, "--silent");
         note(!self.env.is_empty(), "--env");
         note(self.cwd.is_some(), "--cwd");
+        note(self.user.is_some(), "--user");
+        note(self.group.is_some(), "--group");
         given
     }
 }

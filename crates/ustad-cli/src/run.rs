@@ -157,6 +157,8 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
         pool.env.insert(key.to_owned(), value.to_owned());
     }
     pool.cwd = flags.cwd.clone();
+    pool.user = flags.user.clone();
+    pool.group = flags.group.clone();
     let name = flags
         .pool
         .clone()

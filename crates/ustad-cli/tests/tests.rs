@@ -14,5 +14,6 @@ mod notify;
 mod rollout;
 mod systemd;
 mod top;
+mod users;
 mod util;
 mod workers;

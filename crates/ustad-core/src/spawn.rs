@@ -20,6 +20,7 @@ use ustad_proto::env::{
     USTAD_WORKER_INDEX, WATCHDOG_USEC,
 };
 
+use crate::accounts::Credentials;
 use crate::config::{IpcProtocol, PoolSpec, Readiness};
 use crate::plan::WorkerId;
 use crate::sys::{self, ExecImage, LISTEN_FDS_START};
@@ -50,6 +51,9 @@ pub enum SpawnError {
         /// The directory.
         path: PathBuf,
     },
+    /// The pool's user or group cannot be used.
+    #[error("cannot run as the pool's user: {0}")]
+    Credentials(String),
     /// Preparing or performing the spawn failed.
     #[error("cannot start `{program}`: {source}")]
     Io {
@@ -96,8 +100,10 @@ fn env_entry(key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> CString {
     CString::new(entry).unwrap_or_default()
 }
 
-/// The environment of a worker, except `LISTEN_PID`, which the child fills in itself.
-fn worker_env(launch: &WorkerLaunch<'_>) -> Vec<CString> {
+/// The environment of a worker, except `LISTEN_PID`, which the child fills in itself. A worker
+/// that runs as another user gets its `USER`, `LOGNAME` and `HOME`, as a login would (unless
+/// the pool's `env` says otherwise).
+fn worker_env(launch: &WorkerLaunch<'_>, credentials: Option<&Credentials>) -> Vec<CString> {
     let spec = launch.spec;
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(key, _)| !is_reserved(key) && !spec.env.contains_key(&*key.to_string_lossy()))
@@ -138,6 +144,18 @@ fn worker_env(launch: &WorkerLaunch<'_>) -> Vec<CString> {
                     NODE_CHANNEL_SERIALIZATION_MODE,
                     NODE_CHANNEL_SERIALIZATION_JSON,
                 ));
+            }
+        }
+    }
+    if let Some((name, home)) = credentials.and_then(|c| c.account.as_ref()) {
+        for (key, value) in [
+            ("USER", name.as_str()),
+            ("LOGNAME", name.as_str()),
+            ("HOME", &*home.to_string_lossy()),
+        ] {
+            if !spec.env.contains_key(key) {
+                env.retain(|entry| !entry.as_bytes().starts_with(format!("{key}=").as_bytes()));
+                env.push(env_entry(key, value));
             }
         }
     }
@@ -235,6 +253,8 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
         }
     }
     let program = resolve_program(spec)?;
+    let credentials = crate::accounts::resolve(spec.user.as_deref(), spec.group.as_deref())
+        .map_err(SpawnError::Credentials)?;
     let program_c = CString::new(program.clone().into_os_string().into_vec())
         .map_err(|e| io_error(std::io::Error::other(e)))?;
     let argv: Vec<CString> = spec
@@ -246,7 +266,7 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
     let image = ExecImage::new(
         program_c,
         argv,
-        worker_env(launch),
+        worker_env(launch, credentials.as_ref()),
         !launch.sockets.is_empty(),
     );
 
@@ -281,7 +301,13 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
     }
-    sys::prepare_worker(&mut command, image, fds, rustix::process::getpid());
+    sys::prepare_worker(
+        &mut command,
+        image,
+        fds,
+        credentials,
+        rustix::process::getpid(),
+    );
     command
         .spawn()
         .map_err(|source| match source.raw_os_error() {

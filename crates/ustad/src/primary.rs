@@ -46,6 +46,8 @@ enum Setting {
     Ready(Readiness),
     MaxSurge(Budget),
     MaxUnavailable(Budget),
+    User(String),
+    Group(String),
 }
 
 impl Pool {
@@ -135,6 +137,18 @@ impl Pool {
     /// of ustad: ready once seen waiting for connections on the pool's socket.
     pub fn ready(self, readiness: Readiness) -> Pool {
         self.with(Setting::Ready(readiness))
+    }
+
+    /// Runs the pool's workers as this user (a name or a uid), with its groups (Node's `uid`);
+    /// the primary must run as root.
+    pub fn user(self, user: &str) -> Pool {
+        self.with(Setting::User(user.to_owned()))
+    }
+
+    /// Runs the pool's workers with this group (a name or a gid) instead of the user's (Node's
+    /// `gid`).
+    pub fn group(self, group: &str) -> Pool {
+        self.with(Setting::Group(group.to_owned()))
     }
 
     /// Replacements a rolling restart starts at once, beside the workers they replace
@@ -334,6 +348,8 @@ impl Primary {
                     }
                     Setting::Ready(readiness) => spec.ready = readiness,
                     Setting::MaxSurge(budget) => spec.max_surge = Some(budget),
+                    Setting::User(user) => spec.user = Some(user),
+                    Setting::Group(group) => spec.group = Some(group),
                     Setting::MaxUnavailable(budget) => spec.max_unavailable = Some(budget),
                 }
             }

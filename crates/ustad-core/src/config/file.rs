@@ -61,6 +61,8 @@ struct RawPool {
     #[serde(default)]
     env: IndexMap<Spanned<String>, EnvValue>,
     cwd: Option<PathBuf>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
     ttl: Option<Spanned<DurationValue>>,
     strict: Option<Spanned<bool>>,
     max_surge: Option<Spanned<Budget>>,
@@ -266,6 +268,14 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             spec.env.insert(key.into_inner(), value.0);
         }
         spec.cwd = pool.cwd.map(|cwd| base_dir.join(cwd));
+        if let Some(user) = pool.user {
+            spans.insert(field("user"), user.span());
+            spec.user = Some(user.into_inner());
+        }
+        if let Some(group) = pool.group {
+            spans.insert(field("group"), group.span());
+            spec.group = Some(group.into_inner());
+        }
         let ttl = pool.ttl.map(|t| {
             spans.insert(field("ttl"), t.span());
             t.into_inner()

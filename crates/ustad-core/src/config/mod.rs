@@ -87,6 +87,11 @@ pub struct PoolSpec {
     pub env: IndexMap<String, String>,
     /// The workers' working directory (default: the primary's).
     pub cwd: Option<PathBuf>,
+    /// The user the workers run as (a name or a uid), with that user's groups; ustad must be
+    /// root.
+    pub user: Option<String>,
+    /// The group the workers run as (a name or a gid), instead of the user's own.
+    pub group: Option<String>,
     /// Recycle each worker after this long (±10% jitter), by rolling replacement.
     pub ttl: Option<Duration>,
     /// Never run more than `size` workers, even while replacing one (stop, then start): the
@@ -156,6 +161,8 @@ impl PoolSpec {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             env: IndexMap::new(),
             cwd: None,
+            user: None,
+            group: None,
             ttl: None,
             strict: false,
             max_surge: None,
@@ -455,6 +462,48 @@ impl Config {
             }
         }
 
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Whether a pool runs as another user or group.
+    pub fn runs_other_users(&self) -> bool {
+        self.pools
+            .values()
+            .any(|pool| pool.user.is_some() || pool.group.is_some())
+    }
+
+    /// Pools that run as another user or group need ustad to be root: one problem per pool
+    /// that does, when it is not (checked where the cluster starts and reloads, not by
+    /// `ustad check`, which may run as anyone).
+    pub fn check_privileges(&self) -> Result<(), Vec<Problem>> {
+        if crate::accounts::can_switch_users() {
+            return Ok(());
+        }
+        let uid = rustix::process::geteuid().as_raw();
+        let problems: Vec<Problem> = self
+            .pools
+            .iter()
+            .filter(|(_, pool)| pool.user.is_some() || pool.group.is_some())
+            .map(|(name, pool)| Problem {
+                at: Location::PoolField(
+                    name.clone(),
+                    if pool.user.is_some() { "user" } else { "group" },
+                ),
+                message: format!(
+                    "running workers as {} needs ustad to run as root; it runs as uid {uid}",
+                    match (&pool.user, &pool.group) {
+                        (Some(user), Some(group)) => format!("user `{user}` and group `{group}`"),
+                        (Some(user), None) => format!("user `{user}`"),
+                        (None, Some(group)) => format!("group `{group}`"),
+                        (None, None) => unreachable!("filtered"),
+                    }
+                ),
+            })
+            .collect();
         if problems.is_empty() {
             Ok(())
         } else {
