@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ustad_core::config::value::parse_duration;
-use ustad_core::config::{Budget, ByteSize, IpcProtocol, Readiness, Signal, Size};
+use ustad_core::config::{Budget, ByteSize, IpcProtocol, OutputTarget, Readiness, Signal, Size};
 
 /// Run any program as a supervised cluster of worker processes: shared sockets, readiness,
 /// restarts, zero-downtime rolling restarts, graceful stop.
@@ -293,6 +293,23 @@ pub(crate) struct PoolFlags {
     #[arg(long)]
     pub(crate) silent: bool,
 
+    /// Where the workers' stdout goes: relay (prefixed, on ustad's stdout), inherit (ustad's
+    /// stdout, written by the worker), null, or file:PATH [default: relay].
+    #[arg(long, value_name = "TARGET")]
+    pub(crate) stdout: Option<OutputTarget>,
+
+    /// Where the workers' stderr goes, as --stdout [default: relay].
+    #[arg(long, value_name = "TARGET")]
+    pub(crate) stderr: Option<OutputTarget>,
+
+    /// Rotate a file:PATH output before it grows past this (e.g. 50MiB).
+    #[arg(long, value_name = "SIZE")]
+    pub(crate) log_max_size: Option<ByteSize>,
+
+    /// Rotated log files kept (PATH.1 … PATH.N) [default: 5].
+    #[arg(long, value_name = "N")]
+    pub(crate) log_keep: Option<u32>,
+
     /// Set an environment variable for the workers. Repeatable.
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub(crate) env: Vec<String>,
@@ -339,6 +356,10 @@ impl PoolFlags {
         note(self.ipc.is_some(), "--ipc");
         note(self.stop_grace.is_some(), "--stop-grace");
         note(self.silent, "--silent");
+        note(self.stdout.is_some(), "--stdout");
+        note(self.stderr.is_some(), "--stderr");
+        note(self.log_max_size.is_some(), "--log-max-size");
+        note(self.log_keep.is_some(), "--log-keep");
         note(!self.env.is_empty(), "--env");
         note(self.cwd.is_some(), "--cwd");
         note(self.user.is_some(), "--user");

@@ -158,6 +158,16 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
     }
     pool.cwd = flags.cwd.clone();
     pool.user = flags.user.clone();
+    if let Some(target) = &flags.stdout {
+        pool.stdout = target.clone();
+    }
+    if let Some(target) = &flags.stderr {
+        pool.stderr = target.clone();
+    }
+    pool.log_max_size = flags.log_max_size;
+    if let Some(keep) = flags.log_keep {
+        pool.log_keep = keep;
+    }
     pool.group = flags.group.clone();
     let name = flags
         .pool

@@ -8,6 +8,7 @@ mod control;
 mod demo_worker;
 mod lifecycle;
 mod listening;
+mod logs;
 mod metrics;
 mod node_ipc;
 mod notify;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter, Interest};
 use tokio::sync::mpsc;
@@ -41,8 +42,30 @@ enum Stream {
 #[derive(Debug)]
 struct Line {
     stream: Stream,
+    /// Where it goes: the primary's own stream (`None`), or a log file.
+    file: Option<Arc<LogFile>>,
     prefix: Arc<Prefix>,
     text: Vec<u8>,
+}
+
+/// What the writer is asked to do.
+#[derive(Debug)]
+enum Relayed {
+    Line(Line),
+    /// Close every log file, to open it again (by its name) at its next line: an outside
+    /// rotator (logrotate) has renamed it.
+    Reopen,
+}
+
+/// A pool's log file (`stdout = "file:…"`), as its lines say where they go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Rotate it before it grows past this.
+    pub max_size: Option<u64>,
+    /// Rotated files kept: `path.1` (newest) to `path.N`.
+    pub keep: u32,
 }
 
 #[derive(Debug)]
@@ -57,7 +80,7 @@ struct Prefix {
 /// The relay: one writer task, and two reader tasks per worker.
 #[derive(Debug)]
 pub struct OutputRelay {
-    queue: mpsc::Sender<Line>,
+    queue: mpsc::Sender<Relayed>,
     readers: JoinSet<()>,
     writer: JoinHandle<()>,
 }
@@ -99,14 +122,24 @@ impl OutputRelay {
         let _ = tokio::time::timeout(grace, writer).await;
     }
 
-    /// Relays a worker's output streams until they close.
+    /// Closes the pools' log files, to reopen them by name at their next line (SIGUSR1, after
+    /// an outside rotator renamed them).
+    pub fn reopen(&self) {
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            let _ = queue.send(Relayed::Reopen).await;
+        });
+    }
+
+    /// Relays a worker's output streams until they close: to the primary's own streams, or,
+    /// for a stream with a log file, to that file.
     pub fn attach(
         &mut self,
         pool: &str,
         slot: usize,
         id: u64,
-        stdout: Option<OwnedFd>,
-        stderr: Option<OwnedFd>,
+        (stdout, stdout_file): (Option<OwnedFd>, Option<LogFile>),
+        (stderr, stderr_file): (Option<OwnedFd>, Option<LogFile>),
     ) {
         // Six distinguishable ANSI colours (31–36), by slot.
         let prefix = Arc::new(Prefix {
@@ -121,7 +154,7 @@ impl OutputRelay {
         if let Some(stdout) = stdout {
             self.readers.spawn(read_lines(
                 stdout,
-                Stream::Stdout,
+                (Stream::Stdout, stdout_file.map(Arc::new)),
                 prefix.clone(),
                 self.queue.clone(),
             ));
@@ -129,7 +162,7 @@ impl OutputRelay {
         if let Some(stderr) = stderr {
             self.readers.spawn(read_lines(
                 stderr,
-                Stream::Stderr,
+                (Stream::Stderr, stderr_file.map(Arc::new)),
                 prefix,
                 self.queue.clone(),
             ));
@@ -150,7 +183,12 @@ thread_local! {
 /// is there into the thread's scratch buffer, and keeps only the start of a line that has not
 /// ended yet. (A buffer per pipe, 8 KiB twice per worker, was 18 KiB of the primary's memory
 /// per worker, most of it for a thousand workers that rarely write.)
-async fn read_lines(pipe: OwnedFd, stream: Stream, prefix: Arc<Prefix>, queue: mpsc::Sender<Line>) {
+async fn read_lines(
+    pipe: OwnedFd,
+    (stream, file): (Stream, Option<Arc<LogFile>>),
+    prefix: Arc<Prefix>,
+    queue: mpsc::Sender<Relayed>,
+) {
     // Never a blocking read on the supervisor's thread (tokio hands a child's pipe over in
     // blocking mode).
     if rustix::io::ioctl_fionbio(&pipe, true).is_err() {
@@ -174,22 +212,23 @@ async fn read_lines(pipe: OwnedFd, stream: Stream, prefix: Arc<Prefix>, queue: m
         for text in lines.drain(..) {
             let line = Line {
                 stream,
+                file: file.clone(),
                 prefix: prefix.clone(),
                 text,
             };
-            if queue.send(line).await.is_err() {
+            if queue.send(Relayed::Line(line)).await.is_err() {
                 return;
             }
         }
     }
     if !partial.is_empty() {
-        let _ = queue
-            .send(Line {
-                stream,
-                prefix,
-                text: partial,
-            })
-            .await;
+        let line = Line {
+            stream,
+            file,
+            prefix,
+            text: partial,
+        };
+        let _ = queue.send(Relayed::Line(line)).await;
     }
 }
 
@@ -233,7 +272,7 @@ fn split_lines(partial: &mut Vec<u8>, mut input: &[u8], lines: &mut Vec<Vec<u8>>
 }
 
 async fn write_lines(
-    mut lines: mpsc::Receiver<Line>,
+    mut lines: mpsc::Receiver<Relayed>,
     style: OutputStyle,
     book: Option<LogBook>,
     stdout: impl AsyncWrite + Unpin,
@@ -241,6 +280,7 @@ async fn write_lines(
 ) {
     let mut stdout = BufWriter::new(stdout);
     let mut stderr = BufWriter::new(stderr);
+    let mut files = LogFiles::default();
     let mut width = 0;
     while let Some(first) = lines.recv().await {
         let mut batch = vec![first];
@@ -254,7 +294,14 @@ async fn write_lines(
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |t| t.as_secs_f64());
-        for line in batch {
+        for relayed in batch {
+            let line = match relayed {
+                Relayed::Line(line) => line,
+                Relayed::Reopen => {
+                    files.close_all();
+                    continue;
+                }
+            };
             if let Some(book) = &book {
                 let text = line.text.strip_suffix(b"\r").unwrap_or(&line.text);
                 book.record(LogLine {
@@ -269,6 +316,12 @@ async fn write_lines(
                     .to_owned(),
                     line: String::from_utf8_lossy(text).into_owned(),
                 });
+            }
+            if let Some(file) = &line.file {
+                // Aligned per file would need every pool's names: the plain prefix.
+                let text = format_line(&line.prefix, 0, false, &line.text);
+                files.write(file, &text);
+                continue;
             }
             width = width.max(line.prefix.name.len());
             // A closed or failing output (EPIPE) must not stop the relay: the workers would
@@ -286,7 +339,105 @@ async fn write_lines(
         }
         let _ = stdout.flush().await;
         let _ = stderr.flush().await;
+        files.flush();
     }
+    files.flush();
+}
+
+/// The log files open for writing, by path. Lines are whole when they are written (the
+/// relay cut them), and one writer writes them all in order, so a rotation falls between two
+/// lines and loses none.
+#[derive(Debug, Default)]
+struct LogFiles {
+    open: std::collections::HashMap<PathBuf, OpenLog>,
+    /// Files that could not be opened, already said in the log (until one opens again).
+    failing: std::collections::HashSet<PathBuf>,
+}
+
+#[derive(Debug)]
+struct OpenLog {
+    file: std::io::BufWriter<std::fs::File>,
+    size: u64,
+}
+
+impl LogFiles {
+    fn write(&mut self, log: &LogFile, line: &[u8]) {
+        let len = line.len() as u64;
+        let full = self.open.get(&log.path).is_some_and(|open| {
+            log.max_size
+                .is_some_and(|max| open.size > 0 && open.size + len > max)
+        });
+        if full {
+            if let Some(mut open) = self.open.remove(&log.path) {
+                let _ = std::io::Write::flush(&mut open.file);
+            }
+            if let Err(error) = rotate(log) {
+                tracing::error!(path = %log.path.display(), "cannot rotate log file {}: {error}", log.path.display());
+            }
+        }
+        if !self.open.contains_key(&log.path) {
+            match open_log(&log.path) {
+                Ok(open) => {
+                    self.failing.remove(&log.path);
+                    self.open.insert(log.path.clone(), open);
+                }
+                Err(error) => {
+                    if self.failing.insert(log.path.clone()) {
+                        tracing::error!(path = %log.path.display(), "cannot write log file {}: {error}; its lines are dropped until it can be opened", log.path.display());
+                    }
+                    return;
+                }
+            }
+        }
+        if let Some(open) = self.open.get_mut(&log.path) {
+            if std::io::Write::write_all(&mut open.file, line).is_ok() {
+                open.size += len;
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        for open in self.open.values_mut() {
+            let _ = std::io::Write::flush(&mut open.file);
+        }
+    }
+
+    fn close_all(&mut self) {
+        self.flush();
+        self.open.clear();
+    }
+}
+
+fn open_log(path: &Path) -> std::io::Result<OpenLog> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let size = file.metadata()?.len();
+    Ok(OpenLog {
+        file: std::io::BufWriter::with_capacity(64 * 1024, file),
+        size,
+    })
+}
+
+/// `app.log` → `app.log.1`, `app.log.1` → `app.log.2`, … keeping `keep` of them (none: the
+/// file is removed).
+fn rotate(log: &LogFile) -> std::io::Result<()> {
+    let numbered = |n: u32| {
+        let mut name = log.path.clone().into_os_string();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    };
+    if log.keep == 0 {
+        return std::fs::remove_file(&log.path);
+    }
+    for n in (1..log.keep).rev() {
+        match std::fs::rename(numbered(n), numbered(n + 1)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+    }
+    std::fs::rename(&log.path, numbered(1))
 }
 
 fn format_line(prefix: &Prefix, width: usize, color: bool, text: &[u8]) -> Vec<u8> {
@@ -331,11 +482,13 @@ mod tests {
             slot: 0,
             id: 1,
         });
-        read_lines(read, Stream::Stdout, prefix, queue).await;
+        read_lines(read, (Stream::Stdout, None), prefix, queue).await;
         writer.join().unwrap();
         let mut out = Vec::new();
         while let Ok(line) = lines.try_recv() {
-            out.push(line.text);
+            if let Relayed::Line(line) = line {
+                out.push(line.text);
+            }
         }
         out
     }
@@ -346,6 +499,37 @@ mod tests {
             relay(b"one\ntwo\nthree").await,
             [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
         );
+    }
+
+    #[test]
+    fn a_log_file_rotates_between_lines_and_keeps_the_newest_few() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.log");
+        let log = LogFile {
+            path: path.clone(),
+            max_size: Some(20),
+            keep: 2,
+        };
+        let mut files = LogFiles::default();
+        for n in 0..6 {
+            files.write(&log, format!("line {n} .....\n").as_bytes());
+        }
+        files.flush();
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+        // 14 bytes a line, 20 at most a file: one line each; two rotated files kept.
+        assert_eq!(read("app.log"), "line 5 .....\n");
+        assert_eq!(read("app.log.1"), "line 4 .....\n");
+        assert_eq!(read("app.log.2"), "line 3 .....\n");
+        assert!(!dir.path().join("app.log.3").exists());
+        // A line longer than the limit is written whole, in a file of its own.
+        files.write(&log, &[b'x'; 50]);
+        files.flush();
+        assert_eq!(read("app.log").len(), 50);
+        // keep = 0: no rotated file at all.
+        let none = LogFile { keep: 0, ..log };
+        files.write(&none, b"next\n");
+        files.flush();
+        assert_eq!(read("app.log"), "next\n");
     }
 
     #[test]
@@ -380,12 +564,16 @@ mod tests {
             slot: 0,
             id: 1,
         });
-        let reader = tokio::spawn(read_lines(read, Stream::Stdout, prefix, queue));
-        assert_eq!(lines.recv().await.unwrap().text, b"first");
+        let reader = tokio::spawn(read_lines(read, (Stream::Stdout, None), prefix, queue));
+        let text = |relayed: Option<Relayed>| match relayed {
+            Some(Relayed::Line(line)) => line.text,
+            other => panic!("not a line: {other:?}"),
+        };
+        assert_eq!(text(lines.recv().await), b"first");
         // The reader waits for more; this task still runs.
         tokio::task::yield_now().await;
         go_on.send(()).unwrap();
-        assert_eq!(lines.recv().await.unwrap().text, b"second");
+        assert_eq!(text(lines.recv().await), b"second");
         writer.join().unwrap();
         reader.await.unwrap();
     }
@@ -447,9 +635,15 @@ mod tests {
             id: 4,
         });
         let (stdout, out_writer) = filled_pipe(b"to stdout\n");
-        read_lines(stdout, Stream::Stdout, prefix.clone(), queue.clone()).await;
+        read_lines(
+            stdout,
+            (Stream::Stdout, None),
+            prefix.clone(),
+            queue.clone(),
+        )
+        .await;
         let (stderr, err_writer) = filled_pipe(b"to stderr\n");
-        read_lines(stderr, Stream::Stderr, prefix, queue).await;
+        read_lines(stderr, (Stream::Stderr, None), prefix, queue).await;
         out_writer.join().unwrap();
         err_writer.join().unwrap();
         writer.await.unwrap();

@@ -21,7 +21,7 @@ use ustad_proto::env::{
 };
 
 use crate::accounts::Credentials;
-use crate::config::{IpcProtocol, PoolSpec, Readiness};
+use crate::config::{IpcProtocol, OutputTarget, PoolSpec, Readiness};
 use crate::plan::WorkerId;
 use crate::sys::{self, ExecImage, LISTEN_FDS_START};
 
@@ -293,11 +293,14 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
-    if spec.silent {
-        command.stdout(Stdio::null()).stderr(Stdio::null());
-    } else {
-        command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    }
+    let stdio = |target: &OutputTarget| match target {
+        // Files are written by the primary, line by line, as it relays: piped too.
+        OutputTarget::Relay | OutputTarget::File(_) => Stdio::piped(),
+        OutputTarget::Inherit => Stdio::inherit(),
+        OutputTarget::Null => Stdio::null(),
+    };
+    let (stdout, stderr) = spec.outputs();
+    command.stdout(stdio(&stdout)).stderr(stdio(&stderr));
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
     }

@@ -10,8 +10,8 @@ use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;
 
 use super::value::{
-    Budget, ByteSize, Command, DurationValue, IpcProtocol, ListenAddr, Readiness, Signal, Size,
-    SocketMode,
+    Budget, ByteSize, Command, DurationValue, IpcProtocol, ListenAddr, OutputTarget, Readiness,
+    Signal, Size, SocketMode,
 };
 use super::{
     Config, ConfigError, DEFAULT_BACKLOG, Diagnostic, IpcSpec, Location, PoolSpec, SocketSpec,
@@ -72,6 +72,10 @@ struct RawPool {
     min_uptime: Option<DurationValue>,
     stop_signal: Option<Signal>,
     silent: Option<bool>,
+    stdout: Option<Spanned<OutputTarget>>,
+    stderr: Option<Spanned<OutputTarget>>,
+    log_max_size: Option<Spanned<ByteSize>>,
+    log_keep: Option<u32>,
     max_memory: Option<ByteSize>,
     watchdog: Option<Spanned<DurationValue>>,
     ipc: Option<Spanned<IpcProtocol>>,
@@ -305,6 +309,26 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             None => raw.max_unavailable,
         };
         spec.silent = pool.silent.or(raw.silent).unwrap_or(spec.silent);
+        // A relative log file is relative to this file, as `cwd` is.
+        let output = |target: OutputTarget| match target {
+            OutputTarget::File(path) => OutputTarget::File(base_dir.join(path)),
+            other => other,
+        };
+        if let Some(stdout) = pool.stdout {
+            spans.insert(field("stdout"), stdout.span());
+            spec.stdout = output(stdout.into_inner());
+        }
+        if let Some(stderr) = pool.stderr {
+            spans.insert(field("stderr"), stderr.span());
+            spec.stderr = output(stderr.into_inner());
+        }
+        if let Some(size) = pool.log_max_size {
+            spans.insert(field("log_max_size"), size.span());
+            spec.log_max_size = Some(size.into_inner());
+        }
+        if let Some(keep) = pool.log_keep {
+            spec.log_keep = keep;
+        }
         spec.max_memory = pool.max_memory.or(raw.max_memory);
         let watchdog = pool.watchdog.map(|t| {
             spans.insert(field("watchdog"), t.span());
@@ -335,6 +359,8 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             "strict",
             "max_surge",
             "max_unavailable",
+            "silent",
+            "log_keep",
         ] {
             spans
                 .entry(Location::PoolField(name.clone(), field_name))

@@ -21,7 +21,8 @@ use indexmap::IndexMap;
 
 pub use error::{ConfigError, Diagnostic};
 pub use value::{
-    Budget, ByteSize, Command, IpcProtocol, ListenAddr, Readiness, Signal, Size, SocketMode,
+    Budget, ByteSize, Command, IpcProtocol, ListenAddr, OutputTarget, Readiness, Signal, Size,
+    SocketMode,
 };
 
 /// Default `kill_timeout`: how long a worker may take to stop before it is killed.
@@ -35,6 +36,8 @@ pub const DEFAULT_MIN_UPTIME: Duration = Duration::from_secs(5);
 /// Default `stop_grace`: with `ipc = "node"`, the time between the `'shutdown'` message and the
 /// stop signal.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(2);
+/// Default `log_keep`: rotated files kept per log file.
+pub const DEFAULT_LOG_KEEP: u32 = 5;
 /// Default listen backlog.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 
@@ -112,8 +115,16 @@ pub struct PoolSpec {
     /// With `ipc = "node"`: a worker is sent `'shutdown'` over its channel this long before
     /// its stop signal (PM2's `shutdown_with_message`), so that an app may drain on the message.
     pub stop_grace: Duration,
-    /// Drop the workers' stdout and stderr instead of relaying them.
+    /// Drop the workers' stdout and stderr instead of relaying them (both `null`).
     pub silent: bool,
+    /// Where the workers' stdout goes.
+    pub stdout: OutputTarget,
+    /// Where the workers' stderr goes.
+    pub stderr: OutputTarget,
+    /// Rotate a `file:` output once it would grow past this.
+    pub log_max_size: Option<ByteSize>,
+    /// Rotated files kept (`app.log.1` … `app.log.N`).
+    pub log_keep: u32,
     /// Replace a worker (rolling) whose process group's RSS stays above this.
     pub max_memory: Option<ByteSize>,
     /// A worker must send `WATCHDOG=1` at least this often (it gets `WATCHDOG_USEC`), else it
@@ -173,6 +184,10 @@ impl PoolSpec {
             stop_signal: Signal::TERM,
             stop_grace: DEFAULT_STOP_GRACE,
             silent: false,
+            stdout: OutputTarget::Relay,
+            stderr: OutputTarget::Relay,
+            log_max_size: None,
+            log_keep: DEFAULT_LOG_KEEP,
             max_memory: None,
             watchdog: None,
             ipc: None,
@@ -181,6 +196,14 @@ impl PoolSpec {
 }
 
 impl PoolSpec {
+    /// Where the workers' stdout and stderr go (`silent` makes both `null`).
+    pub fn outputs(&self) -> (OutputTarget, OutputTarget) {
+        if self.silent {
+            return (OutputTarget::Null, OutputTarget::Null);
+        }
+        (self.stdout.clone(), self.stderr.clone())
+    }
+
     /// How far a rollout of a pool of `size` may go at once: (`max_surge`, `max_unavailable`)
     /// as counts. `strict` is `(0, 1)`; the defaults `(1, 0)`.
     pub fn rollout_budget(&self, size: usize) -> (usize, usize) {
@@ -419,6 +442,29 @@ impl Config {
                 problem(
                     Location::PoolField(name.clone(), "watchdog"),
                     "watchdog must be longer than 0s (leave it out to turn it off)".to_owned(),
+                );
+            }
+            if pool.silent
+                && (pool.stdout != OutputTarget::Relay || pool.stderr != OutputTarget::Relay)
+            {
+                problem(
+                    Location::PoolField(name.clone(), "silent"),
+                    "silent means stdout = \"null\" and stderr = \"null\": give either silent or the outputs".to_owned(),
+                );
+            }
+            if pool.log_max_size.is_some_and(|size| size.0 < 1024) {
+                problem(
+                    Location::PoolField(name.clone(), "log_max_size"),
+                    "log_max_size must be at least 1KiB (a line is cut at 8KiB)".to_owned(),
+                );
+            }
+            if pool.log_keep > 1000 {
+                problem(
+                    Location::PoolField(name.clone(), "log_keep"),
+                    format!(
+                        "log_keep = {} keeps too many files; at most 1000",
+                        pool.log_keep
+                    ),
                 );
             }
             if pool.strict && (pool.max_surge.is_some() || pool.max_unavailable.is_some()) {

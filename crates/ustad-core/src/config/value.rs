@@ -385,6 +385,55 @@ impl FromStr for Readiness {
     }
 }
 
+/// Where a worker's stdout or stderr goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OutputTarget {
+    /// Read by the primary and printed on its own stdout or stderr with a `web.2 | ` prefix,
+    /// and kept for `ustad logs`.
+    #[default]
+    Relay,
+    /// The primary's own stdout or stderr, written by the worker itself (no prefix, nothing
+    /// kept for `ustad logs`).
+    Inherit,
+    /// `/dev/null`.
+    Null,
+    /// Appended to this file by the primary, with the prefix, rotated by size when the pool
+    /// says so (`log_max_size`), reopened on SIGUSR1; kept for `ustad logs` too.
+    File(PathBuf),
+}
+
+impl fmt::Display for OutputTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OutputTarget::Relay => f.write_str("relay"),
+            OutputTarget::Inherit => f.write_str("inherit"),
+            OutputTarget::Null => f.write_str("null"),
+            OutputTarget::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+impl FromStr for OutputTarget {
+    type Err = String;
+    fn from_str(text: &str) -> Result<OutputTarget, String> {
+        let text = text.trim();
+        match text {
+            "relay" => Ok(OutputTarget::Relay),
+            "inherit" => Ok(OutputTarget::Inherit),
+            "null" => Ok(OutputTarget::Null),
+            _ => match text.strip_prefix("file:") {
+                Some(path) if !path.trim().is_empty() => {
+                    Ok(OutputTarget::File(PathBuf::from(path.trim())))
+                }
+                Some(_) => Err("`file:` needs a path, like \"file:/var/log/app.log\"".to_owned()),
+                None => Err(format!(
+                    "invalid output `{text}`: expected \"relay\", \"inherit\", \"null\" or \"file:PATH\""
+                )),
+            },
+        }
+    }
+}
+
 /// What a pool's message channel speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IpcProtocol {
@@ -674,6 +723,7 @@ macro_rules! deserialize_from_str {
 deserialize_from_str! {
     Readiness => "\"listening\", \"notify\", \"message\", \"delay:DURATION\" or \"none\"",
     IpcProtocol => "\"node\" or \"ustad\"",
+    OutputTarget => "\"relay\", \"inherit\", \"null\" or \"file:PATH\"",
     ListenAddr => "a listen address string like \"127.0.0.1:8000\" or \"unix:/run/app.sock\"",
     SocketMode => "\"shared\", \"reuseport\" or \"round-robin\"",
     Signal => "a signal name string like \"SIGTERM\"",

@@ -10,8 +10,9 @@ use tracing::error;
 use super::Supervisor;
 use super::link;
 use super::listen_watch::Expected;
-use crate::config::{IpcSpec, PoolSpec, Readiness};
+use crate::config::{IpcSpec, OutputTarget, PoolSpec, Readiness};
 use crate::ipc::Outbox;
+use crate::output::LogFile;
 use crate::plan::{Event, ExitStatus, WorkerId, WorkerRef};
 use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
 
@@ -65,12 +66,27 @@ impl Supervisor {
                 error: "the process vanished at once".to_owned(),
             };
         };
+        let (stdout, stderr) = spec.outputs();
+        let log_file = |target: OutputTarget| match target {
+            OutputTarget::File(path) => Some(LogFile {
+                path,
+                max_size: spec.log_max_size.map(|size| size.0),
+                keep: spec.log_keep,
+            }),
+            _ => None,
+        };
         self.output.attach(
             pool,
             slot,
             id.0,
-            output_pipe(child.stdout.take().map(|p| p.into_owned_fd())),
-            output_pipe(child.stderr.take().map(|p| p.into_owned_fd())),
+            (
+                output_pipe(child.stdout.take().map(|p| p.into_owned_fd())),
+                log_file(stdout),
+            ),
+            (
+                output_pipe(child.stderr.take().map(|p| p.into_owned_fd())),
+                log_file(stderr),
+            ),
         );
         let worker = WorkerRef {
             pool: Arc::from(pool),

@@ -54,7 +54,8 @@ pub use self::setup::{Options, Reload, SupervisorError};
 /// Binds every socket first: if one cannot be bound, returns [`SupervisorError::Bind`]
 /// without starting anything. Signals: SIGINT/SIGTERM stop gracefully (a second one kills at
 /// once), SIGHUP reloads and rolls every pool, SIGUSR2 rolls every pool with the running
-/// configuration, SIGTTIN/SIGTTOU add/remove a worker of the first pool.
+/// configuration, SIGUSR1 reopens the pools' log files, SIGTTIN/SIGTTOU add/remove a worker of
+/// the first pool.
 pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError> {
     let (mut supervisor, inputs) = setup::start(config, options)?;
     let Inputs {
@@ -95,6 +96,10 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
             _ = signals.interrupt.recv() => supervisor.on_stop_signal("SIGINT"),
             _ = signals.terminate.recv() => supervisor.on_stop_signal("SIGTERM"),
             _ = signals.hangup.recv() => supervisor.on_hangup(),
+            _ = signals.user1.recv() => {
+                info!(event = "signal", signal = "SIGUSR1", "SIGUSR1: reopening the pools' log files");
+                supervisor.output.reopen();
+            }
             _ = signals.user2.recv() => {
                 info!(event = "signal", signal = "SIGUSR2", "SIGUSR2: rolling restart of every pool");
                 supervisor.handle(Event::Rollout { pool: None, trigger: RolloutTrigger::Restart, spec: None });
