@@ -16,6 +16,8 @@
 #   RUNS=3              runs; every run measures every configuration once, in turn, so drift
 #                       hits them alike; the summary quotes medians and per-run ratios
 #   DURATION=4          seconds of the new-connection load a worker is killed in (1 s in)
+#   KILLS=2             kill -9 measurements per run, idle and under load each (the oldest
+#                       worker each time); a run's value is their median
 #   RELOADS=3 RELOAD_GAP=2   rolling restarts per load run, and the seconds between their starts
 #                       (the next starts when a blocking `pm2 reload` has returned, if later)
 #   NEVER_WATCH=8       seconds watched after the rollout to the never-listening release starts
@@ -51,6 +53,7 @@ LUA=$BENCH/wrk/timeline.lua
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-4}; DURATION=${DURATION%s}
+KILLS=${KILLS:-2}
 RELOADS=${RELOADS:-3}
 RELOAD_GAP=${RELOAD_GAP:-2}
 NEVER_WATCH=${NEVER_WATCH:-8}
@@ -82,7 +85,7 @@ bench_tools
 
 {
   bench_versions
-  echo "settings: RUNS=$RUNS DURATION=$DURATION RELOADS=$RELOADS RELOAD_GAP=$RELOAD_GAP NEVER_WATCH=$NEVER_WATCH GRACE=$GRACE MIN_AGE=$MIN_AGE CONNECTIONS=$CONNECTIONS THREADS=$THREADS QUIET=$QUIET QUIET_WAIT=$QUIET_WAIT"
+  echo "settings: RUNS=$RUNS DURATION=$DURATION KILLS=$KILLS RELOADS=$RELOADS RELOAD_GAP=$RELOAD_GAP NEVER_WATCH=$NEVER_WATCH GRACE=$GRACE MIN_AGE=$MIN_AGE CONNECTIONS=$CONNECTIONS THREADS=$THREADS QUIET=$QUIET QUIET_WAIT=$QUIET_WAIT"
   echo "ustad ready: ${USTAD_READY:-(default: no --ready flag)}"
   echo "pm2 args: ${PM2_ARGS:-(none)}"
   echo "configs: $CONFIGS"
@@ -222,8 +225,8 @@ value() { # LINE KEY: the value of KEY=… in a line of key=value pairs
   echo "${line%% *}"
 }
 
-kill_test() { # MODE(idle|load): SIGKILL the oldest worker; time until a new one answers
-  local mode=$1 out=$RESULTS/raw/run$RUN-$CONFIG-kill-$1.txt wrk_out victim line before t0
+kill_test() { # MODE(idle|load) N: SIGKILL the oldest worker; time until a new one answers
+  local mode=$1 out=$RESULTS/raw/run$RUN-$CONFIG-kill-$1-$2.txt wrk_out victim line before t0
   wrk_out=${out%.txt}-wrk.txt
   victim=$(oldest_worker)
   [[ -n $victim ]] || die "$CONFIG: no worker to kill"
@@ -281,11 +284,13 @@ restarts() { # MODE(ka|nc): RELOADS rolling restarts RELOAD_GAP s apart, under l
 
 never_listening() { # the rollout to a release that never listens, under new-connection load
   local out=$RESULTS/raw/run$RUN-$CONFIG-never.txt t_first took t_end before
-  say "ln -sfn $NEVER $APPLINK"
-  ln -sfn "$NEVER" "$APPLINK"
   before=$(wait_quiet)
   load 120 nc "$out"
   sleep 1.3
+  # The switch comes right before the rollout, so that only the rollout starts the broken
+  # release (a worker replaced for another reason in between would start it too).
+  say "ln -sfn $NEVER $APPLINK"
+  ln -sfn "$NEVER" "$APPLINK"
   t_first=$(now_ms)
   reload "$CONFIG"
   took=$(($(now_ms) - t_first))
@@ -310,8 +315,8 @@ for ((RUN = 1; RUN <= RUNS; RUN++)); do
     # Warm up (JIT, connection setup), not recorded.
     say "wrk -t$THREADS -c$CONNECTIONS -d1s http://$HOST:$PORT/  # warm-up, not recorded"
     timeout -k 5 30 wrk "-t$THREADS" "-c$CONNECTIONS" -d1s "http://$HOST:$PORT/" >/dev/null 2>&1 || true
-    kill_test idle
-    kill_test load
+    for ((k = 1; k <= KILLS; k++)); do kill_test idle $k; done
+    for ((k = 1; k <= KILLS; k++)); do kill_test load $k; done
     if has_rollout "$CONFIG"; then
       restarts ka
       restarts nc
