@@ -93,7 +93,7 @@ bench_tools
 cat "$RESULTS/env.txt" >&2
 
 # --- the configurations ------------------------------------------------------------------
-# Each configuration runs the app through a symlink of its own, $TMP/<config>/app.js, pointing
+# Each configuration runs the app through a symlink of its own, $TMP/app-<config>/app.js, pointing
 # at naive.js. The never-listening rollout points it at never-listens.js, so the next worker
 # any manager starts (ustad's SIGHUP, `pm2 reload`, the Node primary's fork) runs the broken
 # release: Node resolves the symlink when a process loads it.
@@ -106,8 +106,8 @@ start_config() { # NAME INDEX
   local name=$1 logfile=$RESULTS/raw/$1.log
   PORT=$((PORT_BASE + $2))
   SERVER="" PARENT=""
-  APPLINK=$TMP/$name/app.js
-  mkdir -p "$TMP/$name"
+  APPLINK=$TMP/app-$name/app.js
+  mkdir -p "$TMP/app-$name"
   ln -sfn "$NAIVE" "$APPLINK"
   echo "--- run $RUN" >>"$logfile"
   case $name in
