@@ -179,6 +179,19 @@ oldest_worker() { # print the pid of the worker that has been up longest (not us
 
 age_of() { ps -o etimes= -p "$1" 2>/dev/null | tr -d ' ' || echo 0; }
 
+workers() { # print the manager's worker pids (not ustad's guard), space-separated
+  ps -o pid=,comm= --ppid "$PARENT" | awk '$2 != "ustad-guard" {printf "%s ", $1}'
+}
+
+replaced() { # BEFORE AFTER: true when AFTER is WORKERS pids, none of them in BEFORE
+  local pid n=0
+  for pid in $2; do
+    [[ " $1 " == *" $pid "* ]] && return 1
+    n=$((n + 1))
+  done
+  ((n == WORKERS))
+}
+
 # --- measurements ------------------------------------------------------------------------
 record() { printf '%s\t%s\t%s\t%s\n' "$RUN" "$CONFIG" "$1" "$2" >>"$TSV"; }
 
@@ -261,11 +274,16 @@ analyse() { # PREFIX OUT FROM_MS TO_MS: record the timeline's figures for the wi
   done
 }
 
+# A rollout is done when, by the time the next one starts, both workers are new: the workers
+# are listed before the first restart and at the end of each gap. (Which pids answered is no
+# proof: under keep-alive load a short-lived worker may get no connection at all.)
 restarts() { # MODE(ka|nc): RELOADS rolling restarts RELOAD_GAP s apart, under load
   local mode=$1 out=$RESULTS/raw/run$RUN-$CONFIG-restarts-$1.txt i t0 t_first took longest=0 before
+  local previous current done=0
   before=$(wait_quiet)
   load 120 "$mode" "$out"
   sleep 1.3 # a steady second before the first restart
+  previous=$(workers)
   t_first=$(now_ms)
   for ((i = 1; i <= RELOADS; i++)); do
     t0=$(now_ms)
@@ -273,11 +291,16 @@ restarts() { # MODE(ka|nc): RELOADS rolling restarts RELOAD_GAP s apart, under l
     took=$(($(now_ms) - t0))
     ((took > longest)) && longest=$took
     sleep_until_ms $((t0 + (took > RELOAD_GAP * 1000 ? took : RELOAD_GAP * 1000)))
+    current=$(workers)
+    echo "ROLLOUT $i workers before: $previous after: $current" >>"$out.rollouts"
+    replaced "$previous" "$current" && done=$((done + 1))
+    previous=$current
   done
   local t_end
   t_end=$(now_ms)
   end_load
   analyse "restart_$mode" "$out" "$t_first" "$t_end"
+  record "restart_${mode}_rollouts" "$done"
   record reload_cmd_ms "$longest"
   noise "restart_$mode" "$before"
 }
