@@ -29,14 +29,17 @@
 #                       manager counts its death as a failed start (ustad's min-uptime is 5 s,
 #                       PM2's 1 s)
 #   CONNECTIONS=64 THREADS=2   wrk's -c and -t
-#   QUIET=15 QUIET_WAIT=10     a load run starts once the machine's CPU is at most QUIET % busy
-#                       (waiting at most QUIET_WAIT s); busier runs are flagged, not repeated
+#   QUIET=15 QUIET_WAIT=10 QUIET_BUDGET=120   a load run starts once the machine's CPU is at
+#                       most QUIET % busy, waiting at most QUIET_WAIT s, and at most QUIET_BUDGET s
+#                       in the whole run (so a busy machine cannot stretch it past ~14 minutes);
+#                       busier runs are flagged, not repeated
 #   USTAD_READY=        empty: ustad's defaults (no --ready flag); else passed as --ready, e.g.
 #                       `none` (ustad's old default, the "before" numbers) or `delay:300ms`
 #   PM2_ARGS=           more flags for `pm2 start` (e.g. `--listen-timeout 10000`); none by default
 #   CONFIGS="launcher node-rr pm2 ustad"   a subset, in order; node-none (Node's cluster with
 #                       SCHED_POLICY=none) is available too
-#   PORT_BASE=18180     configuration i listens on 127.0.0.1:PORT_BASE+i
+#   PORT_BASE=18280     configuration i listens on 127.0.0.1:PORT_BASE+i, or 10, 20, … higher
+#                       when another process holds that port (the machine is shared)
 #   USTAD=path          a prebuilt ustad (default: cargo build --release, then a copy of it)
 #   PM2=path            an installed pm2 (default: npm install pm2 into a temp dir)
 #   RESULTS=dir         where raw results go (default bench/results/naive-<timestamp>)
@@ -63,10 +66,11 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 QUIET=${QUIET:-15}
 QUIET_WAIT=${QUIET_WAIT:-10}
+QUIET_BUDGET=${QUIET_BUDGET:-120}
 USTAD_READY=${USTAD_READY-}
 PM2_ARGS=${PM2_ARGS-}
 CONFIGS=${CONFIGS:-launcher node-rr pm2 ustad}
-PORT_BASE=${PORT_BASE:-18180}
+PORT_BASE=${PORT_BASE:-18280}
 HOST=127.0.0.1
 WORKERS=2
 RESULTS=${RESULTS:-$BENCH/results/naive-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -85,7 +89,7 @@ bench_tools
 
 {
   bench_versions
-  echo "settings: RUNS=$RUNS DURATION=$DURATION KILLS=$KILLS RELOADS=$RELOADS RELOAD_GAP=$RELOAD_GAP NEVER_WATCH=$NEVER_WATCH GRACE=$GRACE MIN_AGE=$MIN_AGE CONNECTIONS=$CONNECTIONS THREADS=$THREADS QUIET=$QUIET QUIET_WAIT=$QUIET_WAIT"
+  echo "settings: RUNS=$RUNS DURATION=$DURATION KILLS=$KILLS RELOADS=$RELOADS RELOAD_GAP=$RELOAD_GAP NEVER_WATCH=$NEVER_WATCH GRACE=$GRACE MIN_AGE=$MIN_AGE CONNECTIONS=$CONNECTIONS THREADS=$THREADS QUIET=$QUIET QUIET_WAIT=$QUIET_WAIT QUIET_BUDGET=$QUIET_BUDGET"
   echo "ustad ready: ${USTAD_READY:-(default: no --ready flag)}"
   echo "pm2 args: ${PM2_ARGS:-(none)}"
   echo "configs: $CONFIGS"
@@ -102,9 +106,23 @@ PARENT=""  # the process whose children the workers are
 PORT=""
 APPLINK=""
 
+port_taken() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
+
+ours() { # true when the server on PORT answers, from one of our manager's workers
+  local pid
+  pid=$(curl -s -o /dev/null -D - --max-time 2 "http://$HOST:$PORT/" |
+    tr -d '\r' | awk -F': ' 'tolower($1) == "x-worker-pid" {print $2}') || return 1
+  [[ -n $pid && " $(workers) " == *" $pid "* ]]
+}
+
 start_config() { # NAME INDEX
-  local name=$1 logfile=$RESULTS/raw/$1.log
+  local name=$1 logfile=$RESULTS/raw/$1.log tries=0
   PORT=$((PORT_BASE + $2))
+  while port_taken "$PORT"; do
+    ((++tries < 10)) || die "ports $((PORT_BASE + $2)) to $PORT are all in use: set PORT_BASE"
+    log "port $PORT is in use by another process: $name takes $((PORT + 10))"
+    PORT=$((PORT + 10))
+  done
   SERVER="" PARENT=""
   APPLINK=$TMP/app-$name/app.js
   mkdir -p "$TMP/app-$name"
@@ -135,7 +153,8 @@ start_config() { # NAME INDEX
   esac
   [[ -n $PARENT ]] || PARENT=$SERVER
   local deadline=$((SECONDS + 20))
-  until curl -s -o /dev/null --max-time 2 "http://$HOST:$PORT/"; do
+  until ours; do
+    alive "$PARENT" || die "$name exited at start (see $logfile)"
     ((SECONDS < deadline)) || die "$name does not answer on $HOST:$PORT (see $logfile)"
     sleep 0.1
   done
@@ -173,14 +192,14 @@ reload() { # NAME: one rolling restart, the way each manager is told to do one (
 }
 
 oldest_worker() { # print the pid of the worker that has been up longest (not ustad's guard)
-  ps -o pid=,etimes=,comm= --ppid "$PARENT" |
+  { ps -o pid=,etimes=,comm= --ppid "$PARENT" || true; } |
     awk '$3 != "ustad-guard" {print $2, $1}' | sort -k1,1nr -k2,2n | awk 'NR == 1 {print $2}'
 }
 
 age_of() { ps -o etimes= -p "$1" 2>/dev/null | tr -d ' ' || echo 0; }
 
 workers() { # print the manager's worker pids (not ustad's guard), space-separated
-  ps -o pid=,comm= --ppid "$PARENT" | awk '$2 != "ustad-guard" {printf "%s ", $1}'
+  { ps -o pid=,comm= --ppid "$PARENT" || true; } | awk '$2 != "ustad-guard" {printf "%s ", $1}'
 }
 
 replaced() { # BEFORE AFTER: true when AFTER is WORKERS pids, none of them in BEFORE
@@ -223,6 +242,16 @@ end_load() { # let the requests in flight finish (GRACE s, nothing more is sent)
   LOAD_PID=""
 }
 
+QUIET_SPENT=0
+BUSY=0
+quiet() { # wait_quiet (lib.sh) within what is left of QUIET_BUDGET; sets BUSY, the busy %
+  # (not a $(…) function: the time spent must be counted in this shell)
+  local started=$SECONDS left=$((QUIET_BUDGET - QUIET_SPENT))
+  ((left > 0)) || left=0
+  BUSY=$(QUIET_WAIT=$((QUIET_WAIT < left ? QUIET_WAIT : left)) wait_quiet)
+  QUIET_SPENT=$((QUIET_SPENT + SECONDS - started))
+}
+
 noise() { # PREFIX BEFORE: record how busy the machine was before and right after a load run
   local after
   after=$(busy_pct)
@@ -242,10 +271,10 @@ kill_test() { # MODE(idle|load) N: SIGKILL the oldest worker; time until a new o
   local mode=$1 out=$RESULTS/raw/run$RUN-$CONFIG-kill-$1-$2.txt wrk_out victim line before t0
   wrk_out=${out%.txt}-wrk.txt
   victim=$(oldest_worker)
-  [[ -n $victim ]] || die "$CONFIG: no worker to kill"
+  [[ -n $victim ]] || die "$CONFIG: no worker to kill (did the manager exit? see raw/$CONFIG.log)"
   while (($(age_of "$victim") < MIN_AGE)); do sleep 0.2; done
   if [[ $mode == load ]]; then
-    before=$(wait_quiet)
+    quiet; before=$BUSY
     load $((DURATION + 30)) nc "$wrk_out"
     t0=$(now_ms)
     sleep 1
@@ -280,7 +309,7 @@ analyse() { # PREFIX OUT FROM_MS TO_MS: record the timeline's figures for the wi
 restarts() { # MODE(ka|nc): RELOADS rolling restarts RELOAD_GAP s apart, under load
   local mode=$1 out=$RESULTS/raw/run$RUN-$CONFIG-restarts-$1.txt i t0 t_first took longest=0 before
   local previous current done=0
-  before=$(wait_quiet)
+  quiet; before=$BUSY
   load 120 "$mode" "$out"
   sleep 1.3 # a steady second before the first restart
   previous=$(workers)
@@ -307,7 +336,7 @@ restarts() { # MODE(ka|nc): RELOADS rolling restarts RELOAD_GAP s apart, under l
 
 never_listening() { # the rollout to a release that never listens, under new-connection load
   local out=$RESULTS/raw/run$RUN-$CONFIG-never.txt t_first took t_end before
-  before=$(wait_quiet)
+  quiet; before=$BUSY
   load 120 nc "$out"
   sleep 1.3
   # The switch comes right before the rollout, so that only the rollout starts the broken
