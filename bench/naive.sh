@@ -18,7 +18,7 @@
 #   DURATION=4          seconds of the new-connection load a worker is killed in (1 s in)
 #   KILLS=2             kill -9 measurements per run, idle and under load each (the oldest
 #                       worker each time); a run's value is their median
-#   RELOADS=3 RELOAD_GAP=2   rolling restarts per load run, and the seconds between their starts
+#   RELOADS=3 RELOAD_GAP=3   rolling restarts per load run, and the seconds between their starts
 #                       (the next starts when a blocking `pm2 reload` has returned, if later)
 #   NEVER_WATCH=8       seconds watched after the rollout to the never-listening release starts
 #                       (and at least 2 s after `pm2 reload` returns); PM2 gives up waiting for
@@ -58,7 +58,7 @@ RUNS=${RUNS:-3}
 DURATION=${DURATION:-4}; DURATION=${DURATION%s}
 KILLS=${KILLS:-2}
 RELOADS=${RELOADS:-3}
-RELOAD_GAP=${RELOAD_GAP:-2}
+RELOAD_GAP=${RELOAD_GAP:-3}
 NEVER_WATCH=${NEVER_WATCH:-8}
 GRACE=${GRACE:-1}
 MIN_AGE=${MIN_AGE:-6}
