@@ -74,6 +74,8 @@ PORT_BASE=${PORT_BASE:-18280}
 HOST=127.0.0.1
 WORKERS=2
 RESULTS=${RESULTS:-$BENCH/results/naive-$(date -u +%Y%m%dT%H%M%SZ)}
+ms() { awk "BEGIN {print int($1 * 1000)}"; } # seconds, maybe fractional, in whole ms
+DURATION_MS=$(ms "$DURATION") GAP_MS=$(ms "$RELOAD_GAP") WATCH_MS=$(ms "$NEVER_WATCH")
 
 mkdir -p "$RESULTS/raw"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ustad-naive.XXXXXX")
@@ -275,7 +277,7 @@ kill_test() { # MODE(idle|load) N: SIGKILL the oldest worker; time until a new o
   while (($(age_of "$victim") < MIN_AGE)); do sleep 0.2; done
   if [[ $mode == load ]]; then
     quiet; before=$BUSY
-    load $((DURATION + 30)) nc "$wrk_out"
+    load $((DURATION_MS / 1000 + 30)) nc "$wrk_out"
     t0=$(now_ms)
     sleep 1
   fi
@@ -286,7 +288,7 @@ kill_test() { # MODE(idle|load) N: SIGKILL the oldest worker; time until a new o
   record "kill_${mode}_spawn_ms" "$(value "$line" spawn_ms)"
   record "kill_${mode}_answer_ms" "$(value "$line" answer_ms)"
   if [[ $mode == load ]]; then
-    sleep_until_ms $((t0 + DURATION * 1000))
+    sleep_until_ms $((t0 + DURATION_MS))
     end_load
     record kill_load_failed "$(value "$(grep -m1 '^TIMELINE' "$wrk_out" || echo)" failed)"
     noise kill_load "$before"
@@ -308,7 +310,7 @@ analyse() { # PREFIX OUT FROM_MS TO_MS: record the timeline's figures for the wi
 # proof: under keep-alive load a short-lived worker may get no connection at all.)
 restarts() { # MODE(ka|nc): RELOADS rolling restarts RELOAD_GAP s apart, under load
   local mode=$1 out=$RESULTS/raw/run$RUN-$CONFIG-restarts-$1.txt i t0 t_first took longest=0 before
-  local previous current done=0
+  local previous current complete=0
   quiet; before=$BUSY
   load 120 "$mode" "$out"
   sleep 1.3 # a steady second before the first restart
@@ -319,17 +321,17 @@ restarts() { # MODE(ka|nc): RELOADS rolling restarts RELOAD_GAP s apart, under l
     reload "$CONFIG"
     took=$(($(now_ms) - t0))
     ((took > longest)) && longest=$took
-    sleep_until_ms $((t0 + (took > RELOAD_GAP * 1000 ? took : RELOAD_GAP * 1000)))
+    sleep_until_ms $((t0 + (took > GAP_MS ? took : GAP_MS)))
     current=$(workers)
     echo "ROLLOUT $i workers before: $previous after: $current" >>"$out.rollouts"
-    replaced "$previous" "$current" && done=$((done + 1))
+    replaced "$previous" "$current" && complete=$((complete + 1))
     previous=$current
   done
   local t_end
   t_end=$(now_ms)
   end_load
   analyse "restart_$mode" "$out" "$t_first" "$t_end"
-  record "restart_${mode}_rollouts" "$done"
+  record "restart_${mode}_rollouts" "$complete"
   record reload_cmd_ms "$longest"
   noise "restart_$mode" "$before"
 }
@@ -348,7 +350,7 @@ never_listening() { # the rollout to a release that never listens, under new-con
   took=$(($(now_ms) - t_first))
   record never_reload_cmd_ms "$took"
   # Watch NEVER_WATCH s from the start, and at least 2 s after the reload command returned.
-  sleep_until_ms $((t_first + (NEVER_WATCH * 1000 > took + 2000 ? NEVER_WATCH * 1000 : took + 2000)))
+  sleep_until_ms $((t_first + (WATCH_MS > took + 2000 ? WATCH_MS : took + 2000)))
   t_end=$(now_ms)
   end_load
   analyse never "$out" "$t_first" "$t_end"
