@@ -9,8 +9,8 @@
 #     failed requests, and whether the service still answers.
 # See docs/benchmarks.md ("Unmodified apps") for what is measured, why, and a real run.
 #
-#   bash bench/naive.sh                        # ~10 minutes with the defaults
-#   RUNS=1 DURATION=2 bash bench/naive.sh      # a quick look, ~3 minutes
+#   bash bench/naive.sh                        # ~13 minutes with the defaults
+#   RUNS=1 DURATION=2 bash bench/naive.sh      # a quick look, ~4 minutes
 #
 # Knobs (environment variables):
 #   RUNS=3              runs; every run measures every configuration once, in turn, so drift
