@@ -9,8 +9,8 @@
 #     failed requests, and whether the service still answers.
 # See docs/benchmarks.md ("Unmodified apps") for what is measured, why, and a real run.
 #
-#   bash bench/naive.sh                        # ~13 minutes with the defaults
-#   RUNS=1 DURATION=2 bash bench/naive.sh      # a quick look, ~4 minutes
+#   bash bench/naive.sh                        # 11-14 minutes with the defaults
+#   RUNS=1 DURATION=2 bash bench/naive.sh      # a quick look, 4-6 minutes
 #
 # Knobs (environment variables):
 #   RUNS=3              runs; every run measures every configuration once, in turn, so drift
