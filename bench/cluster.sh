@@ -63,100 +63,13 @@ COMMANDS=$RESULTS/commands.txt
 : >"$TSV"
 : >"$COMMANDS"
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# --- processes ---------------------------------------------------------------------------
-# Every server is started with setsid, so its pid is also its process group: cleanup can end
-# the group (a launcher's children included) by that id.
-STARTED=()     # pids (= process groups) of servers still running
-PM2_DAEMON=""  # pid of PM2's God Daemon while it runs
-LOAD_PID=""    # a wrk in the background
-
-alive() { # PID: running and not a zombie
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [[ ${stat%% *} != Z ]]
-}
-
-wait_gone() { # PID SECONDS: true when PID has exited within SECONDS
-  local deadline=$((SECONDS + $2))
-  while alive "$1"; do
-    ((SECONDS < deadline)) || return 1
-    sleep 0.1
-  done
-}
-
-forget() { # PID: drop from STARTED and reap
-  local pid=$1 rest=() p
-  for p in "${STARTED[@]}"; do [[ $p == "$pid" ]] || rest+=("$p"); done
-  STARTED=("${rest[@]}")
-  wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-  local status=$? pid
-  trap - EXIT INT TERM
-  set +e
-  # `timeout` puts itself and its wrk in a process group of their own.
-  if [[ -n $LOAD_PID ]] && alive "$LOAD_PID"; then kill -TERM -- "-$LOAD_PID" 2>/dev/null; fi
-  if [[ -n $PM2_DAEMON ]]; then
-    PM2_HOME=$TMP/pm2-home "$PM2" kill >/dev/null 2>&1 || true
-    wait_gone "$PM2_DAEMON" 5 || kill -KILL "$PM2_DAEMON" 2>/dev/null || true
-  fi
-  for pid in "${STARTED[@]}"; do
-    alive "$pid" && kill -TERM -- "-$pid" 2>/dev/null
-  done
-  for pid in "${STARTED[@]}"; do
-    wait_gone "$pid" 15 || kill -KILL -- "-$pid" 2>/dev/null || true
-  done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-RUN=0
-say() { # the exact commands, printed in the first run, all logged in commands.txt
-  printf '%s\n' "$*" >>"$COMMANDS"
-  if ((RUN <= 1)); then printf '  $ %s\n' "$*" >&2; fi
-}
-
-# --- setup -------------------------------------------------------------------------------
-command -v node >/dev/null || die "node is needed"
-command -v python3 >/dev/null || die "python3 is needed"
-command -v curl >/dev/null || die "curl is needed"
-if ! command -v wrk >/dev/null; then
-  log "installing wrk from Debian packages"
-  sudo=""; ((EUID == 0)) || sudo=sudo
-  $sudo apt-get update -qq && $sudo apt-get install -y -qq wrk >/dev/null
-fi
-
-if [[ -z ${USTAD:-} ]]; then
-  log "building ustad (cargo build --release)"
-  (cd "$ROOT" && cargo build --release --quiet)
-  # A copy, so that a rebuild in the work tree during the run changes nothing.
-  cp "$ROOT/target/release/ustad" "$TMP/ustad"
-  USTAD=$TMP/ustad
-fi
-if [[ -z ${PM2:-} ]]; then
-  log "installing pm2 with npm into $TMP/pm2"
-  npm install --prefix "$TMP/pm2" --no-audit --no-fund --loglevel=error pm2 >/dev/null
-  PM2=$TMP/pm2/node_modules/.bin/pm2
-fi
-PM2_VERSION=$(node -p "require('$(dirname "$(readlink -f "$PM2")")/../package.json').version")
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
+bench_traps
+bench_tools
 
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
-  echo "node: $(node --version)"
-  echo "pm2: $PM2_VERSION"
-  echo "wrk: $(wrk -v 2>&1 | head -1 | cut -d' ' -f2)"
-  echo "rustc: $(rustc --version 2>/dev/null || echo '?')"
-  echo "ustad: $("$USTAD" --version) ($(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?'))"
+  bench_versions
   echo "settings: RUNS=$RUNS DURATION=$DURATION QUIET=$QUIET QUIET_WAIT=$QUIET_WAIT BALANCE_DURATION=$BALANCE_DURATION CONNECTIONS=$CONNECTIONS THREADS=$THREADS RELOADS=$RELOADS RELOAD_GAP=$RELOAD_GAP READY=$READY KILL_TEST=$KILL_TEST"
   echo "configs: $CONFIGS"
   echo "app drain: ${DRAIN:-graceful}"
@@ -169,15 +82,6 @@ MANAGER=""  # the pid whose RSS is the manager's, empty without a manager
 PORT=""
 
 is_manager() { [[ $1 != bare && $1 != limit && $1 != limit-rust ]]; }
-
-start_server() { # LOG COMMAND...: start in the background, in its own process group
-  local logfile=$1
-  shift
-  say "$*"
-  setsid "$@" >>"$logfile" 2>&1 &
-  SERVER=$!
-  STARTED+=("$SERVER")
-}
 
 start_config() { # NAME INDEX
   local name=$1 logfile=$RESULTS/raw/$1.log
@@ -300,8 +204,6 @@ wrk_cmd() { # SECONDS MODE(ka|nc) COUNT(0|1) URL: the wrk command line
   if [[ $3 == 1 ]]; then WRK=(env COUNT_PIDS=1 "${args[@]}"); else WRK=("${args[@]}"); fi
 }
 
-quote() { local a out=""; for a in "$@"; do [[ $a == *" "* ]] && a="'$a'"; out+="$a "; done; echo "${out% }"; }
-
 load() { # SECONDS MODE COUNT OUT: a bounded wrk run in the background; sets LOAD_PID
   wrk_cmd "$1" "$2" "$3" "http://$HOST:$PORT/"
   say "$(quote "${WRK[@]}")"
@@ -311,33 +213,9 @@ load() { # SECONDS MODE COUNT OUT: a bounded wrk run in the background; sets LOA
 
 finish_load() { wait "$LOAD_PID" || log "wrk exited with $? (see the raw file)"; LOAD_PID=""; }
 
-# The machine is shared: a build that starts next to a throughput measurement halves it. So
-# each one waits for a quiet machine (at most QUIET_WAIT s), and is repeated (at most 3 tries)
-# when the machine was busy right before or right after it; what stays noisy is flagged.
-cpu_sample() { # busy and idle jiffies of the whole machine so far
-  local cpu user nice sys idle iowait irq softirq steal rest
-  read -r cpu user nice sys idle iowait irq softirq steal rest </proc/stat
-  echo "$((user + nice + sys + irq + softirq + steal)) $((idle + iowait))"
-}
-
-busy_pct() { # percentage of the machine's CPU time in use over half a second
-  local b1 i1 b2 i2
-  read -r b1 i1 <<<"$(cpu_sample)"
-  sleep 0.5
-  read -r b2 i2 <<<"$(cpu_sample)"
-  echo $((100 * (b2 - b1) / (b2 - b1 + i2 - i1 + 1)))
-}
-
-wait_quiet() { # print the busy percentage once it is at most QUIET, or after QUIET_WAIT s
-  local deadline=$((SECONDS + QUIET_WAIT)) busy
-  busy=$(busy_pct)
-  while ((busy > QUIET && SECONDS < deadline)); do
-    sleep 1
-    busy=$(busy_pct)
-  done
-  echo "$busy"
-}
-
+# A throughput measurement waits for a quiet machine (wait_quiet, lib.sh) and is repeated (at
+# most 3 tries) when the machine was busy right before or right after it; what stays noisy is
+# flagged.
 cpu_ticks() { # PID: the user + system CPU time it has used, in clock ticks
   [[ -n $1 ]] || { echo 0; return; }
   local stat

@@ -3,7 +3,10 @@
 command with it as fd 3 (systemd socket activation: LISTEN_FDS=1, LISTEN_PID = the copy's own
 pid), then only wait. Nothing supervises, restarts or balances anything.
 
-    launch.py HOST:PORT N COMMAND [ARG...]
+    launch.py [--restart] HOST:PORT N COMMAND [ARG...]
+
+With --restart (bench/naive.sh), a copy that exits is started again at once, with no delay and
+no readiness check: the fastest replacement there can be, which managers are compared with.
 
 SIGTERM and SIGINT are passed on to the copies; it exits when they all have.
 """
@@ -16,10 +19,14 @@ import sys
 
 
 def main() -> int:
-    if len(sys.argv) < 4:
+    args = sys.argv[1:]
+    restart = bool(args) and args[0] == "--restart"
+    if restart:
+        args = args[1:]
+    if len(args) < 3:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    address, count, command = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    address, count, command = args[0], int(args[1]), args[2:]
     host, port = address.rsplit(":", 1)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -33,16 +40,34 @@ def main() -> int:
     env.pop("LISTEN_PID", None)
     # `exec` keeps the shell's pid, so $$ is the pid of the command itself.
     wrapper = ["sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', "sh", *command]
-    children = [subprocess.Popen(wrapper, pass_fds=(3,), env=env) for _ in range(count)]
+    start = lambda: subprocess.Popen(wrapper, pass_fds=(3,), env=env)
+    children = [start() for _ in range(count)]
+    stopping = False
 
     def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return max(child.wait() for child in children)
+    if not restart:
+        return max(child.wait() for child in children)
+    status = 0
+    while any(child.returncode is None for child in children):
+        try:
+            pid, raw = os.wait()  # retried after a signal handler has run (PEP 475)
+        except ChildProcessError:  # forward() reaped the last ones
+            break
+        for i, child in enumerate(children):
+            if child.pid == pid:
+                child.returncode = os.waitstatus_to_exitcode(raw)
+                status = max(status, child.returncode)
+                if not stopping:
+                    children[i] = start()
+    return status
 
 
 if __name__ == "__main__":

@@ -1,21 +1,25 @@
 'use strict';
-// Node's own cluster module running bench/node/app.js, as its documentation and most guides
-// do it: WORKERS workers (default 2) share the app's HOST:PORT through the primary, with the
-// scheduling policy of NODE_CLUSTER_SCHED_POLICY (`rr`, the default on Linux, or `none`).
+// Node's own cluster module running bench/node/app.js (or the file APP names: bench/naive.sh
+// runs naive.js), as its documentation and most guides do it: WORKERS workers (default 2) share
+// the app's HOST:PORT through the primary, with the scheduling policy of
+// NODE_CLUSTER_SCHED_POLICY (`rr`, the default on Linux, or `none`).
 //
 // SIGHUP: the usual rolling restart, one worker at a time: fork a replacement, wait for its
 // 'listening', then stop the old worker (SIGTERM: app.js drains, as it does under ustad and
 // PM2; SIGKILL after KILL_TIMEOUT_MS) and wait for its exit before the next one. A SIGHUP
-// during a restart queues one more.
+// during a restart queues one more. A replacement that never listens stalls the restart there,
+// its predecessor still serving: there is no listen timeout (PM2 has one, 3 s by default).
 // SIGTERM, SIGINT: stop every worker the same way, then exit.
-// A worker that dies on its own is replaced after a second.
+// A worker that dies on its own is replaced after RESTART_DELAY_MS (default 1000, as ustad's
+// restart delay; bench/naive.sh uses 0, as the guides' `cluster.on('exit', () => fork())`).
 const cluster = require('node:cluster');
 const path = require('node:path');
 
 const WORKERS = Number(process.env.WORKERS || 2);
 const KILL_TIMEOUT_MS = Number(process.env.KILL_TIMEOUT_MS || 30000);
+const RESTART_DELAY_MS = Number(process.env.RESTART_DELAY_MS ?? 1000);
 
-cluster.setupPrimary({ exec: path.join(__dirname, 'app.js') });
+cluster.setupPrimary({ exec: process.env.APP || path.join(__dirname, 'app.js') });
 
 const retiring = new Set();
 let stopping = false;
@@ -25,7 +29,7 @@ let restartQueued = false;
 function fork() {
   const worker = cluster.fork();
   worker.on('exit', () => {
-    if (!retiring.delete(worker) && !stopping) setTimeout(fork, 1000);
+    if (!retiring.delete(worker) && !stopping) setTimeout(fork, RESTART_DELAY_MS);
   });
   return worker;
 }
