@@ -404,9 +404,9 @@ mod tests {
 
     #[test]
     fn bad_flag_values_name_the_flag() {
-        let error = parse(&["ustad", "run", "-w", "0"]).unwrap_err();
+        let error = parse(&["ustad", "run", "-w", "many"]).unwrap_err();
         assert!(
-            error.message.contains("--workers") && error.message.contains("at least 1"),
+            error.message.contains("--workers") && error.message.contains("invalid size"),
             "{}",
             error.message
         );

@@ -55,9 +55,9 @@ const BAD_CONFIGS: &[(&str, &str, &str)] = &[
         "ustad.toml:2:11: the command is empty",
     ),
     (
-        "size 0",
-        "[pools.web]\ncommand = [\"x\"]\nsize = 0\n",
-        "ustad.toml:3:8: size must be at least 1",
+        "negative size",
+        "[pools.web]\ncommand = [\"x\"]\nsize = -1\n",
+        "ustad.toml:3:8: size must be 0 or more",
     ),
     (
         "duplicate listen address",
@@ -104,7 +104,7 @@ fn check_accepts_a_good_config_and_summarises_it() {
 fn bad_flags_exit_2_and_name_the_flag() {
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["run", "-w", "0", "--", "sh"], "--workers"),
+        (&["run", "-w", "many", "--", "sh"], "--workers"),
         (
             &["run", "-l", "localhost:80", "--", "sh"],
             "--listen localhost:80",

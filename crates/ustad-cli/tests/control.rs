@@ -111,9 +111,9 @@ fn scale_grows_and_shrinks_a_pool_from_the_highest_slot() {
     assert!(stopped.contains(&1));
     assert_eq!(pid(&added) as u64, stopped_pid(&run, 2));
     assert_eq!(worker_pids(&status_json(&run), "app").len(), 1);
-    let refused = run.client(&["scale", "app", "-1"]);
+    let refused = run.client(&["scale", "app", "-2"]);
     assert_eq!(refused.code, Some(1));
-    assert!(refused.stderr.contains("cannot shrink"), "{refused:?}");
+    assert!(refused.stderr.contains("cannot shrink by 2"), "{refused:?}");
     let unknown = run.client(&["scale", "nope", "3"]);
     assert_eq!(unknown.code, Some(1));
     assert!(

@@ -2,6 +2,7 @@
 //! 127.0.0.1, real signals. Every process a test starts is killed when the test ends (the
 //! testkit's guards kill whole process groups), and every wait is bounded.
 
+mod after;
 mod compat;
 mod config;
 mod control;

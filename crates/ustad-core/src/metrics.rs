@@ -585,6 +585,8 @@ mod tests {
                         worker(4, 1, WorkerState::Ready),
                     ],
                     waiting: Vec::new(),
+                    waiting_for: Vec::new(),
+                    done: false,
                 },
                 PoolStatus {
                     name: "jobs".to_owned(),
@@ -601,6 +603,8 @@ mod tests {
                         stopped: false,
                         last_exit: None,
                     }],
+                    waiting_for: Vec::new(),
+                    done: false,
                 },
             ],
         }

@@ -328,6 +328,8 @@ mod tests {
             restarts: BTreeMap::new(),
             workers: Vec::new(),
             waiting: Vec::new(),
+            waiting_for: Vec::new(),
+            done: false,
         }
     }
 

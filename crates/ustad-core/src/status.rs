@@ -56,6 +56,12 @@ pub struct PoolStatus {
     /// by an operator.
     #[serde(default)]
     pub waiting: Vec<WaitingSlot>,
+    /// The pools it waits for before it starts (`after`), while it does.
+    #[serde(default)]
+    pub waiting_for: Vec<String>,
+    /// A `oneshot` pool whose every worker exited 0.
+    #[serde(default)]
+    pub done: bool,
 }
 
 /// An empty slot: waiting before its next attempt, or emptied by an operator.

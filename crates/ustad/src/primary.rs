@@ -48,18 +48,14 @@ enum Setting {
     MaxUnavailable(Budget),
     User(String),
     Group(String),
+    After(Vec<String>),
+    Oneshot,
 }
 
 impl Pool {
-    /// A pool of `size` workers (at least 1).
+    /// A pool of `size` workers (0: defined, started later with `Cluster::scale`).
     pub fn new(size: usize) -> Pool {
-        let (size, errors) = match Size::fixed(size) {
-            Some(size) => (size, Vec::new()),
-            None => (
-                Size::Auto,
-                vec!["size must be at least 1 (leave the pool out to run no workers)".to_owned()],
-            ),
-        };
+        let (size, errors) = (Size::Fixed(size), Vec::new());
         Pool {
             size,
             sockets: Vec::new(),
@@ -137,6 +133,18 @@ impl Pool {
     /// of ustad: ready once seen waiting for connections on the pool's socket.
     pub fn ready(self, readiness: Readiness) -> Pool {
         self.with(Setting::Ready(readiness))
+    }
+
+    /// Starts this pool only once these pools are ready (every slot serving) or, for a
+    /// [`oneshot`](Pool::oneshot) pool, done; it is stopped before them, and rolls after them.
+    pub fn after<S: Into<String>>(self, pools: impl IntoIterator<Item = S>) -> Pool {
+        self.with(Setting::After(pools.into_iter().map(Into::into).collect()))
+    }
+
+    /// Its workers run to completion (a migration): done once every one exited 0, and never
+    /// restarted after that; one that fails is tried again, backing off.
+    pub fn oneshot(self) -> Pool {
+        self.with(Setting::Oneshot)
     }
 
     /// Runs the pool's workers as this user (a name or a uid), with its groups (Node's `uid`);
@@ -349,6 +357,8 @@ impl Primary {
                     Setting::Ready(readiness) => spec.ready = readiness,
                     Setting::MaxSurge(budget) => spec.max_surge = Some(budget),
                     Setting::User(user) => spec.user = Some(user),
+                    Setting::After(pools) => spec.after = pools,
+                    Setting::Oneshot => spec.oneshot = true,
                     Setting::Group(group) => spec.group = Some(group),
                     Setting::MaxUnavailable(budget) => spec.max_unavailable = Some(budget),
                 }
@@ -488,7 +498,7 @@ mod tests {
     #[test]
     fn mistakes_are_refused_together_each_naming_its_pool() {
         let error = Primary::new()
-            .pool("web", Pool::new(0).listen("nowhere"))
+            .pool("web", Pool::new(1).listen("nowhere"))
             .pool(
                 "jobs",
                 Pool::new(1).stop_signal("SIGNOPE").max_memory("lots"),
@@ -501,7 +511,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         for expected in [
-            "pool `web`: size must be at least 1",
             "pool `web`:",
             "pool `jobs`:",
             "SIGNOPE",

@@ -155,12 +155,6 @@ pub(crate) fn scale(target: &Target, pool: String, size: &str) -> ExitCode {
         }
     } else {
         match text.parse::<usize>() {
-            Ok(0) => {
-                return Failure::usage(
-                    "a pool cannot shrink to 0 workers (remove it from the config and reload)",
-                )
-                .report();
-            }
             Ok(n) => Request::Scale {
                 pool,
                 size: Some(n),

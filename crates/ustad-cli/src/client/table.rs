@@ -67,6 +67,12 @@ pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
     let mut states: Vec<Line> = Vec::new();
     for pool in &status.pools {
         let mut summary = format!("{}/{} ready", pool.ready, pool.size);
+        if pool.done {
+            summary = "done: every worker exited 0".to_owned();
+        }
+        if !pool.waiting_for.is_empty() {
+            let _ = write!(summary, ", waiting for {}", pool.waiting_for.join(", "));
+        }
         if let Some(rollout) = &pool.rollout {
             let _ = write!(
                 summary,
@@ -255,6 +261,8 @@ mod tests {
                         secs_ago: 1.0,
                     }),
                 }],
+                waiting_for: Vec::new(),
+                done: false,
             }],
         };
         let table = render(&status, false);

@@ -272,6 +272,13 @@ fn pool_line(pool: &PoolStatus) -> Line {
             "  size {}  generation {}",
             pool.size, pool.generation
         ));
+    if pool.done {
+        line.push("  done", Tone::Good);
+    }
+    if !pool.waiting_for.is_empty() {
+        let on: Vec<String> = pool.waiting_for.iter().map(|p| clean(p)).collect();
+        line.push(format!("  waiting for {}", on.join(", ")), Tone::Warn);
+    }
     if let Some(rollout) = &pool.rollout {
         line.push(
             format!(
@@ -586,6 +593,8 @@ mod tests {
             restarts: BTreeMap::from([("crash".to_owned(), 2), ("rollout".to_owned(), 1)]),
             workers: vec![worker(5, 0, WorkerState::Ready), old, web_1],
             waiting: Vec::new(),
+            waiting_for: Vec::new(),
+            done: false,
         };
         let jobs = PoolStatus {
             name: "jobs".into(),
@@ -596,6 +605,8 @@ mod tests {
             restarts: BTreeMap::new(),
             workers: vec![worker(6, 0, WorkerState::Starting)],
             waiting: Vec::new(),
+            waiting_for: Vec::new(),
+            done: false,
         };
         ClusterStatus {
             name: "shop".into(),

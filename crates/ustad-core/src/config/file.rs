@@ -63,6 +63,9 @@ struct RawPool {
     cwd: Option<PathBuf>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
+    #[serde(default)]
+    after: Vec<Spanned<String>>,
+    oneshot: Option<bool>,
     ttl: Option<Spanned<DurationValue>>,
     strict: Option<Spanned<bool>>,
     max_surge: Option<Spanned<Budget>>,
@@ -272,6 +275,11 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             spec.env.insert(key.into_inner(), value.0);
         }
         spec.cwd = pool.cwd.map(|cwd| base_dir.join(cwd));
+        for (index, dependency) in pool.after.iter().enumerate() {
+            spans.insert(Location::PoolAfter(name.clone(), index), dependency.span());
+        }
+        spec.after = pool.after.into_iter().map(Spanned::into_inner).collect();
+        spec.oneshot = pool.oneshot.unwrap_or(false);
         if let Some(user) = pool.user {
             spans.insert(field("user"), user.span());
             spec.user = Some(user.into_inner());
@@ -361,6 +369,7 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             "max_unavailable",
             "silent",
             "log_keep",
+            "after",
         ] {
             spans
                 .entry(Location::PoolField(name.clone(), field_name))
@@ -415,10 +424,10 @@ size = "auto"
 
     #[test]
     fn every_problem_of_a_file_is_reported_with_its_place() {
-        let text = "[pools.web]\ncommand = \"x\"\nsize = 0\nbogus = 1\n\n[pools.jobs]\ncommand = \"y\"\nready = \"sometimes\"\n[pools.cron]\ncommand = \"z\"\nttl = \"0s\"\n";
+        let text = "[pools.web]\ncommand = \"x\"\nsize = -3\nbogus = 1\n\n[pools.jobs]\ncommand = \"y\"\nready = \"sometimes\"\n[pools.cron]\ncommand = \"z\"\nttl = \"0s\"\n";
         let error = load(text).unwrap_err();
         assert!(
-            error.contains("ustad.toml:3:8: size must be at least 1"),
+            error.contains("ustad.toml:3:8: size must be 0 or more"),
             "{error}"
         );
         assert!(
@@ -512,9 +521,19 @@ size = "auto"
                 "blank command string",
             ),
             (
-                "[pools.web]\ncommand = [\"a\"]\nsize = 0\n",
-                "ustad.toml:3:8: size must be at least 1",
-                "size 0",
+                "[pools.web]\ncommand = [\"a\"]\nafter = [\"db\"]\n",
+                "ustad.toml:3:10: unknown pool `db` (defined pools: web)",
+                "unknown dependency",
+            ),
+            (
+                "[pools.a]\ncommand = [\"a\"]\nafter = [\"b\"]\n[pools.b]\ncommand = [\"b\"]\nafter = [\"a\"]\n",
+                "ustad.toml:1:8: pools wait for each other and none could start: a → b → a",
+                "dependency cycle",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\nsize = -1\n",
+                "ustad.toml:3:8: size must be 0 or more",
+                "negative size",
             ),
             (
                 "[pools.web]\ncommand = [\"a\"]\nsize = 4294967296\n",

@@ -95,6 +95,12 @@ pub struct PoolSpec {
     pub user: Option<String>,
     /// The group the workers run as (a name or a gid), instead of the user's own.
     pub group: Option<String>,
+    /// Pools this one waits for: it starts once each is ready (every slot serving) or, for a
+    /// `oneshot` pool, done; it stops before them.
+    pub after: Vec<String>,
+    /// Its workers run to completion (migrations, a build): done when every one exited 0,
+    /// never restarted after that; one that fails is tried again, backing off.
+    pub oneshot: bool,
     /// Recycle each worker after this long (±10% jitter), by rolling replacement.
     pub ttl: Option<Duration>,
     /// Never run more than `size` workers, even while replacing one (stop, then start): the
@@ -174,6 +180,8 @@ impl PoolSpec {
             cwd: None,
             user: None,
             group: None,
+            after: Vec::new(),
+            oneshot: false,
             ttl: None,
             strict: false,
             max_surge: None,
@@ -235,6 +243,8 @@ pub enum Location {
     PoolField(String, &'static str),
     /// The n-th entry of a pool's `sockets` list.
     PoolSocket(String, usize),
+    /// The n-th entry of a pool's `after` list.
+    PoolAfter(String, usize),
     /// One variable of a pool's `env`.
     PoolEnv(String, String),
 }
@@ -248,6 +258,7 @@ impl fmt::Display for Location {
             Location::Pool(name) => write!(f, "pool `{name}`"),
             Location::PoolField(name, field) => write!(f, "pool `{name}`, `{field}`"),
             Location::PoolSocket(name, index) => write!(f, "pool `{name}`, `sockets[{index}]`"),
+            Location::PoolAfter(name, index) => write!(f, "pool `{name}`, `after[{index}]`"),
             Location::PoolEnv(name, key) => write!(f, "pool `{name}`, env `{key}`"),
         }
     }
@@ -363,6 +374,30 @@ impl Config {
         for (name, pool) in &self.pools {
             if let Err(message) = check_name(name) {
                 problem(Location::Pool(name.clone()), message);
+            }
+            for (index, dependency) in pool.after.iter().enumerate() {
+                let at = Location::PoolAfter(name.clone(), index);
+                if dependency == name {
+                    problem(at, format!("pool `{name}` cannot wait for itself"));
+                } else if !self.pools.contains_key(dependency) {
+                    let names: Vec<&str> = self.pools.keys().map(String::as_str).collect();
+                    problem(
+                        at,
+                        format!(
+                            "unknown pool `{dependency}` (defined pools: {})",
+                            names.join(", ")
+                        ),
+                    );
+                }
+            }
+            if let Some(cycle) = self.cycle_from(name) {
+                problem(
+                    Location::PoolField(name.clone(), "after"),
+                    format!(
+                        "pools wait for each other and none could start: {}",
+                        cycle.join(" → ")
+                    ),
+                );
             }
             let max = value::max_workers();
             if pool.size.count() > max {
@@ -513,6 +548,38 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// A chain of `after` that leads from `start` back to it, if one does: `a → b → a`.
+    fn cycle_from(&self, start: &str) -> Option<Vec<String>> {
+        let mut path = vec![start.to_owned()];
+        let mut visited = std::collections::HashSet::new();
+        fn walk(
+            config: &Config,
+            start: &str,
+            path: &mut Vec<String>,
+            visited: &mut std::collections::HashSet<String>,
+        ) -> bool {
+            let current = path.last().cloned().unwrap_or_default();
+            let Some(pool) = config.pools.get(&current) else {
+                return false;
+            };
+            for next in &pool.after {
+                if next == start {
+                    path.push(next.clone());
+                    return true;
+                }
+                if next != &current && visited.insert(next.clone()) {
+                    path.push(next.clone());
+                    if walk(config, start, path, visited) {
+                        return true;
+                    }
+                    path.pop();
+                }
+            }
+            false
+        }
+        walk(self, start, &mut path, &mut visited).then_some(path)
     }
 
     /// Whether a pool runs as another user or group.

@@ -241,8 +241,8 @@ impl<'de> Deserialize<'de> for Budget {
 /// How many workers a pool runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Size {
-    /// Exactly this many.
-    Fixed(NonZeroUsize),
+    /// Exactly this many; 0 is a pool defined but not started (scale it up to start it).
+    Fixed(usize),
     /// One per core available to this process (`std::thread::available_parallelism`).
     Auto,
 }
@@ -251,14 +251,14 @@ impl Size {
     /// The number of workers this size means on this machine.
     pub fn count(self) -> usize {
         match self {
-            Size::Fixed(n) => n.get(),
+            Size::Fixed(n) => n,
             Size::Auto => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
         }
     }
 
-    /// A fixed size; `None` for zero.
+    /// A fixed size (0: defined, not started).
     pub fn fixed(n: usize) -> Option<Size> {
-        NonZeroUsize::new(n).map(Size::Fixed)
+        Some(Size::Fixed(n))
     }
 }
 
@@ -272,9 +272,9 @@ impl fmt::Display for Size {
 }
 
 fn size_from_int(n: i64) -> Result<Size, String> {
-    if n < 1 {
+    if n < 0 {
         return Err(format!(
-            "size must be at least 1 (got {n}); remove the pool to run no workers"
+            "size must be 0 or more (got {n}); 0 defines the pool without starting it"
         ));
     }
     usize::try_from(n)
@@ -293,7 +293,7 @@ impl FromStr for Size {
         match text.parse::<i64>() {
             Ok(n) => size_from_int(n),
             Err(_) => Err(format!(
-                "invalid size `{text}`: expected a number of workers (1 or more) or \"auto\""
+                "invalid size `{text}`: expected a number of workers (0 or more) or \"auto\""
             )),
         }
     }
@@ -749,11 +749,12 @@ mod tests {
     }
 
     #[test]
-    fn size_is_positive_or_auto() {
+    fn size_is_a_count_or_auto() {
         assert_eq!("4".parse::<Size>(), Ok(Size::fixed(4).unwrap()));
         assert_eq!("auto".parse::<Size>(), Ok(Size::Auto));
-        assert!("0".parse::<Size>().unwrap_err().contains("at least 1"));
-        assert!("-2".parse::<Size>().is_err());
+        // 0: defined, started later by scaling.
+        assert_eq!("0".parse::<Size>(), Ok(Size::Fixed(0)));
+        assert!("-2".parse::<Size>().unwrap_err().contains("0 or more"));
         assert!("lots".parse::<Size>().is_err());
         assert!(Size::Auto.count() >= 1);
     }

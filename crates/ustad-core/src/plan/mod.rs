@@ -154,6 +154,9 @@ struct Slot {
     last_exit: Option<LastExit>,
     /// An operator stopped its worker: it stays empty until its pool is restarted or scaled.
     parked: bool,
+    /// A `oneshot` pool's slot whose worker exited 0: the generation it ran. It is not run
+    /// again until a newer generation is wanted.
+    done: Option<u64>,
 }
 
 /// The part a worker plays in its slot.
@@ -193,6 +196,12 @@ struct Pool {
     restarts: BTreeMap<&'static str, u64>,
     /// Ready workers that died lately, which are replaced at once within a budget.
     ready_deaths: ReadyDeaths,
+    /// Its `after` pools were ready (or done) once: it started, and stays started.
+    started: bool,
+    /// It was said in the log that it waits for its `after` pools.
+    said_waiting: bool,
+    /// A `oneshot` pool whose every slot is done with its generation was said to be done.
+    said_done: Option<u64>,
 }
 
 /// Counts the deaths of a pool's ready workers in windows of [`READY_DEATH_WINDOW`]. A ready
@@ -245,6 +254,9 @@ impl Pool {
             retired: false,
             restarts: BTreeMap::new(),
             ready_deaths: ReadyDeaths::default(),
+            started: false,
+            said_waiting: false,
+            said_done: None,
         }
     }
 
@@ -285,6 +297,8 @@ pub struct Plan {
     workers: BTreeMap<WorkerId, Worker>,
     next_id: u64,
     shutdown: Option<bool>,
+    /// A graceful shutdown's `timeout`, for the pools stopped after their dependants.
+    shutdown_timeout: Option<Duration>,
     exited: bool,
     rng: u64,
     out: Outcome,
@@ -304,6 +318,7 @@ impl Plan {
             workers: BTreeMap::new(),
             next_id: 1,
             shutdown: None,
+            shutdown_timeout: None,
             exited: false,
             rng: seed | 1,
             out: Outcome::default(),
@@ -542,8 +557,10 @@ impl Plan {
         let Some(worker) = self.workers.remove(&id) else {
             return;
         };
+        let completed = worker.spec.oneshot && status.success();
         let cause = match worker.phase {
             Phase::Stopping { reason, .. } => ExitCause::Stopped(reason),
+            _ if completed => ExitCause::Completed,
             _ if worker.announced_stop => ExitCause::Announced,
             // Cut off, it may leave before its replacement asks it to: for breaking the
             // protocol, not a crash.
@@ -557,7 +574,14 @@ impl Plan {
             uptime: now.saturating_duration_since(worker.spawned_at),
         });
         self.record_exit(&worker, status, cause, now);
-        if !matches!(worker.phase, Phase::Stopping { .. }) {
+        if cause == ExitCause::Completed {
+            // A oneshot worker that did its job: its slot is done with that generation.
+            self.detach(&worker);
+            if let Some(slot) = self.pools[worker.pool].slots.get_mut(worker.slot) {
+                slot.done = Some(worker.generation);
+                slot.failures = 0;
+            }
+        } else if !matches!(worker.phase, Phase::Stopping { .. }) {
             self.lost_unasked(&worker, &format!("exited with {status}"), now);
         }
     }
@@ -849,10 +873,6 @@ impl Plan {
             self.refuse(format!("scaling unknown pool `{pool}`"));
             return;
         };
-        if size == 0 {
-            self.refuse(format!("pool `{pool}` cannot shrink below 1 worker"));
-            return;
-        }
         if size > crate::config::value::PID_MAX_LIMIT {
             self.refuse(format!(
                 "pool `{pool}` cannot have {size} workers: no system runs more than {} processes",
@@ -868,6 +888,7 @@ impl Plan {
             return;
         }
         self.shutdown = Some(immediate);
+        self.shutdown_timeout = timeout;
         self.out.notices.push(Notice::ShutdownStarted {
             immediate,
             workers: self.workers.len(),
@@ -878,21 +899,47 @@ impl Plan {
                 *slot = Slot::default();
             }
         }
-        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
-        for id in ids {
-            if immediate {
+        if immediate {
+            let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+            for id in ids {
                 self.kill(id, KillCause::ShutdownNow);
-            } else {
-                self.stop(id, StopReason::Shutdown, now);
-                if let (Some(timeout), Some(worker)) = (timeout, self.workers.get_mut(&id)) {
-                    if let Phase::Stopping { kill_at, .. } = &mut worker.phase {
-                        if kill_at.is_some() {
-                            *kill_at = Some(now + timeout);
-                        }
+            }
+        } else {
+            self.stop_in_order(now);
+        }
+    }
+
+    /// A graceful shutdown stops a pool's workers once no pool that waits for it (`after`)
+    /// has workers left: dependants first, in the reverse of the order they started in.
+    fn stop_in_order(&mut self, now: Instant) {
+        let has_live = |plan: &Plan, pool: usize| plan.workers.values().any(|w| w.pool == pool);
+        let stoppable: Vec<usize> = (0..self.pools.len())
+            .filter(|&pool| {
+                let name = &self.pools[pool].name;
+                !(0..self.pools.len()).any(|other| {
+                    other != pool
+                        && self.pools[other].spec.after.iter().any(|a| **a == **name)
+                        && has_live(self, other)
+                })
+            })
+            .collect();
+        let ids: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| stoppable.contains(&w.pool) && !matches!(w.phase, Phase::Stopping { .. }))
+            .map(|w| w.id)
+            .collect();
+        let timeout = self.shutdown_timeout;
+        for id in ids {
+            self.stop(id, StopReason::Shutdown, now);
+            if let (Some(timeout), Some(worker)) = (timeout, self.workers.get_mut(&id)) {
+                if let Phase::Stopping { kill_at, .. } = &mut worker.phase {
+                    if kill_at.is_some() {
+                        *kill_at = Some(now + timeout);
                     }
-                    if let Some((at, _)) = &mut worker.signal_at {
-                        *at = (*at).min(now + timeout);
-                    }
+                }
+                if let Some((at, _)) = &mut worker.signal_at {
+                    *at = (*at).min(now + timeout);
                 }
             }
         }
@@ -983,7 +1030,9 @@ impl Plan {
             return;
         }
         let role = self.detach(worker);
-        let served = matches!(worker.phase, Phase::Ready { .. })
+        // A oneshot worker that did not exit 0 failed, however long it ran.
+        let served = !worker.spec.oneshot
+            && matches!(worker.phase, Phase::Ready { .. })
             && (worker.spec.ready.is_observed()
                 || now.saturating_duration_since(worker.spawned_at) >= worker.spec.min_uptime);
         if !served {
@@ -1232,6 +1281,9 @@ impl Plan {
     /// After any change: fill empty slots, start the next replacement, finish rollouts, and
     /// exit once a shutdown has emptied everything. Returns what was decided.
     fn settle(&mut self, now: Instant) -> Outcome {
+        if self.shutdown == Some(false) {
+            self.stop_in_order(now);
+        }
         if self.shutdown.is_some() {
             if self.workers.is_empty() && !self.exited {
                 self.exited = true;
@@ -1249,10 +1301,28 @@ impl Plan {
     }
 
     fn fill_empty_slots(&mut self, pool: usize, now: Instant) {
+        if !self.pools[pool].started {
+            let waiting = self.unmet_dependencies(pool);
+            if !waiting.is_empty() {
+                let p = &mut self.pools[pool];
+                if !p.said_waiting {
+                    p.said_waiting = true;
+                    self.out.notices.push(Notice::Waiting {
+                        pool: p.name.clone(),
+                        on: waiting,
+                    });
+                }
+                return;
+            }
+            self.pools[pool].started = true;
+        }
+        let (target, spec) = self.pools[pool].spawn_target();
         for slot in 0..self.pools[pool].slots.len() {
             let s = &self.pools[pool].slots[slot];
             let empty = s.current.is_none() && s.replacement.is_none();
+            let done = spec.oneshot && s.done.is_some_and(|ran| ran >= target);
             if empty
+                && !done
                 && !s.parked
                 && s.respawn_at.is_none_or(|at| at <= now)
                 && !self.has_detached(pool, slot)
@@ -1263,6 +1333,63 @@ impl Plan {
                 s.respawn_at = None;
             }
         }
+        if spec.oneshot && self.oneshot_done(pool, target) {
+            let p = &mut self.pools[pool];
+            if p.said_done.is_none_or(|said| said < target) {
+                p.said_done = Some(target);
+                self.out.notices.push(Notice::PoolDone {
+                    pool: p.name.clone(),
+                    generation: target,
+                });
+            }
+        }
+    }
+
+    /// Whether every slot of a `oneshot` pool ran `generation` (or a newer one) to exit 0, with
+    /// none of its workers left.
+    fn oneshot_done(&self, pool: usize, generation: u64) -> bool {
+        self.pools[pool]
+            .slots
+            .iter()
+            .all(|s| s.current.is_none() && s.done.is_some_and(|ran| ran >= generation))
+            && !self.workers.values().any(|w| w.pool == pool)
+    }
+
+    /// The `after` pools of a pool that are not ready yet (not every slot serving; for a
+    /// `oneshot` pool, not done): it does not start before they are.
+    fn unmet_dependencies(&self, pool: usize) -> Vec<Arc<str>> {
+        self.pools[pool]
+            .spec
+            .after
+            .iter()
+            .filter_map(|name| {
+                let dep = self.pool_index(name)?;
+                let p = &self.pools[dep];
+                let met = if p.spec.oneshot {
+                    self.oneshot_done(dep, p.generation)
+                } else {
+                    p.started
+                        && p.slots.iter().all(|s| {
+                            s.current.is_some_and(|id| {
+                                self.workers.get(&id).is_some_and(Worker::is_ready)
+                            })
+                        })
+                };
+                (!met).then(|| p.name.clone())
+            })
+            .collect()
+    }
+
+    /// Whether one of a pool's `after` pools is rolling out, or a `oneshot` one is running:
+    /// the pool's own rollout waits for it (migrations before the code that needs them).
+    fn dependency_busy(&self, pool: usize) -> bool {
+        self.pools[pool].spec.after.iter().any(|name| {
+            self.pool_index(name).is_some_and(|dep| {
+                let p = &self.pools[dep];
+                p.rollout.is_some()
+                    || (p.spec.oneshot && !self.oneshot_done(dep, p.spawn_target().0))
+            })
+        })
     }
 
     /// Starts the replacements the pool's rollout budget allows: while fewer than
@@ -1272,6 +1399,10 @@ impl Plan {
     /// (`max_surge = 1`, `max_unavailable = 0`) that is one slot at a time, its replacement
     /// ready before the old worker is asked to stop; `strict` is `0` and `1`.
     fn start_next_replacement(&mut self, pool: usize, now: Instant) {
+        // A oneshot pool is run again, not replaced beside itself (`fill_empty_slots`).
+        if self.pools[pool].spec.oneshot || self.dependency_busy(pool) {
+            return;
+        }
         let p = &self.pools[pool];
         let size = p.slots.len();
         let (surge, unavailable) = p.spawn_target().1.rollout_budget(size);
@@ -1324,13 +1455,17 @@ impl Plan {
     fn finish_rollout(&mut self, pool: usize, now: Instant) {
         let p = &self.pools[pool];
         let Some(rollout) = &p.rollout else { return };
-        let done = p.slots.iter().all(|s| {
-            s.replacement.is_none()
-                && s.current.is_some_and(|id| {
-                    let w = &self.workers[&id];
-                    w.generation >= rollout.generation && matches!(w.phase, Phase::Ready { .. })
-                })
-        });
+        let done = if rollout.spec.oneshot {
+            self.oneshot_done(pool, rollout.generation)
+        } else {
+            p.slots.iter().all(|s| {
+                s.replacement.is_none()
+                    && s.current.is_some_and(|id| {
+                        let w = &self.workers[&id];
+                        w.generation >= rollout.generation && matches!(w.phase, Phase::Ready { .. })
+                    })
+            })
+        };
         if !done {
             return;
         }
@@ -1415,6 +1550,7 @@ impl Plan {
         let counted = !matches!(
             cause,
             ExitCause::Stopped(StopReason::Shutdown | StopReason::Scale | StopReason::PoolRemoved)
+                | ExitCause::Completed
         ) && self.shutdown.is_none();
         let pool = &mut self.pools[worker.pool];
         if counted {
@@ -1577,6 +1713,15 @@ impl Plan {
                         .collect(),
                     workers,
                     waiting,
+                    waiting_for: if pool.started {
+                        Vec::new()
+                    } else {
+                        self.unmet_dependencies(index)
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect()
+                    },
+                    done: pool.spec.oneshot && self.oneshot_done(index, pool.generation),
                 }
             })
             .collect()

@@ -606,6 +606,161 @@ fn strict_is_no_surge_and_one_unavailable_and_a_budget_of_nothing_is_refused() {
     );
 }
 
+fn named(sim: &Sim, pool: &str) -> Vec<(WorkerId, u64)> {
+    sim.spawns
+        .iter()
+        .filter(|s| s.1 == pool)
+        .map(|s| (s.0, s.3))
+        .collect()
+}
+
+/// `migrate` (oneshot, 1), `cache` (2, notify), and `web` (2) after both.
+fn graph() -> Sim {
+    let mut migrate = pool(1, Readiness::None);
+    migrate.oneshot = true;
+    let cache = pool(2, Readiness::Notify);
+    let mut web = pool(2, Readiness::Notify);
+    web.after = vec!["migrate".into(), "cache".into()];
+    Sim::new(&config(&[
+        ("web", web),
+        ("migrate", migrate),
+        ("cache", cache),
+    ]))
+}
+
+#[test]
+fn a_pool_starts_after_its_oneshot_is_done_and_its_long_running_pools_are_ready() {
+    let mut sim = graph();
+    assert!(named(&sim, "web").is_empty(), "web waits");
+    let waiting = sim.notices.iter().find_map(|n| match n {
+        Notice::Waiting { pool, on } if &**pool == "web" => Some(on.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        waiting.map(|on| on.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        Some(vec!["migrate".to_owned(), "cache".to_owned()])
+    );
+    assert_eq!(
+        sim.plan.status(sim.now)[0].waiting_for,
+        ["migrate", "cache"]
+    );
+    // The caches get ready; the migration is still running.
+    for (id, _) in named(&sim, "cache") {
+        sim.ready(id);
+    }
+    assert!(named(&sim, "web").is_empty());
+    // The migration exits 0: done, never run again; web starts.
+    let (migration, _) = named(&sim, "migrate")[0];
+    sim.advance(30 * S);
+    sim.exit(migration, ExitStatus::Code(0));
+    assert_eq!(named(&sim, "web").len(), 2);
+    assert!(sim.count(|n| matches!(n, Notice::PoolDone { .. })) == 1);
+    sim.advance(120 * S);
+    assert_eq!(
+        named(&sim, "migrate").len(),
+        1,
+        "not restarted after success"
+    );
+    let status = sim.plan.status(sim.now);
+    assert!(status[1].done && status[0].waiting_for.is_empty());
+    assert_eq!(
+        status[1].restarts.get("done"),
+        None,
+        "a success is no restart"
+    );
+}
+
+#[test]
+fn a_failing_oneshot_is_retried_backing_off_and_keeps_its_dependants_waiting() {
+    let mut sim = graph();
+    for (id, _) in named(&sim, "cache") {
+        sim.ready(id);
+    }
+    // Failing after a long run is still a failure for a oneshot worker.
+    sim.advance(60 * S);
+    let (first, _) = named(&sim, "migrate")[0];
+    sim.exit(first, ExitStatus::Code(1));
+    assert_eq!(sim.restart_delays().last(), Some(&(S, 1)));
+    sim.advance(S);
+    let (second, _) = named(&sim, "migrate")[1];
+    sim.exit(second, ExitStatus::Code(1));
+    assert_eq!(sim.restart_delays().last(), Some(&(2 * S, 2)));
+    assert!(named(&sim, "web").is_empty());
+    assert_eq!(sim.plan.status(sim.now)[0].waiting_for, ["migrate"]);
+}
+
+#[test]
+fn a_rollout_reruns_the_oneshot_first_and_dependants_roll_after_it() {
+    let mut sim = graph();
+    for (id, _) in named(&sim, "cache") {
+        sim.ready(id);
+    }
+    let (migration, _) = named(&sim, "migrate")[0];
+    sim.exit(migration, ExitStatus::Code(0));
+    for (id, _) in named(&sim, "web") {
+        sim.ready(id);
+    }
+    let before = sim.spawns.len();
+    rollout(&mut sim);
+    // The migration runs again (generation 2); web does not roll until it is done.
+    let runs = named(&sim, "migrate");
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[1].1, 2);
+    assert!(
+        sim.spawns[before..].iter().all(|s| s.1 != "web"),
+        "web waits for the migration"
+    );
+    sim.exit(runs[1].0, ExitStatus::Code(0));
+    // cache rolls meanwhile, web after it.
+    finish(&mut sim);
+    assert!(named(&sim, "web").iter().any(|(_, g)| *g == 2));
+    assert!(sim.plan.status(sim.now).iter().all(|p| p.rollout.is_none()));
+}
+
+#[test]
+fn a_graceful_shutdown_stops_dependants_before_the_pools_they_wait_for() {
+    let mut sim = graph();
+    for (id, _) in named(&sim, "cache") {
+        sim.ready(id);
+    }
+    let (migration, _) = named(&sim, "migrate")[0];
+    sim.exit(migration, ExitStatus::Code(0));
+    for (id, _) in named(&sim, "web") {
+        sim.ready(id);
+    }
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: None,
+    });
+    let stopped = |sim: &Sim| -> Vec<String> {
+        sim.signals
+            .iter()
+            .map(|(id, _)| sim.alive.get(id).cloned().unwrap_or_else(|| "gone".into()))
+            .collect()
+    };
+    assert_eq!(stopped(&sim), ["web", "web"], "web first");
+    sim.exit_stopped();
+    assert_eq!(sim.signals.len(), 4, "then cache");
+    sim.exit_stopped();
+    assert!(sim.exited);
+}
+
+#[test]
+fn a_pool_of_size_0_is_defined_not_started_and_scaled_up_later() {
+    let mut sim = Sim::new(&config(&[("jobs", pool(0, Readiness::None))]));
+    assert!(sim.spawns.is_empty());
+    sim.handle(Event::Scale {
+        pool: "jobs".into(),
+        size: 2,
+    });
+    assert_eq!(sim.spawns.len(), 2);
+    sim.handle(Event::Scale {
+        pool: "jobs".into(),
+        size: 0,
+    });
+    assert_eq!(sim.signals.len(), 2, "scaled back to nothing");
+}
+
 /// The worker now in a slot of pool `web`.
 fn in_slot(sim: &Sim, slot: usize) -> Option<WorkerId> {
     sim.workers("web")
@@ -1160,7 +1315,7 @@ fn scaling_adds_slots_and_stops_the_highest_ones() {
     assert_eq!(stopped, [3, 2, 1]);
     sim.handle(Event::Scale {
         pool: "web".into(),
-        size: 0,
+        size: usize::MAX,
     });
     assert!(
         sim.notices

@@ -376,6 +376,8 @@ pub enum ExitCause {
     Announced,
     /// It exited without being asked: a crash.
     Crashed,
+    /// A worker of a `oneshot` pool exited 0: its job is done.
+    Completed,
 }
 
 impl ExitCause {
@@ -385,6 +387,7 @@ impl ExitCause {
             ExitCause::Stopped(reason) => reason.as_str(),
             ExitCause::Announced => "announced",
             ExitCause::Crashed => "crash",
+            ExitCause::Completed => "done",
         }
     }
 }
@@ -395,6 +398,7 @@ impl fmt::Display for ExitCause {
             ExitCause::Stopped(reason) => write!(f, "stopped: {reason}"),
             ExitCause::Announced => f.write_str("after announcing STOPPING=1"),
             ExitCause::Crashed => f.write_str("crashed: it was not asked to stop"),
+            ExitCause::Completed => f.write_str("done: a oneshot worker that succeeded"),
         }
     }
 }
@@ -525,6 +529,20 @@ pub enum Notice {
         /// What went wrong.
         why: String,
     },
+    /// A pool does not start before the pools it waits for (`after`) are ready or done.
+    Waiting {
+        /// The pool.
+        pool: Arc<str>,
+        /// The pools it waits for.
+        on: Vec<Arc<str>>,
+    },
+    /// Every worker of a `oneshot` pool exited 0: the pools after it may start.
+    PoolDone {
+        /// The pool.
+        pool: Arc<str>,
+        /// The generation that ran.
+        generation: u64,
+    },
     /// A pool's size changed.
     Scaled {
         /// The pool.
@@ -618,6 +636,8 @@ impl Notice {
             | Notice::RolloutFinished { pool, .. }
             | Notice::RolloutAborted { pool, .. }
             | Notice::Scaled { pool, .. }
+            | Notice::Waiting { pool, .. }
+            | Notice::PoolDone { pool, .. }
             | Notice::PoolAdded { pool, .. }
             | Notice::PoolRemoved { pool, .. } => Some(pool),
             _ => self.worker().map(|worker| &worker.pool),
@@ -642,6 +662,8 @@ impl Notice {
             Notice::RolloutFinished { .. } => "rollout_finished",
             Notice::RolloutAborted { .. } => "rollout_aborted",
             Notice::Scaled { .. } => "scaled",
+            Notice::Waiting { .. } => "waiting",
+            Notice::PoolDone { .. } => "pool_done",
             Notice::Status { .. } => "status",
             Notice::Refused { .. } => "refused",
             Notice::ShutdownStarted { .. } => "shutdown",
@@ -781,6 +803,18 @@ impl fmt::Display for Notice {
             } => write!(
                 f,
                 "rolling restart of pool {pool} to generation {generation} stopped: {why}; {replaced} of {size} replaced, the others keep serving"
+            ),
+            Notice::Waiting { pool, on } => {
+                let on: Vec<&str> = on.iter().map(|p| &**p).collect();
+                write!(
+                    f,
+                    "pool {pool} waits for {} before it starts",
+                    on.join(", ")
+                )
+            }
+            Notice::PoolDone { pool, generation } => write!(
+                f,
+                "pool {pool} is done: every worker of generation {generation} exited 0"
             ),
             Notice::Scaled { pool, from, to } => {
                 write!(f, "pool {pool} scaled from {from} to {to}")

@@ -186,7 +186,7 @@ impl Supervisor {
                     .ok()
                     .and_then(|current| current.checked_add(delta));
                 match target {
-                    Some(target) if target < 1 => {
+                    Some(target) if target < 0 => {
                         return Reply::error(format!(
                             "pool `{pool}` has {current} worker{}: it cannot shrink by {}",
                             if current == 1 { "" } else { "s" },

@@ -180,6 +180,15 @@ pub(crate) fn notice(notice: &Notice) {
             let pool = pool.to_string();
             info!(event, pool, from, to, "{notice}");
         }
+        Notice::Waiting { pool, on } => {
+            let pool = pool.to_string();
+            let on: Vec<&str> = on.iter().map(|p| &**p).collect();
+            info!(event, pool, on = on.join(","), "{notice}");
+        }
+        Notice::PoolDone { pool, generation } => {
+            let pool = pool.to_string();
+            info!(event, pool, generation, "{notice}");
+        }
         Notice::Status {
             worker,
             text,
