@@ -241,13 +241,23 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
         Ok(Err(error)) => return Err(format!("cannot read the request: {error}")),
         Ok(Ok(_)) => {}
     }
+    parse_request(&line)
+}
+
+/// The request in `line`, as read from a client (at most [`MAX_REQUEST`] bytes and a newline
+/// are read): one JSON object ending with a newline, or why it is refused. Pure, so that the
+/// fuzz target and the property tests exercise exactly what the server does with a line.
+///
+/// # Errors
+/// The text of the `error` reply: too long, no final newline, or not a [`Request`].
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!("request longer than {MAX_REQUEST} bytes"));
     }
     if line.last() != Some(&b'\n') {
         return Err("the request must be one JSON object ending with a newline".to_owned());
     }
-    serde_json::from_slice(&line).map_err(|error| format!("bad request: {error}"))
+    serde_json::from_slice(line).map_err(|error| format!("bad request: {error}"))
 }
 
 async fn write_reply(
