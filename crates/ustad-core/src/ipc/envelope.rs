@@ -451,7 +451,12 @@ mod tests {
             assert_eq!(envelope.kind, Kind::Rep { id: 7 });
             assert_eq!(envelope.body(), Some(&b"null"[..]));
         }
-        assert!(decode(Bytes::from_static(br#"{"t":"ready"}"#)).unwrap().body().is_none());
+        assert!(
+            decode(Bytes::from_static(br#"{"t":"ready"}"#))
+                .unwrap()
+                .body()
+                .is_none()
+        );
     }
 
     /// The general path, for comparison with what `decode` (and its fast path) says.
