@@ -148,14 +148,17 @@ async fn serve_client(
     calls: mpsc::Sender<Call>,
     streams: Arc<Semaphore>,
 ) {
-    let peer = match rustix::net::sockopt::socket_peercred(&stream) {
+    // tokio's, not rustix's: rustix reads the kernel's answer into a non-zero pid, and a
+    // client in a pid namespace the primary cannot see (the socket bind-mounted into a
+    // container) comes with pid 0.
+    let peer = match stream.peer_cred() {
         Ok(peer) => peer,
         Err(error) => {
             warn!("control socket: cannot read the client's credentials: {error}");
             return;
         }
     };
-    let (uid, pid) = (peer.uid.as_raw(), peer.pid.as_raw_nonzero().get());
+    let (uid, pid) = (peer.uid(), peer.pid().unwrap_or(0));
     if uid != own_uid && uid != 0 {
         warn!(
             event = "control_refused",
