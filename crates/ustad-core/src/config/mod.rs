@@ -398,6 +398,18 @@ impl Config {
                     "watchdog must be at least 1us: workers are told it in microseconds (WATCHDOG_USEC), where 0 turns it off".to_owned(),
                 );
             }
+            if let Some(ipc) = pool.ipc {
+                let wire_max = usize::try_from(u32::MAX).unwrap_or(usize::MAX);
+                if ipc.max_message == 0 || ipc.max_message > wire_max {
+                    problem(
+                        Location::PoolField(name.clone(), "max_message"),
+                        format!(
+                            "max_message must be 1 to {wire_max} bytes: a frame's length is 4 bytes on the wire (docs/protocol.md), got {}",
+                            ipc.max_message
+                        ),
+                    );
+                }
+            }
             // The file and the flags refuse longer durations as they read them; a configuration
             // built in code is checked here.
             let delay = match pool.ready {
@@ -528,5 +540,33 @@ mod tests {
         spec.ttl = Some(value::MAX_DURATION);
         config.pools.insert("web".to_owned(), spec);
         assert_eq!(config.validate(), Ok(()));
+    }
+
+    /// The Rust library sets `max_message`: a frame's length must be able to say it, and a
+    /// limit of 0 would cut off every worker at its first frame.
+    #[test]
+    fn max_message_is_what_a_frame_header_can_say() {
+        let mut config = Config::default();
+        for (max, valid) in [
+            (0, false),
+            (1, true),
+            (u32::MAX as usize, true),
+            (usize::MAX, false),
+        ] {
+            let mut spec = PoolSpec::new(Command::new(["app"]).unwrap());
+            spec.ipc = Some(IpcSpec {
+                protocol: IpcProtocol::Ustad,
+                max_message: max,
+            });
+            config.pools.insert("web".to_owned(), spec);
+            match config.validate() {
+                Ok(()) => assert!(valid, "{max}"),
+                Err(problems) => {
+                    assert!(!valid, "{max}");
+                    assert_eq!(problems[0].at.to_string(), "pool `web`, `max_message`");
+                    assert!(problems[0].message.contains("4 bytes on the wire"));
+                }
+            }
+        }
     }
 }
