@@ -80,8 +80,10 @@ for target in "${targets[@]}"; do
   cargo +nightly fuzz run -O -a "$target" "corpus/$target" "seeds/$target" -- \
     -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 \
     -print_final_stats=1 "${dict[@]}" ${FUZZ_ARGS:-} >"$RESULTS/$target.log" 2>&1 || status=$?
-  elapsed=$(($(date +%s) - started))
-  # libFuzzer's final stats, or its last status line when it stopped on a finding.
+  # libFuzzer's own time and final stats (the wall clock also counts building and loading
+  # the corpus), or its last status line when it stopped on a finding.
+  elapsed=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$RESULTS/$target.log" | tail -n 1)
+  elapsed=${elapsed:-$(($(date +%s) - started))}
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$RESULTS/$target.log" | tail -n 1)
   if [[ -z $runs ]]; then
     runs=$(grep -oE '^#[0-9]+' "$RESULTS/$target.log" | tail -n 1 | tr -d '#')
