@@ -63,14 +63,21 @@ impl Diagnostic {
         span: Range<usize>,
         message: impl Into<String>,
     ) -> Diagnostic {
-        let start = span.start.min(text.len());
-        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
-        let line_number = text[..start].matches('\n').count() + 1;
-        let column = text[line_start..start].chars().count() + 1;
-        let line_text = text[line_start..line_end].trim_end_matches('\r').to_owned();
-        let end = span.end.clamp(start, line_end);
-        let width = text[start..end].chars().count().max(1);
+        // The spans come from the TOML parser, on character boundaries; should one not be, the
+        // underline is off by a character rather than the slicing panicking.
+        let start = char_boundary(text, span.start);
+        let (before, after) = text.split_at(start);
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line_end = after.find('\n').map_or(text.len(), |i| start + i);
+        let line_number = before.matches('\n').count() + 1;
+        let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+        let line_text = text
+            .get(line_start..line_end)
+            .unwrap_or_default()
+            .trim_end_matches('\r')
+            .to_owned();
+        let end = char_boundary(text, span.end.clamp(start, line_end));
+        let width = text.get(start..end).map_or(0, |s| s.chars().count()).max(1);
         Diagnostic {
             origin: origin.into(),
             position: Some((line_number, column)),
@@ -78,6 +85,15 @@ impl Diagnostic {
             snippet: Some((line_text, column - 1..column - 1 + width)),
         }
     }
+}
+
+/// The last character boundary of `text` at or before `at`.
+fn char_boundary(text: &str, at: usize) -> usize {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
 }
 
 impl fmt::Display for Diagnostic {
@@ -114,5 +130,15 @@ mod tests {
             diagnostic.to_string(),
             "ustad.toml:2:8: size must be at least 1\n  |\n2 | size = 0\n  |        ^"
         );
+    }
+
+    #[test]
+    fn a_span_inside_a_character_or_past_the_end_does_not_panic() {
+        let text = "name = \"é\"\n";
+        let inside = Diagnostic::at_span("u.toml", text, 9..10, "bad");
+        assert_eq!(inside.position, Some((1, 9)));
+        let past = Diagnostic::at_span("u.toml", text, 100..200, "bad");
+        assert_eq!(past.position, Some((2, 1)));
+        let _ = (inside.to_string(), past.to_string());
     }
 }

@@ -551,6 +551,16 @@ size = "auto"
                 "wildcard overlaps",
             ),
             (
+                "[pools.web]\ncommand = [\"a\"]\nkill_timeout = \"600000y\"\n",
+                "ustad.toml:3:16: invalid duration `600000y`: longer than ustad can count (584542 years at most",
+                "duration beyond 64-bit microseconds",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\nwatchdog = \"500ns\"\n",
+                "ustad.toml:3:12: watchdog must be at least 1us",
+                "watchdog below what WATCHDOG_USEC can say",
+            ),
+            (
                 "[pools.web]\nsize = 2\n",
                 "ustad.toml:1:1: missing field `command`",
                 "missing command",

@@ -478,6 +478,49 @@ impl Config {
                     Location::PoolField(name.clone(), "watchdog"),
                     "watchdog must be longer than 0s (leave it out to turn it off)".to_owned(),
                 );
+            } else if pool
+                .watchdog
+                .is_some_and(|watchdog| watchdog < Duration::from_micros(1))
+            {
+                problem(
+                    Location::PoolField(name.clone(), "watchdog"),
+                    "watchdog must be at least 1us: workers are told it in microseconds (WATCHDOG_USEC), where 0 turns it off".to_owned(),
+                );
+            }
+            if let Some(ipc) = pool.ipc {
+                let wire_max = usize::try_from(u32::MAX).unwrap_or(usize::MAX);
+                if ipc.max_message == 0 || ipc.max_message > wire_max {
+                    problem(
+                        Location::PoolField(name.clone(), "max_message"),
+                        format!(
+                            "max_message must be 1 to {wire_max} bytes: a frame's length is 4 bytes on the wire (docs/protocol.md), got {}",
+                            ipc.max_message
+                        ),
+                    );
+                }
+            }
+            // The file and the flags refuse longer durations as they read them; a configuration
+            // built in code is checked here.
+            let delay = match pool.ready {
+                Readiness::Delay(delay) => Some(delay),
+                _ => None,
+            };
+            for (field, duration) in [
+                ("ready", delay),
+                ("ready_timeout", Some(pool.ready_timeout)),
+                ("ttl", pool.ttl),
+                ("kill_timeout", Some(pool.kill_timeout)),
+                ("restart_delay", Some(pool.restart_delay)),
+                ("min_uptime", Some(pool.min_uptime)),
+                ("stop_grace", Some(pool.stop_grace)),
+                ("watchdog", pool.watchdog),
+            ] {
+                if let Some(Err(why)) = duration.map(value::check_duration) {
+                    problem(
+                        Location::PoolField(name.clone(), field),
+                        format!("{field} is {why}"),
+                    );
+                }
             }
             if pool.silent
                 && (pool.stdout != OutputTarget::Relay || pool.stderr != OutputTarget::Relay)
@@ -673,3 +716,63 @@ impl Config {
 
 /// Source positions of a parsed file's values, by location (byte ranges into the text).
 pub(crate) type SpanTable = HashMap<Location, std::ops::Range<usize>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration built in code (the Rust library's builder) skips the parsers' bound on
+    /// durations: `validate` names each setting beyond it.
+    #[test]
+    fn durations_set_in_code_are_bounded_too() {
+        let mut spec = PoolSpec::new(Command::new(["app"]).unwrap());
+        spec.kill_timeout = Duration::MAX;
+        spec.ttl = Some(value::MAX_DURATION + Duration::from_micros(1));
+        spec.ready = Readiness::Delay(Duration::from_secs(1));
+        let mut config = Config::default();
+        config.pools.insert("web".to_owned(), spec.clone());
+        let problems = config.validate().unwrap_err();
+        let fields: Vec<String> = problems.iter().map(|p| p.at.to_string()).collect();
+        assert_eq!(fields, ["pool `web`, `ttl`", "pool `web`, `kill_timeout`"]);
+        assert!(
+            problems[1]
+                .message
+                .starts_with("kill_timeout is longer than ustad can count"),
+            "{}",
+            problems[1].message
+        );
+
+        spec.kill_timeout = value::MAX_DURATION;
+        spec.ttl = Some(value::MAX_DURATION);
+        config.pools.insert("web".to_owned(), spec);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    /// The Rust library sets `max_message`: a frame's length must be able to say it, and a
+    /// limit of 0 would cut off every worker at its first frame.
+    #[test]
+    fn max_message_is_what_a_frame_header_can_say() {
+        let mut config = Config::default();
+        for (max, valid) in [
+            (0, false),
+            (1, true),
+            (u32::MAX as usize, true),
+            (usize::MAX, false),
+        ] {
+            let mut spec = PoolSpec::new(Command::new(["app"]).unwrap());
+            spec.ipc = Some(IpcSpec {
+                protocol: IpcProtocol::Ustad,
+                max_message: max,
+            });
+            config.pools.insert("web".to_owned(), spec);
+            match config.validate() {
+                Ok(()) => assert!(valid, "{max}"),
+                Err(problems) => {
+                    assert!(!valid, "{max}");
+                    assert_eq!(problems[0].at.to_string(), "pool `web`, `max_message`");
+                    assert!(problems[0].message.contains("4 bytes on the wire"));
+                }
+            }
+        }
+    }
+}

@@ -15,16 +15,44 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-/// Parses a human duration: `"30s"`, `"1m30s"`, `"500ms"`, `"1h"`.
+/// The longest duration ustad takes, for any setting or request: 2^64 − 2 microseconds, a
+/// little over 584,542 years.
+///
+/// Why this bound: systemd counts every span of time in 64-bit microseconds (`usec_t`, whose
+/// all-ones value means infinity), and that is how a worker is told its watchdog
+/// (`WATCHDOG_USEC`). Within it, no deadline the primary computes (the monotonic clock's now,
+/// plus a timeout, plus up to 10% of `ttl` jitter) can overflow an `Instant`, which counts
+/// signed 64-bit seconds: 292 billion years of room. Longer durations (humantime reads up to
+/// 2^64 seconds) used to be taken and then panicked the primary when it computed a deadline,
+/// e.g. `kill_timeout = "500000000000y"` at the first stop.
+pub const MAX_DURATION: Duration = Duration::from_micros(u64::MAX - 1);
+
+/// Parses a human duration: `"30s"`, `"1m30s"`, `"500ms"`, `"1h"`; at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     if trimmed == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(trimmed).map_err(|error| {
+    let duration = humantime::parse_duration(trimmed).map_err(|error| {
         format!("invalid duration `{text}` ({error}); expected a number with a unit, like \"30s\", \"500ms\" or \"1m30s\"")
-    })
+    })?;
+    check_duration(duration).map_err(|why| format!("invalid duration `{text}`: {why}"))
 }
+
+/// `duration`, if it is at most [`MAX_DURATION`]; else what to say about it.
+pub fn check_duration(duration: Duration) -> Result<Duration, String> {
+    if duration <= MAX_DURATION {
+        Ok(duration)
+    } else {
+        Err(format!(
+            "longer than ustad can count ({} years at most: time is kept in 64-bit microseconds, as systemd keeps it and tells workers their watchdog)",
+            MAX_DURATION.as_secs() / SECONDS_PER_YEAR
+        ))
+    }
+}
+
+/// A year as humantime reads `1y`: 365.25 days.
+const SECONDS_PER_YEAR: u64 = 31_557_600;
 
 /// Formats a duration the way the config file spells it (`1m 30s`, `500ms`).
 pub fn format_duration(duration: Duration) -> String {
@@ -746,6 +774,38 @@ mod tests {
                 .contains("expected a number with a unit")
         );
         assert!(parse_duration("soon").is_err());
+    }
+
+    /// Found by review, confirmed by `fuzz/fuzz_targets/config.rs`: humantime reads up to 2^64
+    /// seconds, and the plan's `now + kill_timeout` (or a `stop` request's timeout) panicked
+    /// on the overflow of `Instant` beyond 2^63.
+    #[test]
+    fn durations_are_bounded_by_what_64_bit_microseconds_hold() {
+        assert_eq!(
+            parse_duration("584542y"),
+            Ok(Duration::from_secs(584_542 * SECONDS_PER_YEAR))
+        );
+        let error = parse_duration("584543y").unwrap_err();
+        assert!(
+            error.starts_with(
+                "invalid duration `584543y`: longer than ustad can count (584542 years at most"
+            ),
+            "{error}"
+        );
+        assert!(parse_duration("500000000000y").is_err());
+        assert_eq!(check_duration(MAX_DURATION), Ok(MAX_DURATION));
+        assert!(check_duration(MAX_DURATION + Duration::from_nanos(1)).is_err());
+        assert!(check_duration(Duration::MAX).is_err());
+        // What the bound is for: a deadline beyond every duration still fits an `Instant`,
+        // and `WATCHDOG_USEC` fits systemd's `usec_t`.
+        let far = MAX_DURATION.mul_f64(1.1) + MAX_DURATION;
+        assert!(std::time::Instant::now().checked_add(far).is_some());
+        assert!(u64::try_from(MAX_DURATION.as_micros()).is_ok_and(|us| us < u64::MAX));
+        // What ustad writes, it reads back.
+        assert_eq!(
+            parse_duration(&format_duration(MAX_DURATION)),
+            Ok(MAX_DURATION)
+        );
     }
 
     #[test]

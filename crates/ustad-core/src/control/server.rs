@@ -148,14 +148,17 @@ async fn serve_client(
     calls: mpsc::Sender<Call>,
     streams: Arc<Semaphore>,
 ) {
-    let peer = match rustix::net::sockopt::socket_peercred(&stream) {
+    // tokio's, not rustix's: rustix reads the kernel's answer into a non-zero pid, and a
+    // client in a pid namespace the primary cannot see (the socket bind-mounted into a
+    // container) comes with pid 0.
+    let peer = match stream.peer_cred() {
         Ok(peer) => peer,
         Err(error) => {
             warn!("control socket: cannot read the client's credentials: {error}");
             return;
         }
     };
-    let (uid, pid) = (peer.uid.as_raw(), peer.pid.as_raw_nonzero().get());
+    let (uid, pid) = (peer.uid(), peer.pid().unwrap_or(0));
     if uid != own_uid && uid != 0 {
         warn!(
             event = "control_refused",
@@ -241,13 +244,23 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
         Ok(Err(error)) => return Err(format!("cannot read the request: {error}")),
         Ok(Ok(_)) => {}
     }
+    parse_request(&line)
+}
+
+/// The request in `line`, as read from a client (at most [`MAX_REQUEST`] bytes and a newline
+/// are read): one JSON object ending with a newline, or why it is refused. Pure, so that the
+/// fuzz target and the property tests exercise exactly what the server does with a line.
+///
+/// # Errors
+/// The text of the `error` reply: too long, no final newline, or not a [`Request`].
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!("request longer than {MAX_REQUEST} bytes"));
     }
     if line.last() != Some(&b'\n') {
         return Err("the request must be one JSON object ending with a newline".to_owned());
     }
-    serde_json::from_slice(&line).map_err(|error| format!("bad request: {error}"))
+    serde_json::from_slice(line).map_err(|error| format!("bad request: {error}"))
 }
 
 async fn write_reply(

@@ -94,7 +94,8 @@ struct Wire<'a> {
     t: &'a str,
     #[serde(default)]
     id: Option<u64>,
-    #[serde(borrow, default)]
+    // `null` is a body like any other value (`Option<&RawValue>` alone would read it as none).
+    #[serde(borrow, default, deserialize_with = "present")]
     body: Option<&'a RawValue>,
     #[serde(default)]
     message: Option<String>,
@@ -102,6 +103,13 @@ struct Wire<'a> {
     deadline_ms: Option<u64>,
     #[serde(default)]
     socket: Option<String>,
+}
+
+/// A field that is there, whatever its value: `Some`, even for `null`.
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// Decodes a frame body (as [`super::FrameReader::next`] returns it).
@@ -193,14 +201,15 @@ fn decode_canonical(frame: &Bytes) -> Option<Envelope> {
             None => (false, bytes.strip_prefix(REP_HEAD)?),
         };
         let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let (number, rest) = rest.split_at(digits);
         // No leading zeros, as JSON has none; 20 digits may overflow: the general path says so.
-        if digits == 0 || digits > 19 || (digits > 1 && rest[0] == b'0') {
+        if digits == 0 || digits > 19 || (digits > 1 && number.first() == Some(&b'0')) {
             return None;
         }
-        let id = rest[..digits]
+        let id = number
             .iter()
             .fold(0u64, |id, digit| id * 10 + u64::from(digit - b'0'));
-        let rest = rest[digits..].strip_prefix(BODY_KEY)?;
+        let rest = rest.strip_prefix(BODY_KEY)?;
         (
             if req {
                 Kind::Req { id }
@@ -212,6 +221,9 @@ fn decode_canonical(frame: &Bytes) -> Option<Envelope> {
     };
     let start = bytes.len() - rest.len();
     let inner = rest.strip_suffix(b"}")?;
+    // Skipping the value does not check that its strings are UTF-8 (the general path's
+    // `RawValue` does): a body that is not is refused when it is decoded instead of on arrival,
+    // as checking here would make decoding a large body several times slower.
     serde_json::from_slice::<serde::de::IgnoredAny>(inner).ok()?;
     let end = start + inner.trim_ascii_end().len();
     Some(Envelope {
@@ -424,6 +436,27 @@ mod tests {
         assert!(refuse(br#"{"t":"req","body":1}"#).contains("needs an `id`"));
         assert!(refuse(br#"{"t":"msg"}"#).contains("needs a `body`"));
         assert!(refuse(br#"{"body":1}"#).contains("missing field `t`"));
+    }
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/ipc_frame.rs`): the general path read `"body": null`
+    /// as no body and cut off a worker that answered `null` with a space in its frame, while
+    /// the same frame without spaces was taken.
+    #[test]
+    fn a_null_body_is_a_body_on_either_path() {
+        for frame in [
+            &br#"{"t":"rep","id":7,"body":null}"#[..],
+            br#"{"t": "rep", "id": 7, "body": null}"#,
+        ] {
+            let envelope = decode(Bytes::from_static(frame)).unwrap();
+            assert_eq!(envelope.kind, Kind::Rep { id: 7 });
+            assert_eq!(envelope.body(), Some(&b"null"[..]));
+        }
+        assert!(
+            decode(Bytes::from_static(br#"{"t":"ready"}"#))
+                .unwrap()
+                .body()
+                .is_none()
+        );
     }
 
     /// The general path, for comparison with what `decode` (and its fast path) says.

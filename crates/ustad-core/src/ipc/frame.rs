@@ -93,10 +93,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if self.buffer.is_empty() {
                     return Ok(None);
                 }
-                let want = match self.buffer.get(..HEADER) {
-                    Some(header) => {
-                        HEADER + u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize
-                    }
+                let want = match self.buffer.first_chunk::<HEADER>() {
+                    Some(header) => HEADER + u32::from_le_bytes(*header) as usize,
                     None => HEADER,
                 };
                 return Err(FrameError::Truncated {
@@ -109,10 +107,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// A complete frame at the front of the buffer, if there is one.
     fn split(&mut self) -> Result<Option<Bytes>, FrameError> {
-        let Some(header) = self.buffer.get(..HEADER) else {
+        let Some(header) = self.buffer.first_chunk::<HEADER>() else {
             return Ok(None);
         };
-        let len = u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize;
+        let len = u32::from_le_bytes(*header) as usize;
         if len == 0 {
             return Err(FrameError::Empty);
         }
