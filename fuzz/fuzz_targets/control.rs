@@ -28,7 +28,15 @@ fuzz_target!(|data: &[u8]| {
 
     let mut sim = Sim::start(&cluster(), 1);
     match request {
-        Request::Stop { timeout } => {
+        Request::Stop {
+            worker: Some(id), ..
+        } => {
+            sim.handle(Event::StopWorker { id: WorkerId(id) });
+        }
+        Request::Stop {
+            timeout,
+            worker: None,
+        } => {
             sim.play(Op::Shutdown {
                 immediate: false,
                 timeout,

@@ -490,7 +490,7 @@ fn value_types_read_back_what_they_write() {
 
 fn request(g: &mut Gen) -> Request {
     let name = |g: &mut Gen| g.text(10);
-    match g.below(7) {
+    match g.below(8) {
         0 => Request::Status {},
         1 => Request::Reload {
             pools: (0..g.below(3)).map(|_| name(g)).collect(),
@@ -507,6 +507,12 @@ fn request(g: &mut Gen) -> Request {
         },
         4 => Request::Stop {
             timeout: g.chance(2).then(|| name(g)),
+            worker: g.chance(2).then(|| g.next()),
+        },
+        6 => Request::Kill {
+            pool: g.chance(2).then(|| name(g)),
+            worker: g.chance(2).then(|| g.next()),
+            signal: g.chance(2).then(|| name(g)),
         },
         5 => Request::Logs {
             pool: g.chance(2).then(|| name(g)),

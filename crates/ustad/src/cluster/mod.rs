@@ -427,6 +427,8 @@ impl Cluster {
     /// # Errors
     /// None in practice: a cluster that already stopped is fine.
     pub async fn stop(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        // Longer than any time a primary can count in is "no timeout" in practice.
+        let timeout = timeout.map(|t| t.min(ustad_core::config::value::MAX_DURATION));
         let request = Request::Stop {
             timeout: timeout.map(format_duration),
             worker: None,
