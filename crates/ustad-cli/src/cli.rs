@@ -258,6 +258,12 @@ pub(crate) struct PoolFlags {
     #[arg(long)]
     pub(crate) silent: bool,
 
+    /// Do not load ustad's preload library into the workers: a program that binds its own port
+    /// then binds it for itself (and PORT is not set). By default, with --listen, a program
+    /// that binds one of the addresses gets ustad's socket instead.
+    #[arg(long)]
+    pub(crate) no_preload: bool,
+
     /// Set an environment variable for the workers. Repeatable.
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub(crate) env: Vec<String>,
@@ -294,6 +300,7 @@ impl PoolFlags {
         note(self.ipc.is_some(), "--ipc");
         note(self.stop_grace.is_some(), "--stop-grace");
         note(self.silent, "--silent");
+        note(self.no_preload, "--no-preload");
         note(!self.env.is_empty(), "--env");
         note(self.cwd.is_some(), "--cwd");
         given

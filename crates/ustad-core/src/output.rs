@@ -5,8 +5,14 @@
 //! single writer. When the primary's own output is slow, the queue fills, the readers wait and
 //! the workers block in `write` — backpressure, as with any pipe, instead of a buffer that
 //! grows until the machine swaps (PM2's daemon is known to reach gigabytes that way).
+//!
+//! A worker that says an address is already in use (`EADDRINUSE`, "address already in use")
+//! gets the hint given for it logged once per pool (an `address_in_use` warning): what ustad
+//! holds and what to do (see [`crate::preload`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -50,6 +56,9 @@ struct Prefix {
     pool: String,
     slot: usize,
     id: u64,
+    /// What to log if the worker says an address is already in use, and whether its pool
+    /// had it logged already.
+    hint: Option<(String, Arc<AtomicBool>)>,
 }
 
 /// The relay: one writer task, and two reader tasks per worker.
@@ -58,6 +67,8 @@ pub struct OutputRelay {
     queue: mpsc::Sender<Line>,
     readers: JoinSet<()>,
     writer: JoinHandle<()>,
+    /// Per pool: whether its `address_in_use` hint was logged.
+    hinted: HashMap<String, Arc<AtomicBool>>,
 }
 
 impl OutputRelay {
@@ -76,6 +87,7 @@ impl OutputRelay {
             queue,
             readers: JoinSet::new(),
             writer,
+            hinted: HashMap::new(),
         }
     }
 
@@ -86,6 +98,7 @@ impl OutputRelay {
             queue,
             mut readers,
             writer,
+            hinted: _,
         } = self;
         drop(queue);
         let drained = tokio::time::timeout(grace, async {
@@ -97,7 +110,8 @@ impl OutputRelay {
         let _ = tokio::time::timeout(grace, writer).await;
     }
 
-    /// Relays a worker's output streams until they close.
+    /// Relays a worker's output streams until they close; `hint` is logged (once for the
+    /// pool) if the worker says an address is already in use.
     pub fn attach(
         &mut self,
         pool: &str,
@@ -105,7 +119,9 @@ impl OutputRelay {
         id: u64,
         stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
         stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
+        hint: Option<String>,
     ) {
+        let hinted = self.hinted.entry(pool.to_owned()).or_default();
         // Six distinguishable ANSI colours (31–36), by slot.
         let prefix = Arc::new(Prefix {
             name: format!("{pool}.{slot}"),
@@ -113,6 +129,7 @@ impl OutputRelay {
             pool: pool.to_owned(),
             slot,
             id,
+            hint: hint.map(|hint| (hint, hinted.clone())),
         });
         // Forget readers that are done, so the set does not grow with every restart.
         while self.readers.try_join_next().is_some() {}
@@ -160,6 +177,7 @@ async fn read_lines(
             if complete {
                 line.pop();
             }
+            hint_if_address_in_use(&prefix, &line);
             let text = std::mem::take(&mut line);
             let sent = queue
                 .send(Line {
@@ -174,6 +192,7 @@ async fn read_lines(
         }
     }
     if !line.is_empty() {
+        hint_if_address_in_use(&prefix, &line);
         let _ = queue
             .send(Line {
                 stream,
@@ -182,6 +201,39 @@ async fn read_lines(
             })
             .await;
     }
+}
+
+/// Logs the worker's hint, once for its pool, if `line` says an address is already in use.
+fn hint_if_address_in_use(prefix: &Prefix, line: &[u8]) {
+    let Some((hint, hinted)) = &prefix.hint else {
+        return;
+    };
+    if hinted.load(Ordering::Relaxed) || !says_address_in_use(line) {
+        return;
+    }
+    if hinted.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let text = String::from_utf8_lossy(line);
+    tracing::warn!(
+        event = "address_in_use",
+        pool = %prefix.pool,
+        slot = prefix.slot,
+        id = prefix.id,
+        line = %text.trim_end(),
+        "{}: {hint}",
+        prefix.name
+    );
+}
+
+/// Whether a line of output reports `EADDRINUSE`, as Node ("EADDRINUSE"), Go, Python, Rust
+/// and C programs ("address already in use", strerror's words) spell it.
+fn says_address_in_use(line: &[u8]) -> bool {
+    let contains = |needle: &[u8]| {
+        line.windows(needle.len())
+            .any(|window| window.eq_ignore_ascii_case(needle))
+    };
+    contains(b"address already in use") || contains(b"EADDRINUSE")
 }
 
 async fn write_lines(
@@ -267,6 +319,7 @@ mod tests {
             pool: "web".into(),
             slot: 0,
             id: 1,
+            hint: None,
         });
         read_lines(input, Stream::Stdout, prefix, queue).await;
         let mut out = Vec::new();
@@ -302,6 +355,7 @@ mod tests {
             pool: "web".into(),
             slot: 2,
             id: 7,
+            hint: None,
         };
         assert_eq!(format_line(&prefix, 7, false, b"hi\r"), b"web.2   | hi\n");
         assert_eq!(
@@ -329,6 +383,7 @@ mod tests {
             pool: "jobs".into(),
             slot: 1,
             id: 4,
+            hint: None,
         });
         read_lines(
             &b"to stdout\n"[..],
@@ -361,5 +416,20 @@ mod tests {
                 (4, "stderr".to_owned(), "to stderr".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn address_in_use_is_recognised_as_programs_say_it() {
+        for line in [
+            "Error: listen EADDRINUSE: address already in use :::3000",
+            "listen tcp 127.0.0.1:3000: bind: address already in use",
+            "OSError: [Errno 98] Address already in use",
+            "Error: Os { code: 98, kind: AddrInUse, message: \"Address already in use\" }",
+        ] {
+            assert!(says_address_in_use(line.as_bytes()), "{line}");
+        }
+        for line in ["listening on 3000", "address in", ""] {
+            assert!(!says_address_in_use(line.as_bytes()), "{line}");
+        }
     }
 }

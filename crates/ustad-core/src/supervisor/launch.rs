@@ -50,6 +50,7 @@ impl Supervisor {
             notify_socket: wants_notify(spec).then(|| self.notify.path()),
             ipc: pair.as_ref().map(|(_, child)| child.as_fd()),
         };
+        let hint = launch.address_in_use_hint();
         let mut child = match spawn_worker(&launch) {
             Ok(child) => child,
             Err(error) => {
@@ -65,8 +66,9 @@ impl Supervisor {
                 error: "the process vanished at once".to_owned(),
             };
         };
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         self.output
-            .attach(pool, slot, id.0, child.stdout.take(), child.stderr.take());
+            .attach(pool, slot, id.0, stdout, stderr, Some(hint));
         let worker = WorkerRef {
             pool: Arc::from(pool),
             slot,
