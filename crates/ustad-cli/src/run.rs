@@ -139,6 +139,7 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
     pool.watchdog = flags.watchdog;
     pool.strict = flags.strict;
     pool.silent = flags.silent;
+    pool.preload = !flags.no_preload;
     if let Some(protocol) = flags.ipc {
         pool.ipc = Some(ustad_core::config::IpcSpec::new(protocol));
     }
@@ -217,6 +218,8 @@ pub(crate) fn run(
         options.config_file = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
     }
     options.output = output;
+    // Kept until the primary exits: workers load the library from it.
+    let _preload = install_preload();
     // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -228,6 +231,28 @@ pub(crate) fn run(
             SupervisorError::Invalid(_) => Failure::usage(error.to_string()),
             _ => Failure::runtime(error.to_string()),
         })
+}
+
+/// Makes the embedded preload library loadable and gives it to the engine, for pools with
+/// `preload` on (see `ustad_core::preload`). Without it ustad still runs: workers get their
+/// sockets as fd 3, 4, … only.
+fn install_preload() -> Option<crate::preload::Materialised> {
+    match crate::preload::materialise() {
+        Ok(Some(library)) => {
+            if ustad_core::preload::set_library(library.path.clone()).is_ok() {
+                tracing::debug!(event = "preload", path = %library.path.display(), "preload library at {}", library.path.display());
+            }
+            Some(library)
+        }
+        Ok(None) => None,
+        Err(error) => {
+            tracing::warn!(
+                event = "preload_unavailable",
+                "cannot make the preload library loadable ({error}): programs that bind their own port will not get ustad's sockets (they can take fd 3)"
+            );
+            None
+        }
+    }
 }
 
 /// `--name`, else the config file's stem, `demo` for the demo, or the pool's name.
@@ -338,6 +363,18 @@ mod tests {
         assert_eq!(app.ready, Readiness::Listening);
         let config = parse(&["ustad", "run", "--", "python3", "jobs.py"]).unwrap();
         assert_eq!(config.pools["app"].ready, Readiness::None);
+        // A program that binds the address itself gets ustad's socket, unless told otherwise.
+        assert!(app.preload);
+        let config = parse(&[
+            "ustad",
+            "run",
+            "-l",
+            "127.0.0.1:0",
+            "--no-preload",
+            "--",
+            "go-app",
+        ]);
+        assert!(!config.unwrap().pools["app"].preload);
     }
 
     #[test]
