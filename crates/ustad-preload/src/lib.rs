@@ -26,6 +26,11 @@
 //!    listening for every worker and for ustad.
 //! 4. **`unlink(path)`** of ustad's Unix socket file does nothing (and returns 0): programs
 //!    remove a stale file before they bind, which would leave ustad's socket unreachable.
+//! 5. **`fcntl(fd, F_SETFD, FD_CLOEXEC)`** and **`ioctl(fd, FIOCLEX)`** on the fds ustad
+//!    passed (3, 4, …) leave them inheritable: Node marks every fd it inherited close-on-exec
+//!    when it starts, so a launcher such as `npm start` would never pass them to the server it
+//!    starts. ustad holds its sockets for its whole life anyway; a child that inherits one
+//!    keeps nothing open that would not be open otherwise.
 //!
 //! Everything else goes to the next definition (libc's) untouched: other addresses and ports,
 //! port 0, datagram sockets, outgoing connections, and every call once the library found no
@@ -34,7 +39,7 @@
 //! # Children, and what the library cannot reach
 //!
 //! A worker's children (`npm start` → `sh` → `node`) inherit the environment and, unless a
-//! parent closed them, the fds; a socket counts in a process as long as its fd there still has
+//! parent closed them (Python's `subprocess` does, unless told `pass_fds`), the fds; a socket counts in a process as long as its fd there still has
 //! the inode ustad named, whatever `LISTEN_PID` says (which is for the worker itself). A
 //! second `bind` of the same address in one process gets the same socket again (a server
 //! closed and started again, a port probe). A program that unsets `LD_PRELOAD` keeps the

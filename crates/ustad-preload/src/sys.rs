@@ -1,10 +1,10 @@
 //! Every `unsafe` block of the library: the functions it defines in place of libc's (`bind`,
-//! `listen`, `shutdown`, `unlink`, `unlinkat`), the constructor that reads the table before
+//! `listen`, `shutdown`, `unlink`, `unlinkat`, `fcntl`, `fcntl64`, `ioctl`), the constructor that reads the table before
 //! the program's `main`, and the few libc calls it makes, declared here by hand (the library
 //! has no dependencies; the tests check the constants against the `libc` crate).
 //!
-//! What runs inside a `bind` allocates nothing and takes no lock: the table and libc's own
-//! definitions are looked up once, by the constructor, and read through `OnceLock::get`.
+//! What runs inside a `bind` allocates nothing and takes no lock: the table is read once, by
+//! the constructor, and libc's own definitions are looked up once each, without a lock.
 //!
 //! # Caveats
 //! - A definition found with `dlsym(RTLD_NEXT, …)` is the next one in the lookup order: a
@@ -14,10 +14,14 @@
 //!   these definitions.
 
 #![allow(unsafe_code)]
+// Test builds leave the exports out (a test binary keeps libc's definitions), so what only they
+// use looks unused there.
+#![cfg_attr(test, allow(dead_code))]
 
-use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::ffi::{c_char, c_int, c_uint, c_ulong, c_void};
 use std::io::Write;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use crate::addr::{Addr, FileId, SOCKADDR_MAX, Target};
 use crate::table::{self, Held, Table};
@@ -29,6 +33,7 @@ pub(crate) const SOCK_STREAM: c_int = 1;
 pub(crate) const IPPROTO_TCP: c_int = 6;
 pub(crate) const IPPROTO_MPTCP: c_int = 262;
 pub(crate) const F_GETFD: c_int = 1;
+pub(crate) const F_SETFD: c_int = 2;
 pub(crate) const F_GETFL: c_int = 3;
 pub(crate) const F_SETFL: c_int = 4;
 pub(crate) const FD_CLOEXEC: c_int = 1;
@@ -42,6 +47,7 @@ pub(crate) const STATX_TYPE: c_uint = 0x1;
 pub(crate) const STATX_INO: c_uint = 0x100;
 pub(crate) const S_IFMT: u16 = 0o170_000;
 pub(crate) const S_IFSOCK: u16 = 0o140_000;
+pub(crate) const FIOCLEX: c_ulong = 0x5451;
 pub(crate) const EADDRINUSE: c_int = 98;
 pub(crate) const ENOSYS: c_int = 38;
 /// `RTLD_NEXT`, `((void *) -1)` in glibc and musl.
@@ -73,7 +79,6 @@ const _: () = assert!(std::mem::size_of::<Statx>() == 256);
 unsafe extern "C" {
     fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
     fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int;
-    fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut u32)
     -> c_int;
     fn getsockname(fd: c_int, address: *mut c_void, len: *mut u32) -> c_int;
@@ -92,46 +97,62 @@ type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type ShutdownFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type UnlinkFn = unsafe extern "C" fn(*const c_char) -> c_int;
 type UnlinkatFn = unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
+/// `fcntl` and `ioctl` are variadic; their third argument, when there is one, is an integer or
+/// a pointer, which every supported ABI passes as it passes a `usize`.
+type FcntlFn = unsafe extern "C" fn(c_int, c_int, usize) -> c_int;
+type IoctlFn = unsafe extern "C" fn(c_int, c_ulong, usize) -> c_int;
 
-/// libc's definitions of what this library defines (the next ones in the lookup order).
-#[cfg_attr(test, allow(dead_code))]
+/// The next definition of a function this library defines (libc's), found on first use.
+/// Lock-free, so that a call made while it is being found (by the dynamic loader, say) cannot
+/// deadlock: at worst two threads both look it up.
 struct Next {
-    bind: Option<BindFn>,
-    listen: Option<ListenFn>,
-    shutdown: Option<ShutdownFn>,
-    unlink: Option<UnlinkFn>,
-    unlinkat: Option<UnlinkatFn>,
+    name: &'static std::ffi::CStr,
+    found: AtomicPtr<c_void>,
 }
 
-#[cfg_attr(test, allow(dead_code))]
-static NEXT: OnceLock<Next> = OnceLock::new();
-#[cfg_attr(test, allow(dead_code))]
+impl Next {
+    const fn new(name: &'static std::ffi::CStr) -> Next {
+        Next {
+            name,
+            found: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    fn get(&self) -> *mut c_void {
+        let found = self.found.load(Ordering::Acquire);
+        if !found.is_null() {
+            return found;
+        }
+        // SAFETY: dlsym takes a NUL-terminated name; RTLD_NEXT is a valid pseudo-handle.
+        let found = unsafe { dlsym(RTLD_NEXT, self.name.as_ptr()) };
+        self.found.store(found, Ordering::Release);
+        found
+    }
+}
+
+static NEXT_BIND: Next = Next::new(c"bind");
+static NEXT_LISTEN: Next = Next::new(c"listen");
+static NEXT_SHUTDOWN: Next = Next::new(c"shutdown");
+static NEXT_UNLINK: Next = Next::new(c"unlink");
+static NEXT_UNLINKAT: Next = Next::new(c"unlinkat");
+static NEXT_FCNTL: Next = Next::new(c"fcntl");
+static NEXT_FCNTL64: Next = Next::new(c"fcntl64");
+static NEXT_IOCTL: Next = Next::new(c"ioctl");
+
 static TABLE: OnceLock<Table> = OnceLock::new();
 
-#[cfg_attr(test, allow(dead_code))]
-fn next() -> &'static Next {
-    NEXT.get_or_init(|| {
-        let find = |name: &std::ffi::CStr| {
-            // SAFETY: dlsym takes a NUL-terminated name; RTLD_NEXT is a valid pseudo-handle.
-            unsafe { dlsym(RTLD_NEXT, name.as_ptr()) }
-        };
-        // SAFETY (for each): the symbol of that name in libc has exactly that C signature,
-        // and a null pointer becomes `None` (function pointers have a null niche).
-        unsafe {
-            Next {
-                bind: std::mem::transmute::<*mut c_void, Option<BindFn>>(find(c"bind")),
-                listen: std::mem::transmute::<*mut c_void, Option<ListenFn>>(find(c"listen")),
-                shutdown: std::mem::transmute::<*mut c_void, Option<ShutdownFn>>(find(c"shutdown")),
-                unlink: std::mem::transmute::<*mut c_void, Option<UnlinkFn>>(find(c"unlink")),
-                unlinkat: std::mem::transmute::<*mut c_void, Option<UnlinkatFn>>(find(c"unlinkat")),
-            }
-        }
-    })
-}
-
-#[cfg_attr(test, allow(dead_code))]
 fn table() -> &'static Table {
     TABLE.get_or_init(load)
+}
+
+/// libc's `fcntl`, which this library's own calls use (its `fcntl` is the one defined here).
+fn next_fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    // SAFETY: libc's fcntl has this ABI (see `FcntlFn`); null becomes `None`.
+    match unsafe { std::mem::transmute::<*mut c_void, Option<FcntlFn>>(NEXT_FCNTL.get()) } {
+        // SAFETY: the commands this library uses take an int or nothing.
+        Some(fcntl) => unsafe { fcntl(fd, cmd, arg) },
+        None => missing(),
+    }
 }
 
 fn errno() -> c_int {
@@ -145,7 +166,6 @@ fn set_errno(value: c_int) {
 }
 
 /// Fails as libc would without a definition to call.
-#[cfg_attr(test, allow(dead_code))]
 fn missing() -> c_int {
     set_errno(ENOSYS);
     -1
@@ -197,7 +217,6 @@ pub(crate) fn local_addr(fd: c_int) -> Option<Addr> {
 }
 
 /// Reads `USTAD_PRELOAD_FDS` and keeps each socket this process still has.
-#[cfg_attr(test, allow(dead_code))]
 fn load() -> Table {
     match std::env::var_os(crate::USTAD_PRELOAD_FDS) {
         Some(value) => load_from(std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str())),
@@ -273,8 +292,7 @@ fn decide_bind(table: &Table, fd: c_int, requested: &Addr) -> Bind {
 
 /// Puts ustad's socket (`ours`) in the program's fd, as the program had set that fd up.
 fn adopt(ours: c_int, fd: c_int) -> Bind {
-    // SAFETY: fcntl with F_GETFD/F_GETFL takes no third argument and only reads flags.
-    let (fd_flags, status) = unsafe { (fcntl(fd, F_GETFD), fcntl(fd, F_GETFL)) };
+    let (fd_flags, status) = (next_fcntl(fd, F_GETFD, 0), next_fcntl(fd, F_GETFL, 0));
     if fd_flags < 0 || status < 0 {
         return Bind::Failed(errno());
     }
@@ -289,12 +307,13 @@ fn adopt(ours: c_int, fd: c_int) -> Bind {
         return Bind::Failed(errno());
     }
     // O_NONBLOCK belongs to the socket description, shared by every holder of ustad's socket.
-    // SAFETY: F_GETFL reads flags; F_SETFL takes an int and changes only status flags.
-    unsafe {
-        let now = fcntl(fd, F_GETFL);
-        if now >= 0 && (now ^ status) & O_NONBLOCK != 0 {
-            fcntl(fd, F_SETFL, (now & !O_NONBLOCK) | (status & O_NONBLOCK));
-        }
+    let now = next_fcntl(fd, F_GETFL, 0);
+    if now >= 0 && (now ^ status) & O_NONBLOCK != 0 {
+        next_fcntl(
+            fd,
+            F_SETFL,
+            ((now & !O_NONBLOCK) | (status & O_NONBLOCK)) as usize,
+        );
     }
     Bind::Adopted
 }
@@ -377,11 +396,57 @@ fn is_ustads_file(table: &Table, dirfd: c_int, path: *const c_char) -> bool {
     ours
 }
 
+/// Whether `fd` is one of the fds ustad passed (3, 4, …), still holding its socket: those
+/// stay inheritable.
+fn is_passed_fd(table: &Table, fd: c_int) -> bool {
+    let saved = errno();
+    let passed = table
+        .by_fd(fd)
+        .is_some_and(|held| socket_inode(fd) == Some(held.passed.inode));
+    set_errno(saved);
+    passed
+}
+
+/// What `fcntl` does: `F_SETFD` with `FD_CLOEXEC` on a passed fd clears the flag instead of
+/// setting it (Node marks every inherited fd close-on-exec when it starts, and a launcher such
+/// as npm would then never pass ustad's sockets to the server it starts).
+fn on_fcntl(table: Option<&Table>, fd: c_int, cmd: c_int, arg: usize, next: FcntlFn) -> c_int {
+    let arg = match table {
+        Some(table)
+            if cmd == F_SETFD && arg as c_int & FD_CLOEXEC != 0 && is_passed_fd(table, fd) =>
+        {
+            (arg as c_int & !FD_CLOEXEC) as usize
+        }
+        _ => arg,
+    };
+    // SAFETY: the next fcntl, with the caller's arguments (or fewer flags).
+    unsafe { next(fd, cmd, arg) }
+}
+
+/// Whether `ioctl(fd, request)` is `FIOCLEX` on a passed fd, which then does nothing (as
+/// [`on_fcntl`]).
+fn ignores_ioctl(table: Option<&Table>, fd: c_int, request: c_ulong) -> bool {
+    request == FIOCLEX && table.is_some_and(|table| is_passed_fd(table, fd))
+}
+
 /// The definitions that take libc's place, in the library only (a test binary keeps libc's).
 /// `no_mangle` exports them from the library whatever their Rust visibility.
 #[cfg(not(test))]
 mod exports {
     use super::*;
+
+    /// The next definition as a function of type `F`, or `None`.
+    ///
+    /// # Safety
+    /// `F` must be a function pointer type with the C signature of the symbol `next` finds.
+    unsafe fn call<F: Copy>(next: &Next) -> Option<F> {
+        let found = next.get();
+        if found.is_null() {
+            return None;
+        }
+        // SAFETY: the caller's: `F` is the symbol's signature, and it is not null.
+        Some(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&found) })
+    }
 
     /// `bind(2)`: ustad's socket for an address it holds; libc's `bind` otherwise.
     ///
@@ -389,7 +454,8 @@ mod exports {
     /// As for libc's `bind`: `address` points to `len` readable bytes.
     #[unsafe(no_mangle)]
     unsafe extern "C" fn bind(fd: c_int, address: *const c_void, len: u32) -> c_int {
-        let pass = || match next().bind {
+        // SAFETY: libc's bind has this signature.
+        let pass = || match unsafe { call::<BindFn>(&NEXT_BIND) } {
             // SAFETY: libc's bind, with the caller's own arguments.
             Some(bind) => unsafe { bind(fd, address, len) },
             None => missing(),
@@ -404,7 +470,8 @@ mod exports {
         if is_ustads(table(), fd) {
             return 0;
         }
-        match next().listen {
+        // SAFETY: libc's listen has this signature.
+        match unsafe { call::<ListenFn>(&NEXT_LISTEN) } {
             // SAFETY: libc's listen, with the caller's own arguments.
             Some(listen) => unsafe { listen(fd, backlog) },
             None => missing(),
@@ -418,7 +485,8 @@ mod exports {
         if is_ustads(table(), fd) {
             return 0;
         }
-        match next().shutdown {
+        // SAFETY: libc's shutdown has this signature.
+        match unsafe { call::<ShutdownFn>(&NEXT_SHUTDOWN) } {
             // SAFETY: libc's shutdown, with the caller's own arguments.
             Some(shutdown) => unsafe { shutdown(fd, how) },
             None => missing(),
@@ -434,7 +502,8 @@ mod exports {
         if is_ustads_file(table(), AT_FDCWD, path) {
             return 0;
         }
-        match next().unlink {
+        // SAFETY: libc's unlink has this signature.
+        match unsafe { call::<UnlinkFn>(&NEXT_UNLINK) } {
             // SAFETY: libc's unlink, with the caller's own argument.
             Some(unlink) => unsafe { unlink(path) },
             None => missing(),
@@ -450,9 +519,47 @@ mod exports {
         if flags & AT_REMOVEDIR == 0 && is_ustads_file(table(), dirfd, path) {
             return 0;
         }
-        match next().unlinkat {
+        // SAFETY: libc's unlinkat has this signature.
+        match unsafe { call::<UnlinkatFn>(&NEXT_UNLINKAT) } {
             // SAFETY: libc's unlinkat, with the caller's own arguments.
             Some(unlinkat) => unsafe { unlinkat(dirfd, path, flags) },
+            None => missing(),
+        }
+    }
+
+    /// `fcntl(2)`: ustad's passed fds stay inheritable (see [`on_fcntl`]). The table is not
+    /// read from here (only looked at once read), so that no call made while it is being read
+    /// can wait for itself.
+    #[unsafe(no_mangle)]
+    extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+        // SAFETY: libc's fcntl has this ABI (see `FcntlFn`).
+        match unsafe { call::<FcntlFn>(&NEXT_FCNTL) } {
+            Some(next) => on_fcntl(TABLE.get(), fd, cmd, arg, next),
+            None => missing(),
+        }
+    }
+
+    /// `fcntl64`, which programs built against glibc 2.28 or later call: as [`fcntl`].
+    #[unsafe(no_mangle)]
+    extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+        // SAFETY: libc's fcntl64 and fcntl have this ABI (see `FcntlFn`).
+        let next = unsafe { call::<FcntlFn>(&NEXT_FCNTL64).or_else(|| call(&NEXT_FCNTL)) };
+        match next {
+            Some(next) => on_fcntl(TABLE.get(), fd, cmd, arg, next),
+            None => missing(),
+        }
+    }
+
+    /// `ioctl(2)`: `FIOCLEX` on ustad's passed fds does nothing (see [`on_fcntl`]).
+    #[unsafe(no_mangle)]
+    extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: usize) -> c_int {
+        if ignores_ioctl(TABLE.get(), fd, request) {
+            return 0;
+        }
+        // SAFETY: libc's ioctl has this ABI (see `IoctlFn`).
+        match unsafe { call::<IoctlFn>(&NEXT_IOCTL) } {
+            // SAFETY: libc's ioctl, with the caller's own arguments.
+            Some(ioctl) => unsafe { ioctl(fd, request, arg) },
             None => missing(),
         }
     }
@@ -461,7 +568,6 @@ mod exports {
     /// are still as ustad left them (a program may clear one or close the other before it
     /// binds).
     extern "C" fn init() {
-        next();
         table();
     }
 
@@ -484,6 +590,8 @@ mod tests {
         assert_eq!(IPPROTO_TCP, libc::IPPROTO_TCP);
         assert_eq!(IPPROTO_MPTCP, libc::IPPROTO_MPTCP);
         assert_eq!(F_GETFD, libc::F_GETFD);
+        assert_eq!(F_SETFD, libc::F_SETFD);
+        assert_eq!(FIOCLEX, libc::FIOCLEX);
         assert_eq!(F_GETFL, libc::F_GETFL);
         assert_eq!(F_SETFL, libc::F_SETFL);
         assert_eq!(FD_CLOEXEC, libc::FD_CLOEXEC);
@@ -734,5 +842,61 @@ mod tests {
         assert!(!is_ustads_file(&table, AT_FDCWD, c_other.as_ptr()));
         assert!(!is_ustads_file(&table, AT_FDCWD, std::ptr::null()));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// libc's fcntl, as the next definition.
+    fn libc_fcntl() -> FcntlFn {
+        // SAFETY: libc's fcntl has this ABI (see `FcntlFn`).
+        unsafe { std::mem::transmute::<*mut c_void, FcntlFn>(NEXT_FCNTL.get()) }
+    }
+
+    #[test]
+    fn passed_fds_stay_inheritable_and_other_fds_do_as_they_are_told() {
+        let ustads = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = ustads.as_raw_fd();
+        let inode = socket_inode(fd).unwrap();
+        let table = load_from(format!("{fd}:{inode}").as_bytes());
+        let cloexec = |fd| flags(fd).0 & libc::FD_CLOEXEC != 0;
+        assert!(cloexec(fd), "std's sockets are close-on-exec");
+        assert_eq!(on_fcntl(Some(&table), fd, F_SETFD, 0, libc_fcntl()), 0);
+        assert!(!cloexec(fd));
+        // As Node's uv_disable_stdio_inheritance does on every fd it inherited:
+        assert_eq!(
+            on_fcntl(Some(&table), fd, F_SETFD, FD_CLOEXEC as usize, libc_fcntl()),
+            0
+        );
+        assert!(!cloexec(fd), "ustad's fd stays inheritable");
+        assert!(ignores_ioctl(Some(&table), fd, FIOCLEX));
+        assert!(!ignores_ioctl(Some(&table), fd, FIOCLEX + 1));
+        assert!(
+            !ignores_ioctl(None, fd, FIOCLEX),
+            "before the table is read"
+        );
+
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ofd = other.as_raw_fd();
+        assert_eq!(on_fcntl(Some(&table), ofd, F_SETFD, 0, libc_fcntl()), 0);
+        assert!(!cloexec(ofd));
+        assert_eq!(
+            on_fcntl(
+                Some(&table),
+                ofd,
+                F_SETFD,
+                FD_CLOEXEC as usize,
+                libc_fcntl()
+            ),
+            0
+        );
+        assert!(cloexec(ofd), "another fd does as it is told");
+        assert!(!ignores_ioctl(Some(&table), ofd, FIOCLEX));
+        assert_eq!(
+            on_fcntl(None, fd, F_SETFD, FD_CLOEXEC as usize, libc_fcntl()),
+            0
+        );
+        assert!(cloexec(fd), "without a table, nothing is ustad's");
+        assert_eq!(
+            on_fcntl(Some(&table), fd, F_GETFL, 0, libc_fcntl()),
+            flags(fd).1
+        );
     }
 }

@@ -108,6 +108,11 @@ impl Table {
         self.iter().find(|held| held.passed.inode == inode)
     }
 
+    /// The socket ustad passed at this fd.
+    pub(crate) fn by_fd(&self, fd: i32) -> Option<&Held> {
+        self.iter().find(|held| held.passed.fd == fd)
+    }
+
     /// Whether ustad passed a Unix socket bound to this file.
     pub(crate) fn holds_file(&self, file: FileId) -> bool {
         self.iter().any(|held| held.passed.file == Some(file))
@@ -206,6 +211,8 @@ mod tests {
         assert!(fds("127.0.0.1:5000").is_empty());
         assert!(table.by_inode(104).is_some());
         assert!(table.by_inode(99).is_none());
+        assert_eq!(table.by_fd(4).map(|h| h.passed.inode), Some(104));
+        assert!(table.by_fd(6).is_none());
         assert!(!table.has_files());
         assert!(!table.is_empty());
         assert!(Table::new([]).is_empty());
