@@ -11,6 +11,7 @@ mod listening;
 mod metrics;
 mod node_ipc;
 mod notify;
+mod preload;
 mod rollout;
 mod systemd;
 mod top;
