@@ -102,9 +102,9 @@ type UnlinkatFn = unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
 type FcntlFn = unsafe extern "C" fn(c_int, c_int, usize) -> c_int;
 type IoctlFn = unsafe extern "C" fn(c_int, c_ulong, usize) -> c_int;
 
-/// The next definition of a function this library defines (libc's), found on first use.
-/// Lock-free, so that a call made while it is being found (by the dynamic loader, say) cannot
-/// deadlock: at worst two threads both look it up.
+/// The next definition of a function this library defines (libc's), found by the constructor
+/// (or on first use, if a call comes before it). Lock-free, so that a call made while it is
+/// being found cannot deadlock: at worst two threads both look it up.
 struct Next {
     name: &'static std::ffi::CStr,
     found: AtomicPtr<c_void>,
@@ -569,6 +569,20 @@ mod exports {
     /// binds).
     extern "C" fn init() {
         table();
+        // Found now, while the process has one thread: a forked child (libuv's, between fork
+        // and exec) must never have to call dlsym, which takes the loader's lock.
+        for next in [
+            &NEXT_BIND,
+            &NEXT_LISTEN,
+            &NEXT_SHUTDOWN,
+            &NEXT_UNLINK,
+            &NEXT_UNLINKAT,
+            &NEXT_FCNTL,
+            &NEXT_FCNTL64,
+            &NEXT_IOCTL,
+        ] {
+            next.get();
+        }
     }
 
     #[used]
