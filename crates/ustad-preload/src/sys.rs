@@ -1,7 +1,8 @@
 //! Every `unsafe` block of the library: the functions it defines in place of libc's (`bind`,
-//! `listen`, `shutdown`, `unlink`, `unlinkat`, `fcntl`, `fcntl64`, `ioctl`), the constructor that reads the table before
-//! the program's `main`, and the few libc calls it makes, declared here by hand (the library
-//! has no dependencies; the tests check the constants against the `libc` crate).
+//! `listen`, `shutdown`, `unlink`, `unlinkat`, `fcntl`, `fcntl64`, `ioctl`), the constructor
+//! that reads the table before the program's `main`, and the few libc calls it makes, declared
+//! here by hand (the library has no dependencies; the tests check the constants against the
+//! `libc` crate).
 //!
 //! What runs inside a `bind` allocates nothing and takes no lock: the table is read once, by
 //! the constructor, and libc's own definitions are looked up once each, without a lock.
@@ -97,10 +98,11 @@ type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type ShutdownFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type UnlinkFn = unsafe extern "C" fn(*const c_char) -> c_int;
 type UnlinkatFn = unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
-/// `fcntl` and `ioctl` are variadic; their third argument, when there is one, is an integer or
-/// a pointer, which every supported ABI passes as it passes a `usize`.
-type FcntlFn = unsafe extern "C" fn(c_int, c_int, usize) -> c_int;
-type IoctlFn = unsafe extern "C" fn(c_int, c_ulong, usize) -> c_int;
+/// libc's `fcntl` and `ioctl` are variadic, and called as such. Their third argument, when
+/// there is one, is an integer or a pointer: this library's own definitions take it as a
+/// `usize`, where every supported ABI passes it for a variadic call too.
+type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+type IoctlFn = unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int;
 
 /// The next definition of a function this library defines (libc's), found by the constructor
 /// (or on first use, if a call comes before it). Lock-free, so that a call made while it is
