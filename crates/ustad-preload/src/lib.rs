@@ -7,11 +7,11 @@
 //! ustad binds each socket of a pool itself, before any worker starts, and passes it to every
 //! worker at fd 3, 4, … (`LISTEN_FDS`). With a pool's `preload` on (the default), it also sets
 //! `LD_PRELOAD` to this library and `USTAD_PRELOAD_FDS` to the identities of those fds (see
-//! [`table`]). When the library is loaded, before the program's `main`, it learns from
+//! `table.rs`). When the library is loaded, before the program's `main`, it learns from
 //! `getsockname` where each of them listens. Then:
 //!
 //! 1. **`bind(fd, address)`** on a stream socket, for an address one of them holds (see
-//!    [`addr::rank`]: same port, and the same address, or a wildcard on either side, or
+//!    `addr::rank`: same port, and the same address, or a wildcard on either side, or
 //!    `localhost` in either family, IPv4-mapped IPv6 addresses as their IPv4 address; a Unix
 //!    socket file by its device and inode; an abstract name by its bytes), puts ustad's socket
 //!    in `fd` with `dup3` and returns 0. `fd` keeps its close-on-exec flag and its
@@ -48,7 +48,7 @@
 //! they must take fd 3 (`LISTEN_FDS`).
 //!
 //! The library is built from this crate by `crates/ustad-cli/build.rs`, with `rustc` alone: it
-//! has no dependencies, so its few libc declarations and constants are written out in [`sys`]
+//! has no dependencies, so its few libc declarations and constants are written out in `sys.rs`
 //! (its tests check them against the `libc` crate).
 
 /// The variable that lists the sockets to hand out (`ustad_proto::env::USTAD_PRELOAD_FDS`;
