@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The Node app that binds its own port (bench/node/app.js: server.listen(PORT, HOST)), with 2
 # workers, under Node's cluster module, PM2 and ustad (its bind gets ustad's socket through the
-# preload library), side by side in one run, plus ustad with the same app taking fd 3, for
-# reference. Measured with wrk: throughput (keep-alive and new connections), balance between
+# preload library), side by side in one run, plus ustad with the same app taking fd 3, with and
+# without the library, for reference. Measured with wrk: throughput (keep-alive and new connections), balance between
 # the workers (X-Worker-Pid counts), and errors during rolling restarts under load. Every run
-# measures every configuration once, in turn; the summary quotes medians and ratios.
+# measures every configuration once, in turn; the summary quotes medians and ratios. Besides
+# requests per second, it records the CPU time the manager and its workers spent per request
+# (from /proc), which the other load of a shared machine disturbs far less.
 #
-#   bash bench/self_bind.sh                       # ~10 minutes with the defaults
+#   bash bench/self_bind.sh                       # ~12 minutes with the defaults
 #   RUNS=1 DURATION=2 bash bench/self_bind.sh     # a quick look
 #
 # Knobs: RUNS=3 DURATION=4 (seconds per throughput measurement) BALANCE_DURATION=2
 # CONNECTIONS=64 THREADS=2 RELOADS=3 RELOAD_GAP=2 (rolling restarts under load, seconds apart)
-# CONFIGS="node-rr pm2 ustad-self ustad-self-rp ustad-fd3" (ustad-self-rp: with --reuseport,
-# each worker's bind gets its slot's socket) PORT_BASE=18180 USTAD=path PM2=path
+# CONFIGS="node-rr pm2 ustad-self ustad-self-rp ustad-fd3 ustad-fd3-off" (ustad-self-rp: with
+# --reuseport, each worker's bind gets its slot's socket; ustad-fd3-off: the fd-3 app without
+# the preload library, --no-preload, for what loading it costs) PORT_BASE=18180 USTAD=path
+# PM2=path
 # RESULTS=dir (default bench/results/self_bind-<timestamp>).
 #
 # Under ustad the app is started as `sh -c 'unset LISTEN_FDS LISTEN_PID LISTEN_FDNAMES; exec
@@ -34,7 +38,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 RELOADS=${RELOADS:-3}
 RELOAD_GAP=${RELOAD_GAP:-2}
-CONFIGS=${CONFIGS:-node-rr pm2 ustad-self ustad-self-rp ustad-fd3}
+CONFIGS=${CONFIGS:-node-rr pm2 ustad-self ustad-self-rp ustad-fd3 ustad-fd3-off}
 PORT_BASE=${PORT_BASE:-18180}
 HOST=127.0.0.1
 WORKERS=2
@@ -121,9 +125,11 @@ start_config() { # NAME INDEX
       say "ustad run -w $WORKERS -l $HOST:$PORT ${flags[*]} -e HOST=$HOST -- sh -c '$self'"
       setsid "$USTAD" run --name "bench-$PORT" -w $WORKERS -l "$HOST:$PORT" "${flags[@]}" -e HOST=$HOST --color never -- sh -c "$self" >>"$logfile" 2>&1 &
       SERVER=$! ;;
-    ustad-fd3)
-      say "ustad run -w $WORKERS -l $HOST:$PORT -- node $APP"
-      setsid "$USTAD" run --name "bench-$PORT" -w $WORKERS -l "$HOST:$PORT" --color never -- node "$APP" >>"$logfile" 2>&1 &
+    ustad-fd3 | ustad-fd3-off)
+      local flags=()
+      [[ $name == ustad-fd3-off ]] && flags=(--no-preload)
+      say "ustad run -w $WORKERS -l $HOST:$PORT ${flags[*]} -- node $APP"
+      setsid "$USTAD" run --name "bench-$PORT" -w $WORKERS -l "$HOST:$PORT" "${flags[@]}" --color never -- node "$APP" >>"$logfile" 2>&1 &
       SERVER=$! ;;
     *) die "unknown configuration $name" ;;
   esac
@@ -191,6 +197,30 @@ wrk_run() { # SECONDS MODE(ka|nc) COUNT(0|1) OUT [background]
   fi
 }
 
+CLK_TCK=$(getconf CLK_TCK)
+
+tree_ticks() { # PID: CPU time (user + system, clock ticks) of PID and every descendant alive
+  python3 - "$1" <<'PY'
+import os, sys
+stats = {}
+for name in os.listdir("/proc"):
+    if name.isdigit():
+        try:
+            fields = open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+root, total, todo = int(sys.argv[1]), 0, [int(sys.argv[1])]
+while todo:
+    pid = todo.pop()
+    total += stats.get(pid, (0, 0))[1]
+    todo += [child for child, (ppid, _) in stats.items() if ppid == pid]
+print(total)
+PY
+}
+
+root_pid() { [[ $CONFIG == pm2 ]] && echo "$PM2_DAEMON" || echo "$SERVER"; }
+
 busy_pct() { # the machine's CPU use over half a second, in %
   local a b
   read -r _ a1 a2 a3 a4 a5 a6 a7 a8 _ </proc/stat
@@ -205,7 +235,13 @@ measure() {
   wrk_run 1 ka 0 /dev/null # warm-up
   for mode in ka nc; do
     record "${mode}_busy_before_pct" "$(busy_pct)"
+    local ticks
+    ticks=$(tree_ticks "$(root_pid)")
     wrk_run "$DURATION" $mode 0 "$out-$mode.txt"
+    ticks=$(($(tree_ticks "$(root_pid)") - ticks))
+    # CPU time of the manager and its workers per request: what the other load of a shared
+    # machine changes least.
+    record "${mode}_cpu_us_per_req" "$(awk "BEGIN {print 1e6 * $ticks / $CLK_TCK / $(field "$out-$mode.txt" requests)}")"
     record "${mode}_rps" "$(field "$out-$mode.txt" rps)"
     record "${mode}_p99_us" "$(field "$out-$mode.txt" p99_us)"
     record "${mode}_errors" "$(errors_of "$out-$mode.txt")"
@@ -259,12 +295,14 @@ def total(config, key):
     return sum(values.get((config, key), []))
 base = "node-rr" if "node-rr" in configs else configs[0]
 print(f"medians of {len(set(r[0] for r in rows))} runs; ratios to {base}\n")
-print("| | keep-alive req/s | ratio | new-conn req/s | ratio | p99 new-conn | balance max/min (new conn) | errors in rolling restarts (ka + nc, all runs) | requests during them |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| | keep-alive req/s | ratio | CPU µs/req | ratio | new-conn req/s | ratio | CPU µs/req | ratio | balance max/min (new conn) | errors in rolling restarts (ka + nc, all runs) | requests during them |")
+print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
 for c in configs:
-    ka, nc = med(c, "ka_rps"), med(c, "nc_rps")
-    print(f"| {c} | {ka:,.0f} | {ka / med(base, 'ka_rps'):.2f} | {nc:,.0f} | {nc / med(base, 'nc_rps'):.2f} | "
-          f"{med(c, 'nc_p99_us') / 1000:.1f} ms | {med(c, 'nc_balance'):.2f} | "
+    cells = []
+    for mode in ("ka", "nc"):
+        rps, cpu = med(c, f"{mode}_rps"), med(c, f"{mode}_cpu_us_per_req")
+        cells += [f"{rps:,.0f}", f"{rps / med(base, f'{mode}_rps'):.2f}", f"{cpu:.1f}", f"{cpu / med(base, f'{mode}_cpu_us_per_req'):.2f}"]
+    print(f"| {c} | " + " | ".join(cells) + f" | {med(c, 'nc_balance'):.2f} | "
           f"{total(c, 'restart_ka_errors') + total(c, 'restart_nc_errors'):.0f} | "
           f"{total(c, 'restart_ka_requests') + total(c, 'restart_nc_requests'):,.0f} |")
 busy = [v for (c, k), vs in values.items() if k.endswith("busy_before_pct") for v in vs]

@@ -33,6 +33,7 @@ fn main() {
             "cargo:warning=ustad: no preload library for {target}: programs that bind their own port will not get ustad's sockets (they can take fd 3)"
         );
         std::fs::write(&out, b"").expect("writing an empty preload library");
+        println!("cargo:rustc-env=USTAD_PRELOAD_FNV=0");
         return;
     }
 
@@ -65,4 +66,14 @@ fn main() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    // Its hash, for src/preload.rs to check a copy against without reading the embedded bytes.
+    let library = std::fs::read(&out).expect("reading the preload library");
+    println!("cargo:rustc-env=USTAD_PRELOAD_FNV={}", fnv1a(&library));
+}
+
+/// FNV-1a, 64 bits (the same as src/preload.rs's).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
