@@ -9,7 +9,7 @@
 //! contents.
 //!
 //! The bytes are copied from the executable file, not from the embedded copy in memory: reading
-//! that would map its ~350 KiB into the primary's resident memory for good. Copies are checked
+//! that would map its ~330 KiB into the primary's resident memory for good. Copies are checked
 //! against the hash `build.rs` computed.
 
 use std::fs::File;
