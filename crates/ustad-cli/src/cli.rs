@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ustad_core::config::value::parse_duration;
-use ustad_core::config::{ByteSize, IpcProtocol, Readiness, Signal, Size};
+use ustad_core::config::{Budget, ByteSize, IpcProtocol, Readiness, Signal, Size};
 
 /// Run any program as a supervised cluster of worker processes: shared sockets, readiness,
 /// restarts, zero-downtime rolling restarts, graceful stop.
@@ -71,11 +71,37 @@ pub(crate) enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
-    /// Stop every worker gracefully; the primary exits once they are gone.
+    /// Stop every worker gracefully; the primary exits once they are gone. With a worker
+    /// id: stop that one worker, not replaced (its slot stays empty until `ustad restart
+    /// POOL` or `ustad scale`).
     Stop {
+        /// Only this worker.
+        #[arg(value_name = "WORKER_ID")]
+        worker: Option<u64>,
         /// Give workers this long before they are killed, instead of their kill_timeout.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         timeout: Option<Duration>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Send a signal to a worker's process group, or to every worker of a pool (a worker it
+    /// ends is replaced, as any worker that dies).
+    Kill {
+        /// A pool name or a worker id.
+        #[arg(value_name = "POOL|WORKER_ID")]
+        what: String,
+        /// The signal: SIGTERM, TERM, SIGUSR1…
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Follow what happens in the cluster, one line per event (spawned, ready, exited with its
+    /// code or signal, rollouts…), for scripts and hooks.
+    Events {
+        /// One JSON object per line, with the event's fields as keys.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -239,6 +265,15 @@ pub(crate) struct PoolFlags {
     #[arg(long)]
     pub(crate) strict: bool,
 
+    /// Replacements a rolling restart starts at once: a count or a share of the pool (25%)
+    /// [default: 1].
+    #[arg(long, value_name = "N|P%")]
+    pub(crate) max_surge: Option<Budget>,
+
+    /// Slots a rolling restart may leave without a serving worker at once [default: 0].
+    #[arg(long, value_name = "N|P%")]
+    pub(crate) max_unavailable: Option<Budget>,
+
     /// The signal that asks a worker to stop [default: SIGTERM].
     #[arg(long, value_name = "SIGNAL")]
     pub(crate) stop_signal: Option<Signal>,
@@ -271,6 +306,14 @@ pub(crate) struct PoolFlags {
     /// The workers' working directory.
     #[arg(long, value_name = "DIR")]
     pub(crate) cwd: Option<PathBuf>,
+
+    /// Run the workers as this user (name or uid), with its groups; ustad must be root.
+    #[arg(long, value_name = "USER")]
+    pub(crate) user: Option<String>,
+
+    /// Run the workers with this group (name or gid) instead of the user's.
+    #[arg(long, value_name = "GROUP")]
+    pub(crate) group: Option<String>,
 }
 
 impl PoolFlags {
@@ -296,6 +339,8 @@ impl PoolFlags {
         note(self.max_memory.is_some(), "--max-memory");
         note(self.watchdog.is_some(), "--watchdog");
         note(self.strict, "--strict");
+        note(self.max_surge.is_some(), "--max-surge");
+        note(self.max_unavailable.is_some(), "--max-unavailable");
         note(self.stop_signal.is_some(), "--stop-signal");
         note(self.ipc.is_some(), "--ipc");
         note(self.stop_grace.is_some(), "--stop-grace");
@@ -303,6 +348,8 @@ impl PoolFlags {
         note(self.no_preload, "--no-preload");
         note(!self.env.is_empty(), "--env");
         note(self.cwd.is_some(), "--cwd");
+        note(self.user.is_some(), "--user");
+        note(self.group.is_some(), "--group");
         given
     }
 }

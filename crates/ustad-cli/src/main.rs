@@ -45,14 +45,33 @@ fn main() -> ExitCode {
         } => client::reload(&target.target(), pools, wait),
         Command::Scale { pool, size, target } => client::scale(&target.target(), pool, &size),
         Command::Restart { what, target } => client::restart(&target.target(), &what),
-        Command::Stop { timeout, target } => client::stop(&target.target(), timeout),
+        Command::Stop {
+            worker: Some(id),
+            timeout: _,
+            target,
+        } => client::stop_worker(&target.target(), id),
+        Command::Stop {
+            worker: None,
+            timeout,
+            target,
+        } => client::stop(&target.target(), timeout),
+        Command::Kill {
+            what,
+            signal,
+            target,
+        } => client::kill(&target.target(), &what, &signal),
+        Command::Events { json, target } => client::events(&target.target(), json),
         Command::Logs {
             pool,
             follow,
             lines,
             target,
         } => client::logs(&target.target(), pool, lines, follow),
-        Command::Top { interval, target } => match top::run(&target.target(), interval) {
+        Command::Top { interval, target } => match top::run(
+            &target.target(),
+            interval,
+            logging::use_color(cli.color, std::io::stdout().is_terminal()),
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => exit::Failure::runtime(format!("{error:#}")).report(),
         },

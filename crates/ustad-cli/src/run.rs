@@ -138,6 +138,8 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
     pool.max_memory = flags.max_memory;
     pool.watchdog = flags.watchdog;
     pool.strict = flags.strict;
+    pool.max_surge = flags.max_surge;
+    pool.max_unavailable = flags.max_unavailable;
     pool.silent = flags.silent;
     pool.preload = !flags.no_preload;
     if let Some(protocol) = flags.ipc {
@@ -156,6 +158,8 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
         pool.env.insert(key.to_owned(), value.to_owned());
     }
     pool.cwd = flags.cwd.clone();
+    pool.user = flags.user.clone();
+    pool.group = flags.group.clone();
     let name = flags
         .pool
         .clone()
@@ -220,9 +224,14 @@ pub(crate) fn run(
     options.output = output;
     // Kept until the primary exits: workers load the library from it.
     let _preload = install_preload();
-    // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG).
+    // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG). Writing
+    // to ustad's stdout and stderr (the relay of workers' output) is the only blocking work,
+    // one write at a time per stream: two threads at most, gone after a second of quiet (tokio's
+    // default, 512 threads kept for 10 s, showed as threads appearing after each reload).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(2)
+        .thread_keep_alive(std::time::Duration::from_secs(1))
         .build()
         .map_err(|e| Failure::runtime(format!("cannot start the runtime: {e}")))?;
     runtime

@@ -122,6 +122,155 @@ fn scale_grows_and_shrinks_a_pool_from_the_highest_slot() {
     );
 }
 
+/// Reliability issue, part 1: sizes and deltas from a control client are bounded; none of them
+/// takes the primary (and every worker) down.
+#[test]
+fn absurd_sizes_and_deltas_are_refused_and_the_primary_lives_on() {
+    let mut run = Run::start(&["run", "-w", "2", "--", &test_worker()]);
+    run.wait_ready(2);
+    for (size, says) in [
+        ("18446744073709551615", "processes"),
+        ("4294967296", "processes"),
+        ("+9223372036854775807", "processes"),
+        (
+            "-9223372036854775808",
+            "cannot shrink by 9223372036854775808",
+        ),
+    ] {
+        let refused = run.client(&["scale", "app", size]);
+        assert_eq!(refused.code, Some(1), "{size}: {refused:?}");
+        assert!(refused.stderr.contains(says), "{size}: {refused:?}");
+    }
+    // Still there, still serving both workers.
+    assert_eq!(worker_pids(&status_json(&run), "app").len(), 2);
+    run.stop();
+}
+
+/// Reliability issue, part 5: a crash loop's backoff shows where operators look.
+#[test]
+fn status_shows_each_backing_off_slot_with_its_failures_and_next_attempt() {
+    let mut run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "--restart-delay",
+        "30s",
+        "--",
+        &test_worker(),
+        "--exit-code",
+        "3",
+    ]);
+    run.cluster
+        .wait_events(|e| e.is("restart_scheduled"), 2, TIMEOUT);
+    let status = status_json(&run);
+    let waiting = status["pools"][0]["waiting"]
+        .as_array()
+        .expect("waiting slots");
+    assert_eq!(waiting.len(), 2, "{status}");
+    for slot in waiting {
+        assert_eq!(slot["failures"], 1, "{slot}");
+        let next = slot["next_attempt_secs"].as_f64().expect("a time");
+        assert!(next > 0.0 && next <= 30.0, "{slot}");
+        assert_eq!(slot["last_exit"]["status"], "exit code 3", "{slot}");
+    }
+    let table = run.client(&["status"]).ok();
+    assert!(
+        table.contains("backoff: 1 failed start, next in"),
+        "{table}"
+    );
+    assert!(table.contains("exit code 3 (crash)"), "{table}");
+    run.stop();
+}
+
+/// Issue "What users still miss", part 1: one worker at a time from the command line.
+#[test]
+fn stop_one_worker_kill_a_pool_and_follow_the_events_as_json() {
+    let mut run = Run::start(&["run", "-w", "2", "--ready", "notify", "--", &test_worker()]);
+    run.wait_ready(2);
+    // `ustad events --json` follows everything that happens, with exit codes and signals.
+    let control = run.control();
+    let events_out = run.path("events.jsonl");
+    let mut follow = std::process::Command::new(crate::util::ustad());
+    follow
+        .args(["events", "--json", "--control"])
+        .arg(&control)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&events_out).unwrap());
+    let mut follower = ustad_testkit::process::ProcessGuard::spawn(&mut follow).unwrap();
+    // It follows from when it connected: grow the pool until it has seen that happen.
+    let mut size = 2;
+    let subscribed = std::time::Instant::now() + TIMEOUT;
+    while !std::fs::read_to_string(&events_out)
+        .unwrap()
+        .contains("\"scaled\"")
+    {
+        assert!(
+            std::time::Instant::now() < subscribed,
+            "the follower saw nothing"
+        );
+        size += 1;
+        run.client(&["scale", "app", &size.to_string()]).ok();
+        run.wait_ready(size);
+    }
+    let ready = run.wait_ready(size);
+    let target = pid(&ready[1]) as u64;
+    let id = ready[1].u64("id").unwrap();
+    let out = run.client(&["stop", &id.to_string()]).ok();
+    assert!(out.contains("slot stays empty"), "{out}");
+    let exit = run
+        .cluster
+        .wait_event(|e| e.is("exited") && e.u64("id") == Some(id), TIMEOUT);
+    assert_eq!(exit.str("reason"), Some("operator"), "{exit}");
+    // Not replaced: one worker, and the slot shows why it is empty.
+    let table = run.client(&["status"]).ok();
+    assert!(table.contains("empty: stopped by an operator"), "{table}");
+    assert_eq!(worker_pids(&status_json(&run), "app").len(), size - 1);
+    // kill POOL SIGNAL: every worker of the pool; a ready worker that dies is replaced at once.
+    let killed = run.client(&["kill", "app", "SIGKILL"]).ok();
+    assert!(
+        killed.contains(&format!("sent SIGKILL to {} workers", size - 1)),
+        "{killed}"
+    );
+    run.cluster.wait_events(
+        |e| e.is("exited") && e.i64("signal") == Some(9),
+        size - 1,
+        TIMEOUT,
+    );
+    run.wait_ready(2 * size - 1);
+    let bad = run.client(&["kill", "app", "SIGNOPE"]);
+    assert_eq!(bad.code, Some(1), "{bad:?}");
+    let gone = run.client(&["kill", &id.to_string()]);
+    assert!(gone.stderr.contains("no worker with id"), "{gone:?}");
+    // A restart of the pool fills the emptied slot.
+    run.client(&["restart", "app"]).ok();
+    run.cluster
+        .wait_event(|e| e.is("rollout_finished"), TIMEOUT);
+    assert_eq!(worker_pids(&status_json(&run), "app").len(), size);
+    run.stop();
+    // The follower ends with the primary; what it printed are JSON events with their fields.
+    let status = follower
+        .wait_timeout(TIMEOUT)
+        .expect("events ends with the primary");
+    assert!(status.success());
+    let text = std::fs::read_to_string(&events_out).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON event"))
+        .collect();
+    let stopped = events
+        .iter()
+        .find(|e| e["event"] == "exited" && e["pid"] == target)
+        .unwrap_or_else(|| panic!("no exit of pid {target} in:\n{text}"));
+    assert_eq!(stopped["reason"], "operator");
+    assert_eq!(stopped["code"], 0);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "exited" && e["signal"] == 9 && e["reason"] == "crash"),
+        "{text}"
+    );
+}
+
 fn stopped_pid(run: &Run, slot: u64) -> u64 {
     run.cluster
         .events()
@@ -386,6 +535,32 @@ fn garbage_oversized_and_half_written_requests_leave_the_primary_serving() {
     drop(half);
     drop(many);
     assert_eq!(run.cluster.try_exit_status(), None);
+}
+
+/// Reliability issue, part 3: a thousand connections that send nothing do not keep the owner
+/// out, and each is dropped once its request is overdue.
+#[test]
+fn a_thousand_idle_connections_neither_lock_out_status_nor_stay_forever() {
+    let mut run = Run::start(&["run", "-w", "1", "--", &test_worker()]);
+    run.wait_ready(1);
+    let control = run.control();
+    let idle: Vec<UnixStream> = (0..1000)
+        .map(|_| UnixStream::connect(&control).expect("connecting"))
+        .collect();
+    let status = status_json(&run);
+    assert_eq!(worker_pids(&status, "app").len(), 1, "{status}");
+    let stopped = run.client(&["scale", "app", "2"]).ok();
+    assert!(stopped.contains("scaled from 1 to 2"), "{stopped}");
+    // Each idle client is told why and closed, within the request deadline (2 s).
+    for mut stream in idle.into_iter().step_by(100) {
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .expect("the primary closes it");
+        assert!(answer.contains("no complete request within"), "{answer}");
+    }
+    run.stop();
 }
 
 #[test]

@@ -154,6 +154,12 @@ fn a_replacement_that_never_gets_ready_stops_the_rollout_and_the_old_workers_kee
         !events.iter().any(|e| e.is("stopping")),
         "no old worker was asked to stop"
     );
+    // The replacement accepted on the shared socket while it was starting (it serves, it just
+    // never says READY=1); once it is gone, only the old workers answer. (The abort is logged
+    // as the kill is decided, just before it is sent.)
+    let tried = spawned[0].u64("id");
+    run.cluster
+        .wait_event_since(since, |e| e.is("exited") && e.u64("id") == tried, TIMEOUT);
     let mut options = LoadOptions::new(addr);
     options.max_requests = Some(200);
     let report = load::start(options).wait();

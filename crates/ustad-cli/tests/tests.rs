@@ -15,5 +15,6 @@ mod preload;
 mod rollout;
 mod systemd;
 mod top;
+mod users;
 mod util;
 mod workers;

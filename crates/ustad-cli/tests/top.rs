@@ -85,6 +85,12 @@ impl Tmux {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// The screen now with its colours and attributes, as escape sequences.
+    fn styled_screen(&self) -> String {
+        let output = self.run(&["capture-pane", "-p", "-e", "-t", self.session]);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Waits until the screen satisfies `done`, and returns it.
     #[track_caller]
     fn wait_screen(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
@@ -124,12 +130,20 @@ struct Top {
 
 impl Top {
     fn start(dir: &Path, control: &Path) -> Top {
+        Top::start_with(dir, control, "")
+    }
+
+    /// With more flags for `top`. Its pid goes to `top.pid`; once it has exited, what `stty`
+    /// says of the terminal goes to `top.stty` (raw mode left on shows as `-icanon -echo`).
+    fn start_with(dir: &Path, control: &Path, flags: &str) -> Top {
         let command = format!(
-            "{} top --control {} 2>{}; echo $? >{}",
-            quote(ustad()),
-            quote(control),
-            quote(&dir.join("top.err")),
-            quote(&dir.join("top.code")),
+            "sh -c 'echo $$ >{pid}; exec {ustad} top --control {control} {flags}' 2>{err}; echo $? >{code}; stty -a >{stty}; sleep 60",
+            pid = quote(&dir.join("top.pid")),
+            ustad = quote(ustad()),
+            control = quote(control),
+            err = quote(&dir.join("top.err")),
+            code = quote(&dir.join("top.code")),
+            stty = quote(&dir.join("top.stty")),
         );
         Top {
             tmux: Tmux::start(dir, &command, 160, 40),
@@ -243,6 +257,57 @@ fn top_shows_pools_workers_and_events_and_quits_on_q() {
         "exit code of `ustad top` after q; stderr:\n{stderr}"
     );
     assert_eq!(stderr, "");
+}
+
+#[test]
+fn top_gives_the_terminal_back_when_killed_with_sigterm_and_honours_color_never() {
+    if !Tmux::available() {
+        return;
+    }
+    let dir = TempDir::new().expect("temp dir");
+    let control = dir.path().join("control.sock");
+    let (_run, pids) = cluster(&control);
+    let top = Top::start_with(dir.path(), &control, "--color never");
+    top.tmux.wait_screen("both workers", |screen| {
+        pids.iter().all(|pid| screen.contains(&pid.to_string()))
+    });
+    // --color never: attributes only (bold, dim, reverse), no colour.
+    let styled = top.tmux.styled_screen();
+    let colours: Vec<u32> = styled
+        .split("\x1b[")
+        .skip(1)
+        .filter_map(|sequence| sequence.split_once('m').map(|(codes, _)| codes))
+        .flat_map(|codes| codes.split(';').filter_map(|code| code.parse().ok()))
+        // Foreground and background colours; 39 and 49 are the defaults.
+        .filter(|code| matches!(code, 30..=38 | 40..=48 | 90..=97 | 100..=107))
+        .collect();
+    assert!(
+        colours.is_empty(),
+        "colours {colours:?} with --color never:\n{styled:?}"
+    );
+    let pid: i32 = std::fs::read_to_string(dir.path().join("top.pid"))
+        .expect("top's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), Signal::TERM)
+        .expect("SIGTERM to top");
+    let (code, stderr) = top.wait_exit();
+    assert_eq!(code, 0, "{stderr}");
+    // The terminal is given back: cooked mode, echo on.
+    let deadline = Instant::now() + TIMEOUT;
+    let stty = loop {
+        let stty = std::fs::read_to_string(dir.path().join("top.stty")).unwrap_or_default();
+        if stty.contains("icanon") {
+            break stty;
+        }
+        assert!(Instant::now() < deadline, "stty never ran");
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !stty.contains("-icanon") && !stty.contains("-echo "),
+        "{stty}"
+    );
 }
 
 #[test]

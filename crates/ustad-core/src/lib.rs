@@ -50,6 +50,7 @@
 //!   exited.
 //! - A slot is never refilled while a worker that was stopped in it is still running.
 
+pub mod accounts;
 pub mod config;
 pub mod control;
 pub mod ipc;

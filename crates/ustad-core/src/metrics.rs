@@ -28,6 +28,8 @@
 //! | `ustad_restarts_total` | counter | `pool`, `reason` (a reason appears with its first restart) |
 //! | `ustad_worker_resident_memory_bytes` | gauge | `pool`, `slot`, `id` (when known) |
 //! | `ustad_worker_cpu_seconds_total` | counter | `pool`, `slot`, `id` (when known) |
+//! | `ustad_slot_failed_starts` | gauge | `pool`, `slot` (an empty slot waiting for its next attempt) |
+//! | `ustad_slot_next_attempt_seconds` | gauge | `pool`, `slot` (the same slots) |
 //!
 //! [OpenMetrics]: https://prometheus.io/docs/specs/om/open_metrics_spec/
 
@@ -127,6 +129,8 @@ pub fn render(status: &ClusterStatus) -> String {
     let restarts = Family::<RestartLabels, Counter>::default();
     let rss = Family::<WorkerLabels, Gauge<u64, AtomicU64>>::default();
     let cpu = Family::<WorkerLabels, Counter<f64, AtomicU64>>::default();
+    let failed_starts = Family::<SlotLabels, Gauge<u64, AtomicU64>>::default();
+    let next_attempt = Family::<SlotLabels, Gauge<f64, AtomicU64>>::default();
 
     for pool in &status.pools {
         let labels = PoolLabels {
@@ -175,6 +179,20 @@ pub fn render(status: &ClusterStatus) -> String {
                 cpu.get_or_create(&labels).inc_by(seconds);
             }
         }
+
+        for waiting in &pool.waiting {
+            let labels = SlotLabels {
+                pool: pool.name.clone(),
+                slot: waiting.slot as u64,
+            };
+            let Some(next) = waiting.next_attempt_secs else {
+                continue;
+            };
+            failed_starts
+                .get_or_create(&labels)
+                .set(u64::from(waiting.failures));
+            next_attempt.get_or_create(&labels).set(next);
+        }
     }
 
     registry.register(
@@ -214,6 +232,18 @@ pub fn render(status: &ClusterStatus) -> String {
         "CPU time (user and system) used by the live processes of the worker's process group",
         Unit::Seconds,
         cpu,
+    );
+
+    registry.register(
+        "slot_failed_starts",
+        "Failed starts in a row of an empty slot waiting for its next attempt (backoff)",
+        failed_starts,
+    );
+    registry.register_with_unit(
+        "slot_next_attempt",
+        "Time until an empty slot's next attempt to start a worker",
+        Unit::Seconds,
+        next_attempt,
     );
 
     let mut text = String::new();
@@ -259,6 +289,12 @@ struct WorkerStateLabels {
 struct RestartLabels {
     pool: String,
     reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SlotLabels {
+    pool: String,
+    slot: u64,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -517,7 +553,7 @@ mod tests {
     }
 
     /// `web` (2 slots, both ready, one crash, an old worker stopping in a rollout) and
-    /// `jobs` (1 slot, starting).
+    /// `jobs` (2 slots: one starting, one backing off after 3 failed starts).
     fn cluster() -> ClusterStatus {
         let mut stopping = worker(1, 0, WorkerState::Stopping);
         stopping.stop_reason = Some("rollout".to_owned());
@@ -548,15 +584,23 @@ mod tests {
                         worker(3, 0, WorkerState::Ready),
                         worker(4, 1, WorkerState::Ready),
                     ],
+                    waiting: Vec::new(),
                 },
                 PoolStatus {
                     name: "jobs".to_owned(),
-                    size: 1,
+                    size: 2,
                     ready: 0,
                     generation: 1,
                     rollout: None,
                     restarts: BTreeMap::new(),
                     workers: vec![starting],
+                    waiting: vec![crate::status::WaitingSlot {
+                        slot: 1,
+                        failures: 3,
+                        next_attempt_secs: Some(4.5),
+                        stopped: false,
+                        last_exit: None,
+                    }],
                 },
             ],
         }
@@ -616,6 +660,8 @@ mod tests {
             ("ustad_restarts", OpenMetricsType::Counter),
             ("ustad_worker_resident_memory_bytes", OpenMetricsType::Gauge),
             ("ustad_worker_cpu_seconds", OpenMetricsType::Counter),
+            ("ustad_slot_failed_starts", OpenMetricsType::Gauge),
+            ("ustad_slot_next_attempt_seconds", OpenMetricsType::Gauge),
         ];
         for (name, kind) in types {
             let family = exposition
@@ -636,7 +682,7 @@ mod tests {
         assert_eq!(value(&m, "ustad_uptime_seconds", &[]), Some(12.5));
         assert_eq!(value(&m, "ustad_instance", &[("name", "shop")]), Some(1.0));
         for (pool, size, ready, generation, rolling) in
-            [("web", 2.0, 2.0, 2.0, 1.0), ("jobs", 1.0, 0.0, 1.0, 0.0)]
+            [("web", 2.0, 2.0, 2.0, 1.0), ("jobs", 2.0, 0.0, 1.0, 0.0)]
         {
             let pool = [("pool", pool)];
             assert_eq!(value(&m, "ustad_pool_size", &pool), Some(size));
@@ -676,6 +722,14 @@ mod tests {
         // The stopping worker and its replacement share slot 0.
         let old = [("pool", "web"), ("slot", "0"), ("id", "1")];
         assert_eq!(value(&m, "ustad_worker_cpu_seconds", &old), Some(0.25));
+        // The backing-off slot of `jobs`, and only it.
+        let slot = [("pool", "jobs"), ("slot", "1")];
+        assert_eq!(samples(&m, "ustad_slot_failed_starts"), 1);
+        assert_eq!(value(&m, "ustad_slot_failed_starts", &slot), Some(3.0));
+        assert_eq!(
+            value(&m, "ustad_slot_next_attempt_seconds", &slot),
+            Some(4.5)
+        );
     }
 
     #[test]
@@ -709,17 +763,17 @@ mod tests {
         let mut status = cluster();
         assert_eq!(
             unhealthy_reasons(&status).as_deref(),
-            Some("jobs: 0/1 ready\n")
+            Some("jobs: 0/2 ready\n")
         );
         status.pools[0].ready = 1;
         status.shutting_down = true;
         assert_eq!(
             unhealthy_reasons(&status).as_deref(),
-            Some("shutting down\nweb: 1/2 ready\njobs: 0/1 ready\n")
+            Some("shutting down\nweb: 1/2 ready\njobs: 0/2 ready\n")
         );
         status.shutting_down = false;
         status.pools[0].ready = 2;
-        status.pools[1].ready = 1;
+        status.pools[1].ready = 2;
         assert_eq!(unhealthy_reasons(&status), None);
     }
 
@@ -842,7 +896,7 @@ mod tests {
     #[tokio::test]
     async fn healthz_is_ok_only_when_every_pool_is_ready() {
         let mut healthy = cluster();
-        healthy.pools[1].ready = 1;
+        healthy.pools[1].ready = 2;
         let (source, _) = fake_source(healthy, None);
         let server = start(source, limits()).await;
         let reply = request(server.addr, "GET", "/healthz").await;
@@ -857,7 +911,7 @@ mod tests {
         let reply = request(server.addr, "GET", "/healthz").await;
         assert_eq!(
             (reply.code, reply.body.as_str()),
-            (503, "jobs: 0/1 ready\n")
+            (503, "jobs: 0/2 ready\n")
         );
     }
 

@@ -50,9 +50,12 @@ pub struct NotifySocket {
 impl NotifySocket {
     /// Binds a fresh socket in a private directory. Must be called within a tokio runtime.
     pub fn bind() -> io::Result<NotifySocket> {
+        // Root's runtime directory is its own (0700): a pool that runs as another user could
+        // not reach a socket there, so root's goes in the temporary directory.
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|dir| dir.is_dir() && dir.as_os_str().len() < 60)
+            .filter(|_| !crate::accounts::can_switch_users())
             .unwrap_or_else(std::env::temp_dir);
         let dir = tempfile::Builder::new()
             .prefix("ustad-")
@@ -67,6 +70,17 @@ impl NotifySocket {
             path,
             dir,
         })
+    }
+
+    /// Lets workers that run as other users reach the socket: its directory searchable (not
+    /// listable) by all, the socket writable by all. Who sent a datagram is still checked by
+    /// the kernel's credentials, so nothing but a worker is heard.
+    ///
+    /// # Errors
+    /// When the permissions cannot be changed.
+    pub fn open_to_other_users(&self) -> io::Result<()> {
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o666))
     }
 
     /// The path to give workers as `NOTIFY_SOCKET`.

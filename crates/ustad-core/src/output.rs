@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use std::os::fd::OwnedFd;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter, Interest};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -117,8 +119,8 @@ impl OutputRelay {
         pool: &str,
         slot: usize,
         id: u64,
-        stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
-        stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
+        stdout: Option<OwnedFd>,
+        stderr: Option<OwnedFd>,
         hint: Option<String>,
     ) {
         let hinted = self.hinted.entry(pool.to_owned()).or_default();
@@ -152,52 +154,59 @@ impl OutputRelay {
     }
 }
 
-async fn read_lines(
-    reader: impl AsyncRead + Unpin,
-    stream: Stream,
-    prefix: Arc<Prefix>,
-    queue: mpsc::Sender<Line>,
-) {
-    let mut reader = BufReader::with_capacity(MAX_LINE, reader);
-    let mut line = Vec::new();
-    loop {
-        let chunk = match reader.fill_buf().await {
-            Ok([]) | Err(_) => break,
-            Ok(chunk) => chunk,
+/// Bytes read from a pipe at once, into a buffer that every reader of the thread shares.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Relays one pipe of a worker, line by line, until it closes.
+///
+/// A quiet worker costs no buffer: the task waits for its pipe to become readable, reads what
+/// is there into the thread's scratch buffer, and keeps only the start of a line that has not
+/// ended yet. (A buffer per pipe, 8 KiB twice per worker, was 18 KiB of the primary's memory
+/// per worker, most of it for a thousand workers that rarely write.)
+async fn read_lines(pipe: OwnedFd, stream: Stream, prefix: Arc<Prefix>, queue: mpsc::Sender<Line>) {
+    // Never a blocking read on the supervisor's thread (tokio hands a child's pipe over in
+    // blocking mode).
+    if rustix::io::ioctl_fionbio(&pipe, true).is_err() {
+        return;
+    }
+    let Ok(pipe) = crate::sys::register_fd(pipe, Interest::READABLE) else {
+        return;
+    };
+    let mut partial = Vec::new();
+    let mut lines = Vec::new();
+    let mut open = true;
+    while open {
+        let Ok(mut ready) = pipe.readable().await else {
+            break;
         };
-        let room = MAX_LINE - line.len();
-        let (take, complete) = match chunk.iter().position(|b| *b == b'\n') {
-            // The newline is taken along and then dropped, so a line never exceeds MAX_LINE.
-            Some(end) if end <= room => (end + 1, true),
-            _ => (chunk.len().min(room), false),
-        };
-        line.extend_from_slice(&chunk[..take]);
-        reader.consume(take);
-        if complete || line.len() >= MAX_LINE {
-            if complete {
-                line.pop();
-            }
-            hint_if_address_in_use(&prefix, &line);
-            let text = std::mem::take(&mut line);
-            let sent = queue
-                .send(Line {
-                    stream,
-                    prefix: prefix.clone(),
-                    text,
-                })
-                .await;
-            if sent.is_err() {
-                break;
+        match ready.try_io(|pipe| read_some(pipe.get_ref(), &mut partial, &mut lines)) {
+            Ok(Ok(more)) => open = more,
+            Ok(Err(_)) => open = false,
+            Err(_would_block) => continue,
+        }
+        for text in lines.drain(..) {
+            hint_if_address_in_use(&prefix, &text);
+            let line = Line {
+                stream,
+                prefix: prefix.clone(),
+                text,
+            };
+            if queue.send(line).await.is_err() {
+                return;
             }
         }
     }
-    if !line.is_empty() {
-        hint_if_address_in_use(&prefix, &line);
+    if !partial.is_empty() {
+        hint_if_address_in_use(&prefix, &partial);
         let _ = queue
             .send(Line {
                 stream,
                 prefix,
-                text: line,
+                text: partial,
             })
             .await;
     }
@@ -234,6 +243,45 @@ fn says_address_in_use(line: &[u8]) -> bool {
             .any(|window| window.eq_ignore_ascii_case(needle))
     };
     contains(b"address already in use") || contains(b"EADDRINUSE")
+}
+
+/// One `read` of `pipe` into the scratch buffer, split into complete `lines`; what does not end
+/// a line stays in `partial`. `Ok(false)` at the end of the pipe.
+fn read_some(
+    pipe: &OwnedFd,
+    partial: &mut Vec<u8>,
+    lines: &mut Vec<Vec<u8>>,
+) -> std::io::Result<bool> {
+    SCRATCH_BUFFER.with_borrow_mut(|scratch| {
+        scratch.resize(SCRATCH, 0);
+        let read = rustix::io::read(pipe, &mut scratch[..])?;
+        split_lines(partial, &scratch[..read], lines);
+        Ok(read > 0)
+    })
+}
+
+/// Appends `input` to the line begun in `partial`, moving each complete line (without its
+/// newline) to `lines`. A line is cut into pieces of [`MAX_LINE`] bytes: nothing is dropped,
+/// and no line grows without bound.
+fn split_lines(partial: &mut Vec<u8>, mut input: &[u8], lines: &mut Vec<Vec<u8>>) {
+    while !input.is_empty() {
+        let room = MAX_LINE - partial.len();
+        match input.iter().position(|b| *b == b'\n') {
+            Some(end) if end <= room => {
+                partial.extend_from_slice(&input[..end]);
+                lines.push(std::mem::take(partial));
+                input = &input[end + 1..];
+            }
+            _ => {
+                let take = input.len().min(room);
+                partial.extend_from_slice(&input[..take]);
+                input = &input[take..];
+                if partial.len() >= MAX_LINE {
+                    lines.push(std::mem::take(partial));
+                }
+            }
+        }
+    }
 }
 
 async fn write_lines(
@@ -311,8 +359,23 @@ fn format_line(prefix: &Prefix, width: usize, color: bool, text: &[u8]) -> Vec<u
 mod tests {
     use super::*;
 
+    /// A real pipe with `input` written into it (by a thread, as a worker would), then closed:
+    /// its read end, in blocking mode as tokio hands a child's pipe over, and the writer to
+    /// join.
+    fn filled_pipe(input: &[u8]) -> (OwnedFd, std::thread::JoinHandle<()>) {
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let mut file = std::fs::File::from(write);
+            std::io::Write::write_all(&mut file, &input).unwrap();
+        });
+        (read, writer)
+    }
+
+    /// What the relay makes of `input` written to a real pipe, which is then closed.
     async fn relay(input: &[u8]) -> Vec<Vec<u8>> {
-        let (queue, mut lines) = mpsc::channel(QUEUE);
+        let (read, writer) = filled_pipe(input);
+        let (queue, mut lines) = mpsc::channel(1 << 16);
         let prefix = Arc::new(Prefix {
             name: "web.0".into(),
             color: 31,
@@ -321,7 +384,8 @@ mod tests {
             id: 1,
             hint: None,
         });
-        read_lines(input, Stream::Stdout, prefix, queue).await;
+        read_lines(read, Stream::Stdout, prefix, queue).await;
+        writer.join().unwrap();
         let mut out = Vec::new();
         while let Ok(line) = lines.try_recv() {
             out.push(line.text);
@@ -335,6 +399,59 @@ mod tests {
             relay(b"one\ntwo\nthree").await,
             [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
         );
+    }
+
+    #[test]
+    fn split_lines_keeps_a_partial_line_and_no_memory_once_a_line_ends() {
+        let mut partial = Vec::new();
+        let mut lines = Vec::new();
+        split_lines(&mut partial, b"a\nbc", &mut lines);
+        split_lines(&mut partial, b"d\n\ne", &mut lines);
+        assert_eq!(lines, [b"a".to_vec(), b"bcd".to_vec(), Vec::new()]);
+        assert_eq!(partial, b"e");
+        split_lines(&mut partial, b"\n", &mut lines);
+        assert_eq!(partial.capacity(), 0, "an idle reader holds no buffer");
+    }
+
+    /// A worker that writes a line and then stays quiet must not block the supervisor's thread
+    /// in `read` (tokio hands its pipe over in blocking mode).
+    #[tokio::test]
+    async fn a_quiet_worker_never_blocks_the_thread() {
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let (go_on, wait) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            let mut file = std::fs::File::from(write);
+            std::io::Write::write_all(&mut file, b"first\n").unwrap();
+            wait.recv().unwrap();
+            std::io::Write::write_all(&mut file, b"second\n").unwrap();
+        });
+        let (queue, mut lines) = mpsc::channel(16);
+        let prefix = Arc::new(Prefix {
+            name: "web.0".into(),
+            color: 31,
+            pool: "web".into(),
+            slot: 0,
+            id: 1,
+            hint: None,
+        });
+        let reader = tokio::spawn(read_lines(read, Stream::Stdout, prefix, queue));
+        assert_eq!(lines.recv().await.unwrap().text, b"first");
+        // The reader waits for more; this task still runs.
+        tokio::task::yield_now().await;
+        go_on.send(()).unwrap();
+        assert_eq!(lines.recv().await.unwrap().text, b"second");
+        writer.join().unwrap();
+        reader.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn more_than_a_pipe_holds_comes_through_whole_and_in_order() {
+        let input: Vec<u8> = (0..20_000)
+            .flat_map(|n| format!("line {n}\n").into_bytes())
+            .collect();
+        let lines = relay(&input).await;
+        assert_eq!(lines.len(), 20_000);
+        assert_eq!(lines[19_999], b"line 19999");
     }
 
     #[tokio::test]
@@ -385,14 +502,12 @@ mod tests {
             id: 4,
             hint: None,
         });
-        read_lines(
-            &b"to stdout\n"[..],
-            Stream::Stdout,
-            prefix.clone(),
-            queue.clone(),
-        )
-        .await;
-        read_lines(&b"to stderr\n"[..], Stream::Stderr, prefix, queue).await;
+        let (stdout, out_writer) = filled_pipe(b"to stdout\n");
+        read_lines(stdout, Stream::Stdout, prefix.clone(), queue.clone()).await;
+        let (stderr, err_writer) = filled_pipe(b"to stderr\n");
+        read_lines(stderr, Stream::Stderr, prefix, queue).await;
+        out_writer.join().unwrap();
+        err_writer.join().unwrap();
         writer.await.unwrap();
         let mut out = String::new();
         let mut err = String::new();

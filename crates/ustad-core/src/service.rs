@@ -327,6 +327,7 @@ mod tests {
             }),
             restarts: BTreeMap::new(),
             workers: Vec::new(),
+            waiting: Vec::new(),
         }
     }
 

@@ -22,6 +22,7 @@ use ustad_proto::env::{
     USTAD_WORKER_INDEX, WATCHDOG_USEC,
 };
 
+use crate::accounts::Credentials;
 use crate::config::{IpcProtocol, PoolSpec, Readiness};
 use crate::plan::WorkerId;
 use crate::sys::{self, ExecImage, LISTEN_FDS_START};
@@ -52,6 +53,9 @@ pub enum SpawnError {
         /// The directory.
         path: PathBuf,
     },
+    /// The pool's user or group cannot be used.
+    #[error("cannot run as the pool's user: {0}")]
+    Credentials(String),
     /// Preparing or performing the spawn failed.
     #[error("cannot start `{program}`: {source}")]
     Io {
@@ -112,9 +116,15 @@ impl WorkerLaunch<'_> {
     }
 }
 
-/// The environment of a worker, except `LISTEN_PID`, which the child fills in itself; with
-/// `preload` (the library's path), what [`crate::preload`] adds.
-fn worker_env(launch: &WorkerLaunch<'_>, preload: Option<&Path>) -> Vec<CString> {
+/// The environment of a worker, except `LISTEN_PID`, which the child fills in itself. A worker
+/// that runs as another user gets its `USER`, `LOGNAME` and `HOME`, as a login would (unless
+/// the pool's `env` says otherwise). With `preload` (the library's path), what
+/// [`crate::preload`] adds.
+fn worker_env(
+    launch: &WorkerLaunch<'_>,
+    credentials: Option<&Credentials>,
+    preload: Option<&Path>,
+) -> Vec<CString> {
     let spec = launch.spec;
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(key, _)| !is_reserved(key) && !spec.env.contains_key(&*key.to_string_lossy()))
@@ -155,6 +165,18 @@ fn worker_env(launch: &WorkerLaunch<'_>, preload: Option<&Path>) -> Vec<CString>
                     NODE_CHANNEL_SERIALIZATION_MODE,
                     NODE_CHANNEL_SERIALIZATION_JSON,
                 ));
+            }
+        }
+    }
+    if let Some((name, home)) = credentials.and_then(|c| c.account.as_ref()) {
+        for (key, value) in [
+            ("USER", name.as_str()),
+            ("LOGNAME", name.as_str()),
+            ("HOME", &*home.to_string_lossy()),
+        ] {
+            if !spec.env.contains_key(key) {
+                env.retain(|entry| !entry.as_bytes().starts_with(format!("{key}=").as_bytes()));
+                env.push(env_entry(key, value));
             }
         }
     }
@@ -254,6 +276,8 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
         }
     }
     let program = resolve_program(spec)?;
+    let credentials = crate::accounts::resolve(spec.user.as_deref(), spec.group.as_deref())
+        .map_err(SpawnError::Credentials)?;
     let program_c = CString::new(program.clone().into_os_string().into_vec())
         .map_err(|e| io_error(std::io::Error::other(e)))?;
     let argv: Vec<CString> = spec
@@ -265,7 +289,7 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
     let image = ExecImage::new(
         program_c,
         argv,
-        worker_env(launch, crate::preload::library()),
+        worker_env(launch, credentials.as_ref(), crate::preload::library()),
         !launch.sockets.is_empty(),
     );
 
@@ -300,7 +324,13 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
     }
-    sys::prepare_worker(&mut command, image, fds, rustix::process::getpid());
+    sys::prepare_worker(
+        &mut command,
+        image,
+        fds,
+        credentials,
+        rustix::process::getpid(),
+    );
     command
         .spawn()
         .map_err(|source| match source.raw_os_error() {

@@ -51,6 +51,28 @@ pub struct PoolStatus {
     pub restarts: BTreeMap<String, u64>,
     /// Its live workers (starting, ready and stopping), by slot.
     pub workers: Vec<WorkerStatus>,
+    /// Empty slots: waiting before their next worker starts (backing off after failed starts,
+    /// or after ready workers died faster than the pool may replace them at once), or emptied
+    /// by an operator.
+    #[serde(default)]
+    pub waiting: Vec<WaitingSlot>,
+}
+
+/// An empty slot: waiting before its next attempt, or emptied by an operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaitingSlot {
+    /// The slot.
+    pub slot: usize,
+    /// Failed starts in a row (0 when it waits after a ready worker's death).
+    pub failures: u32,
+    /// Seconds until the next attempt; `None` for a slot an operator emptied.
+    pub next_attempt_secs: Option<f64>,
+    /// An operator stopped its worker (`ustad stop ID`): it stays empty until the pool is
+    /// restarted or scaled.
+    #[serde(default)]
+    pub stopped: bool,
+    /// How the slot's last worker ended.
+    pub last_exit: Option<LastExitStatus>,
 }
 
 /// A rolling restart in progress.

@@ -21,6 +21,7 @@
 use std::ffi::{CString, c_char};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -131,14 +132,36 @@ pub(crate) fn prepare_worker(
     command: &mut tokio::process::Command,
     mut image: ExecImage,
     fds: Vec<OwnedFd>,
+    credentials: Option<crate::accounts::Credentials>,
     parent: Pid,
 ) {
     let raw_fds: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    // Built before the fork: the child may not allocate.
+    let identity = credentials.map(|c| {
+        let groups: Vec<rustix::process::Gid> = c
+            .groups
+            .iter()
+            .map(|gid| rustix::process::Gid::from_raw(*gid))
+            .collect();
+        (
+            rustix::process::Uid::from_raw(c.uid),
+            rustix::process::Gid::from_raw(c.gid),
+            groups,
+        )
+    });
     // The owned fds are closed in the parent when `command` is dropped after spawning.
     let keep_alive = fds;
     let first_unused = LISTEN_FDS_START + raw_fds.len() as RawFd;
     let child_setup = move || -> io::Result<()> {
         let _ = &keep_alive;
+        // Another identity first: changing it clears the parent-death signal. Groups, then
+        // the group, then the user (after which the others could no longer be changed). These
+        // are raw syscalls for this thread only, which is the whole child after the fork.
+        if let Some((uid, gid, groups)) = &identity {
+            rustix::thread::set_thread_groups(groups)?;
+            rustix::thread::set_thread_res_gid(*gid, *gid, *gid)?;
+            rustix::thread::set_thread_res_uid(*uid, *uid, *uid)?;
+        }
         // Die with the primary; if it already died before the prctl, its pid is gone.
         set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
         if getppid() != Some(parent) {
@@ -176,9 +199,10 @@ pub(crate) fn prepare_worker(
         }
         Err(io::Error::last_os_error())
     };
-    // SAFETY: `child_setup` only makes async-signal-safe calls (prctl, getppid, dup2,
-    // close_range, getpid, execve) and writes into memory it owns; it neither allocates nor
-    // locks (io::Error::from_raw_os_error / last_os_error do not allocate).
+    // SAFETY: `child_setup` only makes async-signal-safe calls (setgroups, setresgid,
+    // setresuid, prctl, getppid, dup2, close_range, getpid, execve) and writes into memory it
+    // owns; it neither allocates nor locks (io::Error::from_raw_os_error / last_os_error do
+    // not allocate).
     unsafe {
         command.pre_exec(child_setup);
     }
@@ -413,6 +437,111 @@ pub(crate) fn register_fd(
     // SAFETY: an `OwnedFd` is a valid open fd, its `as_raw_fd` always returns that same fd,
     // and it stays open (owned by the `AsyncFd`) until the `AsyncFd` is dropped.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(Into::into)
+}
+
+/// A user account as the system's user database (`/etc/passwd`, or NSS) has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Account {
+    pub(crate) name: String,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) home: std::path::PathBuf,
+}
+
+/// The account of user `name` (`getpwnam_r`); `None` when there is none.
+pub(crate) fn user_account(name: &str) -> io::Result<Option<Account>> {
+    let name_c = CString::new(name).map_err(io::Error::other)?;
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        // SAFETY: `passwd` is plain old data that getpwnam_r fills; it is read only when the
+        // call returned it in `result`.
+        let mut passwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: a NUL-terminated name, a passwd to fill,
+        // a buffer of the length given for its strings, and where to put the result.
+        let code = unsafe {
+            libc::getpwnam_r(
+                name_c.as_ptr(),
+                &mut passwd,
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                &mut result,
+            )
+        };
+        if code == libc::ERANGE && buffer.len() < 1024 * 1024 {
+            buffer.resize(buffer.len() * 4, 0);
+            continue;
+        }
+        if code != 0 {
+            return Err(io::Error::from_raw_os_error(code));
+        }
+        if result.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: on success `pw_dir` points to a NUL-terminated string in `buffer`, which
+        // is alive here.
+        let home = unsafe { std::ffi::CStr::from_ptr(passwd.pw_dir) };
+        return Ok(Some(Account {
+            name: name.to_owned(),
+            uid: passwd.pw_uid,
+            gid: passwd.pw_gid,
+            home: std::path::PathBuf::from(std::ffi::OsStr::from_bytes(home.to_bytes())),
+        }));
+    }
+}
+
+/// The gid of group `name` (`getgrnam_r`); `None` when there is none.
+pub(crate) fn group_id(name: &str) -> io::Result<Option<u32>> {
+    let name_c = CString::new(name).map_err(io::Error::other)?;
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        // SAFETY: `group` is plain old data that getgrnam_r fills.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = ptr::null_mut();
+        // SAFETY: as for getpwnam_r: valid pointers and the buffer's real length.
+        let code = unsafe {
+            libc::getgrnam_r(
+                name_c.as_ptr(),
+                &mut group,
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                &mut result,
+            )
+        };
+        if code == libc::ERANGE && buffer.len() < 1024 * 1024 {
+            buffer.resize(buffer.len() * 4, 0);
+            continue;
+        }
+        if code != 0 {
+            return Err(io::Error::from_raw_os_error(code));
+        }
+        return Ok((!result.is_null()).then_some(group.gr_gid));
+    }
+}
+
+/// The groups user `name` belongs to, `primary` included (`getgrouplist`).
+pub(crate) fn user_groups(name: &str, primary: u32) -> io::Result<Vec<u32>> {
+    let name_c = CString::new(name).map_err(io::Error::other)?;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut count = libc::c_int::try_from(groups.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `groups` holds `count` gids; getgrouplist writes at most that many and sets
+        // `count` to how many there are.
+        let found = unsafe {
+            libc::getgrouplist(name_c.as_ptr(), primary, groups.as_mut_ptr(), &mut count)
+        };
+        let count = usize::try_from(count).unwrap_or(0);
+        if found >= 0 {
+            groups.truncate(count);
+            return Ok(groups);
+        }
+        if count <= groups.len() || count > 65_536 {
+            return Err(io::Error::other(format!(
+                "cannot list the groups of user {name}"
+            )));
+        }
+        groups.resize(count, 0);
+    }
 }
 
 #[cfg(test)]

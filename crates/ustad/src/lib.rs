@@ -59,10 +59,12 @@ mod error;
 mod primary;
 mod worker;
 
-pub use cluster::{Cluster, Event, IncomingRequest, Message, PoolName, WorkerRef};
+pub use cluster::{
+    Cluster, Event, IncomingRequest, Message, PoolName, WorkerInfo, WorkerRef, WorkerState,
+};
 pub use error::{Error, RequestError};
 pub use primary::{Pool, Primary};
-pub use ustad_core::config::Readiness;
+pub use ustad_core::config::{Budget, Readiness};
 pub use ustad_core::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
 pub use worker::{FromPrimary, Handed, HandedStream, Worker};
 

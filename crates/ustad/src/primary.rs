@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use ustad_core::config::{
-    ByteSize, Command, Config, IpcProtocol, IpcSpec, ListenAddr, PoolSpec, Readiness, Signal, Size,
-    SocketMode, SocketSpec,
+    Budget, ByteSize, Command, Config, IpcProtocol, IpcSpec, ListenAddr, PoolSpec, Readiness,
+    Signal, Size, SocketMode, SocketSpec,
 };
 use ustad_core::supervisor::{self, Options};
 
@@ -44,6 +44,10 @@ enum Setting {
     Cwd(std::path::PathBuf),
     NodeIpc,
     Ready(Readiness),
+    MaxSurge(Budget),
+    MaxUnavailable(Budget),
+    User(String),
+    Group(String),
 }
 
 impl Pool {
@@ -133,6 +137,29 @@ impl Pool {
     /// of ustad: ready once seen waiting for connections on the pool's socket.
     pub fn ready(self, readiness: Readiness) -> Pool {
         self.with(Setting::Ready(readiness))
+    }
+
+    /// Runs the pool's workers as this user (a name or a uid), with its groups (Node's `uid`);
+    /// the primary must run as root.
+    pub fn user(self, user: &str) -> Pool {
+        self.with(Setting::User(user.to_owned()))
+    }
+
+    /// Runs the pool's workers with this group (a name or a gid) instead of the user's (Node's
+    /// `gid`).
+    pub fn group(self, group: &str) -> Pool {
+        self.with(Setting::Group(group.to_owned()))
+    }
+
+    /// Replacements a rolling restart starts at once, beside the workers they replace
+    /// [default: 1]: `Budget::Count(4)` or `Budget::Percent(25)`.
+    pub fn max_surge(self, budget: Budget) -> Pool {
+        self.with(Setting::MaxSurge(budget))
+    }
+
+    /// Slots a rolling restart may leave without a serving worker at once [default: 0].
+    pub fn max_unavailable(self, budget: Budget) -> Pool {
+        self.with(Setting::MaxUnavailable(budget))
     }
 
     /// How long a new worker may take to call `ready()` [default: 30 s].
@@ -320,6 +347,10 @@ impl Primary {
                         }
                     }
                     Setting::Ready(readiness) => spec.ready = readiness,
+                    Setting::MaxSurge(budget) => spec.max_surge = Some(budget),
+                    Setting::User(user) => spec.user = Some(user),
+                    Setting::Group(group) => spec.group = Some(group),
+                    Setting::MaxUnavailable(budget) => spec.max_unavailable = Some(budget),
                 }
             }
             for (socket_name, socket) in &pool.sockets {

@@ -188,6 +188,7 @@ fn kind_of(event: &Event) -> Option<(u64, &'static str)> {
         Event::Message { worker, .. } => (worker, "message"),
         Event::Request { worker, .. } => (worker, "request"),
         Event::Stopping { worker, .. } => (worker, "stopping"),
+        Event::Disconnected(worker) => (worker, "disconnected"),
         Event::Exited { worker, .. } => (worker, "exited"),
         _ => return None,
     };
@@ -214,12 +215,79 @@ async fn each_worker_is_spawned_online_ready_stopping_and_exited_in_that_order()
     for worker in &workers {
         assert_eq!(
             seen[&worker.id.0],
-            ["spawned", "online", "ready", "stopping", "exited"],
+            [
+                "spawned",
+                "online",
+                "ready",
+                "stopping",
+                "disconnected",
+                "exited"
+            ],
             "the life of worker {}",
             worker.id
         );
     }
     assert_eq!(seen.len(), 2, "no other worker: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_at_a_time_kill_disconnect_and_lookups() {
+    let (cluster, mut events, workers) = jobs("one-at-a-time", 2).await;
+    let (first, second) = (&workers[0], &workers[1]);
+    // Every live worker, with its state; a lookup by id.
+    let live = cluster.live_workers(None);
+    assert_eq!(live.len(), 2);
+    assert!(
+        live.iter()
+            .all(|w| w.state == ustad::WorkerState::Ready && w.connected)
+    );
+    let info = cluster.worker(first.id).expect("alive");
+    assert_eq!(info.worker, *first);
+    // kill: the signal ends it; a serving worker that dies is replaced at once.
+    cluster.kill(first.id, "SIGKILL").await.expect("killed");
+    let mut replaced = None;
+    while replaced.is_none() {
+        match tokio::time::timeout(TIMEOUT, events.recv()).await {
+            Ok(Some(Event::Exited { worker, status, .. })) if worker.id == first.id => {
+                assert_eq!(status, ustad::ExitStatus::Signal(9));
+            }
+            Ok(Some(Event::Ready(worker))) if worker.slot == first.slot => replaced = Some(worker),
+            Ok(Some(_)) => {}
+            other => panic!("no replacement: {other:?}"),
+        }
+    }
+    assert!(cluster.worker(first.id).is_none(), "dead");
+    // disconnect: stopped gracefully, not replaced; its slot waits.
+    cluster.disconnect(second.id).await.expect("disconnected");
+    let mut order = Vec::new();
+    loop {
+        match tokio::time::timeout(TIMEOUT, events.recv()).await {
+            Ok(Some(event)) => {
+                if let Some((id, kind)) = kind_of(&event) {
+                    if id == second.id.0 {
+                        order.push(kind);
+                    }
+                }
+                if matches!(event, Event::Exited { ref worker, .. } if worker.id == second.id) {
+                    break;
+                }
+            }
+            other => panic!("it did not stop: {other:?}"),
+        }
+    }
+    assert_eq!(order, ["stopping", "disconnected", "exited"]);
+    assert!(cluster.workers("jobs").len() == 1 && cluster.worker(second.id).is_none());
+    let status = cluster.status().await.expect("status");
+    assert!(
+        status.pools[0]
+            .waiting
+            .iter()
+            .any(|w| w.stopped && w.slot == second.slot)
+    );
+    // Errors name the problem.
+    assert!(cluster.kill(second.id, "SIGKILL").await.is_err());
+    assert!(cluster.kill(replaced.unwrap().id, "SIGNOPE").await.is_err());
+    cluster.stop(None).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

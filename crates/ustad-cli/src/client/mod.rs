@@ -198,6 +198,7 @@ pub(crate) fn restart(target: &Target, what: &str) -> ExitCode {
 pub(crate) fn stop(target: &Target, timeout: Option<Duration>) -> ExitCode {
     let request = Request::Stop {
         timeout: timeout.map(format_duration),
+        worker: None,
     };
     let mut answer = match connect(target, &request) {
         Ok(answer) => answer,
@@ -218,6 +219,58 @@ pub(crate) fn stop(target: &Target, timeout: Option<Duration>) -> ExitCode {
     }
     println!("stopped");
     ExitCode::SUCCESS
+}
+
+/// `ustad stop WORKER_ID`: that worker only, not replaced.
+pub(crate) fn stop_worker(target: &Target, id: u64) -> ExitCode {
+    let request = Request::Stop {
+        timeout: None,
+        worker: Some(id),
+    };
+    simple(target, &request)
+}
+
+/// `ustad kill POOL|WORKER_ID [SIGNAL]`.
+pub(crate) fn kill(target: &Target, what: &str, signal: &str) -> ExitCode {
+    let (pool, worker) = match what.parse::<u64>() {
+        Ok(id) => (None, Some(id)),
+        Err(_) => (Some(what.to_owned()), None),
+    };
+    let request = Request::Kill {
+        pool,
+        worker,
+        signal: Some(signal.to_owned()),
+    };
+    simple(target, &request)
+}
+
+/// `ustad events [--json]`: one line per event until the primary exits.
+pub(crate) fn events(target: &Target, json: bool) -> ExitCode {
+    let mut answer = match connect(target, &Request::Events {}) {
+        Ok(answer) => answer,
+        Err(failure) => return failure.report(),
+    };
+    let mut out = std::io::stdout().lock();
+    loop {
+        match answer.next_reply() {
+            Ok(Some(Reply::Event(event))) => {
+                let line = if json {
+                    serde_json::to_string(&event).expect("an event serializes")
+                } else {
+                    event.message.clone()
+                };
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    // stdout closed (`ustad events | head`): done.
+                    return ExitCode::SUCCESS;
+                }
+            }
+            Ok(Some(Reply::Error { message })) => return Failure::runtime(message).report(),
+            Ok(Some(_)) => {}
+            // The primary exited: the stream is over.
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(error) => return Failure::runtime(error.to_string()).report(),
+        }
+    }
 }
 
 /// `ustad logs [POOL] [-f] [-n N]`.

@@ -6,6 +6,31 @@ use ustad_core::status::{ClusterStatus, WorkerState};
 
 use crate::human::{bytes, duration as age};
 
+/// What a line of the table shows.
+#[derive(Debug, Clone, Copy)]
+enum Line {
+    /// A pool's summary.
+    Pool,
+    /// A worker.
+    Worker(WorkerState),
+    /// An empty slot waiting for its next attempt.
+    Waiting,
+}
+
+/// How an empty slot waiting for its next attempt reads in the STATE column:
+/// `backoff: 4 failed starts, next in 6s`.
+pub(crate) fn waiting_state(waiting: &ustad_core::status::WaitingSlot) -> String {
+    let Some(next) = waiting.next_attempt_secs.filter(|_| !waiting.stopped) else {
+        return "empty: stopped by an operator".to_owned();
+    };
+    let next = age(next);
+    match waiting.failures {
+        0 => format!("empty, restart in {next}"),
+        1 => format!("backoff: 1 failed start, next in {next}"),
+        n => format!("backoff: {n} failed starts, next in {next}"),
+    }
+}
+
 /// The whole table, ending with a newline.
 pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
     let mut out = String::new();
@@ -39,7 +64,7 @@ pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
         "LAST EXIT",
     ];
     let mut rows: Vec<[String; 10]> = Vec::new();
-    let mut states: Vec<Option<WorkerState>> = Vec::new();
+    let mut states: Vec<Line> = Vec::new();
     for pool in &status.pools {
         let mut summary = format!("{}/{} ready", pool.ready, pool.size);
         if let Some(rollout) = &pool.rollout {
@@ -70,7 +95,7 @@ pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
             String::new(),
             String::new(),
         ]);
-        states.push(None);
+        states.push(Line::Pool);
         for worker in &pool.workers {
             let state = match &worker.stop_reason {
                 Some(reason) => format!("stopping ({reason})"),
@@ -102,7 +127,33 @@ pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
                 worker.rss_bytes.map_or_else(|| "-".to_owned(), bytes),
                 last_exit,
             ]);
-            states.push(Some(worker.state));
+            states.push(Line::Worker(worker.state));
+        }
+        for waiting in &pool.waiting {
+            rows.push([
+                String::new(),
+                "-".to_owned(),
+                waiting.slot.to_string(),
+                "-".to_owned(),
+                waiting_state(waiting),
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+                waiting
+                    .last_exit
+                    .as_ref()
+                    .map(|exit| {
+                        format!(
+                            "{} ({}) {} ago",
+                            exit.status,
+                            exit.reason,
+                            age(exit.secs_ago)
+                        )
+                    })
+                    .unwrap_or_else(|| "-".to_owned()),
+            ]);
+            states.push(Line::Waiting);
         }
     }
     // Pool summary lines span the columns after the pool's name.
@@ -130,15 +181,16 @@ pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
     let _ = writeln!(out, "{}", line(&header.map(str::to_owned)));
     for (row, state) in rows.iter().zip(&states) {
         let text = match state {
-            None => format!("{:<width$}  {}", row[0], row[1], width = widths[0]),
-            Some(_) => line(row),
+            Line::Pool => format!("{:<width$}  {}", row[0], row[1], width = widths[0]),
+            Line::Worker(_) | Line::Waiting => line(row),
         };
         let paint = match state {
             _ if !color => None,
-            None => Some("1"),
-            Some(WorkerState::Ready) => None,
-            Some(WorkerState::Starting) => Some("33"),
-            Some(WorkerState::Stopping) => Some("2"),
+            Line::Pool => Some("1"),
+            Line::Worker(WorkerState::Ready) => None,
+            Line::Worker(WorkerState::Starting) => Some("33"),
+            Line::Worker(WorkerState::Stopping) => Some("2"),
+            Line::Waiting => Some("31"),
         };
         match paint {
             Some(code) => {
@@ -156,7 +208,7 @@ pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use ustad_core::status::{LastExitStatus, PoolStatus, WorkerStatus};
+    use ustad_core::status::{LastExitStatus, PoolStatus, WaitingSlot, WorkerStatus};
 
     use super::*;
 
@@ -192,6 +244,17 @@ mod tests {
                     worker(3, 0, WorkerState::Ready),
                     worker(4, 1, WorkerState::Starting),
                 ],
+                waiting: vec![WaitingSlot {
+                    slot: 2,
+                    failures: 4,
+                    next_attempt_secs: Some(6.2),
+                    stopped: false,
+                    last_exit: Some(LastExitStatus {
+                        status: "exit code 1".into(),
+                        reason: "crash".into(),
+                        secs_ago: 1.0,
+                    }),
+                }],
             }],
         };
         let table = render(&status, false);
@@ -203,5 +266,11 @@ mod tests {
         assert!(lines[3].contains("2.5%") && lines[3].contains("10.0 MiB"));
         assert!(lines[3].ends_with("SIGKILL (crash) 1m10s ago"));
         assert!(lines[4].contains("starting"));
+        // An empty slot says why, and when it is tried again.
+        assert!(
+            lines[5].contains("backoff: 4 failed starts, next in 6s"),
+            "{table}"
+        );
+        assert!(lines[5].ends_with("exit code 1 (crash) 1s ago"), "{table}");
     }
 }

@@ -17,6 +17,8 @@ mod screen;
 mod view;
 
 use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,7 +42,7 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// # Errors
 /// When stdout is not a terminal, when the primary cannot be reached at the start, when the
 /// terminal fails, and when the primary went away (`ustad (pid N) is gone`).
-pub(crate) fn run(target: &Target, interval: Duration) -> anyhow::Result<()> {
+pub(crate) fn run(target: &Target, interval: Duration, color: bool) -> anyhow::Result<()> {
     if !std::io::stdout().is_terminal() {
         bail!(
             "`ustad top` draws on a terminal, and stdout is not one; for a snapshot, use `ustad status` (or `ustad status --json`)"
@@ -55,18 +57,56 @@ pub(crate) fn run(target: &Target, interval: Duration) -> anyhow::Result<()> {
         .context("starting the status thread")?;
     feed::spawn_events(socket, updates).context("starting the events thread")?;
 
-    let color = std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+    let signalled = watch_signals().context("watching for SIGTERM")?;
     let mut screen = Screen::enter(color).context("setting up the terminal")?;
     let mut model = Model::new(first);
-    let ended = show(&mut screen, &mut model, &received);
+    let ended = show(&mut screen, &mut model, &received, &signalled);
     // The terminal is given back before any error is printed.
     drop(screen);
     ended?;
     model.outcome()
 }
 
-/// The screen loop: returns when the user quits or the primary has been gone a moment.
-fn show(screen: &mut Screen, model: &mut Model, updates: &Receiver<Update>) -> anyhow::Result<()> {
+/// A flag raised by SIGTERM, SIGHUP or SIGINT (`kill`, a closed terminal): `top` then leaves
+/// as if `q` was pressed, giving the terminal back, instead of dying in raw mode.
+fn watch_signals() -> std::io::Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let flag = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Installed here, before the terminal is taken over, so that none is missed.
+    let (mut term, mut hup, mut int) = runtime.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    let raised = flag.clone();
+    std::thread::Builder::new()
+        .name("top-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = hup.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+            raised.store(true, Ordering::Release);
+        })?;
+    Ok(flag)
+}
+
+/// The screen loop: returns when the user quits, a signal asks it to, or the primary has been
+/// gone a moment.
+fn show(
+    screen: &mut Screen,
+    model: &mut Model,
+    updates: &Receiver<Update>,
+    signalled: &AtomicBool,
+) -> anyhow::Result<()> {
     let mut dirty = true;
     let mut drawn = Instant::now();
     let mut feeds_alive = true;
@@ -96,7 +136,7 @@ fn show(screen: &mut Screen, model: &mut Model, updates: &Receiver<Update>) -> a
                 Err(TryRecvError::Disconnected) => feeds_alive = false,
             }
         }
-        if model.should_exit(Instant::now()) {
+        if model.should_exit(Instant::now()) || signalled.load(Ordering::Acquire) {
             return Ok(());
         }
     }

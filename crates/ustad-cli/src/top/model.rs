@@ -148,6 +148,12 @@ pub(crate) mod tests {
             event: name.into(),
             pool: Some("web".into()),
             id: Some(3),
+            slot: Some(0),
+            pid: Some(1003),
+            generation: Some(1),
+            code: None,
+            signal: None,
+            reason: None,
             message: format!("worker {name}"),
         }
     }

@@ -6,7 +6,7 @@
 //! through [`clean`] first, so that a worker cannot send escape sequences to the terminal.
 
 use ustad_core::control::protocol::EventRecord;
-use ustad_core::status::{PoolStatus, WorkerState, WorkerStatus};
+use ustad_core::status::{PoolStatus, WaitingSlot, WorkerState, WorkerStatus};
 
 use super::model::Model;
 use crate::human::{bytes, duration};
@@ -149,6 +149,7 @@ pub(crate) fn render(model: &Model, now: f64, width: usize, height: usize) -> Ve
     for pool in &model.status.pools {
         top.push(pool_line(pool));
         top.extend(pool.workers.iter().map(worker_line));
+        top.extend(pool.waiting.iter().map(waiting_line));
     }
     if model.status.pools.is_empty() {
         top.push(dim("  no pools"));
@@ -358,6 +359,43 @@ fn worker_line(worker: &WorkerStatus) -> Line {
     line
 }
 
+/// An empty slot that waits for its next attempt: in the slot column, with why in the status
+/// text (`backoff: 3 failed starts, next in 4s`).
+fn waiting_line(waiting: &WaitingSlot) -> Line {
+    let mut line = Line::default();
+    for (index, column) in COLUMNS.iter().enumerate() {
+        let text = match index {
+            1 => waiting.slot.to_string(),
+            4 => "empty".to_owned(),
+            _ => "-".to_owned(),
+        };
+        let tone = if index == 4 { Tone::Bad } else { Tone::Dim };
+        line.push(align(&text, column.width, column.right), tone)
+            .plain(GAP);
+    }
+    let why = match waiting.next_attempt_secs.filter(|_| !waiting.stopped) {
+        None => "stopped by an operator: restart or scale the pool to refill it".to_owned(),
+        Some(next) => {
+            let next = duration(next);
+            match waiting.failures {
+                0 => format!("restart in {next}"),
+                1 => format!("backoff: 1 failed start, next in {next}"),
+                n => format!("backoff: {n} failed starts, next in {next}"),
+            }
+        }
+    };
+    line.push(why, Tone::Warn);
+    if let Some(exit) = &waiting.last_exit {
+        line.plain(format!(
+            " · last: {}: {}, {} ago",
+            clean(&exit.reason),
+            clean(&exit.status),
+            ago(exit.secs_ago)
+        ));
+    }
+    line
+}
+
 /// The event's message names its worker (`web.1 (id 4, pid 1234) ready`), so no column
 /// repeats pool and id.
 fn event_line(event: &EventRecord, now: f64) -> Line {
@@ -547,6 +585,7 @@ mod tests {
             }),
             restarts: BTreeMap::from([("crash".to_owned(), 2), ("rollout".to_owned(), 1)]),
             workers: vec![worker(5, 0, WorkerState::Ready), old, web_1],
+            waiting: Vec::new(),
         };
         let jobs = PoolStatus {
             name: "jobs".into(),
@@ -556,6 +595,7 @@ mod tests {
             rollout: None,
             restarts: BTreeMap::new(),
             workers: vec![worker(6, 0, WorkerState::Starting)],
+            waiting: Vec::new(),
         };
         ClusterStatus {
             name: "shop".into(),
@@ -597,6 +637,44 @@ mod tests {
         );
         assert_eq!(tone_of(&lines[0], "2/3 ready"), Tone::Warn);
         assert_eq!(lines[1].text(), "config /srv/shop/ustad.toml  ·  q quit");
+    }
+
+    #[test]
+    fn an_empty_slot_says_it_backs_off_and_when_it_is_tried_again() {
+        let mut status = cluster();
+        status.pools[1].size = 2;
+        status.pools[1].waiting = vec![WaitingSlot {
+            slot: 1,
+            failures: 3,
+            next_attempt_secs: Some(4.2),
+            stopped: false,
+            last_exit: Some(LastExitStatus {
+                status: "exit code 1".into(),
+                reason: "crash".into(),
+                secs_ago: 2.0,
+            }),
+        }];
+        let lines = render(&Model::new(status), 0.0, 220, 40);
+        let row = find(&lines, "backoff");
+        assert!(
+            row.text().ends_with(
+                "backoff: 3 failed starts, next in 4s · last: crash: exit code 1, 2s ago"
+            ),
+            "{}",
+            row.text()
+        );
+        assert_eq!(tone_of(row, "empty"), Tone::Bad);
+        assert_eq!(tone_of(row, "backoff"), Tone::Warn);
+        // Under its pool, after its workers.
+        let jobs = lines
+            .iter()
+            .position(|l| l.text().starts_with("jobs"))
+            .unwrap();
+        let waiting = lines
+            .iter()
+            .position(|l| l.text().contains("backoff"))
+            .unwrap();
+        assert!(jobs < waiting);
     }
 
     #[test]

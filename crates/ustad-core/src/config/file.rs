@@ -10,7 +10,8 @@ use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;
 
 use super::value::{
-    ByteSize, Command, DurationValue, IpcProtocol, ListenAddr, Readiness, Signal, Size, SocketMode,
+    Budget, ByteSize, Command, DurationValue, IpcProtocol, ListenAddr, Readiness, Signal, Size,
+    SocketMode,
 };
 use super::{
     Config, ConfigError, DEFAULT_BACKLOG, Diagnostic, IpcSpec, Location, PoolSpec, SocketSpec,
@@ -29,6 +30,8 @@ struct RawConfig {
     stop_signal: Option<Signal>,
     ttl: Option<DurationValue>,
     strict: Option<bool>,
+    max_surge: Option<Budget>,
+    max_unavailable: Option<Budget>,
     silent: Option<bool>,
     max_memory: Option<ByteSize>,
     watchdog: Option<DurationValue>,
@@ -59,8 +62,12 @@ struct RawPool {
     #[serde(default)]
     env: IndexMap<Spanned<String>, EnvValue>,
     cwd: Option<PathBuf>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
     ttl: Option<Spanned<DurationValue>>,
-    strict: Option<bool>,
+    strict: Option<Spanned<bool>>,
+    max_surge: Option<Spanned<Budget>>,
+    max_unavailable: Option<Spanned<Budget>>,
     kill_timeout: Option<DurationValue>,
     restart_delay: Option<DurationValue>,
     min_uptime: Option<DurationValue>,
@@ -103,40 +110,85 @@ impl<'de> Deserialize<'de> for EnvValue {
     }
 }
 
-/// Parses and validates `text`, read from `path`.
+/// At most this many problems are reported from one file.
+const MAX_PROBLEMS: usize = 50;
+
+/// Parses and validates `text`, read from `path`. Every problem is reported, not the first
+/// only: a line the parser refuses is set aside (blanked, so that positions stay those of
+/// the file) and the rest parsed again, until it parses; then what validation finds in the
+/// rest is added.
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    let raw: RawConfig = toml::from_str(text).map_err(|error| {
-        let message = error.message().to_owned();
-        let diagnostic = match error.span() {
-            Some(span) => Diagnostic::at_span(&origin, text, span, message),
-            None => Diagnostic::unlocated(&origin, message),
-        };
-        ConfigError::Invalid {
-            diagnostics: vec![diagnostic],
+    let mut diagnostics: Vec<(usize, Diagnostic)> = Vec::new();
+    let mut rest = text.to_owned();
+    let raw = loop {
+        match toml::from_str::<RawConfig>(&rest) {
+            Ok(raw) => break Some(raw),
+            Err(error) => {
+                let message = error.message().to_owned();
+                // A field set aside is missing now: not a problem of the file.
+                if !diagnostics.is_empty() && message.starts_with("missing field") {
+                    break None;
+                }
+                let Some(span) = error.span() else {
+                    diagnostics.push((0, Diagnostic::unlocated(&origin, message)));
+                    break None;
+                };
+                diagnostics.push((
+                    span.start,
+                    Diagnostic::at_span(&origin, text, span.clone(), message),
+                ));
+                if diagnostics.len() >= MAX_PROBLEMS || !blank_setting(&mut rest, &span) {
+                    break None;
+                }
+            }
         }
-    })?;
+    };
     let base_dir = path.parent().unwrap_or(Path::new("."));
-    let (config, spans) = resolve(raw, base_dir);
-    match config.validate() {
-        Ok(()) => Ok(config),
-        Err(problems) => {
-            let mut diagnostics: Vec<(usize, Diagnostic)> = problems
-                .into_iter()
-                .map(|problem| match spans.get(&problem.at) {
-                    Some(span) => (
-                        span.start,
-                        Diagnostic::at_span(&origin, text, span.clone(), problem.message),
-                    ),
-                    None => (0, Diagnostic::unlocated(&origin, problem.to_string())),
-                })
-                .collect();
-            diagnostics.sort_by_key(|(start, _)| *start);
-            Err(ConfigError::Invalid {
-                diagnostics: diagnostics.into_iter().map(|(_, d)| d).collect(),
-            })
+    if let Some(raw) = raw {
+        let (config, spans) = resolve(raw, base_dir);
+        match config.validate() {
+            Ok(()) if diagnostics.is_empty() => return Ok(config),
+            Ok(()) => {}
+            Err(problems) => {
+                diagnostics.extend(problems.into_iter().map(
+                    |problem| match spans.get(&problem.at) {
+                        Some(span) => (
+                            span.start,
+                            Diagnostic::at_span(&origin, text, span.clone(), problem.message),
+                        ),
+                        None => (0, Diagnostic::unlocated(&origin, problem.to_string())),
+                    },
+                ));
+            }
         }
     }
+    diagnostics.sort_by_key(|(start, _)| *start);
+    Err(ConfigError::Invalid {
+        diagnostics: diagnostics.into_iter().map(|(_, d)| d).collect(),
+    })
+}
+
+/// Blanks the `key = value` line holding `span` in `text` (spaces, so every other position is
+/// unchanged), so that parsing can go on past it. `false` when the span is not within one such
+/// line (a table header, a value over several lines, a syntax error): nothing more can be found.
+fn blank_setting(text: &mut String, span: &std::ops::Range<usize>) -> bool {
+    let Some(before) = text.get(..span.start) else {
+        return false;
+    };
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = &text[start..end];
+    let setting = !line.trim_start().starts_with('[')
+        && line.contains('=')
+        && span.end <= end
+        && toml::from_str::<toml::Table>(line).is_ok();
+    if !setting {
+        return false;
+    }
+    let blank = " ".repeat(end - start);
+    text.replace_range(start..end, &blank);
+    true
 }
 
 /// Turns the raw file into a [`Config`], applying top-level defaults, and records where each
@@ -218,12 +270,42 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             spec.env.insert(key.into_inner(), value.0);
         }
         spec.cwd = pool.cwd.map(|cwd| base_dir.join(cwd));
+        if let Some(user) = pool.user {
+            spans.insert(field("user"), user.span());
+            spec.user = Some(user.into_inner());
+        }
+        if let Some(group) = pool.group {
+            spans.insert(field("group"), group.span());
+            spec.group = Some(group.into_inner());
+        }
         let ttl = pool.ttl.map(|t| {
             spans.insert(field("ttl"), t.span());
             t.into_inner()
         });
         spec.ttl = ttl.or(raw.ttl).map(|t| t.0);
-        spec.strict = pool.strict.or(raw.strict).unwrap_or(spec.strict);
+        let mut spanned = |key, span: std::ops::Range<usize>| {
+            spans.insert(field(key), span);
+        };
+        if let Some(strict) = pool.strict {
+            spanned("strict", strict.span());
+            spec.strict = strict.into_inner();
+        } else if let Some(strict) = raw.strict {
+            spec.strict = strict;
+        }
+        spec.max_surge = match pool.max_surge {
+            Some(surge) => {
+                spanned("max_surge", surge.span());
+                Some(surge.into_inner())
+            }
+            None => raw.max_surge,
+        };
+        spec.max_unavailable = match pool.max_unavailable {
+            Some(unavailable) => {
+                spanned("max_unavailable", unavailable.span());
+                Some(unavailable.into_inner())
+            }
+            None => raw.max_unavailable,
+        };
         spec.silent = pool.silent.or(raw.silent).unwrap_or(spec.silent);
         spec.preload = pool.preload.or(raw.preload).unwrap_or(spec.preload);
         spec.max_memory = pool.max_memory.or(raw.max_memory);
@@ -253,6 +335,9 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             "watchdog",
             "ipc",
             "stop_grace",
+            "strict",
+            "max_surge",
+            "max_unavailable",
         ] {
             spans
                 .entry(Location::PoolField(name.clone(), field_name))
@@ -304,6 +389,32 @@ silent = false
 command = "python3 worker.py --queue 'high prio'"
 size = "auto"
 "#;
+
+    #[test]
+    fn every_problem_of_a_file_is_reported_with_its_place() {
+        let text = "[pools.web]\ncommand = \"x\"\nsize = 0\nbogus = 1\n\n[pools.jobs]\ncommand = \"y\"\nready = \"sometimes\"\n[pools.cron]\ncommand = \"z\"\nttl = \"0s\"\n";
+        let error = load(text).unwrap_err();
+        assert!(
+            error.contains("ustad.toml:3:8: size must be at least 1"),
+            "{error}"
+        );
+        assert!(
+            error.contains("ustad.toml:4:1: unknown field `bogus`"),
+            "{error}"
+        );
+        assert!(
+            error.contains("ustad.toml:8:9: invalid readiness `sometimes`"),
+            "{error}"
+        );
+        // What validation finds in the rest comes too.
+        assert!(
+            error.contains("ustad.toml:11:7: ttl must be longer than 0s"),
+            "{error}"
+        );
+        // A syntax error ends the search: what follows it cannot be read.
+        let error = load("[pools.web\ncommand = \"x\"\n").unwrap_err();
+        assert_eq!(error.matches("ustad.toml:").count(), 1, "{error}");
+    }
 
     #[test]
     fn the_documented_example_loads_with_defaults_applied() {
@@ -381,6 +492,11 @@ size = "auto"
                 "[pools.web]\ncommand = [\"a\"]\nsize = 0\n",
                 "ustad.toml:3:8: size must be at least 1",
                 "size 0",
+            ),
+            (
+                "[pools.web]\ncommand = [\"a\"]\nsize = 4294967296\n",
+                "ustad.toml:3:8: size 4294967296 is more workers than this machine can run processes",
+                "size beyond the processes a machine can run",
             ),
             (
                 "[sockets.a]\nlisten = \"127.0.0.1:8000\"\n[sockets.b]\nlisten = \"127.0.0.1:8000\"\n[pools.web]\ncommand = [\"a\"]\n",

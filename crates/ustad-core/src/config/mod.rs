@@ -20,7 +20,9 @@ use std::time::Duration;
 use indexmap::IndexMap;
 
 pub use error::{ConfigError, Diagnostic};
-pub use value::{ByteSize, Command, IpcProtocol, ListenAddr, Readiness, Signal, Size, SocketMode};
+pub use value::{
+    Budget, ByteSize, Command, IpcProtocol, ListenAddr, Readiness, Signal, Size, SocketMode,
+};
 
 /// Default `kill_timeout`: how long a worker may take to stop before it is killed.
 pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -85,10 +87,20 @@ pub struct PoolSpec {
     pub env: IndexMap<String, String>,
     /// The workers' working directory (default: the primary's).
     pub cwd: Option<PathBuf>,
+    /// The user the workers run as (a name or a uid), with that user's groups; ustad must be
+    /// root.
+    pub user: Option<String>,
+    /// The group the workers run as (a name or a gid), instead of the user's own.
+    pub group: Option<String>,
     /// Recycle each worker after this long (±10% jitter), by rolling replacement.
     pub ttl: Option<Duration>,
-    /// Never run more than `size` workers, even while replacing one (stop, then start).
+    /// Never run more than `size` workers, even while replacing one (stop, then start): the
+    /// same as `max_surge = 0`, `max_unavailable = 1`.
     pub strict: bool,
+    /// Replacements a rollout starts at once, beside the workers they replace (default 1).
+    pub max_surge: Option<Budget>,
+    /// Slots a rollout may leave without a serving worker at once (default 0).
+    pub max_unavailable: Option<Budget>,
     /// How long a worker may take to stop after `stop_signal` before its group is killed.
     pub kill_timeout: Duration,
     /// The pause before a worker that exited on its own is replaced.
@@ -154,8 +166,12 @@ impl PoolSpec {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             env: IndexMap::new(),
             cwd: None,
+            user: None,
+            group: None,
             ttl: None,
             strict: false,
+            max_surge: None,
+            max_unavailable: None,
             kill_timeout: DEFAULT_KILL_TIMEOUT,
             restart_delay: DEFAULT_RESTART_DELAY,
             min_uptime: DEFAULT_MIN_UPTIME,
@@ -167,6 +183,21 @@ impl PoolSpec {
             ipc: None,
             preload: true,
         }
+    }
+}
+
+impl PoolSpec {
+    /// How far a rollout of a pool of `size` may go at once: (`max_surge`, `max_unavailable`)
+    /// as counts. `strict` is `(0, 1)`; the defaults `(1, 0)`.
+    pub fn rollout_budget(&self, size: usize) -> (usize, usize) {
+        let (surge, unavailable) = match (self.strict, self.max_surge, self.max_unavailable) {
+            (true, None, None) => (Budget::Count(0), Budget::Count(1)),
+            (_, surge, unavailable) => (
+                surge.unwrap_or(Budget::Count(1)),
+                unavailable.unwrap_or(Budget::Count(0)),
+            ),
+        };
+        (surge.of(size, true), unavailable.of(size, false).min(size))
     }
 }
 
@@ -316,6 +347,16 @@ impl Config {
             if let Err(message) = check_name(name) {
                 problem(Location::Pool(name.clone()), message);
             }
+            let max = value::max_workers();
+            if pool.size.count() > max {
+                problem(
+                    Location::PoolField(name.clone(), "size"),
+                    format!(
+                        "size {} is more workers than this machine can run processes (at most {max}: kernel.pid_max, kernel.threads-max)",
+                        pool.size
+                    ),
+                );
+            }
             for (index, socket) in pool.sockets.iter().enumerate() {
                 let handed = self
                     .sockets
@@ -386,6 +427,26 @@ impl Config {
                     "watchdog must be longer than 0s (leave it out to turn it off)".to_owned(),
                 );
             }
+            if pool.strict && (pool.max_surge.is_some() || pool.max_unavailable.is_some()) {
+                problem(
+                    Location::PoolField(name.clone(), "strict"),
+                    "strict means max_surge = 0 and max_unavailable = 1: give either strict or the two budgets".to_owned(),
+                );
+            } else if pool.rollout_budget(pool.size.count()) == (0, 0) {
+                let at = match pool.max_surge {
+                    Some(_) => "max_surge",
+                    None => "max_unavailable",
+                };
+                problem(
+                    Location::PoolField(name.clone(), at),
+                    format!(
+                        "a rollout could never start: with max_surge = {} and max_unavailable = {} for {} workers, no replacement may start beside an old worker and no old worker may stop first",
+                        pool.max_surge.unwrap_or(Budget::Count(1)),
+                        pool.max_unavailable.unwrap_or(Budget::Count(0)),
+                        pool.size
+                    ),
+                );
+            }
             if pool.ttl.is_some_and(|ttl| ttl.is_zero()) {
                 problem(
                     Location::PoolField(name.clone(), "ttl"),
@@ -407,6 +468,48 @@ impl Config {
             }
         }
 
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Whether a pool runs as another user or group.
+    pub fn runs_other_users(&self) -> bool {
+        self.pools
+            .values()
+            .any(|pool| pool.user.is_some() || pool.group.is_some())
+    }
+
+    /// Pools that run as another user or group need ustad to be root: one problem per pool
+    /// that does, when it is not (checked where the cluster starts and reloads, not by
+    /// `ustad check`, which may run as anyone).
+    pub fn check_privileges(&self) -> Result<(), Vec<Problem>> {
+        if crate::accounts::can_switch_users() {
+            return Ok(());
+        }
+        let uid = rustix::process::geteuid().as_raw();
+        let problems: Vec<Problem> = self
+            .pools
+            .iter()
+            .filter(|(_, pool)| pool.user.is_some() || pool.group.is_some())
+            .map(|(name, pool)| Problem {
+                at: Location::PoolField(
+                    name.clone(),
+                    if pool.user.is_some() { "user" } else { "group" },
+                ),
+                message: format!(
+                    "running workers as {} needs ustad to run as root; it runs as uid {uid}",
+                    match (&pool.user, &pool.group) {
+                        (Some(user), Some(group)) => format!("user `{user}` and group `{group}`"),
+                        (Some(user), None) => format!("user `{user}`"),
+                        (None, Some(group)) => format!("group `{group}`"),
+                        (None, None) => unreachable!("filtered"),
+                    }
+                ),
+            })
+            .collect();
         if problems.is_empty() {
             Ok(())
         } else {

@@ -130,6 +130,114 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// The kernel's ceiling on `kernel.pid_max` on 64-bit Linux (`PID_MAX_LIMIT`): no system runs
+/// more processes than this, whatever it is configured to.
+pub const PID_MAX_LIMIT: usize = 4_194_304;
+
+/// The most workers one pool may have on this machine: no more than it can run processes at
+/// all (`kernel.pid_max` and `kernel.threads-max`; every worker is at least one). Read once.
+pub fn max_workers() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        };
+        [
+            read("/proc/sys/kernel/pid_max"),
+            read("/proc/sys/kernel/threads-max"),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(PID_MAX_LIMIT)
+        .min(PID_MAX_LIMIT)
+    })
+}
+
+/// A number of workers given as a count or as a share of a pool's size: `2`, `"25%"`
+/// (`max_surge`, `max_unavailable`, as Kubernetes spells them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// This many.
+    Count(usize),
+    /// This percentage of the pool's size (0 to 100).
+    Percent(u8),
+}
+
+impl Budget {
+    /// The count for a pool of `size`: a percentage rounds up when `round_up` (a surge of 10%
+    /// of 4 workers is 1), down otherwise (10% of 4 may be unavailable: none).
+    pub fn of(self, size: usize, round_up: bool) -> usize {
+        match self {
+            Budget::Count(n) => n,
+            Budget::Percent(percent) => {
+                let scaled = size.saturating_mul(usize::from(percent));
+                if round_up {
+                    scaled.div_ceil(100)
+                } else {
+                    scaled / 100
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budget::Count(n) => write!(f, "{n}"),
+            Budget::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl FromStr for Budget {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Budget, String> {
+        let text = text.trim();
+        let invalid = || {
+            format!(
+                "invalid `{text}`: expected a number of workers (like 2) or a share of the pool's size (like \"25%\")"
+            )
+        };
+        match text.strip_suffix('%') {
+            Some(percent) => match percent.trim().parse::<u8>() {
+                Ok(p) if p <= 100 => Ok(Budget::Percent(p)),
+                _ => Err(format!("invalid `{text}`: a share is 0% to 100%")),
+            },
+            None => text
+                .parse::<usize>()
+                .map(Budget::Count)
+                .map_err(|_| invalid()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Budget {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BudgetVisitor;
+        impl Visitor<'_> for BudgetVisitor {
+            type Value = Budget;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of workers, or a share of the pool's size like \"25%\"")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Budget, E> {
+                usize::try_from(n)
+                    .map(Budget::Count)
+                    .map_err(|_| E::custom(format!("{n} workers: expected 0 or more")))
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Budget, E> {
+                text.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(BudgetVisitor)
+    }
+}
+
 /// How many workers a pool runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Size {

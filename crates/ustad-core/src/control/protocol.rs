@@ -52,11 +52,28 @@ pub enum Request {
         worker: Option<u64>,
     },
     /// Stop every worker gracefully, then exit. Answer: `done` once the stop has begun; the
-    /// connection closes when the primary exits.
+    /// connection closes when the primary exits. With `worker`: stop that one worker gracefully
+    /// and leave its slot empty until its pool is restarted or scaled (answer: `done`).
     Stop {
         /// Give workers this long (e.g. `"10s"`) instead of their `kill_timeout`.
         #[serde(default)]
         timeout: Option<String>,
+        /// Only this worker (by id), not replaced.
+        #[serde(default)]
+        worker: Option<u64>,
+    },
+    /// Send a signal to the process groups of one worker, or of every worker of a pool. A
+    /// worker the signal ends is replaced as any that dies. Answer: `done`.
+    Kill {
+        /// A pool.
+        #[serde(default)]
+        pool: Option<String>,
+        /// Or a worker id.
+        #[serde(default)]
+        worker: Option<u64>,
+        /// The signal's name (`SIGTERM`, `TERM`, `SIGUSR1`…) [default: SIGTERM].
+        #[serde(default)]
+        signal: Option<String>,
     },
     /// Recent output lines of the workers, then (with `follow`) new ones as they come.
     /// Answer: `log` lines, then `done` (without `follow`).
@@ -155,6 +172,24 @@ pub struct EventRecord {
     pub pool: Option<String>,
     /// The worker id, when it concerns one.
     pub id: Option<u64>,
+    /// The worker's slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<usize>,
+    /// The worker's pid, once it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The worker's generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// `exited`: its exit code, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// `exited`: the signal that ended it, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// `exited`, `stopping`: why (`crash`, `rollout`, `ttl`, `operator`… as in the JSON log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// The log message.
     pub message: String,
 }

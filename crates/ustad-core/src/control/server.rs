@@ -3,8 +3,14 @@
 //!
 //! The supervisor loop never waits on a client: each connection is a task that hands the
 //! parsed request over with a bounded reply channel ([`Call`]), and writes what comes back.
-//! A client that sends too much, too slowly, or garbage gets an `error` line and is closed;
-//! one that stops reading its stream fills its channel and is dropped.
+//! A client that sends too much, too slowly (its request must come within
+//! [`REQUEST_TIMEOUT`]), or garbage gets an `error` line and is closed; one that stops reading
+//! its stream fills its channel and is dropped.
+//!
+//! Nothing an idle client holds can keep the owner out: connections are not counted while they
+//! wait for their request (each costs a task and a socket until its deadline), and only the
+//! requests that hold a connection open for long, following events or logs, are capped
+//! ([`MAX_STREAMS`]). `status` and `stop` are always answered.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -20,10 +26,11 @@ use tracing::{debug, warn};
 use super::paths;
 use super::protocol::{MAX_REQUEST, Reply, Request};
 
-/// Clients served at once; more are told to retry.
-const MAX_CLIENTS: usize = 64;
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Clients following events or logs at once; more are told to retry.
+pub const MAX_STREAMS: usize = 64;
+/// How long a client may take to send its request, from its connection: a client of the
+/// `ustad` command sends it at once.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long writing one reply line may take before the client is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Replies queued for one client.
@@ -101,7 +108,7 @@ impl ControlServer {
 
     /// Accepts clients until `calls` is closed, handing each request to the supervisor.
     pub async fn serve(&self, calls: mpsc::Sender<Call>) {
-        let permits = Arc::new(Semaphore::new(MAX_CLIENTS));
+        let streams = Arc::new(Semaphore::new(MAX_STREAMS));
         let own_uid = rustix::process::geteuid().as_raw();
         loop {
             let (stream, _) = match self.listener.accept().await {
@@ -115,15 +122,12 @@ impl ControlServer {
             if calls.is_closed() {
                 return;
             }
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                tokio::spawn(refuse(stream, "too many control clients at once; retry"));
-                continue;
-            };
-            let calls = calls.clone();
-            tokio::spawn(async move {
-                serve_client(stream, own_uid, calls).await;
-                drop(permit);
-            });
+            tokio::spawn(serve_client(
+                stream,
+                own_uid,
+                calls.clone(),
+                streams.clone(),
+            ));
         }
     }
 }
@@ -138,7 +142,12 @@ async fn refuse(mut stream: UnixStream, why: &str) {
     let _ = write_reply(&mut stream, &Reply::error(why)).await;
 }
 
-async fn serve_client(mut stream: UnixStream, own_uid: u32, calls: mpsc::Sender<Call>) {
+async fn serve_client(
+    mut stream: UnixStream,
+    own_uid: u32,
+    calls: mpsc::Sender<Call>,
+    streams: Arc<Semaphore>,
+) {
     let peer = match rustix::net::sockopt::socket_peercred(&stream) {
         Ok(peer) => peer,
         Err(error) => {
@@ -170,6 +179,23 @@ async fn serve_client(mut stream: UnixStream, own_uid: u32, calls: mpsc::Sender<
         }
     };
     debug!(pid, ?request, "control request");
+    let follows = matches!(
+        request,
+        Request::Events {} | Request::Logs { follow: true, .. }
+    );
+    let _stream_permit = match follows {
+        true => match streams.try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                let why = format!(
+                    "{MAX_STREAMS} clients already follow events or logs; retry when one is done"
+                );
+                refuse(stream, &why).await;
+                return;
+            }
+        },
+        false => None,
+    };
     let (replies, mut answer) = mpsc::channel(REPLY_QUEUE);
     if calls.send(Call { request, replies }).await.is_err() {
         refuse(stream, "ustad is exiting").await;

@@ -8,9 +8,11 @@
 //! - A **pool** has `size` **slots**. A slot holds at most one *current* worker (starting or
 //!   serving) and, during a replacement, one *replacement* that is starting.
 //! - Every worker belongs to a **generation** of its pool. A **rollout** to generation `g`
-//!   replaces, one slot at a time, every worker older than `g`: start the replacement, wait
-//!   until it is ready, then ask the old one to stop. A pool never has more than one extra
-//!   worker alive (`strict` pools: none; the old one is stopped first).
+//!   replaces every worker older than `g`: start the replacement, wait until it is ready, then
+//!   ask the old one to stop. By default one slot at a time, so a pool never has more than one
+//!   extra worker alive; a pool's `max_surge` (replacements at once) and `max_unavailable`
+//!   (slots that may be empty meanwhile) widen it into batches (`strict` pools: none extra,
+//!   the old one is stopped first).
 //! - A worker asked to stop is *detached* from its slot: it no longer counts as serving, and the
 //!   slot is not refilled until it has exited.
 //! - A worker that exits without being asked leaves its slot empty; the slot is refilled after
@@ -38,6 +40,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a worker's memory must stay above `max_memory` before it is replaced: one high
 /// sample (a burst) is not enough.
 pub const MEMORY_GRACE: Duration = Duration::from_secs(3);
+/// A worker's `STATUS=` changes are logged at most this often.
+pub const STATUS_LOG_INTERVAL: Duration = Duration::from_secs(3);
 /// The shortest backoff step, used when `restart_delay` is zero.
 const MIN_BACKOFF_STEP: Duration = Duration::from_millis(100);
 
@@ -86,8 +90,12 @@ pub struct Worker {
     ttl_at: Option<Instant>,
     /// It sent `STOPPING=1`.
     announced_stop: bool,
+    /// Its message channel was cut because it broke the protocol: its exit is not a crash.
+    cut: bool,
     /// Its last `STATUS=` text.
     pub status: Option<String>,
+    /// When a change of its `STATUS=` was last logged, and how many since were not.
+    status_logged: Option<(Instant, u64)>,
     /// When it was first seen waiting for connections, and on which socket
     /// (`ready = "listening"`).
     pub seen_listening: Option<(Instant, Arc<str>)>,
@@ -144,6 +152,8 @@ struct Slot {
     restarts: u32,
     /// How the last worker of this slot ended.
     last_exit: Option<LastExit>,
+    /// An operator stopped its worker: it stays empty until its pool is restarted or scaled.
+    parked: bool,
 }
 
 /// The part a worker plays in its slot.
@@ -328,6 +338,7 @@ impl Plan {
             Event::AddPool { name, spec } => self.on_add_pool(name, spec),
             Event::RemovePool { name } => self.on_remove_pool(&name, now),
             Event::Replace { id } => self.on_replace(id),
+            Event::StopWorker { id } => self.on_stop_worker(id, now),
             Event::Cut { id, why } => self.on_cut(id, &why, now),
             Event::Memory { id, rss } => self.on_memory(id, rss, now),
         }
@@ -534,6 +545,9 @@ impl Plan {
         let cause = match worker.phase {
             Phase::Stopping { reason, .. } => ExitCause::Stopped(reason),
             _ if worker.announced_stop => ExitCause::Announced,
+            // Cut off, it may leave before its replacement asks it to: for breaking the
+            // protocol, not a crash.
+            _ if worker.cut => ExitCause::Stopped(StopReason::Protocol),
             _ => ExitCause::Crashed,
         };
         self.out.notices.push(Notice::Exited {
@@ -561,11 +575,29 @@ impl Plan {
                 }
             }
             WorkerMessage::Status(text) => {
-                if worker.status.as_deref() != Some(&text) {
-                    worker.status = Some(text.clone());
-                    let worker = self.reference(&self.workers[&id]);
-                    self.out.notices.push(Notice::Status { worker, text });
+                if worker.status.as_deref() == Some(&text) {
+                    return;
                 }
+                worker.status = Some(text.clone());
+                // A status is state (`ustad status` shows the last one); its changes are
+                // logged at most once per interval, with a count of those that were not.
+                let suppressed = match worker.status_logged {
+                    Some((at, suppressed))
+                        if now.saturating_duration_since(at) < STATUS_LOG_INTERVAL =>
+                    {
+                        worker.status_logged = Some((at, suppressed + 1));
+                        return;
+                    }
+                    Some((_, suppressed)) => suppressed,
+                    None => 0,
+                };
+                worker.status_logged = Some((now, 0));
+                let worker = self.reference(&self.workers[&id]);
+                self.out.notices.push(Notice::Status {
+                    worker,
+                    text,
+                    suppressed,
+                });
             }
             WorkerMessage::Stopping => {
                 if matches!(worker.phase, Phase::Stopping { .. }) {
@@ -658,11 +690,47 @@ impl Plan {
         self.queue_replacement(pool, slot, StopReason::Restart);
     }
 
+    fn on_stop_worker(&mut self, id: WorkerId, now: Instant) {
+        if self.shutdown.is_some() {
+            self.refuse(format!("stopping worker {id} during shutdown"));
+            return;
+        }
+        let Some(worker) = self.workers.get(&id) else {
+            self.refuse(format!("no worker with id {id}"));
+            return;
+        };
+        if matches!(worker.phase, Phase::Stopping { .. }) {
+            let worker = self.reference(worker);
+            self.refuse(format!("worker {worker} is stopping already"));
+            return;
+        }
+        let (pool, slot) = (worker.pool, worker.slot);
+        // Its slot is left empty: a replacement under way goes too, and nothing is queued.
+        let replacement = match self.pools[pool].slots.get_mut(slot) {
+            Some(s) => {
+                s.parked = true;
+                s.pending = None;
+                s.respawn_at = None;
+                s.replacement.map(|(id, _)| id)
+            }
+            None => None,
+        };
+        for id in [Some(id), replacement].into_iter().flatten() {
+            self.stop(id, StopReason::Operator, now);
+        }
+    }
+
     fn on_cut(&mut self, id: WorkerId, why: &str, now: Instant) {
         let Some(worker) = self.workers.get(&id) else {
             return;
         };
         let (pool, slot) = (worker.pool, worker.slot);
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.cut = true;
+        }
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
         match worker.phase {
             Phase::Ready { .. } if self.is_current(pool, slot, id) => {
                 self.queue_replacement(pool, slot, StopReason::Protocol);
@@ -740,6 +808,10 @@ impl Plan {
         };
         for index in targets {
             let p = &mut self.pools[index];
+            // A restart fills the slots an operator emptied.
+            for slot in &mut p.slots {
+                slot.parked = false;
+            }
             let superseded = p.rollout.as_ref().map(|r| r.generation);
             let generation = superseded.unwrap_or(p.generation).max(p.generation) + 1;
             // A restart keeps the pool's current size (it may have been scaled); new settings
@@ -779,6 +851,13 @@ impl Plan {
         };
         if size == 0 {
             self.refuse(format!("pool `{pool}` cannot shrink below 1 worker"));
+            return;
+        }
+        if size > crate::config::value::PID_MAX_LIMIT {
+            self.refuse(format!(
+                "pool `{pool}` cannot have {size} workers: no system runs more than {} processes",
+                crate::config::value::PID_MAX_LIMIT
+            ));
             return;
         }
         self.resize(index, size, now);
@@ -1120,6 +1199,10 @@ impl Plan {
 
     fn resize(&mut self, index: usize, size: usize, now: Instant) {
         let pool = &mut self.pools[index];
+        // Scaling fills the slots an operator emptied (to the new size).
+        for slot in &mut pool.slots {
+            slot.parked = false;
+        }
         let from = pool.slots.len();
         if size == from {
             return;
@@ -1169,7 +1252,11 @@ impl Plan {
         for slot in 0..self.pools[pool].slots.len() {
             let s = &self.pools[pool].slots[slot];
             let empty = s.current.is_none() && s.replacement.is_none();
-            if empty && s.respawn_at.is_none_or(|at| at <= now) && !self.has_detached(pool, slot) {
+            if empty
+                && !s.parked
+                && s.respawn_at.is_none_or(|at| at <= now)
+                && !self.has_detached(pool, slot)
+            {
                 let id = self.spawn(pool, slot, now);
                 let s = &mut self.pools[pool].slots[slot];
                 s.current = Some(id);
@@ -1178,24 +1265,26 @@ impl Plan {
         }
     }
 
+    /// Starts the replacements the pool's rollout budget allows: while fewer than
+    /// `size + max_surge` of its workers are alive, a replacement starts beside an outdated
+    /// worker; past that, while more than `size - max_unavailable` slots serve, an outdated
+    /// worker is stopped first and its slot refilled once it has exited. With the defaults
+    /// (`max_surge = 1`, `max_unavailable = 0`) that is one slot at a time, its replacement
+    /// ready before the old worker is asked to stop; `strict` is `0` and `1`.
     fn start_next_replacement(&mut self, pool: usize, now: Instant) {
         let p = &self.pools[pool];
-        let strict = p.spawn_target().1.strict;
-        let stopping = self
-            .workers
-            .values()
-            .any(|w| w.pool == pool && matches!(w.phase, Phase::Stopping { .. }));
-        let replacing = p.slots.iter().any(|s| s.replacement.is_some());
-        let unsettled = p.slots.iter().any(|s| {
-            s.current
-                .is_none_or(|id| !matches!(self.workers[&id].phase, Phase::Ready { .. }))
-        });
-        // One replacement at a time per pool, and never while an old worker is still draining:
-        // at most one extra worker alive (none when strict).
-        if stopping || replacing || (strict && unsettled) {
-            return;
-        }
+        let size = p.slots.len();
+        let (surge, unavailable) = p.spawn_target().1.rollout_budget(size);
+        let mut alive = self.workers.values().filter(|w| w.pool == pool).count();
+        let mut serving = p
+            .slots
+            .iter()
+            .filter(|s| s.current.is_some_and(|id| self.workers[&id].is_ready()))
+            .count();
         let outdated = |s: &Slot| -> Option<StopReason> {
+            if s.replacement.is_some() {
+                return None;
+            }
             let worker = &self.workers[&s.current?];
             if !matches!(worker.phase, Phase::Ready { .. }) {
                 return None;
@@ -1207,23 +1296,28 @@ impl Plan {
                 _ => s.pending,
             }
         };
-        let Some((slot, reason)) = p
+        let due: Vec<(usize, StopReason)> = p
             .slots
             .iter()
             .enumerate()
-            .find_map(|(i, s)| outdated(s).map(|r| (i, r)))
-        else {
-            return;
-        };
-        self.pools[pool].slots[slot].pending = None;
-        if strict {
-            let old = self.pools[pool].slots[slot]
-                .current
-                .expect("outdated implies current");
-            self.stop(old, reason, now);
-        } else {
-            let id = self.spawn(pool, slot, now);
-            self.pools[pool].slots[slot].replacement = Some((id, reason));
+            .filter_map(|(i, s)| outdated(s).map(|r| (i, r)))
+            .collect();
+        for (slot, reason) in due {
+            if alive < size + surge {
+                let id = self.spawn(pool, slot, now);
+                let s = &mut self.pools[pool].slots[slot];
+                s.replacement = Some((id, reason));
+                s.pending = None;
+                alive += 1;
+            } else if serving > size.saturating_sub(unavailable) {
+                let s = &mut self.pools[pool].slots[slot];
+                s.pending = None;
+                let old = s.current.expect("outdated implies current");
+                self.stop(old, reason, now);
+                serving -= 1;
+            } else {
+                break;
+            }
         }
     }
 
@@ -1274,6 +1368,7 @@ impl Plan {
                 generation,
                 pid: None,
                 spawned_at: now,
+                status_logged: None,
                 seen_listening: None,
                 signal_at: None,
                 phase: Phase::Starting {
@@ -1282,6 +1377,7 @@ impl Plan {
                 },
                 ttl_at: None,
                 announced_stop: false,
+                cut: false,
                 status: None,
                 spec,
                 watchdog_at: None,
@@ -1429,6 +1525,31 @@ impl Plan {
                         }
                     })
                     .collect();
+                let exit_status = |exit: LastExit| status::LastExitStatus {
+                    status: exit.status.to_string(),
+                    reason: exit.cause.as_str().to_owned(),
+                    secs_ago: secs(exit.at),
+                };
+                let waiting = pool
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.current.is_none() && s.replacement.is_none())
+                    .filter_map(|(slot, s)| {
+                        let next = s.respawn_at.filter(|at| *at > now);
+                        if next.is_none() && !s.parked {
+                            return None;
+                        }
+                        Some(status::WaitingSlot {
+                            slot,
+                            failures: s.failures,
+                            next_attempt_secs: next
+                                .map(|at| at.saturating_duration_since(now).as_secs_f64()),
+                            stopped: s.parked,
+                            last_exit: s.last_exit.map(exit_status),
+                        })
+                    })
+                    .collect();
                 let ready = pool
                     .slots
                     .iter()
@@ -1455,6 +1576,7 @@ impl Plan {
                         .map(|(reason, n)| ((*reason).to_owned(), *n))
                         .collect(),
                     workers,
+                    waiting,
                 }
             })
             .collect()

@@ -449,6 +449,163 @@ fn a_hung_node_worker_or_a_zero_grace_gets_its_signal_at_once() {
     assert_eq!(sim.signals, [(WorkerId(1), Signal::ABRT)]);
 }
 
+#[test]
+fn a_worker_stopped_by_an_operator_leaves_its_slot_empty_until_restart_or_scale() {
+    let mut sim = ready_pool(2, false);
+    sim.handle(Event::StopWorker { id: WorkerId(2) });
+    assert_eq!(sim.signals, [(WorkerId(2), Signal::TERM)]);
+    sim.exit_stopped();
+    sim.advance(60 * S);
+    assert!(sim.starting().is_empty(), "not refilled");
+    assert_eq!(sim.serving("web"), [WorkerId(1)]);
+    let status = sim.plan.status(sim.now);
+    let waiting = &status[0].waiting;
+    assert_eq!(waiting.len(), 1);
+    assert_eq!((waiting[0].slot, waiting[0].stopped), (1, true));
+    assert_eq!(waiting[0].next_attempt_secs, None);
+    // Twice is refused, as is a worker that is gone.
+    let again = sim
+        .plan
+        .handle(Event::StopWorker { id: WorkerId(2) }, sim.now);
+    assert!(again.refusal().is_some_and(|why| why.contains("no worker")));
+    // A restart of the pool fills it (and rolls the rest).
+    rollout(&mut sim);
+    assert_eq!(sim.workers("web").iter().filter(|w| w.0 == 1).count(), 1);
+    finish(&mut sim);
+    assert_eq!(sim.serving("web").len(), 2);
+    // So does scaling.
+    let id = sim.serving("web")[0];
+    sim.handle(Event::StopWorker { id });
+    sim.exit_stopped();
+    sim.handle(Event::Scale {
+        pool: "web".into(),
+        size: 3,
+    });
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    assert_eq!(sim.serving("web").len(), 3);
+}
+
+/// Rolls a pool of `size` whose workers take `boot` to be ready and `drain` to exit after
+/// their stop signal, with this budget; checks at every step that no more than
+/// `size + surge` workers are alive and no fewer than `size - unavailable` slots serve.
+/// Returns how long the rollout took.
+fn batched_rollout(
+    size: usize,
+    surge: Option<crate::config::Budget>,
+    unavailable: Option<crate::config::Budget>,
+    expect: (usize, usize),
+) -> Duration {
+    let boot = S;
+    let drain = 200 * MS;
+    let mut spec = pool(size, Readiness::Notify);
+    spec.max_surge = surge;
+    spec.max_unavailable = unavailable;
+    assert_eq!(spec.rollout_budget(size), expect);
+    let (surge, unavailable) = expect;
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    let started = sim.now;
+    rollout(&mut sim);
+    let mut booting: Vec<(WorkerId, Instant)> = Vec::new();
+    let mut draining: Vec<(WorkerId, Instant)> = Vec::new();
+    let mut step = 0;
+    while sim.plan.status(sim.now)[0].rollout.is_some() {
+        step += 1;
+        assert!(step < 100_000, "the rollout never finished");
+        let now = sim.now;
+        for id in sim.starting() {
+            if !booting.iter().any(|(b, _)| *b == id) {
+                booting.push((id, now + boot));
+            }
+        }
+        for (id, _) in &sim.signals {
+            if sim.alive.contains_key(id) && !draining.iter().any(|(d, _)| d == id) {
+                draining.push((*id, now + drain));
+            }
+        }
+        let ready: Vec<WorkerId> = booting
+            .iter()
+            .filter(|(_, at)| *at <= now)
+            .map(|b| b.0)
+            .collect();
+        booting.retain(|(_, at)| *at > now);
+        for id in ready {
+            sim.ready(id);
+        }
+        let gone: Vec<WorkerId> = draining
+            .iter()
+            .filter(|(_, at)| *at <= now)
+            .map(|d| d.0)
+            .collect();
+        draining.retain(|(_, at)| *at > now);
+        for id in gone {
+            sim.exit(id, ExitStatus::Code(0));
+        }
+        let alive = sim.alive.values().filter(|p| *p == "web").count();
+        assert!(
+            alive <= size + surge,
+            "{alive} alive, budget {size} + {surge}"
+        );
+        let serving = sim.plan.status(sim.now)[0].ready;
+        assert!(
+            serving + unavailable >= size,
+            "{serving} serving, budget {size} - {unavailable}"
+        );
+        sim.advance(50 * MS);
+    }
+    assert_eq!(sim.serving("web").len(), size);
+    assert!(
+        sim.workers("web").iter().filter(|w| w.3).all(|w| w.2 == 2),
+        "every serving worker is new"
+    );
+    sim.now.saturating_duration_since(started)
+}
+
+#[test]
+fn rollouts_in_batches_respect_max_surge_and_max_unavailable_throughout() {
+    use crate::config::Budget::{Count, Percent};
+    // The default: one at a time, 100 steps of boot + drain for 100 workers.
+    let one_by_one = batched_rollout(100, None, None, (1, 0));
+    // 10% surge: ten batches.
+    let batches = batched_rollout(100, Some(Percent(10)), None, (10, 0));
+    assert!(
+        batches * 8 < one_by_one,
+        "{batches:?} in batches, {one_by_one:?} one by one"
+    );
+    // Surge and unavailability together, and strict's equivalent.
+    batched_rollout(10, Some(Count(2)), Some(Count(2)), (2, 2));
+    batched_rollout(10, Some(Count(0)), Some(Percent(20)), (0, 2));
+    batched_rollout(3, Some(Count(0)), Some(Count(1)), (0, 1));
+    // Percentages round up for the surge, down for the unavailable.
+    batched_rollout(4, Some(Percent(10)), Some(Percent(10)), (1, 0));
+}
+
+#[test]
+fn strict_is_no_surge_and_one_unavailable_and_a_budget_of_nothing_is_refused() {
+    let mut spec = pool(4, Readiness::Notify);
+    spec.strict = true;
+    assert_eq!(spec.rollout_budget(4), (0, 1));
+    spec.max_surge = Some(crate::config::Budget::Count(2));
+    let mut config = config(&[("web", spec.clone())]);
+    let problems = config.validate().unwrap_err();
+    assert!(
+        problems[0].message.contains("give either strict"),
+        "{problems:?}"
+    );
+    spec.strict = false;
+    spec.max_surge = Some(crate::config::Budget::Count(0));
+    config.pools.insert("web".into(), spec);
+    let problems = config.validate().unwrap_err();
+    assert!(
+        problems[0].message.contains("could never start"),
+        "{problems:?}"
+    );
+}
+
 /// The worker now in a slot of pool `web`.
 fn in_slot(sim: &Sim, slot: usize) -> Option<WorkerId> {
     sim.workers("web")
@@ -1152,6 +1309,40 @@ fn a_failed_ttl_replacement_keeps_the_worker_and_tries_again_later() {
 }
 
 #[test]
+fn a_flood_of_status_changes_is_logged_once_per_interval_with_a_count() {
+    let mut sim = ready_pool(1, false);
+    for n in 0..100_000 {
+        sim.message(WorkerId(1), WorkerMessage::Status(format!("step {n}")));
+        if n % 10_000 == 9_999 {
+            sim.advance(S);
+        }
+    }
+    let logged: Vec<(String, u64)> = sim
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::Status {
+                text, suppressed, ..
+            } => Some((text.clone(), *suppressed)),
+            _ => None,
+        })
+        .collect();
+    // 10 s of changes, one logged every 3 s: at 0, 3, 6 and 9 s.
+    assert_eq!(
+        logged,
+        [
+            ("step 0".to_owned(), 0),
+            ("step 30000".to_owned(), 29_999),
+            ("step 60000".to_owned(), 29_999),
+            ("step 90000".to_owned(), 29_999),
+        ]
+    );
+    // The last one is the worker's status all the same.
+    let status = sim.plan.status(sim.now);
+    assert_eq!(status[0].workers[0].status.as_deref(), Some("step 99999"));
+}
+
+#[test]
 fn messages_from_stopping_workers_are_ignored() {
     let mut sim = ready_pool(1, false);
     sim.message(WorkerId(1), WorkerMessage::Status("busy".into()));
@@ -1421,6 +1612,25 @@ fn a_worker_cut_off_is_replaced_rolling_when_serving_and_fails_its_start_when_st
     assert_eq!(sim.starting(), [WorkerId(5)]);
 }
 
+#[test]
+fn a_worker_cut_off_that_leaves_on_its_own_broke_the_protocol_it_did_not_crash() {
+    let mut sim = ready_pool(1, false);
+    sim.handle(Event::Cut {
+        id: WorkerId(1),
+        why: "not JSON".into(),
+    });
+    // Its channel closed, it exits before its successor is ready.
+    sim.exit(WorkerId(1), ExitStatus::Code(1));
+    let cause = sim.notices.iter().find_map(|n| match n {
+        Notice::Exited { cause, .. } => Some(*cause),
+        _ => None,
+    });
+    assert_eq!(cause, Some(ExitCause::Stopped(StopReason::Protocol)));
+    let status = sim.plan.status(sim.now);
+    assert_eq!(status[0].restarts.get("protocol"), Some(&1), "{status:?}");
+    assert_eq!(status[0].restarts.get("crash"), None);
+}
+
 /// The names are the `event` of the JSON log and of the control stream: scripts tell notices
 /// apart by them.
 #[test]
@@ -1510,6 +1720,7 @@ fn every_notice_has_a_name_of_its_own() {
         Notice::Status {
             worker: worker.clone(),
             text: String::new(),
+            suppressed: 0,
         },
         Notice::Refused { why: String::new() },
         Notice::ShutdownStarted {
@@ -1542,6 +1753,25 @@ fn every_notice_has_a_name_of_its_own() {
         "two notices share a name: {names:?}"
     );
     assert!(names.iter().all(|name| !name.is_empty()));
+}
+
+#[test]
+fn a_size_beyond_any_systems_processes_is_refused_not_allocated() {
+    let mut sim = ready_pool(1, false);
+    let outcome = sim.plan.handle(
+        Event::Scale {
+            pool: "web".into(),
+            size: usize::MAX,
+        },
+        sim.now,
+    );
+    assert!(
+        outcome
+            .refusal()
+            .is_some_and(|why| why.contains("processes"))
+    );
+    assert!(outcome.actions.is_empty());
+    assert_eq!(sim.plan.pools().next(), Some(("web", 1)));
 }
 
 #[test]

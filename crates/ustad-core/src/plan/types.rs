@@ -176,6 +176,12 @@ pub enum Event {
         /// Which.
         id: WorkerId,
     },
+    /// Stop one worker gracefully and leave its slot empty until the pool is restarted or
+    /// scaled (an operator's `ustad stop ID`, Node's `worker.disconnect()`).
+    StopWorker {
+        /// Which.
+        id: WorkerId,
+    },
     /// A worker broke the message protocol and was cut off: a serving worker is replaced
     /// (rolling), a starting one fails its start.
     Cut {
@@ -287,6 +293,8 @@ pub enum StopReason {
     PoolRemoved,
     /// It broke the message protocol: its channel was closed.
     Protocol,
+    /// An operator stopped it, not to be replaced (`ustad stop ID`, `Cluster::disconnect`).
+    Operator,
 }
 
 impl StopReason {
@@ -305,6 +313,7 @@ impl StopReason {
             StopReason::Watchdog => "watchdog",
             StopReason::PoolRemoved => "pool_removed",
             StopReason::Protocol => "protocol",
+            StopReason::Operator => "operator",
         }
     }
 }
@@ -324,6 +333,7 @@ impl fmt::Display for StopReason {
             StopReason::Watchdog => "hung: no WATCHDOG=1 in time",
             StopReason::PoolRemoved => "its pool was removed",
             StopReason::Protocol => "it broke the message protocol",
+            StopReason::Operator => "stopped by an operator, not replaced",
         })
     }
 }
@@ -530,6 +540,9 @@ pub enum Notice {
         worker: WorkerRef,
         /// The text.
         text: String,
+        /// Changes of it not logged since the last one that was (at most one is logged
+        /// every [`crate::plan::STATUS_LOG_INTERVAL`]).
+        suppressed: u64,
     },
     /// A request was refused (unknown pool, bad size, shutting down…).
     Refused {
@@ -578,6 +591,39 @@ pub enum Notice {
 }
 
 impl Notice {
+    /// The worker it concerns, if one.
+    pub fn worker(&self) -> Option<&WorkerRef> {
+        match self {
+            Notice::Spawned { worker }
+            | Notice::SpawnFailed { worker, .. }
+            | Notice::Ready { worker, .. }
+            | Notice::Listening { worker, .. }
+            | Notice::Stopping { worker, .. }
+            | Notice::Killed { worker, .. }
+            | Notice::Exited { worker, .. }
+            | Notice::ReplaceQueued { worker, .. }
+            | Notice::ReplaceAbandoned { worker, .. }
+            | Notice::Status { worker, .. }
+            | Notice::Hung { worker, .. }
+            | Notice::OverMemory { worker, .. } => Some(worker),
+            _ => None,
+        }
+    }
+
+    /// The pool it concerns, if one: a worker's, or the pool's own.
+    pub fn pool(&self) -> Option<&Arc<str>> {
+        match self {
+            Notice::RestartScheduled { pool, .. }
+            | Notice::RolloutStarted { pool, .. }
+            | Notice::RolloutFinished { pool, .. }
+            | Notice::RolloutAborted { pool, .. }
+            | Notice::Scaled { pool, .. }
+            | Notice::PoolAdded { pool, .. }
+            | Notice::PoolRemoved { pool, .. } => Some(pool),
+            _ => self.worker().map(|worker| &worker.pool),
+        }
+    }
+
     /// Its event name: the `event` field of the JSON log and of the control stream's event
     /// records (`docs/control.md`), so part of both formats.
     pub fn name(&self) -> &'static str {
@@ -739,7 +785,19 @@ impl fmt::Display for Notice {
             Notice::Scaled { pool, from, to } => {
                 write!(f, "pool {pool} scaled from {from} to {to}")
             }
-            Notice::Status { worker, text } => write!(f, "{worker} status: {text}"),
+            Notice::Status {
+                worker,
+                text,
+                suppressed: 0,
+            } => write!(f, "{worker} status: {text}"),
+            Notice::Status {
+                worker,
+                text,
+                suppressed,
+            } => write!(
+                f,
+                "{worker} status: {text} ({suppressed} changes since the last one logged)"
+            ),
             Notice::Refused { why } => write!(f, "refused: {why}"),
             Notice::ShutdownStarted {
                 immediate: false,

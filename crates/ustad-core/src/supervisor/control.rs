@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Supervisor, log};
+use super::Supervisor;
 use crate::config::value::parse_duration;
 use crate::control::protocol::{EventRecord, Progress, Reply, Request};
 use crate::control::server::Call;
@@ -62,7 +62,30 @@ impl Supervisor {
                 };
                 let _ = replies.try_send(reply);
             }
-            Request::Stop { timeout } => {
+            Request::Stop {
+                worker: Some(id),
+                timeout: _,
+            } => {
+                let reply = self.checked(
+                    Event::StopWorker { id: WorkerId(id) },
+                    format!(
+                        "worker {id} is stopping; its slot stays empty until its pool is restarted or scaled"
+                    ),
+                );
+                let _ = replies.try_send(reply);
+            }
+            Request::Kill {
+                pool,
+                worker,
+                signal,
+            } => {
+                let reply = self.kill(pool.as_deref(), worker, signal.as_deref());
+                let _ = replies.try_send(reply);
+            }
+            Request::Stop {
+                timeout,
+                worker: None,
+            } => {
                 let timeout = match timeout.as_deref().map(parse_duration).transpose() {
                     Ok(timeout) => timeout,
                     Err(error) => {
@@ -105,6 +128,48 @@ impl Supervisor {
         }
     }
 
+    /// `kill`: a signal to the process groups of a worker, or of a pool's workers.
+    fn kill(&mut self, pool: Option<&str>, worker: Option<u64>, signal: Option<&str>) -> Reply {
+        let signal = match signal.map(str::parse::<crate::config::Signal>).transpose() {
+            Ok(signal) => signal.unwrap_or(crate::config::Signal::TERM),
+            Err(error) => return Reply::error(error),
+        };
+        let targets: Vec<(String, u32)> = match (pool, worker) {
+            (Some(pool), None) => {
+                if !self.plan.pools().any(|(name, _)| name == pool) {
+                    return Reply::error(format!("no pool named `{pool}`"));
+                }
+                self.plan
+                    .workers()
+                    .filter(|w| self.plan.pool_of(w) == pool)
+                    .filter_map(|w| Some((self.plan.worker_ref(w.id)?.to_string(), w.pid?)))
+                    .collect()
+            }
+            (None, Some(id)) => match self.plan.worker(WorkerId(id)) {
+                Some(w) => match (self.plan.worker_ref(w.id), w.pid) {
+                    (Some(name), Some(pid)) => vec![(name.to_string(), pid)],
+                    _ => return Reply::error(format!("worker {id} has no process yet")),
+                },
+                None => return Reply::error(format!("no worker with id {id}")),
+            },
+            _ => return Reply::error("kill needs a pool or a worker id, not both"),
+        };
+        for (name, pid) in &targets {
+            tracing::info!(
+                event = "control",
+                pid,
+                signal = %signal,
+                "sending {signal} to worker {name}'s process group, as a control client asked"
+            );
+            super::process_groups::signal_group(*pid, signal);
+        }
+        Reply::done(format!(
+            "sent {signal} to {} worker{}",
+            targets.len(),
+            if targets.len() == 1 { "" } else { "s" }
+        ))
+    }
+
     fn scale(&mut self, pool: &str, size: Option<usize>, delta: Option<i64>) -> Reply {
         let Some(current) = self
             .plan
@@ -117,18 +182,29 @@ impl Supervisor {
         let target = match (size, delta) {
             (Some(size), None) => size,
             (None, Some(delta)) => {
-                let target = current as i64 + delta;
-                if target < 1 {
-                    return Reply::error(format!(
-                        "pool `{pool}` has {current} worker{}: it cannot shrink by {}",
-                        if current == 1 { "" } else { "s" },
-                        -delta
-                    ));
+                let target = i64::try_from(current)
+                    .ok()
+                    .and_then(|current| current.checked_add(delta));
+                match target {
+                    Some(target) if target < 1 => {
+                        return Reply::error(format!(
+                            "pool `{pool}` has {current} worker{}: it cannot shrink by {}",
+                            if current == 1 { "" } else { "s" },
+                            delta.unsigned_abs()
+                        ));
+                    }
+                    Some(target) => usize::try_from(target).unwrap_or(usize::MAX),
+                    None => usize::MAX,
                 }
-                target as usize
             }
             _ => return Reply::error("scale needs a size or a delta, not both"),
         };
+        let max = crate::config::value::max_workers();
+        if target > max {
+            return Reply::error(format!(
+                "pool `{pool}` cannot have {target} workers: this machine runs at most {max} processes (kernel.pid_max, kernel.threads-max)"
+            ));
+        }
         if target == current {
             return Reply::done(format!("pool {pool} already has {current} workers"));
         }
@@ -296,12 +372,29 @@ impl Supervisor {
     /// Tells event followers and reload waiters about a notice.
     pub(super) fn publish(&mut self, notice: &Notice) {
         if !self.subscribers.is_empty() {
-            let (pool, id) = log::subject(notice);
+            let worker = notice.worker();
+            let (code, signal, reason) = match notice {
+                Notice::Exited { status, cause, .. } => {
+                    let (code, signal) = match status {
+                        crate::plan::ExitStatus::Code(code) => (Some(*code), None),
+                        crate::plan::ExitStatus::Signal(signal) => (None, Some(*signal)),
+                    };
+                    (code, signal, Some(cause.as_str()))
+                }
+                Notice::Stopping { reason, .. } => (None, None, Some(reason.as_str())),
+                _ => (None, None, None),
+            };
             let record = Reply::Event(EventRecord {
                 time: unix_now(),
                 event: notice.name().to_owned(),
-                pool,
-                id,
+                pool: notice.pool().map(ToString::to_string),
+                id: worker.map(|w| w.id.0),
+                slot: worker.map(|w| w.slot),
+                pid: worker.and_then(|w| w.pid),
+                generation: worker.map(|w| w.generation),
+                code,
+                signal,
+                reason: reason.map(str::to_owned),
                 message: notice.to_string(),
             });
             self.subscribers

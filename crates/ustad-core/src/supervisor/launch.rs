@@ -66,9 +66,14 @@ impl Supervisor {
                 error: "the process vanished at once".to_owned(),
             };
         };
-        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-        self.output
-            .attach(pool, slot, id.0, stdout, stderr, Some(hint));
+        self.output.attach(
+            pool,
+            slot,
+            id.0,
+            output_pipe(child.stdout.take().map(|p| p.into_owned_fd())),
+            output_pipe(child.stderr.take().map(|p| p.into_owned_fd())),
+            Some(hint),
+        );
         let worker = WorkerRef {
             pool: Arc::from(pool),
             slot,
@@ -163,6 +168,18 @@ impl Supervisor {
             };
             let _ = exits.send((id, status));
         });
+    }
+}
+
+/// A worker's output pipe, as the relay reads it (taken from tokio's reactor, for the
+/// relay's own registration).
+fn output_pipe(pipe: Option<std::io::Result<OwnedFd>>) -> Option<OwnedFd> {
+    match pipe? {
+        Ok(fd) => Some(fd),
+        Err(error) => {
+            error!("cannot relay a worker's output: {error}");
+            None
+        }
     }
 }
 

@@ -56,6 +56,15 @@ pub enum LinkEvent {
         /// Which.
         id: WorkerId,
     },
+    /// It could not be started.
+    SpawnFailed {
+        /// Its pool.
+        pool: Arc<str>,
+        /// Its slot.
+        slot: usize,
+        /// Why.
+        error: String,
+    },
     /// It exited.
     Exited {
         /// Which.
@@ -330,10 +339,10 @@ impl super::Supervisor {
                     _ => StopReason::Shutdown,
                 },
             },
-            Notice::SpawnFailed { worker, .. } => LinkEvent::Exited {
-                id: worker.id,
-                status: ExitStatus::Code(-1),
-                cause: ExitCause::Crashed,
+            Notice::SpawnFailed { worker, error } => LinkEvent::SpawnFailed {
+                pool: worker.pool.clone(),
+                slot: worker.slot,
+                error: error.clone(),
             },
             _ => return,
         };

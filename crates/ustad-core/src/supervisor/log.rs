@@ -10,36 +10,6 @@ fn ms(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A notice's pool and worker id, for control clients (its name is [`Notice::name`]).
-pub(crate) fn subject(notice: &Notice) -> (Option<String>, Option<u64>) {
-    let of = |w: &WorkerRef| (Some(w.pool.to_string()), Some(w.id.0));
-    let pool = |p: &std::sync::Arc<str>| (Some(p.to_string()), None);
-    match notice {
-        Notice::Spawned { worker }
-        | Notice::SpawnFailed { worker, .. }
-        | Notice::Ready { worker, .. }
-        | Notice::Listening { worker, .. }
-        | Notice::Stopping { worker, .. }
-        | Notice::Killed { worker, .. }
-        | Notice::Exited { worker, .. }
-        | Notice::ReplaceQueued { worker, .. }
-        | Notice::ReplaceAbandoned { worker, .. }
-        | Notice::Status { worker, .. }
-        | Notice::Hung { worker, .. }
-        | Notice::OverMemory { worker, .. } => of(worker),
-        Notice::RestartScheduled { pool: p, .. }
-        | Notice::RolloutStarted { pool: p, .. }
-        | Notice::RolloutFinished { pool: p, .. }
-        | Notice::RolloutAborted { pool: p, .. }
-        | Notice::Scaled { pool: p, .. }
-        | Notice::PoolAdded { pool: p, .. }
-        | Notice::PoolRemoved { pool: p, .. } => pool(p),
-        Notice::Refused { .. } | Notice::ShutdownStarted { .. } | Notice::AllStopped => {
-            (None, None)
-        }
-    }
-}
-
 /// Logs one notice.
 pub(crate) fn notice(notice: &Notice) {
     let event = notice.name();
@@ -210,9 +180,13 @@ pub(crate) fn notice(notice: &Notice) {
             let pool = pool.to_string();
             info!(event, pool, from, to, "{notice}");
         }
-        Notice::Status { worker, text } => {
+        Notice::Status {
+            worker,
+            text,
+            suppressed,
+        } => {
             let (pool, slot, id, pid, generation) = worker_fields(worker);
-            info!(event, pool, slot, id, pid, generation, text = %text, "{notice}");
+            info!(event, pool, slot, id, pid, generation, text = %text, suppressed, "{notice}");
         }
         Notice::Refused { why } => warn!(event, why = %why, "{notice}"),
         Notice::ShutdownStarted { immediate, workers } => {

@@ -143,6 +143,9 @@ pub(super) fn start(
     options: Options,
 ) -> Result<(Supervisor, Inputs), SupervisorError> {
     config.validate().map_err(SupervisorError::Invalid)?;
+    config
+        .check_privileges()
+        .map_err(SupervisorError::Invalid)?;
     if tokio::runtime::Handle::current().runtime_flavor()
         != tokio::runtime::RuntimeFlavor::CurrentThread
     {
@@ -168,6 +171,11 @@ pub(super) fn start(
     }
     let signals = Signals::new().map_err(setup("install signal handlers"))?;
     let notify = NotifySocket::bind().map_err(setup("bind the notify socket"))?;
+    if config.runs_other_users() {
+        notify
+            .open_to_other_users()
+            .map_err(setup("open the notify socket to the pools' users"))?;
+    }
     let mut guard_cleanup = notify.paths().to_vec();
     if let Some(control) = &control {
         guard_cleanup.insert(0, control.path().to_owned());

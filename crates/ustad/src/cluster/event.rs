@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use ustad_core::plan::{ExitCause, ExitStatus, StopReason, WorkerId};
+pub use ustad_core::status::WorkerState;
 
 use crate::channel::{IncomingRequest, Message};
 
@@ -76,6 +77,17 @@ pub struct WorkerRef {
     pub pid: u32,
 }
 
+/// A live worker and where it is in its life ([`crate::Cluster::worker`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Which.
+    pub worker: WorkerRef,
+    /// Starting, ready or stopping.
+    pub state: WorkerState,
+    /// Its message channel is open (Node's `worker.isConnected()`).
+    pub connected: bool,
+}
+
 /// What happens in the cluster.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -111,6 +123,19 @@ pub enum Event {
         worker: WorkerRef,
         /// What.
         request: IncomingRequest,
+    },
+    /// Its message channel closed: it was cut off for breaking the protocol, or it exited
+    /// (then this comes just before `Exited`), as Node's `disconnect`. Once per worker.
+    Disconnected(WorkerRef),
+    /// A worker could not be started in a slot (its program is missing, not executable…);
+    /// the slot backs off and tries again.
+    SpawnFailed {
+        /// The pool.
+        pool: PoolName,
+        /// The slot.
+        slot: usize,
+        /// Why.
+        error: String,
     },
     /// It was asked to stop.
     Stopping {

@@ -14,7 +14,7 @@ use ustad_core::ipc::Outbox;
 use ustad_core::plan::WorkerId;
 use ustad_core::supervisor::{FrameSink, LinkEvent, Program};
 
-use super::event::{Event, PoolName, WorkerRef};
+use super::event::{Event, PoolName, WorkerInfo, WorkerRef, WorkerState};
 use super::routing::{self, Candidate, Rotations};
 use super::sink::WorkerSink;
 use crate::channel::Pending;
@@ -39,9 +39,24 @@ struct Entry {
     stopping: bool,
     conn: Option<Arc<Conn>>,
     in_flight: usize,
+    /// `Event::Disconnected` was published (its channel was cut, or it exited).
+    disconnected: bool,
 }
 
 impl Entry {
+    fn info(&self) -> WorkerInfo {
+        let state = match (self.stopping, self.ready) {
+            (true, _) => WorkerState::Stopping,
+            (false, true) => WorkerState::Ready,
+            (false, false) => WorkerState::Starting,
+        };
+        WorkerInfo {
+            worker: self.worker.clone(),
+            state,
+            connected: self.conn.as_ref().is_some_and(|c| !c.outbox.is_closed()),
+        }
+    }
+
     fn serving(&self) -> bool {
         self.ready && !self.stopping && self.conn.as_ref().is_some_and(|c| !c.outbox.is_closed())
     }
@@ -64,6 +79,20 @@ pub(super) struct State {
 }
 
 impl State {
+    /// A live worker, with where it is in its life.
+    pub(super) fn worker(&self, id: WorkerId) -> Option<WorkerInfo> {
+        self.workers.get(&id).map(Entry::info)
+    }
+
+    /// Every live worker (of `pool`, or of every pool), by id.
+    pub(super) fn live_workers(&self, pool: Option<&str>) -> Vec<WorkerInfo> {
+        self.workers
+            .values()
+            .filter(|e| pool.is_none_or(|pool| e.worker.pool == pool))
+            .map(Entry::info)
+            .collect()
+    }
+
     /// The serving workers of `pool`.
     pub(super) fn serving_workers(&self, pool: &str) -> Vec<WorkerRef> {
         serving(&self.workers, pool)
@@ -230,6 +259,7 @@ impl Program for Hub {
                 stopping: false,
                 conn: conn.clone(),
                 in_flight: 0,
+                disconnected: false,
             },
         );
         let events = shared
@@ -265,14 +295,27 @@ impl Program for Hub {
             LinkEvent::Stopped => return,
             LinkEvent::ChannelClosed { id } => {
                 // Cut off for breaking the protocol: no more work for it; it is being replaced.
-                let Some(conn) = state.workers.get_mut(&id).and_then(|e| e.conn.take()) else {
+                let Some(entry) = state.workers.get_mut(&id) else {
                     return;
                 };
+                let Some(conn) = entry.conn.take() else {
+                    return;
+                };
+                entry.disconnected = true;
+                let worker = entry.worker.clone();
                 drop(state);
                 conn.outbox.close();
                 conn.pending.fail_all(&RequestError::WorkerGone(id.0));
                 shared.changed.notify_waiters();
-                return;
+                Event::Disconnected(worker)
+            }
+            LinkEvent::SpawnFailed { pool, slot, error } => {
+                drop(state);
+                Event::SpawnFailed {
+                    pool: PoolName::new(pool),
+                    slot,
+                    error,
+                }
             }
             LinkEvent::Ready { id } => {
                 let Some(entry) = state.workers.get_mut(&id) else {
@@ -316,6 +359,9 @@ impl Program for Hub {
                 if let Some(conn) = &entry.conn {
                     conn.outbox.close();
                     conn.pending.fail_all(&RequestError::WorkerGone(id.0));
+                    if !entry.disconnected {
+                        shared.publish(Event::Disconnected(entry.worker.clone()));
+                    }
                 }
                 shared.changed.notify_waiters();
                 Event::Exited {

@@ -33,7 +33,7 @@ use ustad_core::plan::WorkerId;
 use ustad_core::status::ClusterStatus;
 use ustad_core::supervisor::{self, Link, Options};
 
-pub use self::event::{Event, PoolName, WorkerRef};
+pub use self::event::{Event, PoolName, WorkerInfo, WorkerRef, WorkerState};
 use self::hub::{Conn, Hub, Shared};
 pub use crate::channel::{IncomingRequest, Message};
 use crate::channel::{Pending, await_reply, send};
@@ -128,6 +128,48 @@ impl Cluster {
     /// The workers of `pool` that are ready and not stopping.
     pub fn workers(&self, pool: &str) -> Vec<WorkerRef> {
         self.shared.lock().serving_workers(pool)
+    }
+
+    /// Every live worker (of `pool`, or of every pool), by id, with its state: starting,
+    /// ready or stopping (Node's `cluster.workers`).
+    pub fn live_workers(&self, pool: Option<&str>) -> Vec<WorkerInfo> {
+        self.shared.lock().live_workers(pool)
+    }
+
+    /// A live worker, with its state and whether its channel is open (Node's
+    /// `worker.isConnected()`); `None` once it has exited (Node's `worker.isDead()`).
+    pub fn worker(&self, id: WorkerId) -> Option<WorkerInfo> {
+        self.shared.lock().worker(id)
+    }
+
+    /// Sends `signal` (`"SIGTERM"`, `"SIGUSR1"`…) to a worker's process group (Node's
+    /// `worker.kill(signal)`). A worker the signal ends is replaced, as any that dies; to
+    /// stop one for good, use [`Cluster::disconnect`].
+    ///
+    /// # Errors
+    /// An unknown worker or signal, or a stopped cluster.
+    pub async fn kill(&self, worker: WorkerId, signal: &str) -> Result<(), Error> {
+        self.call(Request::Kill {
+            pool: None,
+            worker: Some(worker.0),
+            signal: Some(signal.to_owned()),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Stops a worker gracefully without a replacement (Node's `worker.disconnect()`): its
+    /// slot stays empty until the pool is restarted or scaled.
+    ///
+    /// # Errors
+    /// An unknown or stopping worker, or a stopped cluster.
+    pub async fn disconnect(&self, worker: WorkerId) -> Result<(), Error> {
+        self.call(Request::Stop {
+            timeout: None,
+            worker: Some(worker.0),
+        })
+        .await
+        .map(drop)
     }
 
     fn conn(&self, worker: WorkerId) -> Result<Arc<Conn>, RequestError> {
@@ -387,6 +429,7 @@ impl Cluster {
     pub async fn stop(&self, timeout: Option<Duration>) -> Result<(), Error> {
         let request = Request::Stop {
             timeout: timeout.map(format_duration),
+            worker: None,
         };
         let _ = self.call(request).await;
         self.stopped().await;

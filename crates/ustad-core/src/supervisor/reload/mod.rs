@@ -45,6 +45,18 @@ impl Supervisor {
         let config = reload().map_err(|error| {
             format!("configuration not reloaded, the cluster keeps running as it is:\n{error}")
         })?;
+        config.check_privileges().map_err(|problems| {
+            let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            format!(
+                "configuration not reloaded, the cluster keeps running as it is: {}",
+                problems.join("; ")
+            )
+        })?;
+        if config.runs_other_users() {
+            self.notify
+                .open_to_other_users()
+                .map_err(|error| format!("configuration not reloaded: the notify socket cannot be opened to the pools' users: {error}"))?;
+        }
         let changes = diff::diff(&self.config, &config, named)?;
         // Bind new sockets first: if one fails, undo and refuse the whole reload.
         let mut bound = Vec::new();
