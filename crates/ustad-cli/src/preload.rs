@@ -8,6 +8,11 @@
 //! private runtime directory (`$XDG_RUNTIME_DIR/ustad`, or `/tmp/ustad-<uid>`), named after its
 //! contents.
 //!
+//! Workers that run as another user or group (ustad started as root) may not open another
+//! user's fds through `/proc`: for them the library is also a file anyone may read, in a
+//! directory only ustad's user may write (`/run/ustad-preload`, or `/tmp/ustad-preload-<uid>`),
+//! named after its contents.
+//!
 //! The bytes are copied from the executable file, not from the embedded copy in memory: reading
 //! that would map its ~330 KiB into the primary's resident memory for good. Copies are checked
 //! against the hash `build.rs` computed.
@@ -29,7 +34,10 @@ const LIBRARY_FNV: &str = env!("USTAD_PRELOAD_FNV");
 pub(crate) struct Materialised {
     /// The memfd, when the library is one.
     _memfd: Option<OwnedFd>,
-    pub(crate) path: PathBuf,
+    /// Its paths.
+    pub(crate) library: ustad_core::preload::Library,
+    /// Why there is no copy for workers of other users, when ustad could run some.
+    pub(crate) shared_error: Option<io::Error>,
 }
 
 /// Makes the library loadable by workers; `Ok(None)` when this binary has none.
@@ -40,19 +48,89 @@ pub(crate) fn materialise() -> io::Result<Option<Materialised>> {
     let hash: u64 = LIBRARY_FNV
         .parse()
         .map_err(|_| io::Error::other("the library's hash is not a number"))?;
-    let memfd_error = match in_memfd(library_bytes, hash) {
-        Ok(materialised) => return Ok(Some(materialised)),
-        Err(error) => error,
+    let (memfd, path) = match in_memfd(library_bytes, hash) {
+        Ok((memfd, path)) => (Some(memfd), path),
+        Err(memfd_error) => {
+            let dir = ustad_core::control::paths::default_dir();
+            let path = in_dir(library_bytes, hash, &dir, Access::Private).map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!("in a memfd: {memfd_error}; in {}: {error}", dir.display()),
+                )
+            })?;
+            (None, path)
+        }
     };
-    let dir = ustad_core::control::paths::default_dir();
-    in_dir(library_bytes, hash, &dir)
-        .map(Some)
-        .map_err(|error| {
-            io::Error::new(
-                error.kind(),
-                format!("in a memfd: {memfd_error}; in {}: {error}", dir.display()),
-            )
-        })
+    let (for_other_users, shared_error) = if ustad_core::accounts::can_switch_users() {
+        let dir = shared_dir();
+        match in_dir(library_bytes, hash, &dir, Access::Shared) {
+            Ok(path) => (Some(path), None),
+            Err(error) => (
+                None,
+                Some(io::Error::new(
+                    error.kind(),
+                    format!("in {}: {error}", dir.display()),
+                )),
+            ),
+        }
+    } else {
+        (None, None)
+    };
+    Ok(Some(Materialised {
+        _memfd: memfd,
+        library: ustad_core::preload::Library {
+            path,
+            for_other_users,
+        },
+        shared_error,
+    }))
+}
+
+/// Where the copy anyone may read goes: `/run/ustad-preload` (a tmpfs no cleaner ages), or the
+/// temporary directory where there is no `/run` to write to.
+fn shared_dir() -> PathBuf {
+    let run = Path::new("/run");
+    if rustix::fs::access(run, rustix::fs::Access::WRITE_OK).is_ok() {
+        run.join("ustad-preload")
+    } else {
+        std::env::temp_dir().join(format!(
+            "ustad-preload-{}",
+            rustix::process::geteuid().as_raw()
+        ))
+    }
+}
+
+/// Who may read a copy of the library in a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// ustad's user only: its private runtime directory.
+    Private,
+    /// Everyone (workers of other users): a directory only ustad's user may write, mode 0755,
+    /// and the file 0644.
+    Shared,
+}
+
+/// Creates `dir` readable by all and writable by this user only, or makes an existing one of
+/// this user's so (a symlink or another user's directory is refused): anyone who could write
+/// there could put a library of their own into the workers.
+fn ensure_shared_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(error),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    let uid = rustix::process::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != uid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} must be a directory of uid {uid}", dir.display()),
+        ));
+    }
+    // Whatever the umask made of it, or an earlier run left: searchable by all, writable by
+    // this user only.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
 }
 
 /// The library's bytes: from the executable file, where the embedded copy is, or (if that
@@ -95,7 +173,7 @@ fn in_executable(embedded: &'static [u8]) -> io::Result<impl Read> {
     Ok(exe.take(embedded.len() as u64))
 }
 
-fn in_memfd(bytes: fn() -> Box<dyn Read>, hash: u64) -> io::Result<Materialised> {
+fn in_memfd(bytes: fn() -> Box<dyn Read>, hash: u64) -> io::Result<(OwnedFd, PathBuf)> {
     use rustix::fs::{MemfdFlags, SealFlags};
     let fd = rustix::fs::memfd_create(
         "ustad-preload",
@@ -117,16 +195,21 @@ fn in_memfd(bytes: fn() -> Box<dyn Read>, hash: u64) -> io::Result<Materialised>
     ));
     // As a worker's loader will open it (the magic link, not this process's fd).
     check(&path, hash)?;
-    Ok(Materialised {
-        _memfd: Some(fd),
-        path,
-    })
+    Ok((fd, path))
 }
 
-/// Writes the library into `dir` (ustad's private runtime directory, created if needed) as
-/// `libustad-preload-<hash>.so`, unless it is there already.
-fn in_dir(bytes: fn() -> Box<dyn Read>, hash: u64, dir: &Path) -> io::Result<Materialised> {
-    ustad_core::control::paths::ensure_private_dir(dir)?;
+/// Writes the library into `dir` (created if needed) as `libustad-preload-<hash>.so`, unless it
+/// is there already.
+fn in_dir(
+    bytes: fn() -> Box<dyn Read>,
+    hash: u64,
+    dir: &Path,
+    access: Access,
+) -> io::Result<PathBuf> {
+    match access {
+        Access::Private => ustad_core::control::paths::ensure_private_dir(dir)?,
+        Access::Shared => ensure_shared_dir(dir)?,
+    }
     let path = dir.join(format!("libustad-preload-{hash:016x}.so"));
     if check(&path, hash).is_err() {
         // Written whole under another name, then renamed: a loader never sees half of it.
@@ -136,12 +219,16 @@ fn in_dir(bytes: fn() -> Box<dyn Read>, hash: u64, dir: &Path) -> io::Result<Mat
         ));
         let mut file = File::create(&partial)?;
         io::copy(&mut bytes(), &mut file)?;
+        if access == Access::Shared {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        }
         file.sync_all()?;
         drop(file);
         check(&partial, hash)?;
         std::fs::rename(&partial, &path)?;
     }
-    Ok(Materialised { _memfd: None, path })
+    Ok(path)
 }
 
 /// Checks that the file at `path` has the library's hash.
@@ -211,11 +298,11 @@ mod tests {
 
     #[test]
     fn the_library_is_a_sealed_memfd_that_reads_back_whole() {
-        let materialised = in_memfd(bytes_one, hash(b"one")).unwrap();
-        assert_eq!(std::fs::read(&materialised.path).unwrap(), b"one");
+        let (_memfd, path) = in_memfd(bytes_one, hash(b"one")).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
         let error = std::fs::OpenOptions::new()
             .write(true)
-            .open(&materialised.path)
+            .open(&path)
             .and_then(|mut file| file.write_all(b"x"));
         assert!(error.is_err(), "sealed against writes");
         assert!(in_memfd(bytes_one, hash(b"two")).is_err(), "checked");
@@ -225,20 +312,39 @@ mod tests {
     fn without_memfds_the_library_is_a_file_named_after_its_contents() {
         let dir = tempfile::tempdir().unwrap();
         let private = dir.path().join("ustad");
-        let first = in_dir(bytes_one, hash(b"one"), &private).unwrap();
-        assert_eq!(std::fs::read(&first.path).unwrap(), b"one");
-        let again = in_dir(bytes_one, hash(b"one"), &private).unwrap();
-        assert_eq!(again.path, first.path);
-        let other = in_dir(bytes_two, hash(b"two"), &private).unwrap();
-        assert_ne!(other.path, first.path);
+        let first = in_dir(bytes_one, hash(b"one"), &private, Access::Private).unwrap();
+        assert_eq!(std::fs::read(&first).unwrap(), b"one");
+        let again = in_dir(bytes_one, hash(b"one"), &private, Access::Private).unwrap();
+        assert_eq!(again, first);
+        let other = in_dir(bytes_two, hash(b"two"), &private, Access::Private).unwrap();
+        assert_ne!(other, first);
         // A damaged copy is replaced.
-        std::fs::write(&first.path, b"damaged").unwrap();
-        let repaired = in_dir(bytes_one, hash(b"one"), &private).unwrap();
-        assert_eq!(std::fs::read(&repaired.path).unwrap(), b"one");
+        std::fs::write(&first, b"damaged").unwrap();
+        let repaired = in_dir(bytes_one, hash(b"one"), &private, Access::Private).unwrap();
+        assert_eq!(std::fs::read(&repaired).unwrap(), b"one");
         let names: Vec<_> = std::fs::read_dir(&private)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn the_copy_for_other_users_is_readable_by_all_and_writable_by_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("ustad-preload");
+        let path = in_dir(bytes_one, hash(b"one"), &shared, Access::Shared).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&shared), 0o755);
+        assert_eq!(mode(&path), 0o644);
+        // A directory left writable by others, or closed to them, is set right.
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        in_dir(bytes_one, hash(b"one"), &shared, Access::Shared).unwrap();
+        assert_eq!(mode(&shared), 0o755);
+        // A symlink in its place is refused.
+        let elsewhere = dir.path().join("link");
+        std::os::unix::fs::symlink(&shared, &elsewhere).unwrap();
+        assert!(in_dir(bytes_one, hash(b"one"), &elsewhere, Access::Shared).is_err());
     }
 }

@@ -247,11 +247,17 @@ pub(crate) fn run(
 /// sockets as fd 3, 4, … only.
 fn install_preload() -> Option<crate::preload::Materialised> {
     match crate::preload::materialise() {
-        Ok(Some(library)) => {
-            if ustad_core::preload::set_library(library.path.clone()).is_ok() {
-                tracing::debug!(event = "preload", path = %library.path.display(), "preload library at {}", library.path.display());
+        Ok(Some(materialised)) => {
+            let library = &materialised.library;
+            tracing::debug!(event = "preload", path = %library.path.display(), "preload library at {}", library.path.display());
+            if let Some(error) = &materialised.shared_error {
+                tracing::warn!(
+                    event = "preload_unavailable",
+                    "cannot give the preload library to workers of other users ({error}): those of a pool with `user` or `group` that bind their own port will not get ustad's sockets (they can take fd 3)"
+                );
             }
-            Some(library)
+            let _ = ustad_core::preload::set_library(library.clone());
+            Some(materialised)
         }
         Ok(None) => None,
         Err(error) => {

@@ -158,6 +158,43 @@ fn a_server_started_by_a_launcher_like_npm_gets_the_socket() {
 }
 
 #[test]
+fn workers_of_another_user_that_bind_their_own_port_get_ustads_socket() {
+    // They may not open the root primary's memfd through /proc: they load a copy anyone may
+    // read.
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to run workers as another user");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("ustad-preload-users-")
+        .tempdir()
+        .expect("a temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = dir.path().join("self_bind.js");
+    std::fs::copy(fixture("self_bind.js"), &app).expect("copying the app");
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cwd = dir.path().to_str().expect("UTF-8").to_owned();
+    let mut run = two_workers_serve(
+        &["--user", "nobody", "--cwd", &cwd],
+        &["node", "self_bind.js"],
+    );
+    for worker in live_pids(&run.cluster.events(), "app").into_values() {
+        let status = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(uid.ends_with("65534\t65534\t65534\t65534"), "{uid}");
+    }
+    assert!(
+        !run.cluster
+            .stderr_lines()
+            .iter()
+            .any(|l| l.contains("cannot be preloaded")),
+        "the loader found the library"
+    );
+    run.stop();
+}
+
+#[test]
 fn reuseport_workers_each_get_their_slots_socket_even_with_so_reuseport_set() {
     // Each worker is seen listening on its own slot's socket (a socket of its own, which
     // SO_REUSEPORT would let it bind beside ustad's, would never be seen): the program's bind

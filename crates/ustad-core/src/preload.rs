@@ -3,7 +3,8 @@
 //! itself, and what to tell the operator when a worker still finds an address in use.
 //!
 //! For a pool with `preload` on (the default) and sockets, once a library is set
-//! ([`set_library`]; the `ustad` binary sets its embedded copy), each worker gets:
+//! ([`set_library`]; the `ustad` binary sets its embedded copy, and a copy anyone may read for
+//! workers that run as another user), each worker gets:
 //! - `LD_PRELOAD`: the library, before whatever the worker would get otherwise;
 //! - `USTAD_PRELOAD_FDS`: each socket's fd, its inode and, for a Unix socket file, the file's
 //!   device and inode (`ustad_proto::env::USTAD_PRELOAD_FDS`), so that the library hands out
@@ -26,20 +27,47 @@ use ustad_proto::env::{LD_PRELOAD, LISTEN_FDS_START, PORT, USTAD_PRELOAD_FDS};
 
 use crate::config::PoolSpec;
 
-static LIBRARY: OnceLock<PathBuf> = OnceLock::new();
+static LIBRARY: OnceLock<Library> = OnceLock::new();
 
-/// Makes workers of pools with `preload` on and sockets load the library at `path` (a path
-/// the dynamic loader of every worker can open, such as `/proc/<pid>/fd/<fd>` of a memfd this
-/// process keeps open). Once per process: a second call returns its path back.
+/// The preload library, where workers can load it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Library {
+    /// For workers that run as ustad's own user: any path their dynamic loader can open, such
+    /// as `/proc/<pid>/fd/<fd>` of a memfd this process keeps open.
+    pub path: PathBuf,
+    /// For workers that run as another user or group (a pool's `user`, `group`): a file anyone
+    /// may read, since they may not open this process's fds through `/proc`. Without it, their
+    /// pools go without the library.
+    pub for_other_users: Option<PathBuf>,
+}
+
+impl Library {
+    /// The path for a worker that runs as another user or group (`other`), or as ustad's.
+    pub fn path_for(&self, other: bool) -> Option<&Path> {
+        if other {
+            self.for_other_users.as_deref()
+        } else {
+            Some(&self.path)
+        }
+    }
+}
+
+/// Makes workers of pools with `preload` on and sockets load `library`. Once per process: a
+/// second call returns its library back.
 ///
 /// Without a library, `preload` does nothing: workers get their sockets as fd 3, 4, … only.
-pub fn set_library(path: PathBuf) -> Result<(), PathBuf> {
-    LIBRARY.set(path)
+pub fn set_library(library: Library) -> Result<(), Library> {
+    LIBRARY.set(library)
 }
 
 /// The library set by [`set_library`].
-pub fn library() -> Option<&'static Path> {
-    LIBRARY.get().map(PathBuf::as_path)
+pub fn library() -> Option<&'static Library> {
+    LIBRARY.get()
+}
+
+/// Whether the workers of `spec` run as another user or group than ustad.
+pub(crate) fn runs_as_other(spec: &PoolSpec) -> bool {
+    spec.user.is_some() || spec.group.is_some()
 }
 
 /// What identifies a socket for the library: its inode while open, and its socket file.

@@ -107,12 +107,9 @@ impl WorkerLaunch<'_> {
     /// [`crate::preload`]): what ustad holds for its pool, and what to do.
     pub fn address_in_use_hint(&self) -> String {
         let sockets: Vec<BorrowedFd<'_>> = self.sockets.iter().map(|(_, fd)| *fd).collect();
-        crate::preload::address_in_use_hint(
-            self.pool,
-            self.spec,
-            &sockets,
-            crate::preload::library(),
-        )
+        let library = crate::preload::library()
+            .and_then(|library| library.path_for(crate::preload::runs_as_other(self.spec)));
+        crate::preload::address_in_use_hint(self.pool, self.spec, &sockets, library)
     }
 }
 
@@ -289,7 +286,11 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
     let image = ExecImage::new(
         program_c,
         argv,
-        worker_env(launch, credentials.as_ref(), crate::preload::library()),
+        worker_env(
+            launch,
+            credentials.as_ref(),
+            crate::preload::library().and_then(|library| library.path_for(credentials.is_some())),
+        ),
         !launch.sockets.is_empty(),
     );
 
