@@ -60,7 +60,7 @@ struct Prefix {
     id: u64,
     /// What to log if the worker says an address is already in use, and whether its pool
     /// had it logged already.
-    hint: Option<(String, Arc<AtomicBool>)>,
+    hint: Option<Arc<Hint>>,
 }
 
 /// The relay: one writer task, and two reader tasks per worker.
@@ -69,8 +69,8 @@ pub struct OutputRelay {
     queue: mpsc::Sender<Line>,
     readers: JoinSet<()>,
     writer: JoinHandle<()>,
-    /// Per pool: whether its `address_in_use` hint was logged.
-    hinted: HashMap<String, Arc<AtomicBool>>,
+    /// Per pool: its `address_in_use` hint, shared by its workers.
+    hints: HashMap<String, Arc<Hint>>,
 }
 
 impl OutputRelay {
@@ -89,7 +89,7 @@ impl OutputRelay {
             queue,
             readers: JoinSet::new(),
             writer,
-            hinted: HashMap::new(),
+            hints: HashMap::new(),
         }
     }
 
@@ -100,7 +100,7 @@ impl OutputRelay {
             queue,
             mut readers,
             writer,
-            hinted: _,
+            hints: _,
         } = self;
         drop(queue);
         let drained = tokio::time::timeout(grace, async {
@@ -123,7 +123,20 @@ impl OutputRelay {
         stderr: Option<OwnedFd>,
         hint: Option<String>,
     ) {
-        let hinted = self.hinted.entry(pool.to_owned()).or_default();
+        let hint = hint.map(|text| {
+            // One copy per pool, whatever its size; a new text (after a reload) starts over.
+            match self.hints.get(pool) {
+                Some(known) if *known.text == *text => known.clone(),
+                _ => {
+                    let hint = Arc::new(Hint {
+                        text: text.into(),
+                        given: AtomicBool::new(false),
+                    });
+                    self.hints.insert(pool.to_owned(), hint.clone());
+                    hint
+                }
+            }
+        });
         // Six distinguishable ANSI colours (31–36), by slot.
         let prefix = Arc::new(Prefix {
             name: format!("{pool}.{slot}"),
@@ -131,7 +144,7 @@ impl OutputRelay {
             pool: pool.to_owned(),
             slot,
             id,
-            hint: hint.map(|hint| (hint, hinted.clone())),
+            hint,
         });
         // Forget readers that are done, so the set does not grow with every restart.
         while self.readers.try_join_next().is_some() {}
@@ -212,15 +225,22 @@ async fn read_lines(pipe: OwnedFd, stream: Stream, prefix: Arc<Prefix>, queue: m
     }
 }
 
+/// What to log when a worker of a pool says an address is already in use, and whether it was.
+#[derive(Debug)]
+struct Hint {
+    text: Box<str>,
+    given: AtomicBool,
+}
+
 /// Logs the worker's hint, once for its pool, if `line` says an address is already in use.
 fn hint_if_address_in_use(prefix: &Prefix, line: &[u8]) {
-    let Some((hint, hinted)) = &prefix.hint else {
+    let Some(hint) = &prefix.hint else {
         return;
     };
-    if hinted.load(Ordering::Relaxed) || !says_address_in_use(line) {
+    if hint.given.load(Ordering::Relaxed) || !says_address_in_use(line) {
         return;
     }
-    if hinted.swap(true, Ordering::Relaxed) {
+    if hint.given.swap(true, Ordering::Relaxed) {
         return;
     }
     let text = String::from_utf8_lossy(line);
@@ -230,8 +250,9 @@ fn hint_if_address_in_use(prefix: &Prefix, line: &[u8]) {
         slot = prefix.slot,
         id = prefix.id,
         line = %text.trim_end(),
-        "{}: {hint}",
-        prefix.name
+        "{}: {}",
+        prefix.name,
+        hint.text
     );
 }
 
