@@ -310,6 +310,12 @@ pub(crate) struct PoolFlags {
     #[arg(long, value_name = "N")]
     pub(crate) log_keep: Option<u32>,
 
+    /// Do not load ustad's preload library into the workers: a program that binds its own port
+    /// then binds it for itself (and PORT is not set). By default, with --listen, a program
+    /// that binds one of the addresses gets ustad's socket instead.
+    #[arg(long)]
+    pub(crate) no_preload: bool,
+
     /// Set an environment variable for the workers. Repeatable.
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub(crate) env: Vec<String>,
@@ -360,6 +366,7 @@ impl PoolFlags {
         note(self.stderr.is_some(), "--stderr");
         note(self.log_max_size.is_some(), "--log-max-size");
         note(self.log_keep.is_some(), "--log-keep");
+        note(self.no_preload, "--no-preload");
         note(!self.env.is_empty(), "--env");
         note(self.cwd.is_some(), "--cwd");
         note(self.user.is_some(), "--user");

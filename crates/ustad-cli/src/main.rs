@@ -6,6 +6,7 @@ mod demo;
 mod exit;
 mod human;
 mod logging;
+mod preload;
 mod run;
 mod top;
 

@@ -141,6 +141,7 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
     pool.max_surge = flags.max_surge;
     pool.max_unavailable = flags.max_unavailable;
     pool.silent = flags.silent;
+    pool.preload = !flags.no_preload;
     if let Some(protocol) = flags.ipc {
         pool.ipc = Some(ustad_core::config::IpcSpec::new(protocol));
     }
@@ -231,6 +232,8 @@ pub(crate) fn run(
         options.config_file = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
     }
     options.output = output;
+    // Kept until the primary exits: workers load the library from it.
+    let _preload = install_preload();
     // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG). Writing
     // to ustad's stdout and stderr (the relay of workers' output) is the only blocking work,
     // one write at a time per stream: two threads at most, gone after a second of quiet (tokio's
@@ -247,6 +250,34 @@ pub(crate) fn run(
             SupervisorError::Invalid(_) => Failure::usage(error.to_string()),
             _ => Failure::runtime(error.to_string()),
         })
+}
+
+/// Makes the embedded preload library loadable and gives it to the engine, for pools with
+/// `preload` on (see `ustad_core::preload`). Without it ustad still runs: workers get their
+/// sockets as fd 3, 4, … only.
+fn install_preload() -> Option<crate::preload::Materialised> {
+    match crate::preload::materialise() {
+        Ok(Some(materialised)) => {
+            let library = &materialised.library;
+            tracing::debug!(event = "preload", path = %library.path.display(), "preload library at {}", library.path.display());
+            if let Some(error) = &materialised.shared_error {
+                tracing::warn!(
+                    event = "preload_unavailable",
+                    "cannot give the preload library to workers of other users ({error}): those of a pool with `user` or `group` that bind their own port will not get ustad's sockets (they can take fd 3)"
+                );
+            }
+            let _ = ustad_core::preload::set_library(library.clone());
+            Some(materialised)
+        }
+        Ok(None) => None,
+        Err(error) => {
+            tracing::warn!(
+                event = "preload_unavailable",
+                "cannot make the preload library loadable ({error}): programs that bind their own port will not get ustad's sockets (they can take fd 3)"
+            );
+            None
+        }
+    }
 }
 
 /// `--name`, else the config file's stem, `demo` for the demo, or the pool's name.
@@ -357,6 +388,18 @@ mod tests {
         assert_eq!(app.ready, Readiness::Listening);
         let config = parse(&["ustad", "run", "--", "python3", "jobs.py"]).unwrap();
         assert_eq!(config.pools["app"].ready, Readiness::None);
+        // A program that binds the address itself gets ustad's socket, unless told otherwise.
+        assert!(app.preload);
+        let config = parse(&[
+            "ustad",
+            "run",
+            "-l",
+            "127.0.0.1:0",
+            "--no-preload",
+            "--",
+            "go-app",
+        ]);
+        assert!(!config.unwrap().pools["app"].preload);
     }
 
     #[test]

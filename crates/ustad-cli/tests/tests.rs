@@ -13,6 +13,7 @@ mod logs;
 mod metrics;
 mod node_ipc;
 mod notify;
+mod preload;
 mod rollout;
 mod systemd;
 mod top;

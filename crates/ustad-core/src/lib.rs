@@ -60,6 +60,7 @@ pub mod metrics;
 pub mod notify;
 pub mod output;
 pub mod plan;
+pub mod preload;
 pub mod procfs;
 pub mod service;
 pub mod sockets;

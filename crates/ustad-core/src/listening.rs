@@ -23,7 +23,8 @@
 //!
 //! # Caveats
 //! What this cannot see: a server that accepts through io_uring, or one that never waits on the
-//! socket it was given (it binds its own port). Such a worker is not seen listening, and is
+//! socket it was given (it binds another port, or binds the pool's address itself where the
+//! preload library cannot hand it ustad's socket: see [`crate::preload`]). Such a worker is not seen listening, and is
 //! stopped at `ready_timeout` like any worker that does not become ready; its pool wants
 //! `ready = "notify"` (or `"delay:…"`).
 

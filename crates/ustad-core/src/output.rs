@@ -5,8 +5,14 @@
 //! single writer. When the primary's own output is slow, the queue fills, the readers wait and
 //! the workers block in `write` — backpressure, as with any pipe, instead of a buffer that
 //! grows until the machine swaps (PM2's daemon is known to reach gigabytes that way).
+//!
+//! A worker that says an address is already in use (`EADDRINUSE`, "address already in use")
+//! gets the hint given for it logged once per pool (an `address_in_use` warning): what ustad
+//! holds and what to do (see [`crate::preload`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use std::os::fd::OwnedFd;
@@ -75,6 +81,9 @@ struct Prefix {
     pool: String,
     slot: usize,
     id: u64,
+    /// What to log if the worker says an address is already in use, and whether its pool
+    /// had it logged already.
+    hint: Option<Arc<Hint>>,
 }
 
 /// The relay: one writer task, and two reader tasks per worker.
@@ -83,6 +92,8 @@ pub struct OutputRelay {
     queue: mpsc::Sender<Relayed>,
     readers: JoinSet<()>,
     writer: JoinHandle<()>,
+    /// Per pool: its `address_in_use` hint, shared by its workers.
+    hints: HashMap<String, Arc<Hint>>,
 }
 
 impl OutputRelay {
@@ -101,6 +112,7 @@ impl OutputRelay {
             queue,
             readers: JoinSet::new(),
             writer,
+            hints: HashMap::new(),
         }
     }
 
@@ -111,6 +123,7 @@ impl OutputRelay {
             queue,
             mut readers,
             writer,
+            hints: _,
         } = self;
         drop(queue);
         let drained = tokio::time::timeout(grace, async {
@@ -132,7 +145,8 @@ impl OutputRelay {
     }
 
     /// Relays a worker's output streams until they close: to the primary's own streams, or,
-    /// for a stream with a log file, to that file.
+    /// for a stream with a log file, to that file. `hint` is logged (once for the pool) if the
+    /// worker says an address is already in use.
     pub fn attach(
         &mut self,
         pool: &str,
@@ -140,7 +154,22 @@ impl OutputRelay {
         id: u64,
         (stdout, stdout_file): (Option<OwnedFd>, Option<LogFile>),
         (stderr, stderr_file): (Option<OwnedFd>, Option<LogFile>),
+        hint: Option<String>,
     ) {
+        let hint = hint.map(|text| {
+            // One copy per pool, whatever its size; a new text (after a reload) starts over.
+            match self.hints.get(pool) {
+                Some(known) if *known.text == *text => known.clone(),
+                _ => {
+                    let hint = Arc::new(Hint {
+                        text: text.into(),
+                        given: AtomicBool::new(false),
+                    });
+                    self.hints.insert(pool.to_owned(), hint.clone());
+                    hint
+                }
+            }
+        });
         // Six distinguishable ANSI colours (31–36), by slot.
         let prefix = Arc::new(Prefix {
             name: format!("{pool}.{slot}"),
@@ -148,6 +177,7 @@ impl OutputRelay {
             pool: pool.to_owned(),
             slot,
             id,
+            hint,
         });
         // Forget readers that are done, so the set does not grow with every restart.
         while self.readers.try_join_next().is_some() {}
@@ -210,6 +240,7 @@ async fn read_lines(
             Err(_would_block) => continue,
         }
         for text in lines.drain(..) {
+            hint_if_address_in_use(&prefix, &text);
             let line = Line {
                 stream,
                 file: file.clone(),
@@ -222,6 +253,7 @@ async fn read_lines(
         }
     }
     if !partial.is_empty() {
+        hint_if_address_in_use(&prefix, &partial);
         let line = Line {
             stream,
             file,
@@ -230,6 +262,47 @@ async fn read_lines(
         };
         let _ = queue.send(Relayed::Line(line)).await;
     }
+}
+
+/// What to log when a worker of a pool says an address is already in use, and whether it was.
+#[derive(Debug)]
+struct Hint {
+    text: Box<str>,
+    given: AtomicBool,
+}
+
+/// Logs the worker's hint, once for its pool, if `line` says an address is already in use.
+fn hint_if_address_in_use(prefix: &Prefix, line: &[u8]) {
+    let Some(hint) = &prefix.hint else {
+        return;
+    };
+    if hint.given.load(Ordering::Relaxed) || !says_address_in_use(line) {
+        return;
+    }
+    if hint.given.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let text = String::from_utf8_lossy(line);
+    tracing::warn!(
+        event = "address_in_use",
+        pool = %prefix.pool,
+        slot = prefix.slot,
+        id = prefix.id,
+        line = %text.trim_end(),
+        "{}: {}",
+        prefix.name,
+        hint.text
+    );
+}
+
+/// Whether a line of output reports `EADDRINUSE`, as Node ("EADDRINUSE"), Go, Python, Rust
+/// and C programs ("address already in use", strerror's words) spell it.
+fn says_address_in_use(line: &[u8]) -> bool {
+    let contains = |needle: &[u8]| {
+        line.windows(needle.len())
+            .any(|window| window.eq_ignore_ascii_case(needle))
+    };
+    contains(b"address already in use") || contains(b"EADDRINUSE")
 }
 
 /// One `read` of `pipe` into the scratch buffer, split into complete `lines`; what does not end
@@ -481,6 +554,7 @@ mod tests {
             pool: "web".into(),
             slot: 0,
             id: 1,
+            hint: None,
         });
         read_lines(read, (Stream::Stdout, None), prefix, queue).await;
         writer.join().unwrap();
@@ -563,6 +637,7 @@ mod tests {
             pool: "web".into(),
             slot: 0,
             id: 1,
+            hint: None,
         });
         let reader = tokio::spawn(read_lines(read, (Stream::Stdout, None), prefix, queue));
         let text = |relayed: Option<Relayed>| match relayed {
@@ -606,6 +681,7 @@ mod tests {
             pool: "web".into(),
             slot: 2,
             id: 7,
+            hint: None,
         };
         assert_eq!(format_line(&prefix, 7, false, b"hi\r"), b"web.2   | hi\n");
         assert_eq!(
@@ -633,6 +709,7 @@ mod tests {
             pool: "jobs".into(),
             slot: 1,
             id: 4,
+            hint: None,
         });
         let (stdout, out_writer) = filled_pipe(b"to stdout\n");
         read_lines(
@@ -669,5 +746,20 @@ mod tests {
                 (4, "stderr".to_owned(), "to stderr".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn address_in_use_is_recognised_as_programs_say_it() {
+        for line in [
+            "Error: listen EADDRINUSE: address already in use :::3000",
+            "listen tcp 127.0.0.1:3000: bind: address already in use",
+            "OSError: [Errno 98] Address already in use",
+            "Error: Os { code: 98, kind: AddrInUse, message: \"Address already in use\" }",
+        ] {
+            assert!(says_address_in_use(line.as_bytes()), "{line}");
+        }
+        for line in ["listening on 3000", "address in", ""] {
+            assert!(!says_address_in_use(line.as_bytes()), "{line}");
+        }
     }
 }

@@ -6,6 +6,8 @@
 //! `NOTIFY_SOCKET` when its pool uses `ready = "notify"`; `USTAD_POOL`, `USTAD_WORKER_ID`,
 //! `USTAD_WORKER_INDEX` and `USTAD_GENERATION`. Variables of those names inherited by the
 //! primary are never passed on: a worker must not see its supervisor's own socket activation.
+//! With sockets and the pool's `preload` on, also `LD_PRELOAD`, `USTAD_PRELOAD_FDS` and `PORT`
+//! ([`crate::preload`]).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
@@ -100,10 +102,26 @@ fn env_entry(key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> CString {
     CString::new(entry).unwrap_or_default()
 }
 
+impl WorkerLaunch<'_> {
+    /// What to log if this worker says an address is already in use (see
+    /// [`crate::preload`]): what ustad holds for its pool, and what to do.
+    pub fn address_in_use_hint(&self) -> String {
+        let sockets: Vec<BorrowedFd<'_>> = self.sockets.iter().map(|(_, fd)| *fd).collect();
+        let library = crate::preload::library()
+            .and_then(|library| library.path_for(crate::preload::runs_as_other(self.spec)));
+        crate::preload::address_in_use_hint(self.pool, self.spec, &sockets, library)
+    }
+}
+
 /// The environment of a worker, except `LISTEN_PID`, which the child fills in itself. A worker
 /// that runs as another user gets its `USER`, `LOGNAME` and `HOME`, as a login would (unless
-/// the pool's `env` says otherwise).
-fn worker_env(launch: &WorkerLaunch<'_>, credentials: Option<&Credentials>) -> Vec<CString> {
+/// the pool's `env` says otherwise). With `preload` (the library's path), what
+/// [`crate::preload`] adds.
+fn worker_env(
+    launch: &WorkerLaunch<'_>,
+    credentials: Option<&Credentials>,
+    preload: Option<&Path>,
+) -> Vec<CString> {
     let spec = launch.spec;
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(key, _)| !is_reserved(key) && !spec.env.contains_key(&*key.to_string_lossy()))
@@ -163,6 +181,8 @@ fn worker_env(launch: &WorkerLaunch<'_>, credentials: Option<&Credentials>) -> V
     env.push(env_entry(USTAD_WORKER_ID, launch.id.0.to_string()));
     env.push(env_entry(USTAD_WORKER_INDEX, launch.slot.to_string()));
     env.push(env_entry(USTAD_GENERATION, launch.generation.to_string()));
+    let sockets: Vec<BorrowedFd<'_>> = launch.sockets.iter().map(|(_, fd)| *fd).collect();
+    crate::preload::add_env(&mut env, spec, &sockets, preload);
     env
 }
 
@@ -266,7 +286,11 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
     let image = ExecImage::new(
         program_c,
         argv,
-        worker_env(launch, credentials.as_ref()),
+        worker_env(
+            launch,
+            credentials.as_ref(),
+            crate::preload::library().and_then(|library| library.path_for(credentials.is_some())),
+        ),
         !launch.sockets.is_empty(),
     );
 

@@ -58,6 +58,20 @@ pub const NODE_CHANNEL_SERIALIZATION_MODE: &str = "NODE_CHANNEL_SERIALIZATION_MO
 /// One JSON text per line: the serialization ustad speaks.
 pub const NODE_CHANNEL_SERIALIZATION_JSON: &str = "json";
 
+/// The sockets the preload library (`ustad-preload`) hands to a program that binds their
+/// address itself: `FD:INODE` per socket, comma-separated, with `:MAJOR:MINOR:INO` (its socket
+/// file's device and inode) after a Unix socket bound to a path, e.g.
+/// `3:81234,4:81240:0:25:1234567`. Set by the primary, with [`LD_PRELOAD`], for a pool with
+/// sockets and `preload` on.
+pub const USTAD_PRELOAD_FDS: &str = "USTAD_PRELOAD_FDS";
+/// The dynamic loader's list of libraries to load before a program's own; the primary puts the
+/// preload library first, before what the worker would otherwise get.
+pub const LD_PRELOAD: &str = "LD_PRELOAD";
+/// The port to listen on, by the Heroku and PM2 convention. Set by the primary, with
+/// [`LD_PRELOAD`], when exactly one of the pool's sockets is TCP, unless the pool's `env`
+/// sets it; the primary's own `PORT` is not passed on then.
+pub const PORT: &str = "PORT";
+
 /// Variables the primary never passes on to a worker, from its own environment or a pool's
 /// `env`, besides every name starting with [`RESERVED_PREFIX`]: a worker must not see its
 /// supervisor's own socket activation or service manager.

@@ -27,6 +27,9 @@ fn environment_names_are_systemds_and_ustads() {
     );
     assert_eq!(env::NODE_CHANNEL_SERIALIZATION_JSON, "json");
     assert!(env::is_reserved(env::NODE_CHANNEL_FD.as_bytes()));
+    assert_eq!(env::USTAD_PRELOAD_FDS, "USTAD_PRELOAD_FDS");
+    assert_eq!(env::LD_PRELOAD, "LD_PRELOAD");
+    assert_eq!(env::PORT, "PORT");
 }
 
 #[test]
@@ -57,8 +60,13 @@ fn every_variable_the_primary_sets_is_kept_from_what_workers_inherit() {
         env::USTAD_GENERATION,
         env::USTAD_IPC_FD,
         env::USTAD_IPC_MAX_FRAME,
+        env::USTAD_PRELOAD_FDS,
     ] {
         assert!(env::is_reserved(name.as_bytes()), "{name}");
+    }
+    // A user's own LD_PRELOAD and PORT are theirs: the primary adds to or replaces them.
+    for name in [env::LD_PRELOAD, env::PORT] {
+        assert!(!env::is_reserved(name.as_bytes()), "{name}");
     }
     for name in ["PATH", "HOME", "LISTEN_FDS_X", "USTAD", "MY_USTAD_POOL", ""] {
         assert!(!env::is_reserved(name.as_bytes()), "{name}");

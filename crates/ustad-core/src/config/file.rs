@@ -35,6 +35,7 @@ struct RawConfig {
     silent: Option<bool>,
     max_memory: Option<ByteSize>,
     watchdog: Option<DurationValue>,
+    preload: Option<bool>,
     #[serde(default)]
     sockets: IndexMap<Spanned<String>, Spanned<RawSocket>>,
     #[serde(default)]
@@ -83,6 +84,7 @@ struct RawPool {
     watchdog: Option<Spanned<DurationValue>>,
     ipc: Option<Spanned<IpcProtocol>>,
     stop_grace: Option<Spanned<DurationValue>>,
+    preload: Option<bool>,
 }
 
 /// An environment value: a string, or a number or boolean written without quotes
@@ -337,6 +339,7 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
         if let Some(keep) = pool.log_keep {
             spec.log_keep = keep;
         }
+        spec.preload = pool.preload.or(raw.preload).unwrap_or(spec.preload);
         spec.max_memory = pool.max_memory.or(raw.max_memory);
         let watchdog = pool.watchdog.map(|t| {
             spans.insert(field("watchdog"), t.span());
@@ -633,6 +636,18 @@ size = "auto"
         let error = Config::from_file("/nonexistent/ustad.toml").unwrap_err();
         assert!(matches!(error, ConfigError::Read { .. }));
         assert!(error.to_string().contains("/nonexistent/ustad.toml"));
+    }
+
+    #[test]
+    fn preload_is_on_unless_a_pool_or_the_top_level_turns_it_off() {
+        let text = "[sockets.http]\nlisten = \"127.0.0.1:0\"\n\n[pools.web]\ncommand = \"node app.js\"\nsockets = [\"http\"]\n\n[pools.go]\ncommand = \"./server\"\nsockets = [\"http\"]\npreload = false\n";
+        let config = load(text).unwrap();
+        assert!(config.pools["web"].preload);
+        assert!(!config.pools["go"].preload);
+        let config = load(&format!("preload = false\n{text}")).unwrap();
+        assert!(!config.pools["web"].preload, "top-level default");
+        let error = load(&text.replace("preload = false", "preload = \"no\"")).unwrap_err();
+        assert!(error.contains(":11:11:"), "{error}");
     }
 
     #[test]

@@ -140,6 +140,11 @@ pub struct PoolSpec {
     /// `docs/protocol.md`), carrying frames of at most `max_message` bytes. Set by the Rust
     /// library for its own workers.
     pub ipc: Option<IpcSpec>,
+    /// Load the preload library into the workers (`LD_PRELOAD`) when the pool has sockets, so
+    /// that a program binding one of their addresses itself gets ustad's socket (and set
+    /// `PORT` when exactly one of them is TCP). On by default; it does nothing for statically
+    /// linked programs (Go), which take fd 3 instead. See `ustad_core::spawn`.
+    pub preload: bool,
 }
 
 /// A pool's message channel.
@@ -199,6 +204,7 @@ impl PoolSpec {
             max_memory: None,
             watchdog: None,
             ipc: None,
+            preload: true,
         }
     }
 }

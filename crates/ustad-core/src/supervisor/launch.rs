@@ -51,6 +51,7 @@ impl Supervisor {
             notify_socket: wants_notify(spec).then(|| self.notify.path()),
             ipc: pair.as_ref().map(|(_, child)| child.as_fd()),
         };
+        let hint = launch.address_in_use_hint();
         let mut child = match spawn_worker(&launch) {
             Ok(child) => child,
             Err(error) => {
@@ -87,6 +88,7 @@ impl Supervisor {
                 output_pipe(child.stderr.take().map(|p| p.into_owned_fd())),
                 log_file(stderr),
             ),
+            Some(hint),
         );
         let worker = WorkerRef {
             pool: Arc::from(pool),

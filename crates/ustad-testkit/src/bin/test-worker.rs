@@ -53,6 +53,10 @@ usage: test-worker [FLAGS]
   --serve-http               serve HTTP/1.1 on the inherited fd 3: 200 with X-Worker-Pid;
                              on SIGTERM stop accepting, answer each connection's next request
                              with Connection: close, close idle ones after 200 ms, exit 0
+  --bind <ADDR>              with --serve-http: bind ADDR itself (std's TcpListener::bind,
+                             or UnixListener::bind for unix:PATH) instead of taking fd 3,
+                             as a program that knows nothing of ustad; {port} in ADDR is
+                             replaced by $PORT
   --flood-stdout             write ~100-byte lines to stdout as fast as possible, and every
                              10000 lines 1 MiB without a newline
   --sleep                    just sleep until a signal (the default)
@@ -87,6 +91,7 @@ struct Args {
     report: Option<String>,
     env_report: Vec<String>,
     serve_http: bool,
+    bind: Option<String>,
     flood_stdout: bool,
     quiet: bool,
 }
@@ -120,6 +125,7 @@ fn parse_args(raw: &[String]) -> Result<Args, String> {
             "--report" => args.report = Some(value(flag)?),
             "--env-report" => args.env_report.push(value(flag)?),
             "--serve-http" => args.serve_http = true,
+            "--bind" => args.bind = Some(value(flag)?),
             "--flood-stdout" => args.flood_stdout = true,
             "--sleep" => {}
             "--quiet" => args.quiet = true,
@@ -240,7 +246,15 @@ fn main() -> ExitCode {
         }
     }
 
-    let http = if args.serve_http {
+    let http = if let (true, Some(address)) = (args.serve_http, &args.bind) {
+        match bind_itself(address) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                say!("test-worker {}: cannot bind {address}: {e}", me.id);
+                return ExitCode::from(1);
+            }
+        }
+    } else if args.serve_http {
         // Whatever listenfd gave, or fd 3 itself if listenfd refused it (say, LISTEN_PID names
         // another process): serving must not depend on what the report is there to check.
         let fd = listener.or_else(|| report::dup_fd(3));
@@ -268,6 +282,23 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(args, me, http))
+}
+
+/// Binds `address` as a program that knows nothing of ustad would (`{port}` is `$PORT`), and
+/// says where it listens.
+fn bind_itself(address: &str) -> std::io::Result<Listener> {
+    let port = std::env::var("PORT").unwrap_or_default();
+    let address = address.replace("{port}", &port);
+    let listener = match address.strip_prefix("unix:") {
+        Some(path) => Listener::Unix(StdUnixListener::bind(path)?),
+        None => Listener::Tcp(StdTcpListener::bind(address.as_str())?),
+    };
+    let local = match &listener {
+        Listener::Tcp(tcp) => tcp.local_addr()?.to_string(),
+        Listener::Unix(unix) => format!("{:?}", unix.local_addr()?),
+    };
+    say!("test-worker bound {address} itself: listening on {local}");
+    Ok(listener)
 }
 
 /// Spawns `test-worker --ignore-term --never-ready --quiet` in our process group.

@@ -1,0 +1,79 @@
+//! Builds the preload library (`crates/ustad-preload`) into `OUT_DIR`, for `src/preload.rs` to
+//! embed with `include_bytes!`: `cargo build`, `cargo install --path crates/ustad-cli` and a
+//! copy of the one `ustad` file then carry it.
+//!
+//! The library has no dependencies, so `rustc` alone builds it, for the same target as the
+//! binary: no nested cargo, no second lock or target directory, nothing to fetch. It is built
+//! optimized, with `panic=abort` and stripped, whatever the profile: it runs inside every
+//! worker. On targets it does not support (not Linux with glibc on x86, ARM or RISC-V: the
+//! library would be loaded into glibc programs, and its constants are those architectures'),
+//! an empty file stands in for it and `ustad` runs without it.
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+const SUPPORTED_ARCHES: &[&str] = &["x86_64", "x86", "aarch64", "arm", "riscv64"];
+
+fn main() {
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let source = manifest.join("../ustad-preload/src");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("libustad_preload.so");
+    println!("cargo:rerun-if-changed={}", source.display());
+    println!("cargo:rerun-if-changed=build.rs");
+
+    let var = |name: &str| env::var(name).unwrap_or_default();
+    let target = var("TARGET");
+    let supported = var("CARGO_CFG_TARGET_OS") == "linux"
+        && var("CARGO_CFG_TARGET_ENV") == "gnu"
+        && SUPPORTED_ARCHES.contains(&var("CARGO_CFG_TARGET_ARCH").as_str());
+    if !supported {
+        println!(
+            "cargo:warning=ustad: no preload library for {target}: programs that bind their own port will not get ustad's sockets (they can take fd 3)"
+        );
+        std::fs::write(&out, b"").expect("writing an empty preload library");
+        println!("cargo:rustc-env=USTAD_PRELOAD_FNV=0");
+        return;
+    }
+
+    // The linker cargo would use for this target, when it is given in the environment.
+    let linker_var = format!(
+        "CARGO_TARGET_{}_LINKER",
+        target.to_uppercase().replace(['-', '.'], "_")
+    );
+    println!("cargo:rerun-if-env-changed={linker_var}");
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let mut command = Command::new(rustc);
+    command
+        .args(["--crate-name", "ustad_preload", "--crate-type", "cdylib"])
+        .args(["--edition", "2024", "--target", &target])
+        .args(["-C", "opt-level=2", "-C", "codegen-units=1"])
+        .args(["-C", "panic=abort", "-C", "strip=symbols"])
+        .arg("-o")
+        .arg(&out)
+        .arg(source.join("lib.rs"));
+    if let Ok(linker) = env::var(&linker_var) {
+        command.arg("-C").arg(format!("linker={linker}"));
+    }
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run rustc to build the preload library: {error}"));
+    if !output.status.success() {
+        panic!(
+            "building the preload library failed ({:?}):\n{}",
+            command,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // Its hash, for src/preload.rs to check a copy against without reading the embedded bytes.
+    let library = std::fs::read(&out).expect("reading the preload library");
+    println!("cargo:rustc-env=USTAD_PRELOAD_FNV={}", fnv1a(&library));
+}
+
+/// FNV-1a, 64 bits (the same as src/preload.rs's).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
