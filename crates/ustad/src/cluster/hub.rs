@@ -355,6 +355,7 @@ impl Program for Hub {
                 let Some(entry) = state.workers.remove(&id) else {
                     return;
                 };
+                state.rotations.forget(id);
                 drop(state);
                 if let Some(conn) = &entry.conn {
                     conn.outbox.close();

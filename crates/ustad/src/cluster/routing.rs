@@ -23,8 +23,8 @@ pub(super) struct Candidate {
 /// picked for it.
 #[derive(Debug, Default)]
 pub(super) struct Rotations {
-    /// (pool, tag) → worker → the number of the pick that last chose it (never pruned: a worker
-    /// that exited keeps its entry).
+    /// (pool, tag) → worker → the number of the pick that last chose it. A worker that exits is
+    /// forgotten ([`Rotations::forget`]), so the map holds live workers only.
     last_picked: HashMap<(String, String), HashMap<WorkerId, u64>>,
     /// Picks made so far, over every (pool, tag): it orders picks, it is not a time.
     picks: u64,
@@ -58,6 +58,21 @@ impl Rotations {
             .or_default()
             .insert(chosen, self.picks);
         Some(chosen)
+    }
+
+    /// Drops everything known of `id` (it exited): ids are never reused, so its entries would
+    /// only grow the map with every restart. A (pool, tag) left with no worker goes too.
+    pub(super) fn forget(&mut self, id: WorkerId) {
+        self.last_picked.retain(|_, last_picked| {
+            last_picked.remove(&id);
+            !last_picked.is_empty()
+        });
+    }
+
+    /// How many (pool, tag, worker) entries are kept: for tests of [`Rotations::forget`].
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.last_picked.values().map(HashMap::len).sum()
     }
 }
 

@@ -191,3 +191,30 @@ fn least_loaded_spreads_tasks_evenly_up_to_the_limit() {
         Some(WorkerId(2))
     );
 }
+
+#[test]
+fn an_exited_worker_is_forgotten_and_its_successor_joins_the_rotation() {
+    let mut rotations = Rotations::default();
+    let before = [worker(1, 0), worker(2, 1)];
+    picks(&mut rotations, "web", "a", &before, 2);
+    picks(&mut rotations, "web", "b", &before, 1);
+    assert_eq!(rotations.entries(), 3);
+
+    rotations.forget(WorkerId(1));
+    assert_eq!(
+        rotations.entries(),
+        1,
+        "only worker 2's pick for tag a is left"
+    );
+
+    // Worker 3 took slot 0: never picked, it comes first, then the rotation goes on.
+    let after = [worker(3, 0), worker(2, 1)];
+    assert_eq!(picks(&mut rotations, "web", "a", &after, 3), [3, 2, 3]);
+    rotations.forget(WorkerId(2));
+    rotations.forget(WorkerId(3));
+    assert_eq!(
+        rotations.entries(),
+        0,
+        "a (pool, tag) with no worker left goes too"
+    );
+}
