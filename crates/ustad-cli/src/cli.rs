@@ -331,6 +331,16 @@ pub(crate) struct PoolFlags {
     /// Run the workers with this group (name or gid) instead of the user's.
     #[arg(long, value_name = "GROUP")]
     pub(crate) group: Option<String>,
+
+    /// Run this command before each generation starts (the first start, every rolling
+    /// restart), e.g. "npm run build": workers start once it exits 0; a rollout whose
+    /// command fails stops, the old workers serving on.
+    #[arg(long, value_name = "COMMAND", value_parser = ustad_core::config::Command::parse_line)]
+    pub(crate) before_start: Option<ustad_core::config::Command>,
+
+    /// How long the --before-start command may run before it is killed [default: 5m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) before_start_timeout: Option<Duration>,
 }
 
 impl PoolFlags {
@@ -367,6 +377,11 @@ impl PoolFlags {
         note(self.log_max_size.is_some(), "--log-max-size");
         note(self.log_keep.is_some(), "--log-keep");
         note(self.no_preload, "--no-preload");
+        note(self.before_start.is_some(), "--before-start");
+        note(
+            self.before_start_timeout.is_some(),
+            "--before-start-timeout",
+        );
         note(!self.env.is_empty(), "--env");
         note(self.cwd.is_some(), "--cwd");
         note(self.user.is_some(), "--user");

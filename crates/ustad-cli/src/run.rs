@@ -170,6 +170,10 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
         pool.log_keep = keep;
     }
     pool.group = flags.group.clone();
+    pool.before_start = flags.before_start.clone();
+    if let Some(timeout) = flags.before_start_timeout {
+        pool.before_start_timeout = timeout;
+    }
     let name = flags
         .pool
         .clone()

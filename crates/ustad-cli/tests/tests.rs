@@ -3,6 +3,7 @@
 //! testkit's guards kill whole process groups), and every wait is bounded.
 
 mod after;
+mod before_start;
 mod compat;
 mod config;
 mod control;

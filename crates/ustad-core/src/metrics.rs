@@ -587,6 +587,7 @@ mod tests {
                     waiting: Vec::new(),
                     waiting_for: Vec::new(),
                     done: false,
+                    before_start: None,
                 },
                 PoolStatus {
                     name: "jobs".to_owned(),
@@ -605,6 +606,7 @@ mod tests {
                     }],
                     waiting_for: Vec::new(),
                     done: false,
+                    before_start: None,
                 },
             ],
         }

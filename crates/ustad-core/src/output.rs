@@ -74,6 +74,26 @@ pub struct LogFile {
     pub keep: u32,
 }
 
+/// Whose output is relayed.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A worker: prefixed `pool.slot`.
+    Worker {
+        /// Its pool.
+        pool: &'a str,
+        /// Its slot.
+        slot: usize,
+        /// Its id.
+        id: u64,
+    },
+    /// A pool's `before_start` command: prefixed `pool.before_start`, slot and id 0 in
+    /// `ustad logs --json`.
+    BeforeStart {
+        /// The pool.
+        pool: &'a str,
+    },
+}
+
 #[derive(Debug)]
 struct Prefix {
     name: String,
@@ -149,13 +169,15 @@ impl OutputRelay {
     /// worker says an address is already in use.
     pub fn attach(
         &mut self,
-        pool: &str,
-        slot: usize,
-        id: u64,
+        source: Source<'_>,
         (stdout, stdout_file): (Option<OwnedFd>, Option<LogFile>),
         (stderr, stderr_file): (Option<OwnedFd>, Option<LogFile>),
         hint: Option<String>,
     ) {
+        let (pool, slot, id, name) = match source {
+            Source::Worker { pool, slot, id } => (pool, slot, id, format!("{pool}.{slot}")),
+            Source::BeforeStart { pool } => (pool, 0, 0, format!("{pool}.before_start")),
+        };
         let hint = hint.map(|text| {
             // One copy per pool, whatever its size; a new text (after a reload) starts over.
             match self.hints.get(pool) {
@@ -172,7 +194,7 @@ impl OutputRelay {
         });
         // Six distinguishable ANSI colours (31–36), by slot.
         let prefix = Arc::new(Prefix {
-            name: format!("{pool}.{slot}"),
+            name,
             color: 31 + (slot % 6) as u8,
             pool: pool.to_owned(),
             slot,

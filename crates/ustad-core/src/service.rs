@@ -330,6 +330,7 @@ mod tests {
             waiting: Vec::new(),
             waiting_for: Vec::new(),
             done: false,
+            before_start: None,
         }
     }
 

@@ -4,7 +4,8 @@
 //! The environment a worker gets, on top of the primary's own and its pool's `env`:
 //! `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID` (its own pid) when it has sockets;
 //! `NOTIFY_SOCKET` when its pool uses `ready = "notify"`; `USTAD_POOL`, `USTAD_WORKER_ID`,
-//! `USTAD_WORKER_INDEX` and `USTAD_GENERATION`. Variables of those names inherited by the
+//! `USTAD_WORKER_INDEX` and `USTAD_GENERATION` (a pool's `before_start` command gets the pool
+//! and the generation only). Variables of those names inherited by the
 //! primary are never passed on: a worker must not see its supervisor's own socket activation.
 //! With sockets and the pool's `preload` on, also `LD_PRELOAD`, `USTAD_PRELOAD_FDS` and `PORT`
 //! ([`crate::preload`]).
@@ -66,15 +67,13 @@ pub enum SpawnError {
     },
 }
 
-/// Everything needed to start one worker.
+/// Everything needed to start one worker, or its pool's `before_start` command.
 #[derive(Debug)]
 pub struct WorkerLaunch<'a> {
-    /// Its id.
-    pub id: WorkerId,
+    /// The worker's id and slot; `None` for the pool's `before_start` command.
+    pub worker: Option<(WorkerId, usize)>,
     /// Its pool's name.
     pub pool: &'a str,
-    /// Its slot.
-    pub slot: usize,
     /// Its generation.
     pub generation: u64,
     /// What to run.
@@ -178,8 +177,10 @@ fn worker_env(
         }
     }
     env.push(env_entry(USTAD_POOL, launch.pool));
-    env.push(env_entry(USTAD_WORKER_ID, launch.id.0.to_string()));
-    env.push(env_entry(USTAD_WORKER_INDEX, launch.slot.to_string()));
+    if let Some((id, slot)) = launch.worker {
+        env.push(env_entry(USTAD_WORKER_ID, id.0.to_string()));
+        env.push(env_entry(USTAD_WORKER_INDEX, slot.to_string()));
+    }
     env.push(env_entry(USTAD_GENERATION, launch.generation.to_string()));
     let sockets: Vec<BorrowedFd<'_>> = launch.sockets.iter().map(|(_, fd)| *fd).collect();
     crate::preload::add_env(&mut env, spec, &sockets, preload);
@@ -348,6 +349,42 @@ pub fn spawn_worker(launch: &WorkerLaunch<'_>) -> Result<tokio::process::Child, 
             },
             _ => io_error(source),
         })
+}
+
+/// Starts a pool's `before_start` command for `generation` as its workers are started (same
+/// `cwd`, `env`, user and group, output, own process group, dying with the primary), without
+/// sockets, notify socket or channel; it gets `USTAD_POOL` and `USTAD_GENERATION`.
+///
+/// Must be called from the supervisor's long-lived thread, as [`spawn_worker`].
+pub fn spawn_before_start(
+    pool: &str,
+    generation: u64,
+    spec: &PoolSpec,
+) -> Result<tokio::process::Child, SpawnError> {
+    let Some(command) = spec.before_start.clone() else {
+        return Err(SpawnError::Io {
+            program: String::new(),
+            source: std::io::Error::other("the pool has no before_start command"),
+        });
+    };
+    let spec = PoolSpec {
+        command,
+        sockets: Vec::new(),
+        ready: Readiness::None,
+        watchdog: None,
+        ipc: None,
+        preload: false,
+        ..spec.clone()
+    };
+    spawn_worker(&WorkerLaunch {
+        worker: None,
+        pool,
+        generation,
+        spec: &spec,
+        sockets: Vec::new(),
+        notify_socket: None,
+        ipc: None,
+    })
 }
 
 /// Whether a pool's workers get `NOTIFY_SOCKET`: those that may say they are ready (with

@@ -62,6 +62,24 @@ pub struct PoolStatus {
     /// A `oneshot` pool whose every worker exited 0.
     #[serde(default)]
     pub done: bool,
+    /// Its `before_start` command, while it runs or since it last failed.
+    #[serde(default)]
+    pub before_start: Option<HookStatus>,
+}
+
+/// A pool's `before_start` command: running, or failed (until it next succeeds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HookStatus {
+    /// The generation it runs, or last failed, for.
+    pub generation: u64,
+    /// Seconds it has been running; `None` when it is not running.
+    pub running_secs: Option<f64>,
+    /// Failures in a row for the pool's first start (0 when only a rollout's failed).
+    pub failures: u32,
+    /// Seconds until it runs again, when the pool's first start waits for it.
+    pub next_attempt_secs: Option<f64>,
+    /// What went wrong the last time it failed.
+    pub last_error: Option<String>,
 }
 
 /// An empty slot: waiting before its next attempt, or emptied by an operator.
@@ -79,6 +97,29 @@ pub struct WaitingSlot {
     pub stopped: bool,
     /// How the slot's last worker ended.
     pub last_exit: Option<LastExitStatus>,
+}
+
+impl HookStatus {
+    /// One line for `status` and `top`: `before_start running for generation 3 (12s)`, or
+    /// `before_start failed for generation 3: exited with exit code 1; next attempt in 4s`.
+    pub fn describe(&self) -> String {
+        let generation = self.generation;
+        match (self.running_secs, &self.last_error) {
+            (Some(secs), _) => {
+                format!("before_start running for generation {generation} ({secs:.0}s)")
+            }
+            (None, error) => {
+                let mut line = format!(
+                    "before_start failed for generation {generation}: {}",
+                    error.as_deref().unwrap_or("unknown error")
+                );
+                if let Some(secs) = self.next_attempt_secs {
+                    line.push_str(&format!("; next attempt in {secs:.0}s"));
+                }
+                line
+            }
+        }
+    }
 }
 
 /// A rolling restart in progress.

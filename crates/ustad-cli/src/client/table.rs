@@ -73,6 +73,9 @@ pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
         if !pool.waiting_for.is_empty() {
             let _ = write!(summary, ", waiting for {}", pool.waiting_for.join(", "));
         }
+        if let Some(hook) = &pool.before_start {
+            let _ = write!(summary, ", {}", hook.describe());
+        }
         if let Some(rollout) = &pool.rollout {
             let _ = write!(
                 summary,
@@ -263,6 +266,7 @@ mod tests {
                 }],
                 waiting_for: Vec::new(),
                 done: false,
+                before_start: None,
             }],
         };
         let table = render(&status, false);

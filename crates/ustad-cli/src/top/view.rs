@@ -279,6 +279,13 @@ fn pool_line(pool: &PoolStatus) -> Line {
         let on: Vec<String> = pool.waiting_for.iter().map(|p| clean(p)).collect();
         line.push(format!("  waiting for {}", on.join(", ")), Tone::Warn);
     }
+    if let Some(hook) = &pool.before_start {
+        let tone = match hook.running_secs {
+            Some(_) => Tone::Warn,
+            None => Tone::Bad,
+        };
+        line.push(format!("  {}", clean(&hook.describe())), tone);
+    }
     if let Some(rollout) = &pool.rollout {
         line.push(
             format!(
@@ -595,6 +602,7 @@ mod tests {
             waiting: Vec::new(),
             waiting_for: Vec::new(),
             done: false,
+            before_start: None,
         };
         let jobs = PoolStatus {
             name: "jobs".into(),
@@ -607,6 +615,7 @@ mod tests {
             waiting: Vec::new(),
             waiting_for: Vec::new(),
             done: false,
+            before_start: None,
         };
         ClusterStatus {
             name: "shop".into(),

@@ -67,6 +67,8 @@ struct RawPool {
     #[serde(default)]
     after: Vec<Spanned<String>>,
     oneshot: Option<bool>,
+    before_start: Option<Spanned<Command>>,
+    before_start_timeout: Option<Spanned<DurationValue>>,
     ttl: Option<Spanned<DurationValue>>,
     strict: Option<Spanned<bool>>,
     max_surge: Option<Spanned<Budget>>,
@@ -282,6 +284,14 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
         }
         spec.after = pool.after.into_iter().map(Spanned::into_inner).collect();
         spec.oneshot = pool.oneshot.unwrap_or(false);
+        if let Some(command) = pool.before_start {
+            spans.insert(field("before_start"), command.span());
+            spec.before_start = Some(command.into_inner());
+        }
+        if let Some(timeout) = pool.before_start_timeout {
+            spans.insert(field("before_start_timeout"), timeout.span());
+            spec.before_start_timeout = timeout.into_inner().0;
+        }
         if let Some(user) = pool.user {
             spans.insert(field("user"), user.span());
             spec.user = Some(user.into_inner());
@@ -664,5 +674,33 @@ size = "auto"
         let mode =
             load("[sockets.http]\nlisten = \"127.0.0.1:0\"\nmode = \"roundrobin\"\n").unwrap_err();
         assert!(mode.contains("\"round-robin\""), "{mode}");
+    }
+
+    #[test]
+    fn before_start_is_a_command_with_a_timeout_longer_than_zero() {
+        let config = load(
+            "[pools.web]\ncommand = \"app\"\nbefore_start = \"npm run build\"\nbefore_start_timeout = \"2m\"\n",
+        )
+        .unwrap();
+        let web = &config.pools["web"];
+        let hook = web.before_start.as_ref().unwrap();
+        assert_eq!(
+            (hook.program(), hook.args()),
+            ("npm", &["run".to_owned(), "build".to_owned()][..])
+        );
+        assert_eq!(
+            web.before_start_timeout,
+            std::time::Duration::from_secs(120)
+        );
+        let error = load("[pools.web]\ncommand = \"app\"\nbefore_start = []\n").unwrap_err();
+        assert!(error.contains(":3:16: the command is empty"), "{error}");
+        let error = load(
+            "[pools.web]\ncommand = \"app\"\nbefore_start = \"make\"\nbefore_start_timeout = \"0s\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            error.contains(":4:24: before_start_timeout must be longer than 0s"),
+            "{error}"
+        );
     }
 }

@@ -36,6 +36,8 @@ pub const DEFAULT_MIN_UPTIME: Duration = Duration::from_secs(5);
 /// Default `stop_grace`: with `ipc = "node"`, the time between the `'shutdown'` message and the
 /// stop signal.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long a pool's `before_start` command may run before it is killed and counts as failed.
+pub const DEFAULT_BEFORE_START_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `log_keep`: rotated files kept per log file.
 pub const DEFAULT_LOG_KEEP: u32 = 5;
 /// Default listen backlog.
@@ -101,6 +103,14 @@ pub struct PoolSpec {
     /// Its workers run to completion (migrations, a build): done when every one exited 0,
     /// never restarted after that; one that fails is tried again, backing off.
     pub oneshot: bool,
+    /// A command run before each generation of the pool starts (its first start, every
+    /// rolling restart and reload), as its workers would run (same `cwd`, `env`, user), e.g.
+    /// an asset build. Workers of that generation start once it exited 0; when it fails, a
+    /// rollout is stopped (the old workers serve on) and a first start is tried again, backing
+    /// off.
+    pub before_start: Option<Command>,
+    /// How long `before_start` may run before its process group is killed (a failure).
+    pub before_start_timeout: Duration,
     /// Recycle each worker after this long (±10% jitter), by rolling replacement.
     pub ttl: Option<Duration>,
     /// Never run more than `size` workers, even while replacing one (stop, then start): the
@@ -187,6 +197,8 @@ impl PoolSpec {
             group: None,
             after: Vec::new(),
             oneshot: false,
+            before_start: None,
+            before_start_timeout: DEFAULT_BEFORE_START_TIMEOUT,
             ttl: None,
             strict: false,
             max_surge: None,
@@ -520,6 +532,7 @@ impl Config {
                 ("min_uptime", Some(pool.min_uptime)),
                 ("stop_grace", Some(pool.stop_grace)),
                 ("watchdog", pool.watchdog),
+                ("before_start_timeout", Some(pool.before_start_timeout)),
             ] {
                 if let Some(Err(why)) = duration.map(value::check_duration) {
                     problem(
@@ -569,6 +582,12 @@ impl Config {
                         pool.max_unavailable.unwrap_or(Budget::Count(0)),
                         pool.size
                     ),
+                );
+            }
+            if pool.before_start.is_some() && pool.before_start_timeout.is_zero() {
+                problem(
+                    Location::PoolField(name.clone(), "before_start_timeout"),
+                    "before_start_timeout must be longer than 0s: the command would be killed as it starts".to_owned(),
                 );
             }
             if pool.ttl.is_some_and(|ttl| ttl.is_zero()) {

@@ -187,6 +187,8 @@ struct Pool {
     spec: Arc<PoolSpec>,
     /// The generation of `spec`.
     generation: u64,
+    /// The highest generation ever given, aborted rollouts' included.
+    last_generation: u64,
     slots: Vec<Slot>,
     rollout: Option<Rollout>,
     /// Removed from the configuration: no slots, its last workers are stopping. Kept so that
@@ -202,6 +204,32 @@ struct Pool {
     said_waiting: bool,
     /// A `oneshot` pool whose every slot is done with its generation was said to be done.
     said_done: Option<u64>,
+    /// Its `before_start` command: which generation it prepared, which one it runs for.
+    hook: Hook,
+}
+
+/// Where a pool's `before_start` command stands. A generation whose settings have one starts
+/// no worker before it exited 0; a rollout waits for it with the old workers serving.
+#[derive(Debug, Clone, Default)]
+struct Hook {
+    /// The newest generation it succeeded for (0: none yet).
+    passed: u64,
+    /// The run in progress, if one.
+    running: Option<HookRun>,
+    /// Failures in a row for the pool's own generation (a first start; a rollout's failure
+    /// stops the rollout instead), and when it runs again.
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// The generation it last failed for and why, for `status` (until it succeeds).
+    last_error: Option<(u64, String)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HookRun {
+    generation: u64,
+    started: Instant,
+    /// Killed, and failed, past this (`before_start_timeout`).
+    deadline: Instant,
 }
 
 /// Counts the deaths of a pool's ready workers in windows of [`READY_DEATH_WINDOW`]. A ready
@@ -250,6 +278,7 @@ impl Pool {
             slots: vec![Slot::default(); spec.size.count()],
             spec,
             generation: 1,
+            last_generation: 1,
             rollout: None,
             retired: false,
             restarts: BTreeMap::new(),
@@ -257,15 +286,60 @@ impl Pool {
             started: false,
             said_waiting: false,
             said_done: None,
+            hook: Hook::default(),
         }
     }
 
-    /// The generation and settings for a worker started into an empty slot now.
+    /// The generation and settings for a worker started into an empty slot now: the
+    /// rollout's once its `before_start` passed, else the pool's own.
     fn spawn_target(&self) -> (u64, Arc<PoolSpec>) {
+        match &self.rollout {
+            Some(rollout) if self.prepared(rollout.generation, &rollout.spec) => {
+                (rollout.generation, rollout.spec.clone())
+            }
+            _ => (self.generation, self.spec.clone()),
+        }
+    }
+
+    /// The generation the pool moves to (its rollout's, else its own) and its settings.
+    fn newest(&self) -> (u64, Arc<PoolSpec>) {
         match &self.rollout {
             Some(rollout) => (rollout.generation, rollout.spec.clone()),
             None => (self.generation, self.spec.clone()),
         }
+    }
+
+    /// Its `before_start` as `status` shows it: while it runs, or since it failed.
+    fn hook_status(&self, now: Instant) -> Option<status::HookStatus> {
+        let hook = &self.hook;
+        let secs = |d: Duration| d.as_secs_f64();
+        match hook.running {
+            Some(run) => Some(status::HookStatus {
+                generation: run.generation,
+                running_secs: Some(secs(now.saturating_duration_since(run.started))),
+                failures: hook.failures,
+                next_attempt_secs: None,
+                last_error: hook.last_error.as_ref().map(|(_, why)| why.clone()),
+            }),
+            None => hook
+                .last_error
+                .as_ref()
+                .map(|(generation, error)| status::HookStatus {
+                    generation: *generation,
+                    running_secs: None,
+                    failures: hook.failures,
+                    next_attempt_secs: hook
+                        .retry_at
+                        .map(|at| secs(at.saturating_duration_since(now))),
+                    last_error: Some(error.clone()),
+                }),
+        }
+    }
+
+    /// Whether workers of `generation` (with settings `spec`) may start: it has no
+    /// `before_start`, or that ran to success for it.
+    fn prepared(&self, generation: u64, spec: &PoolSpec) -> bool {
+        spec.before_start.is_none() || self.hook.passed >= generation
     }
 }
 
@@ -356,6 +430,11 @@ impl Plan {
             Event::StopWorker { id } => self.on_stop_worker(id, now),
             Event::Cut { id, why } => self.on_cut(id, &why, now),
             Event::Memory { id, rss } => self.on_memory(id, rss, now),
+            Event::HookExited {
+                pool,
+                generation,
+                result,
+            } => self.on_hook_exited(&pool, generation, result, now),
         }
         self.settle(now)
     }
@@ -412,6 +491,25 @@ impl Plan {
                 _ => {}
             }
         }
+        for pool in 0..self.pools.len() {
+            let Some(run) = self.pools[pool].hook.running else {
+                continue;
+            };
+            if run.deadline <= now {
+                let p = &mut self.pools[pool];
+                p.hook.running = None;
+                let timeout = run.deadline.saturating_duration_since(run.started);
+                self.out.actions.push(Action::StopHook {
+                    pool: p.name.clone(),
+                    generation: run.generation,
+                });
+                let why = format!(
+                    "still running after before_start_timeout ({}): its process group was killed",
+                    crate::config::value::format_duration(timeout)
+                );
+                self.hook_failed(pool, run.generation, why, now);
+            }
+        }
         self.settle(now)
     }
 
@@ -441,7 +539,11 @@ impl Plan {
                     .filter(|_| empty && !self.has_detached(pool, slot))
             })
         });
-        workers.chain(slots).flatten().min()
+        let hooks = self.pools.iter().map(|p| match p.hook.running {
+            Some(run) => Some(run.deadline),
+            None => p.hook.retry_at,
+        });
+        workers.chain(slots).flatten().chain(hooks.flatten()).min()
     }
 
     /// The worker with this id, if alive.
@@ -675,6 +777,7 @@ impl Plan {
             self.refuse(format!("removing unknown pool `{name}`"));
             return;
         };
+        self.stop_hook(index);
         let pool = &mut self.pools[index];
         pool.retired = true;
         pool.rollout = None;
@@ -837,7 +940,10 @@ impl Plan {
                 slot.parked = false;
             }
             let superseded = p.rollout.as_ref().map(|r| r.generation);
-            let generation = superseded.unwrap_or(p.generation).max(p.generation) + 1;
+            // Never a number given before: an aborted rollout's workers or hook may still be
+            // about, and events of two attempts must not read alike.
+            let generation = p.last_generation + 1;
+            p.last_generation = generation;
             // A restart keeps the pool's current size (it may have been scaled); new settings
             // bring their own.
             let size = spec.as_ref().map_or(p.slots.len(), |s| s.size.count());
@@ -846,6 +952,12 @@ impl Plan {
                     .as_ref()
                     .map_or(p.spec.clone(), |r| r.spec.clone())
             });
+            if let Some(run) = p.hook.running.take() {
+                self.out.actions.push(Action::StopHook {
+                    pool: p.name.clone(),
+                    generation: run.generation,
+                });
+            }
             p.rollout = Some(Rollout {
                 generation,
                 spec,
@@ -893,6 +1005,9 @@ impl Plan {
             immediate,
             workers: self.workers.len(),
         });
+        for pool in 0..self.pools.len() {
+            self.stop_hook(pool);
+        }
         for pool in &mut self.pools {
             pool.rollout = None;
             for slot in &mut pool.slots {
@@ -1316,7 +1431,11 @@ impl Plan {
             }
             self.pools[pool].started = true;
         }
+        self.run_hook_if_due(pool, now);
         let (target, spec) = self.pools[pool].spawn_target();
+        if !self.pools[pool].prepared(target, &spec) {
+            return;
+        }
         for slot in 0..self.pools[pool].slots.len() {
             let s = &self.pools[pool].slots[slot];
             let empty = s.current.is_none() && s.replacement.is_none();
@@ -1404,6 +1523,12 @@ impl Plan {
             return;
         }
         let p = &self.pools[pool];
+        if p.rollout
+            .as_ref()
+            .is_some_and(|r| !p.prepared(r.generation, &r.spec))
+        {
+            return;
+        }
         let size = p.slots.len();
         let (surge, unavailable) = p.spawn_target().1.rollout_budget(size);
         let mut alive = self.workers.values().filter(|w| w.pool == pool).count();
@@ -1479,6 +1604,122 @@ impl Plan {
             replaced: rollout.replaced,
             elapsed: now.saturating_duration_since(rollout.started),
         });
+    }
+
+    /// Runs the pool's `before_start` for the generation it moves to, when that generation
+    /// has one that has not passed and none runs: a rollout's at once (once the pools it is
+    /// `after` are not busy), the pool's own after its backoff.
+    fn run_hook_if_due(&mut self, pool: usize, now: Instant) {
+        let p = &self.pools[pool];
+        let (generation, spec) = p.newest();
+        if p.retired || p.hook.running.is_some() || p.prepared(generation, &spec) {
+            return;
+        }
+        let waits = match p.rollout {
+            Some(_) => self.dependency_busy(pool),
+            None => p.hook.retry_at.is_some_and(|at| at > now),
+        };
+        if waits {
+            return;
+        }
+        let p = &mut self.pools[pool];
+        p.hook.running = Some(HookRun {
+            generation,
+            started: now,
+            deadline: now + spec.before_start_timeout,
+        });
+        p.hook.retry_at = None;
+        self.out.actions.push(Action::RunHook {
+            pool: p.name.clone(),
+            generation,
+            spec,
+        });
+        self.out.notices.push(Notice::HookStarted {
+            pool: p.name.clone(),
+            generation,
+        });
+    }
+
+    fn on_hook_exited(
+        &mut self,
+        pool: &str,
+        generation: u64,
+        result: Result<(), String>,
+        now: Instant,
+    ) {
+        let Some(index) = self.pool_index(pool) else {
+            return;
+        };
+        let p = &mut self.pools[index];
+        // A run that was stopped (superseded, timed out, its pool removed) was dealt with then.
+        let Some(run) = p.hook.running.filter(|run| run.generation == generation) else {
+            return;
+        };
+        p.hook.running = None;
+        match result {
+            Ok(()) => {
+                p.hook.passed = p.hook.passed.max(generation);
+                p.hook.failures = 0;
+                p.hook.retry_at = None;
+                p.hook.last_error = None;
+                self.out.notices.push(Notice::HookFinished {
+                    pool: p.name.clone(),
+                    generation,
+                    elapsed: now.saturating_duration_since(run.started),
+                });
+            }
+            Err(why) => self.hook_failed(index, generation, why, now),
+        }
+    }
+
+    /// The pool's `before_start` failed for `generation`: a rollout to it stops (the old
+    /// workers serve on); while the pool's own generation cannot start either (its first
+    /// start), the command is run again after a backoff.
+    fn hook_failed(&mut self, pool: usize, generation: u64, why: String, now: Instant) {
+        let p = &mut self.pools[pool];
+        let aborted = p
+            .rollout
+            .take_if(|rollout| rollout.generation == generation);
+        p.hook.last_error = Some((generation, why.clone()));
+        let retry_in = if p.prepared(p.generation, &p.spec) {
+            None
+        } else {
+            p.hook.failures = p.hook.failures.saturating_add(1);
+            let delay = backoff(p.spec.restart_delay, p.hook.failures);
+            p.hook.retry_at = Some(now + delay);
+            Some(delay)
+        };
+        self.out.notices.push(Notice::HookFailed {
+            pool: p.name.clone(),
+            generation,
+            why: why.clone(),
+            failures: if retry_in.is_some() {
+                p.hook.failures
+            } else {
+                0
+            },
+            retry_in,
+        });
+        if let Some(rollout) = aborted {
+            self.out.notices.push(Notice::RolloutAborted {
+                pool: p.name.clone(),
+                generation,
+                replaced: rollout.replaced,
+                size: p.slots.len(),
+                why: format!("before_start failed: {why}"),
+            });
+        }
+    }
+
+    /// Kills the pool's `before_start` if one runs (the pool or everything stops).
+    fn stop_hook(&mut self, pool: usize) {
+        let p = &mut self.pools[pool];
+        if let Some(run) = p.hook.running.take() {
+            self.out.actions.push(Action::StopHook {
+                pool: p.name.clone(),
+                generation: run.generation,
+            });
+        }
     }
 
     fn spawn(&mut self, pool: usize, slot: usize, now: Instant) -> WorkerId {
@@ -1722,6 +1963,7 @@ impl Plan {
                             .collect()
                     },
                     done: pool.spec.oneshot && self.oneshot_done(index, pool.generation),
+                    before_start: pool.hook_status(now),
                 }
             })
             .collect()

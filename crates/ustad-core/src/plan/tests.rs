@@ -45,6 +45,10 @@ struct Sim {
     exited: bool,
     /// Per pool: the most workers alive at once.
     peak: BTreeMap<String, usize>,
+    /// `before_start` runs started (pool, generation), in order; the test ends each.
+    hooks: Vec<(String, u64)>,
+    /// `before_start` runs the plan had killed.
+    stopped_hooks: Vec<(String, u64)>,
 }
 
 impl Sim {
@@ -64,6 +68,8 @@ impl Sim {
             alive: BTreeMap::new(),
             exited: false,
             peak: BTreeMap::new(),
+            hooks: Vec::new(),
+            stopped_hooks: Vec::new(),
         };
         sim.apply(outcome);
         sim
@@ -97,6 +103,12 @@ impl Sim {
                     Action::Signal { id, signal, .. } => self.signals.push((id, signal)),
                     Action::Kill { id, .. } => self.kills.push(id),
                     Action::AskToStop { id } => self.asked.push(id),
+                    Action::RunHook {
+                        pool, generation, ..
+                    } => self.hooks.push((pool.to_string(), generation)),
+                    Action::StopHook { pool, generation } => {
+                        self.stopped_hooks.push((pool.to_string(), generation));
+                    }
                     Action::Exit => self.exited = true,
                 }
             }
@@ -1949,4 +1961,231 @@ fn an_outcome_tells_whether_its_event_was_refused() {
     );
     assert_eq!(accepted.refusal(), None);
     assert!(!accepted.actions.is_empty());
+}
+
+// ----- before_start --------------------------------------------------------------------------
+
+fn hooked(size: usize) -> PoolSpec {
+    let mut spec = pool(size, Readiness::Notify);
+    spec.before_start = Some(Command::new(["build"]).unwrap());
+    spec.before_start_timeout = 60 * S;
+    spec
+}
+
+impl Sim {
+    fn hook_exits(&mut self, pool: &str, generation: u64, result: Result<(), &str>) {
+        self.handle(Event::HookExited {
+            pool: pool.to_owned(),
+            generation,
+            result: result.map_err(str::to_owned),
+        });
+    }
+
+    fn hook_status(&self, pool: &str) -> Option<crate::status::HookStatus> {
+        let status = self.plan.status(self.now);
+        let pool = status.iter().find(|p| p.name == pool).expect("the pool");
+        pool.before_start.clone()
+    }
+}
+
+#[test]
+fn a_pool_with_before_start_starts_its_workers_once_it_exited_0() {
+    let mut sim = Sim::new(&config(&[
+        ("web", hooked(2)),
+        ("jobs", pool(1, Readiness::None)),
+    ]));
+    assert_eq!(sim.hooks, [("web".to_owned(), 1)]);
+    assert_eq!(
+        sim.workers("web"),
+        [],
+        "nothing starts before the command is done"
+    );
+    assert_eq!(sim.workers("jobs").len(), 1, "other pools do not wait");
+    assert!(sim.hook_status("web").unwrap().running_secs.is_some());
+
+    sim.advance(3 * S);
+    sim.hook_exits("web", 1, Ok(()));
+    let started: Vec<(usize, u64)> = sim.workers("web").iter().map(|w| (w.0, w.2)).collect();
+    assert_eq!(started, [(0, 1), (1, 1)]);
+    assert_eq!(sim.hook_status("web"), None);
+    assert_eq!(
+        sim.count(|n| matches!(n, Notice::HookFinished { generation: 1, elapsed, .. } if *elapsed == 3 * S)),
+        1
+    );
+
+    // A crash restarts the worker without running the command again: it ran for this generation.
+    let id = sim.workers("web")[0].1;
+    sim.ready(id);
+    sim.advance(10 * S);
+    sim.exit(id, ExitStatus::Code(1));
+    assert_eq!(sim.hooks.len(), 1);
+    assert_eq!(sim.workers("web").len(), 2);
+}
+
+#[test]
+fn a_failing_before_start_on_first_start_is_run_again_backing_off() {
+    let mut sim = Sim::new(&config(&[("web", hooked(1))]));
+    sim.hook_exits("web", 1, Err("exited with exit code 2"));
+    let delays: Vec<Option<Duration>> = sim
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::HookFailed { retry_in, .. } => Some(*retry_in),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays, [Some(S)]);
+    let status = sim.hook_status("web").unwrap();
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("exited with exit code 2")
+    );
+    assert_eq!((status.failures, status.running_secs), (1, None));
+    assert_eq!(status.next_attempt_secs, Some(1.0));
+
+    sim.advance(S - MS);
+    assert_eq!(sim.hooks.len(), 1, "not before its backoff");
+    sim.advance(MS);
+    assert_eq!(sim.hooks, [("web".to_owned(), 1), ("web".to_owned(), 1)]);
+    sim.hook_exits("web", 1, Err("exited with exit code 2"));
+    sim.advance(2 * S);
+    assert_eq!(sim.hooks.len(), 3, "the second failure waits twice as long");
+    assert_eq!(sim.workers("web"), []);
+
+    sim.hook_exits("web", 1, Ok(()));
+    assert_eq!(sim.workers("web").len(), 1);
+    assert_eq!(sim.hook_status("web"), None, "a success clears the failure");
+}
+
+#[test]
+fn a_rollout_waits_for_before_start_with_the_old_workers_serving_and_slots_refilled() {
+    let mut sim = Sim::new(&config(&[("web", hooked(2))]));
+    sim.hook_exits("web", 1, Ok(()));
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    sim.advance(10 * S);
+    rollout(&mut sim);
+    assert_eq!(sim.hooks.last(), Some(&("web".to_owned(), 2)));
+    assert!(
+        sim.starting().is_empty(),
+        "no replacement before the command is done"
+    );
+    assert!(sim.signals.is_empty());
+
+    // A worker that crashes meanwhile is replaced at once, by the running generation.
+    let crashed = sim.serving("web")[0];
+    sim.exit(crashed, ExitStatus::Signal(9));
+    let refill = sim.starting();
+    assert_eq!(refill.len(), 1);
+    assert_eq!(sim.plan.worker(refill[0]).unwrap().generation, 1);
+    sim.ready(refill[0]);
+
+    sim.hook_exits("web", 2, Ok(()));
+    finish(&mut sim);
+    let generations: Vec<u64> = sim.workers("web").iter().map(|w| w.2).collect();
+    assert_eq!(generations, [2, 2]);
+    assert_eq!(
+        sim.count(|n| matches!(n, Notice::RolloutFinished { generation: 2, .. })),
+        1
+    );
+    assert_eq!(
+        sim.peak["web"], 3,
+        "one replacement at a time, beside the old workers"
+    );
+}
+
+#[test]
+fn a_rollout_whose_before_start_fails_stops_and_the_old_workers_serve_on() {
+    let mut sim = Sim::new(&config(&[("web", hooked(2))]));
+    sim.hook_exits("web", 1, Ok(()));
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    let serving = sim.serving("web");
+    rollout(&mut sim);
+    sim.hook_exits("web", 2, Err("exited with exit code 1"));
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::RolloutAborted { generation: 2, replaced: 0, why, .. }
+            if why == "before_start failed: exited with exit code 1"
+    )));
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::HookFailed {
+            generation: 2,
+            retry_in: None,
+            ..
+        }
+    )));
+    assert!(sim.starting().is_empty() && sim.signals.is_empty());
+    assert_eq!(sim.serving("web"), serving);
+    sim.advance(60 * S);
+    assert_eq!(
+        sim.hooks.len(),
+        2,
+        "a rollout's command is not retried on its own"
+    );
+    let status = sim.hook_status("web").unwrap();
+    assert_eq!((status.generation, status.next_attempt_secs), (2, None));
+
+    // The next rollout runs it again, and goes through.
+    rollout(&mut sim);
+    assert_eq!(sim.hooks.last(), Some(&("web".to_owned(), 3)));
+    sim.hook_exits("web", 3, Ok(()));
+    finish(&mut sim);
+    let generations: Vec<u64> = sim.workers("web").iter().map(|w| w.2).collect();
+    assert_eq!(generations, [3, 3]);
+}
+
+#[test]
+fn a_before_start_that_runs_too_long_is_killed_and_fails() {
+    let mut spec = hooked(1);
+    spec.before_start_timeout = 30 * S;
+    let mut sim = Sim::new(&config(&[("web", spec)]));
+    sim.advance(30 * S - MS);
+    assert!(sim.stopped_hooks.is_empty());
+    sim.advance(MS);
+    assert_eq!(sim.stopped_hooks, [("web".to_owned(), 1)]);
+    assert!(sim.notices.iter().any(|n| matches!(
+        n,
+        Notice::HookFailed { why, retry_in: Some(_), .. } if why.contains("before_start_timeout (30s)")
+    )));
+    // Its exit, once killed, changes nothing: the failure was counted when it was killed.
+    sim.hook_exits("web", 1, Err("exited with SIGKILL"));
+    assert_eq!(sim.count(|n| matches!(n, Notice::HookFailed { .. })), 1);
+    assert_eq!(sim.workers("web"), []);
+}
+
+#[test]
+fn a_new_rollout_kills_the_before_start_of_the_one_it_supersedes() {
+    let mut sim = Sim::new(&config(&[("web", hooked(1))]));
+    sim.hook_exits("web", 1, Ok(()));
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    rollout(&mut sim);
+    rollout(&mut sim);
+    assert_eq!(sim.stopped_hooks, [("web".to_owned(), 2)]);
+    assert_eq!(sim.hooks.last(), Some(&("web".to_owned(), 3)));
+    // The killed run's end is stale; generation 3's success counts.
+    sim.hook_exits("web", 2, Err("exited with SIGKILL"));
+    assert_eq!(sim.count(|n| matches!(n, Notice::RolloutAborted { .. })), 0);
+    sim.hook_exits("web", 3, Ok(()));
+    finish(&mut sim);
+    let generations: Vec<u64> = sim.workers("web").iter().map(|w| w.2).collect();
+    assert_eq!(generations, [3]);
+}
+
+#[test]
+fn shutdown_kills_a_running_before_start_and_exits_without_waiting_for_it() {
+    let mut sim = Sim::new(&config(&[("web", hooked(1))]));
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: None,
+    });
+    assert_eq!(sim.stopped_hooks, [("web".to_owned(), 1)]);
+    assert!(sim.exited);
+    sim.hook_exits("web", 1, Err("exited with SIGKILL"));
+    assert_eq!(sim.workers("web"), []);
 }

@@ -197,6 +197,15 @@ pub enum Event {
         /// Bytes.
         rss: u64,
     },
+    /// A pool's `before_start` command ended (or could not be started).
+    HookExited {
+        /// The pool.
+        pool: String,
+        /// The generation it ran for.
+        generation: u64,
+        /// `Ok` when it exited 0, else what went wrong, for the log.
+        result: Result<(), String>,
+    },
 }
 
 /// Things the process layer must do, in order.
@@ -236,6 +245,24 @@ pub enum Action {
     AskToStop {
         /// Which worker.
         id: WorkerId,
+    },
+    /// Run a pool's `before_start` command for a generation (the answer is
+    /// [`Event::HookExited`]).
+    RunHook {
+        /// The pool.
+        pool: Arc<str>,
+        /// The generation it prepares.
+        generation: u64,
+        /// That generation's settings: the command, and how to run it.
+        spec: Arc<PoolSpec>,
+    },
+    /// Kill the process group of a pool's `before_start` command (its generation was
+    /// superseded, it ran too long, or everything stops). It is reported ended as usual.
+    StopHook {
+        /// The pool.
+        pool: Arc<str>,
+        /// The generation it ran for.
+        generation: u64,
     },
     /// Every worker has stopped after a shutdown: the primary may exit.
     Exit,
@@ -543,6 +570,36 @@ pub enum Notice {
         /// The generation that ran.
         generation: u64,
     },
+    /// A pool's `before_start` command started, for a generation.
+    HookStarted {
+        /// The pool.
+        pool: Arc<str>,
+        /// The generation it prepares.
+        generation: u64,
+    },
+    /// A pool's `before_start` command exited 0: that generation's workers may start.
+    HookFinished {
+        /// The pool.
+        pool: Arc<str>,
+        /// The generation it prepared.
+        generation: u64,
+        /// How long it ran.
+        elapsed: Duration,
+    },
+    /// A pool's `before_start` command failed. For a rollout, a
+    /// [`Notice::RolloutAborted`] follows; for a pool's first start, it is run again.
+    HookFailed {
+        /// The pool.
+        pool: Arc<str>,
+        /// The generation it was to prepare.
+        generation: u64,
+        /// What went wrong.
+        why: String,
+        /// Failures in a row, for a pool's first start (0 for a rollout's).
+        failures: u32,
+        /// When it runs again: for a pool's first start, not for a rollout.
+        retry_in: Option<Duration>,
+    },
     /// A pool's size changed.
     Scaled {
         /// The pool.
@@ -638,6 +695,9 @@ impl Notice {
             | Notice::Scaled { pool, .. }
             | Notice::Waiting { pool, .. }
             | Notice::PoolDone { pool, .. }
+            | Notice::HookStarted { pool, .. }
+            | Notice::HookFinished { pool, .. }
+            | Notice::HookFailed { pool, .. }
             | Notice::PoolAdded { pool, .. }
             | Notice::PoolRemoved { pool, .. } => Some(pool),
             _ => self.worker().map(|worker| &worker.pool),
@@ -664,6 +724,9 @@ impl Notice {
             Notice::Scaled { .. } => "scaled",
             Notice::Waiting { .. } => "waiting",
             Notice::PoolDone { .. } => "pool_done",
+            Notice::HookStarted { .. } => "before_start",
+            Notice::HookFinished { .. } => "before_start_done",
+            Notice::HookFailed { .. } => "before_start_failed",
             Notice::Status { .. } => "status",
             Notice::Refused { .. } => "refused",
             Notice::ShutdownStarted { .. } => "shutdown",
@@ -816,6 +879,40 @@ impl fmt::Display for Notice {
                 f,
                 "pool {pool} is done: every worker of generation {generation} exited 0"
             ),
+            Notice::HookStarted { pool, generation } => write!(
+                f,
+                "pool {pool}: running before_start for generation {generation}; its workers start once it exits 0"
+            ),
+            Notice::HookFinished {
+                pool,
+                generation,
+                elapsed,
+            } => write!(
+                f,
+                "pool {pool}: before_start for generation {generation} succeeded in {}",
+                d(elapsed)
+            ),
+            Notice::HookFailed {
+                pool,
+                generation,
+                why,
+                failures,
+                retry_in,
+            } => {
+                write!(
+                    f,
+                    "pool {pool}: before_start for generation {generation} failed: {why}"
+                )?;
+                match retry_in {
+                    Some(delay) => write!(
+                        f,
+                        "; {failures} failure{} in a row, running it again in {}",
+                        plural(*failures as usize),
+                        d(delay)
+                    ),
+                    None => f.write_str("; its workers do not start"),
+                }
+            }
             Notice::Scaled { pool, from, to } => {
                 write!(f, "pool {pool} scaled from {from} to {to}")
             }

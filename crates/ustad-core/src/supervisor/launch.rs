@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use tracing::error;
 
-use super::Supervisor;
 use super::link;
 use super::listen_watch::Expected;
+use super::{Ended, Supervisor};
 use crate::config::{IpcSpec, OutputTarget, PoolSpec, Readiness};
 use crate::ipc::Outbox;
-use crate::output::LogFile;
+use crate::output::{LogFile, Source};
 use crate::plan::{Event, ExitStatus, WorkerId, WorkerRef};
 use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
 
@@ -42,9 +42,8 @@ impl Supervisor {
             }
         };
         let launch = WorkerLaunch {
-            id,
+            worker: Some((id, slot)),
             pool,
-            slot,
             generation,
             spec,
             sockets: self.listeners.fds(&spec.sockets, pool, slot),
@@ -77,9 +76,11 @@ impl Supervisor {
             _ => None,
         };
         self.output.attach(
-            pool,
-            slot,
-            id.0,
+            Source::Worker {
+                pool,
+                slot,
+                id: id.0,
+            },
             (
                 output_pipe(child.stdout.take().map(|p| p.into_owned_fd())),
                 log_file(stdout),
@@ -182,7 +183,7 @@ impl Supervisor {
                     ExitStatus::Code(-1)
                 }
             };
-            let _ = exits.send((id, status));
+            let _ = exits.send(Ended::Worker(id, status));
         });
     }
 }

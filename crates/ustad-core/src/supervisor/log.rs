@@ -189,6 +189,35 @@ pub(crate) fn notice(notice: &Notice) {
             let pool = pool.to_string();
             info!(event, pool, generation, "{notice}");
         }
+        Notice::HookStarted { pool, generation } => {
+            let pool = pool.to_string();
+            info!(event, pool, generation, "{notice}");
+        }
+        Notice::HookFinished {
+            pool,
+            generation,
+            elapsed,
+        } => {
+            let pool = pool.to_string();
+            info!(
+                event,
+                pool,
+                generation,
+                elapsed_ms = ms(*elapsed),
+                "{notice}"
+            );
+        }
+        Notice::HookFailed {
+            pool,
+            generation,
+            why,
+            failures,
+            retry_in,
+        } => {
+            let pool = pool.to_string();
+            let delay_ms = retry_in.map(ms);
+            error!(event, pool, generation, why = %why, failures, delay_ms, "{notice}");
+        }
         Notice::Status {
             worker,
             text,

@@ -6,13 +6,14 @@
 //!
 //! Here: the loop, and the dispatch of what it hears to the plan and back. Beside it, a room
 //! per concern: `setup` (what is bound and started before the loop, in order), `launch`
-//! (starting a worker), `notify` (datagrams from workers), `process_groups` (what is left of
+//! (starting a worker), `hooks` (pools' `before_start` commands), `notify` (datagrams from workers), `process_groups` (what is left of
 //! workers: lingering groups, adopted orphans, the guard), `usage` (CPU and memory, status),
 //! `control` (clients), `reload`, `round_robin` (the acceptor of `round-robin` sockets) and
 //! `link` (the Rust library's side).
 
 mod control;
 mod guard;
+mod hooks;
 mod launch;
 mod link;
 mod listen_watch;
@@ -92,7 +93,12 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
             }
         };
         tokio::select! {
-            Some((id, status)) = exited.recv() => supervisor.on_exit(id, status),
+            Some(ended) = exited.recv() => match ended {
+                Ended::Worker(id, status) => supervisor.on_exit(id, status),
+                Ended::Hook { pool, generation, pid, status } => {
+                    supervisor.on_hook_exit(pool, generation, pid, status);
+                }
+            },
             _ = signals.interrupt.recv() => supervisor.on_stop_signal("SIGINT"),
             _ = signals.terminate.recv() => supervisor.on_stop_signal("SIGTERM"),
             _ = signals.hangup.recv() => supervisor.on_hangup(),
@@ -157,8 +163,10 @@ struct Supervisor {
     listeners: Listeners,
     notify: NotifySocket,
     output: OutputRelay,
-    /// Where each worker's exit-watching task reports.
-    exits: mpsc::UnboundedSender<(WorkerId, ExitStatus)>,
+    /// Where each child's exit-watching task reports.
+    exits: mpsc::UnboundedSender<Ended>,
+    /// Pools' `before_start` commands that run.
+    hooks: hooks::Running,
     /// Process groups of exited workers whose other members have until a deadline.
     lingering: Vec<Lingering>,
     logbook: LogBook,
@@ -192,6 +200,19 @@ struct Supervisor {
     rejections: notify::RateLimit,
     /// Starting workers of `ready = "listening"` pools, until they are seen listening.
     listen_watch: listen_watch::ListenWatch,
+}
+
+/// A child the loop waits for ended.
+enum Ended {
+    /// A worker.
+    Worker(WorkerId, ExitStatus),
+    /// A pool's `before_start` command, run for a generation.
+    Hook {
+        pool: Arc<str>,
+        generation: u64,
+        pid: u32,
+        status: ExitStatus,
+    },
 }
 
 impl Supervisor {
@@ -281,6 +302,16 @@ impl Supervisor {
                         }
                     }
                     Action::Kill { pid, .. } => signal_group(pid, Signal::KILL),
+                    Action::RunHook {
+                        pool,
+                        generation,
+                        spec,
+                    } => {
+                        if let Some(event) = self.run_hook(&pool, generation, &spec) {
+                            queue.push_back(self.plan.handle(event, Instant::now()));
+                        }
+                    }
+                    Action::StopHook { pool, generation } => self.stop_hook(&pool, generation),
                     Action::Exit => self.finished = true,
                 }
             }

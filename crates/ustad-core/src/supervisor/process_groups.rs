@@ -143,11 +143,15 @@ impl Supervisor {
         self.guard.as_ref().is_some_and(|guard| guard.pid() == pid)
     }
 
-    /// Reaps zombies among this process's children that are not workers: processes adopted
-    /// as a subreaper (or as PID 1). Workers are reaped by their own tasks.
+    fn is_hook(&self, pid: u32) -> bool {
+        self.hooks.values().any(|&(_, hook)| hook == pid)
+    }
+
+    /// Reaps zombies among this process's children that are not workers, hooks or the guard:
+    /// processes adopted as a subreaper (or as PID 1). The others are reaped by their own tasks.
     pub(super) fn reap_adopted(&self) {
         for pid in procfs::own_children() {
-            if self.plan.worker_by_pid(pid).is_some() || self.is_guard(pid) {
+            if self.plan.worker_by_pid(pid).is_some() || self.is_guard(pid) || self.is_hook(pid) {
                 continue;
             }
             if procfs::stat(pid).is_some_and(|stat| stat.state == 'Z') {
@@ -165,7 +169,7 @@ impl Supervisor {
     pub(super) async fn kill_adopted_orphans(&self) {
         let orphans: Vec<u32> = procfs::own_children()
             .into_iter()
-            .filter(|pid| !self.is_guard(*pid))
+            .filter(|pid| !self.is_guard(*pid) && !self.is_hook(*pid))
             .filter(|pid| procfs::stat(*pid).is_some_and(|s| s.state != 'Z'))
             .collect();
         if orphans.is_empty() {

@@ -15,20 +15,20 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-use super::Supervisor;
 use super::guard::Guard;
 use super::link::{Lifecycle, Link};
 use super::notify::RateLimit;
 use super::process_groups::enable_subreaper;
 use super::round_robin::RoundRobinAcceptor;
 use super::usage::Usage;
+use super::{Ended, Supervisor};
 use crate::config::{Config, ConfigError, Problem};
 use crate::control::server::{Call, ControlServer};
 use crate::ipc::Kind;
 use crate::logbook::LogBook;
 use crate::notify::NotifySocket;
 use crate::output::{OutputRelay, OutputStyle};
-use crate::plan::{ExitStatus, Plan, WorkerId};
+use crate::plan::{Plan, WorkerId};
 use crate::sockets::{BindError, Listeners};
 use crate::status::ClusterStatus;
 
@@ -121,8 +121,8 @@ pub enum SupervisorError {
 /// when the cluster has stopped.
 pub(super) struct Inputs {
     pub(super) signals: Signals,
-    /// Workers' exits, from the task that waits for each.
-    pub(super) exited: mpsc::UnboundedReceiver<(WorkerId, ExitStatus)>,
+    /// Workers' and `before_start` commands' exits, from the task that waits for each.
+    pub(super) exited: mpsc::UnboundedReceiver<Ended>,
     /// Requests of control clients.
     pub(super) calls: mpsc::Receiver<Call>,
     /// Requests of the embedding program (Rust library).
@@ -234,6 +234,7 @@ pub(super) fn start(
         aborted: Vec::new(),
         retired_sockets: Vec::new(),
         exits,
+        hooks: Default::default(),
         lingering: Vec::new(),
         guard,
         guard_cleanup,
