@@ -50,6 +50,8 @@ enum Setting {
     Group(String),
     After(Vec<String>),
     Oneshot,
+    BeforeStart(ustad_core::config::Command),
+    BeforeStartTimeout(Duration),
 }
 
 impl Pool {
@@ -145,6 +147,26 @@ impl Pool {
     /// restarted after that; one that fails is tried again, backing off.
     pub fn oneshot(self) -> Pool {
         self.with(Setting::Oneshot)
+    }
+
+    /// Runs this command before each generation of the pool starts (the first start, every
+    /// rolling restart), e.g. a build: the workers start once it exits 0; a rolling restart
+    /// whose command fails stops, and the old workers serve on. It runs in the pool's `cwd`
+    /// with its environment, `USTAD_POOL` and `USTAD_GENERATION`.
+    pub fn before_start<S: Into<String>>(mut self, words: impl IntoIterator<Item = S>) -> Pool {
+        match ustad_core::config::Command::new(words.into_iter().map(Into::into)) {
+            Ok(command) => self.with(Setting::BeforeStart(command)),
+            Err(error) => {
+                self.errors.push(format!("before_start: {error}"));
+                self
+            }
+        }
+    }
+
+    /// How long the [`before_start`](Pool::before_start) command may run before its process
+    /// group is killed and it has failed [default: 5 min].
+    pub fn before_start_timeout(self, timeout: Duration) -> Pool {
+        self.with(Setting::BeforeStartTimeout(timeout))
     }
 
     /// Runs the pool's workers as this user (a name or a uid), with its groups (Node's `uid`);
@@ -359,6 +381,8 @@ impl Primary {
                     Setting::User(user) => spec.user = Some(user),
                     Setting::After(pools) => spec.after = pools,
                     Setting::Oneshot => spec.oneshot = true,
+                    Setting::BeforeStart(command) => spec.before_start = Some(command),
+                    Setting::BeforeStartTimeout(t) => spec.before_start_timeout = t,
                     Setting::Group(group) => spec.group = Some(group),
                     Setting::MaxUnavailable(budget) => spec.max_unavailable = Some(budget),
                 }

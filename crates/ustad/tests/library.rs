@@ -442,3 +442,44 @@ async fn round_robin_hands_long_lived_connections_evenly_to_every_worker() {
     }
     cluster.stop(Some(Duration::from_secs(5))).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_start_runs_before_the_first_workers_and_an_empty_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("prepared");
+    // The workers start only once the marker exists: each writes it into its `echo` answer.
+    let pool = Pool::new(2)
+        .command([example("pools").to_string_lossy().into_owned()])
+        .before_start([
+            "sh".to_owned(),
+            "-c".to_owned(),
+            format!("echo $USTAD_POOL $USTAD_GENERATION > {}", marker.display()),
+        ]);
+    let name = format!("ustad-library-before-start-{}", std::process::id());
+    let cluster = Primary::new()
+        .name(&name)
+        .pool("jobs", pool)
+        .start()
+        .expect("cluster starts");
+    let mut events = cluster.events().unwrap();
+    let mut ready = 0;
+    while ready < 2 {
+        match tokio::time::timeout(TIMEOUT, events.recv()).await {
+            Ok(Some(Event::Spawned(_))) => {
+                assert!(marker.exists(), "a worker started before before_start ran");
+            }
+            Ok(Some(Event::Ready(_))) => ready += 1,
+            Ok(Some(_)) => {}
+            other => panic!("workers did not get ready: {other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "jobs 1\n");
+    cluster.stop(Some(Duration::from_secs(5))).await.unwrap();
+
+    let error = Primary::new()
+        .name(&format!("{name}-empty"))
+        .pool("jobs", Pool::new(1).before_start(Vec::<String>::new()))
+        .start()
+        .unwrap_err();
+    assert!(error.to_string().contains("before_start"), "{error}");
+}
