@@ -310,6 +310,11 @@ pub(crate) struct PoolFlags {
     #[arg(long, value_name = "N")]
     pub(crate) log_keep: Option<u32>,
 
+    /// Relay at most LINES lines of each worker's output per DURATION (e.g. 10000/30s); the
+    /// rest are dropped and counted in one line [default: every line].
+    #[arg(long, value_name = "LINES/DURATION")]
+    pub(crate) log_rate_limit: Option<ustad_core::config::LogRateLimit>,
+
     /// Do not load ustad's preload library into the workers: a program that binds its own port
     /// then binds it for itself (and PORT is not set). By default, with --listen, a program
     /// that binds one of the addresses gets ustad's socket instead.
@@ -376,6 +381,7 @@ impl PoolFlags {
         note(self.stderr.is_some(), "--stderr");
         note(self.log_max_size.is_some(), "--log-max-size");
         note(self.log_keep.is_some(), "--log-keep");
+        note(self.log_rate_limit.is_some(), "--log-rate-limit");
         note(self.no_preload, "--no-preload");
         note(self.before_start.is_some(), "--before-start");
         note(

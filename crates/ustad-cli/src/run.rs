@@ -166,6 +166,7 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
         pool.stderr = target.clone();
     }
     pool.log_max_size = flags.log_max_size;
+    pool.log_rate_limit = flags.log_rate_limit;
     if let Some(keep) = flags.log_keep {
         pool.log_keep = keep;
     }

@@ -159,3 +159,45 @@ fn inherit_hands_the_primarys_stdout_to_the_worker() {
     assert_eq!(line, "straight from the worker", "no prefix: not relayed");
     run.stop();
 }
+
+#[test]
+fn a_worker_over_its_log_rate_limit_has_the_rest_dropped_and_counted() {
+    // 1,000 lines at once, then the worker exits (oneshot: not run again): its pipes close, so
+    // the count of what was dropped is written then.
+    let mut run = Run::with_config(
+        r#"
+[pools.chatty]
+command = ["sh", "-c", "seq 1 1000"]
+oneshot = true
+log_rate_limit = "100/1h"
+"#,
+    );
+    let suppressed = run
+        .cluster
+        .wait_event(|e| e.is("output_suppressed"), TIMEOUT);
+    assert_eq!(suppressed.u64("lines"), Some(900), "{suppressed}");
+    assert_eq!(suppressed.str("pool"), Some("chatty"));
+    // The relay keeps a line for `ustad logs` before it prints it, on the stream of the pipe
+    // that closed first.
+    let deadline = Instant::now() + TIMEOUT;
+    while !run
+        .cluster
+        .stdout_lines()
+        .iter()
+        .chain(&run.cluster.stderr_lines())
+        .any(|line| line.contains("900 lines dropped here"))
+    {
+        assert!(Instant::now() < deadline, "the count was never printed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let logs = run.client(&["logs", "chatty", "-n", "2000"]).ok();
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines.len(), 101, "{logs}");
+    assert!(lines[0].ends_with("| 1"), "{logs}");
+    assert!(lines[99].ends_with("| 100"), "{logs}");
+    assert!(
+        lines[100].ends_with("ustad: 900 lines dropped here (log_rate_limit 100/1h)"),
+        "{logs}"
+    );
+    run.stop();
+}

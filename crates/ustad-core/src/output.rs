@@ -6,14 +6,19 @@
 //! the workers block in `write` — backpressure, as with any pipe, instead of a buffer that
 //! grows until the machine swaps (PM2's daemon is known to reach gigabytes that way).
 //!
+//! A pool may bound how many lines of each worker are relayed (`log_rate_limit`, as journald's
+//! `RateLimitBurst` per `RateLimitIntervalSec`): lines beyond it in a window are dropped and
+//! counted, and the count is written as one line when the next window lets a line through or
+//! the worker's pipes close. Off by default: an app's own output is its log, every line kept.
+//!
 //! A worker that says an address is already in use (`EADDRINUSE`, "address already in use")
 //! gets the hint given for it logged once per pool (an `address_in_use` warning): what ustad
 //! holds and what to do (see [`crate::preload`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -22,6 +27,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter, Interest};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::config::LogRateLimit;
 use crate::control::protocol::LogLine;
 use crate::logbook::LogBook;
 
@@ -104,6 +110,98 @@ struct Prefix {
     /// What to log if the worker says an address is already in use, and whether its pool
     /// had it logged already.
     hint: Option<Arc<Hint>>,
+    /// The pool's `log_rate_limit`, counted over both of the worker's streams.
+    limit: Option<Mutex<RateWindow>>,
+}
+
+/// One worker's lines in the current window of its pool's `log_rate_limit`.
+#[derive(Debug)]
+struct RateWindow {
+    limit: LogRateLimit,
+    start: Instant,
+    relayed: u32,
+    /// Lines dropped in this window and earlier ones, not yet reported.
+    suppressed: u64,
+}
+
+/// What to do with a line under a rate limit.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Relay it.
+    Relay,
+    /// Relay it, after a line saying that this many were dropped before it.
+    RelayAfterSuppressed(u64),
+    /// Drop it.
+    Drop,
+}
+
+impl RateWindow {
+    fn new(limit: LogRateLimit, now: Instant) -> RateWindow {
+        RateWindow {
+            limit,
+            start: now,
+            relayed: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> Admit {
+        if now.saturating_duration_since(self.start) >= self.limit.per {
+            self.start = now;
+            self.relayed = 0;
+        }
+        if self.relayed >= self.limit.lines {
+            self.suppressed = self.suppressed.saturating_add(1);
+            return Admit::Drop;
+        }
+        self.relayed += 1;
+        match std::mem::take(&mut self.suppressed) {
+            0 => Admit::Relay,
+            dropped => Admit::RelayAfterSuppressed(dropped),
+        }
+    }
+
+    /// Lines dropped and not yet reported, now reported.
+    fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
+}
+
+impl Prefix {
+    fn admit(&self) -> Admit {
+        match &self.limit {
+            None => Admit::Relay,
+            Some(window) => window
+                .lock()
+                .map_or(Admit::Relay, |mut window| window.admit(Instant::now())),
+        }
+    }
+
+    fn take_suppressed(&self) -> u64 {
+        self.limit
+            .as_ref()
+            .and_then(|window| window.lock().ok().map(|mut w| w.take_suppressed()))
+            .unwrap_or(0)
+    }
+
+    /// The line that reports `dropped` lines, logged as an `output_suppressed` event too.
+    fn suppressed_line(&self, dropped: u64) -> Vec<u8> {
+        let limit = self
+            .limit
+            .as_ref()
+            .and_then(|window| window.lock().ok().map(|w| w.limit.to_string()))
+            .unwrap_or_default();
+        tracing::warn!(
+            event = "output_suppressed",
+            pool = self.pool,
+            slot = self.slot,
+            id = self.id,
+            lines = dropped,
+            "{}: {dropped} lines of output dropped (log_rate_limit {limit})",
+            self.name
+        );
+        format!("ustad: {dropped} lines dropped here (log_rate_limit {limit})").into_bytes()
+    }
 }
 
 /// The relay: one writer task, and two reader tasks per worker.
@@ -173,6 +271,7 @@ impl OutputRelay {
         (stdout, stdout_file): (Option<OwnedFd>, Option<LogFile>),
         (stderr, stderr_file): (Option<OwnedFd>, Option<LogFile>),
         hint: Option<String>,
+        rate_limit: Option<LogRateLimit>,
     ) {
         let (pool, slot, id, name) = match source {
             Source::Worker { pool, slot, id } => (pool, slot, id, format!("{pool}.{slot}")),
@@ -200,6 +299,7 @@ impl OutputRelay {
             slot,
             id,
             hint,
+            limit: rate_limit.map(|limit| Mutex::new(RateWindow::new(limit, Instant::now()))),
         });
         // Forget readers that are done, so the set does not grow with every restart.
         while self.readers.try_join_next().is_some() {}
@@ -263,24 +363,56 @@ async fn read_lines(
         }
         for text in lines.drain(..) {
             hint_if_address_in_use(&prefix, &text);
-            let line = Line {
-                stream,
-                file: file.clone(),
-                prefix: prefix.clone(),
-                text,
+            let dropped = match prefix.admit() {
+                Admit::Drop => continue,
+                Admit::Relay => None,
+                Admit::RelayAfterSuppressed(dropped) => Some(dropped),
             };
-            if queue.send(Relayed::Line(line)).await.is_err() {
+            let line = |text| {
+                Relayed::Line(Line {
+                    stream,
+                    file: file.clone(),
+                    prefix: prefix.clone(),
+                    text,
+                })
+            };
+            if let Some(dropped) = dropped {
+                if queue
+                    .send(line(prefix.suppressed_line(dropped)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if queue.send(line(text)).await.is_err() {
                 return;
             }
         }
     }
+    let mut last = Vec::new();
     if !partial.is_empty() {
         hint_if_address_in_use(&prefix, &partial);
+        match prefix.admit() {
+            Admit::Drop => {}
+            Admit::Relay => last.push(partial),
+            Admit::RelayAfterSuppressed(dropped) => {
+                last.push(prefix.suppressed_line(dropped));
+                last.push(partial);
+            }
+        }
+    }
+    // The worker's end: what it had dropped is said now rather than never.
+    match prefix.take_suppressed() {
+        0 => {}
+        dropped => last.push(prefix.suppressed_line(dropped)),
+    }
+    for text in last {
         let line = Line {
             stream,
-            file,
-            prefix,
-            text: partial,
+            file: file.clone(),
+            prefix: prefix.clone(),
+            text,
         };
         let _ = queue.send(Relayed::Line(line)).await;
     }
@@ -568,6 +700,11 @@ mod tests {
 
     /// What the relay makes of `input` written to a real pipe, which is then closed.
     async fn relay(input: &[u8]) -> Vec<Vec<u8>> {
+        relay_limited(input, None).await
+    }
+
+    /// The same, under a rate limit.
+    async fn relay_limited(input: &[u8], limit: Option<LogRateLimit>) -> Vec<Vec<u8>> {
         let (read, writer) = filled_pipe(input);
         let (queue, mut lines) = mpsc::channel(1 << 16);
         let prefix = Arc::new(Prefix {
@@ -577,6 +714,7 @@ mod tests {
             slot: 0,
             id: 1,
             hint: None,
+            limit: limit.map(|limit| Mutex::new(RateWindow::new(limit, Instant::now()))),
         });
         read_lines(read, (Stream::Stdout, None), prefix, queue).await;
         writer.join().unwrap();
@@ -594,6 +732,50 @@ mod tests {
         assert_eq!(
             relay(b"one\ntwo\nthree").await,
             [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_rate_window_relays_its_lines_then_counts_the_dropped_until_the_next_window() {
+        let start = Instant::now();
+        let limit = LogRateLimit {
+            lines: 2,
+            per: Duration::from_secs(10),
+        };
+        let mut window = RateWindow::new(limit, start);
+        let at = |secs| start + Duration::from_secs(secs);
+        assert_eq!(window.admit(at(0)), Admit::Relay);
+        assert_eq!(window.admit(at(1)), Admit::Relay);
+        assert_eq!(window.admit(at(2)), Admit::Drop);
+        assert_eq!(window.admit(at(9)), Admit::Drop);
+        // The next window lets lines through, the first one after the count of the dropped.
+        assert_eq!(window.admit(at(10)), Admit::RelayAfterSuppressed(2));
+        assert_eq!(window.admit(at(11)), Admit::Relay);
+        assert_eq!(window.admit(at(12)), Admit::Drop);
+        assert_eq!(window.take_suppressed(), 1);
+        assert_eq!(window.take_suppressed(), 0, "reported once");
+    }
+
+    #[tokio::test]
+    async fn a_worker_over_its_rate_limit_has_the_rest_counted_in_one_line_at_its_end() {
+        let input: String = (1..=10).map(|n| format!("line {n}\n")).collect();
+        let limit = LogRateLimit {
+            lines: 3,
+            per: Duration::from_secs(3600),
+        };
+        let out = relay_limited(input.as_bytes(), Some(limit)).await;
+        let out: Vec<String> = out
+            .into_iter()
+            .map(|line| String::from_utf8(line).unwrap())
+            .collect();
+        assert_eq!(
+            out,
+            [
+                "line 1",
+                "line 2",
+                "line 3",
+                "ustad: 7 lines dropped here (log_rate_limit 3/1h)"
+            ]
         );
     }
 
@@ -660,6 +842,7 @@ mod tests {
             slot: 0,
             id: 1,
             hint: None,
+            limit: None,
         });
         let reader = tokio::spawn(read_lines(read, (Stream::Stdout, None), prefix, queue));
         let text = |relayed: Option<Relayed>| match relayed {
@@ -704,6 +887,7 @@ mod tests {
             slot: 2,
             id: 7,
             hint: None,
+            limit: None,
         };
         assert_eq!(format_line(&prefix, 7, false, b"hi\r"), b"web.2   | hi\n");
         assert_eq!(
@@ -732,6 +916,7 @@ mod tests {
             slot: 1,
             id: 4,
             hint: None,
+            limit: None,
         });
         let (stdout, out_writer) = filled_pipe(b"to stdout\n");
         read_lines(

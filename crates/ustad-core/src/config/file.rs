@@ -10,8 +10,8 @@ use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;
 
 use super::value::{
-    Budget, ByteSize, Command, DurationValue, IpcProtocol, ListenAddr, OutputTarget, Readiness,
-    Signal, Size, SocketMode,
+    Budget, ByteSize, Command, DurationValue, IpcProtocol, ListenAddr, LogRateLimit, OutputTarget,
+    Readiness, Signal, Size, SocketMode,
 };
 use super::{
     Config, ConfigError, DEFAULT_BACKLOG, Diagnostic, IpcSpec, Location, PoolSpec, SocketSpec,
@@ -82,6 +82,7 @@ struct RawPool {
     stderr: Option<Spanned<OutputTarget>>,
     log_max_size: Option<Spanned<ByteSize>>,
     log_keep: Option<u32>,
+    log_rate_limit: Option<Spanned<LogRateLimit>>,
     max_memory: Option<ByteSize>,
     watchdog: Option<Spanned<DurationValue>>,
     ipc: Option<Spanned<IpcProtocol>>,
@@ -345,6 +346,10 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
         if let Some(size) = pool.log_max_size {
             spans.insert(field("log_max_size"), size.span());
             spec.log_max_size = Some(size.into_inner());
+        }
+        if let Some(limit) = pool.log_rate_limit {
+            spans.insert(field("log_rate_limit"), limit.span());
+            spec.log_rate_limit = Some(limit.into_inner());
         }
         if let Some(keep) = pool.log_keep {
             spec.log_keep = keep;
@@ -702,5 +707,28 @@ size = "auto"
             error.contains(":4:24: before_start_timeout must be longer than 0s"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_log_rate_limit_is_lines_per_window() {
+        let config =
+            load("[pools.web]\ncommand = \"app\"\nlog_rate_limit = \"10000/30s\"\n").unwrap();
+        let limit = config.pools["web"].log_rate_limit.unwrap();
+        assert_eq!(
+            (limit.lines, limit.per),
+            (10_000, std::time::Duration::from_secs(30))
+        );
+        for (text, says) in [
+            ("\"fast\"", "expected LINES/DURATION"),
+            ("\"0/1s\"", "relays no line at all"),
+            ("\"10/0s\"", "longer than 0s"),
+            ("\"10/soon\"", "invalid duration"),
+        ] {
+            let error = load(&format!(
+                "[pools.web]\ncommand = \"app\"\nlog_rate_limit = {text}\n"
+            ))
+            .unwrap_err();
+            assert!(error.contains(":3:18:") && error.contains(says), "{error}");
+        }
     }
 }

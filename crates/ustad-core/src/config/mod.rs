@@ -21,8 +21,8 @@ use indexmap::IndexMap;
 
 pub use error::{ConfigError, Diagnostic};
 pub use value::{
-    Budget, ByteSize, Command, IpcProtocol, ListenAddr, OutputTarget, Readiness, Signal, Size,
-    SocketMode,
+    Budget, ByteSize, Command, IpcProtocol, ListenAddr, LogRateLimit, OutputTarget, Readiness,
+    Signal, Size, SocketMode,
 };
 
 /// Default `kill_timeout`: how long a worker may take to stop before it is killed.
@@ -141,6 +141,9 @@ pub struct PoolSpec {
     pub log_max_size: Option<ByteSize>,
     /// Rotated files kept (`app.log.1` … `app.log.N`).
     pub log_keep: u32,
+    /// At most this many lines of each worker's relayed output (or `file:`) per window; the
+    /// others are dropped and counted in one `suppressed` line. `None`: every line.
+    pub log_rate_limit: Option<LogRateLimit>,
     /// Replace a worker (rolling) whose process group's RSS stays above this.
     pub max_memory: Option<ByteSize>,
     /// A worker must send `WATCHDOG=1` at least this often (it gets `WATCHDOG_USEC`), else it
@@ -213,6 +216,7 @@ impl PoolSpec {
             stderr: OutputTarget::Relay,
             log_max_size: None,
             log_keep: DEFAULT_LOG_KEEP,
+            log_rate_limit: None,
             max_memory: None,
             watchdog: None,
             ipc: None,

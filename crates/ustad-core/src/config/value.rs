@@ -462,6 +462,46 @@ impl FromStr for OutputTarget {
     }
 }
 
+/// At most `lines` lines of a worker's output relayed `per` window (journald's
+/// `RateLimitBurst`/`RateLimitIntervalSec`): written `"10000/30s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRateLimit {
+    /// Lines relayed in one window.
+    pub lines: u32,
+    /// The window.
+    pub per: Duration,
+}
+
+impl fmt::Display for LogRateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.lines, format_duration(self.per))
+    }
+}
+
+impl FromStr for LogRateLimit {
+    type Err = String;
+    fn from_str(text: &str) -> Result<LogRateLimit, String> {
+        let invalid = || {
+            format!("invalid log rate limit `{text}`: expected LINES/DURATION, like \"10000/30s\"")
+        };
+        let (lines, per) = text.trim().split_once('/').ok_or_else(invalid)?;
+        let lines: u32 = lines.trim().parse().map_err(|_| invalid())?;
+        let per = parse_duration(per).map_err(|why| format!("{}: {why}", invalid()))?;
+        if lines == 0 {
+            return Err(format!(
+                "log rate limit `{text}` relays no line at all; use stdout = \"null\" for that"
+            ));
+        }
+        if per.is_zero() {
+            return Err(format!(
+                "log rate limit `{text}` needs a window longer than 0s"
+            ));
+        }
+        check_duration(per).map_err(|why| format!("log rate limit `{text}`: {why}"))?;
+        Ok(LogRateLimit { lines, per })
+    }
+}
+
 /// What a pool's message channel speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IpcProtocol {
@@ -756,6 +796,7 @@ deserialize_from_str! {
     SocketMode => "\"shared\", \"reuseport\" or \"round-robin\"",
     Signal => "a signal name string like \"SIGTERM\"",
     ByteSize => "an amount of memory string like \"512MiB\"",
+    LogRateLimit => "a rate string like \"10000/30s\"",
 }
 
 #[cfg(test)]

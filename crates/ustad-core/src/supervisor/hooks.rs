@@ -64,6 +64,7 @@ impl Supervisor {
                 log_file(stderr),
             ),
             None,
+            spec.log_rate_limit,
         );
         if let Some(guard) = &mut self.guard {
             guard.watch(pid);

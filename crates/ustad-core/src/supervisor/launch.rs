@@ -90,6 +90,7 @@ impl Supervisor {
                 log_file(stderr),
             ),
             Some(hint),
+            spec.log_rate_limit,
         );
         let worker = WorkerRef {
             pool: Arc::from(pool),
