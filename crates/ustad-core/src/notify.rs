@@ -9,16 +9,13 @@
 //! (oversized ones are truncated by the kernel and rejected), file descriptors passed along are
 //! closed at once, and anything that is not `KEY=VALUE` lines of UTF-8 is rejected whole.
 
-use std::io::{self, IoSliceMut};
-use std::mem::MaybeUninit;
+use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
-use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, recvmsg, sockopt,
-};
+use rustix::net::sockopt;
 use tokio::io::Interest;
 use ustad_proto::notify as sd;
 
@@ -26,14 +23,12 @@ use crate::plan::WorkerMessage;
 
 /// The largest datagram accepted, as systemd's `NOTIFY_BUFFER_MAX`.
 pub const MAX_DATAGRAM: usize = 4096;
-/// File descriptors accepted (and closed) along with one datagram; more are discarded by the
-/// kernel.
-const MAX_FDS: usize = 16;
 
 /// One datagram, as received.
 #[derive(Debug)]
 pub struct Datagram {
-    /// The sender's pid, from the kernel (absent only if credentials were not passed).
+    /// The sender's pid, from the kernel (absent if credentials were not passed, or the sender
+    /// is outside the primary's pid namespace).
     pub pid: Option<u32>,
     /// What it said, or why it was rejected.
     pub content: Result<Vec<WorkerMessage>, String>,
@@ -104,36 +99,18 @@ impl NotifySocket {
 
 fn receive(socket: impl AsFd) -> io::Result<Datagram> {
     let mut buffer = [0u8; MAX_DATAGRAM];
-    let mut space =
-        [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(MAX_FDS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let message = recvmsg(
-        socket,
-        &mut [IoSliceMut::new(&mut buffer)],
-        &mut control,
-        RecvFlags::DONTWAIT | RecvFlags::TRUNC | RecvFlags::CMSG_CLOEXEC,
-    )?;
-    let mut pid = None;
-    let mut fds = 0usize;
-    for ancillary in control.drain() {
-        match ancillary {
-            RecvAncillaryMessage::ScmCredentials(credentials) => {
-                pid = u32::try_from(credentials.pid.as_raw_nonzero().get()).ok();
-            }
-            // Dropping the OwnedFds closes them: the primary keeps nothing a worker sends.
-            RecvAncillaryMessage::ScmRights(received) => fds += received.count(),
-            _ => {}
-        }
-    }
-    let truncated = message.flags.contains(ReturnFlags::TRUNC) || message.bytes > buffer.len();
-    let content = if truncated {
+    let received = crate::sys::recv_datagram(socket.as_fd(), &mut buffer)?;
+    let content = if received.truncated {
         Err(format!("datagram larger than {MAX_DATAGRAM} bytes"))
-    } else if message.flags.contains(ReturnFlags::CTRUNC) || fds > 0 {
+    } else if received.control_truncated || received.fds > 0 {
         Err("datagram carried file descriptors (FDSTORE is not supported); closed them".to_owned())
     } else {
-        parse(&buffer[..message.bytes])
+        parse(&buffer[..received.len])
     };
-    Ok(Datagram { pid, content })
+    Ok(Datagram {
+        pid: received.pid,
+        content,
+    })
 }
 
 /// Keys of the sd_notify protocol that ustad accepts and has no use for.
@@ -247,6 +224,7 @@ fn shorten(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::mem::MaybeUninit;
 
     #[test]
     fn the_protocol_lines_ustad_understands() {
@@ -342,7 +320,11 @@ mod tests {
             rustix::net::SendFlags::empty(),
         )
         .unwrap();
+        let open_before = std::fs::read_dir("/proc/self/fd").unwrap().count();
         let datagram = socket.recv().await.unwrap();
         assert!(datagram.content.unwrap_err().contains("file descriptors"));
+        assert_eq!(datagram.pid, Some(std::process::id()));
+        let open_after = std::fs::read_dir("/proc/self/fd").unwrap().count();
+        assert_eq!(open_after, open_before, "the fd received was closed");
     }
 }

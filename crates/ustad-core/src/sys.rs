@@ -1,8 +1,9 @@
 //! Every `unsafe` block of the engine: what runs in a worker between `fork` and `exec`, and the
 //! calls std, rustix and tokio have no safe form for here: taking ownership of the fds a
 //! service manager passed to the primary ([`take_listen_fds`]), reading `CLOCK_MONOTONIC`
-//! ([`monotonic_usec`]), and registering an fd with the reactor for one direction only
-//! ([`register_fd`]).
+//! ([`monotonic_usec`]), registering an fd with the reactor for one direction only
+//! ([`register_fd`]), and reading a notify datagram's credentials, whose pid may be 0
+//! ([`recv_datagram`]).
 //!
 //! Between `fork` and `exec` the child is a copy of a possibly multi-threaded process: it may
 //! only make async-signal-safe calls. Nothing here allocates, locks or logs after the fork.
@@ -423,6 +424,107 @@ pub(crate) fn monotonic_usec() -> u64 {
     let secs = u64::try_from(now.tv_sec).unwrap_or(0);
     let micros = u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000;
     secs.saturating_mul(1_000_000).saturating_add(micros)
+}
+
+/// A datagram received with its ancillary data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReceivedDatagram {
+    /// Its length, which is more than the buffer when it was truncated.
+    pub(crate) len: usize,
+    /// It did not fit in the buffer.
+    pub(crate) truncated: bool,
+    /// Ancillary data did not fit (more fds than [`DATAGRAM_MAX_FDS`]).
+    pub(crate) control_truncated: bool,
+    /// The sender's pid, as the kernel stamped it (`SO_PASSCRED`): `None` when it did not,
+    /// or said 0 (a sender outside this process's pid namespace).
+    pub(crate) pid: Option<u32>,
+    /// File descriptors that came along, all closed already.
+    pub(crate) fds: usize,
+}
+
+/// File descriptors read (and closed) along with one datagram; more are dropped by the kernel.
+pub(crate) const DATAGRAM_MAX_FDS: usize = 16;
+
+/// Room for one `SCM_CREDENTIALS` and one `SCM_RIGHTS` of [`DATAGRAM_MAX_FDS`] fds, in 8-byte
+/// words (so that the buffer is aligned for `cmsghdr`).
+const DATAGRAM_CONTROL_WORDS: usize = {
+    // SAFETY: CMSG_SPACE is arithmetic on its argument only.
+    let bytes = unsafe {
+        libc::CMSG_SPACE(size_of::<libc::ucred>() as u32)
+            + libc::CMSG_SPACE((DATAGRAM_MAX_FDS * size_of::<libc::c_int>()) as u32)
+    };
+    (bytes as usize).div_ceil(8)
+};
+
+/// Receives one datagram without blocking, with the sender's credentials, closing any fds it
+/// carried. rustix reads `SCM_CREDENTIALS` into a `Pid` that may not be 0, while the kernel
+/// writes 0 for a sender outside the receiver's pid namespace: a process that can reach the
+/// socket from another namespace must not be able to make that value.
+pub(crate) fn recv_datagram(
+    socket: BorrowedFd<'_>,
+    buffer: &mut [u8],
+) -> io::Result<ReceivedDatagram> {
+    let mut control = [0u64; DATAGRAM_CONTROL_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    // SAFETY: msghdr is a plain C struct for which all zeroes is a valid value.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = size_of_val(&control);
+    // SAFETY: the msghdr points at `iov` (which points at `buffer`) and at `control`, all
+    // alive and exclusively borrowed for the call, with their true lengths.
+    let len = unsafe {
+        libc::recvmsg(
+            socket.as_raw_fd(),
+            &mut message,
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    let len = usize::try_from(len).map_err(|_| io::Error::last_os_error())?;
+    let mut received = ReceivedDatagram {
+        len,
+        truncated: message.msg_flags & libc::MSG_TRUNC != 0 || len > buffer.len(),
+        control_truncated: message.msg_flags & libc::MSG_CTRUNC != 0,
+        pid: None,
+        fds: 0,
+    };
+    // SAFETY: the CMSG macros walk the control buffer the kernel filled, bounded by the
+    // msg_controllen it set; each payload is read unaligned and only when its header says it
+    // is long enough. Every fd of an SCM_RIGHTS payload is a new fd the kernel installed for
+    // this call (close-on-exec), owned by nobody else, so it is closed exactly once here.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&message);
+        while !header.is_null() {
+            let (level, kind, total) = (
+                (*header).cmsg_level,
+                (*header).cmsg_type,
+                (*header).cmsg_len,
+            );
+            let payload = total.saturating_sub(libc::CMSG_LEN(0) as usize);
+            let data = libc::CMSG_DATA(header);
+            if level == libc::SOL_SOCKET {
+                if kind == libc::SCM_CREDENTIALS && payload >= size_of::<libc::ucred>() {
+                    let credentials = ptr::read_unaligned(data.cast::<libc::ucred>());
+                    received.pid = u32::try_from(credentials.pid).ok().filter(|pid| *pid > 0);
+                } else if kind == libc::SCM_RIGHTS {
+                    let count = payload / size_of::<libc::c_int>();
+                    for n in 0..count {
+                        let fd = ptr::read_unaligned(data.cast::<libc::c_int>().add(n));
+                        if fd >= 0 {
+                            drop(OwnedFd::from_raw_fd(fd));
+                        }
+                    }
+                    received.fds += count;
+                }
+            }
+            header = libc::CMSG_NXTHDR(&message, header);
+        }
+    }
+    Ok(received)
 }
 
 /// Registers `fd` with the current tokio runtime's reactor for `interest` only (tokio's own
