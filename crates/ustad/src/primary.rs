@@ -50,6 +50,7 @@ enum Setting {
     Group(String),
     After(Vec<String>),
     Oneshot,
+    LogRateLimit(ustad_core::config::LogRateLimit),
     BeforeStart(ustad_core::config::Command),
     BeforeStartTimeout(Duration),
 }
@@ -147,6 +148,15 @@ impl Pool {
     /// restarted after that; one that fails is tried again, backing off.
     pub fn oneshot(self) -> Pool {
         self.with(Setting::Oneshot)
+    }
+
+    /// Relays at most `lines` lines of each worker's output per `per` [default: every line];
+    /// the others are dropped, and counted in one line when the next one passes.
+    pub fn log_rate_limit(self, lines: u32, per: Duration) -> Pool {
+        self.with(Setting::LogRateLimit(ustad_core::config::LogRateLimit {
+            lines,
+            per,
+        }))
     }
 
     /// Runs this command before each generation of the pool starts (the first start, every
@@ -271,8 +281,8 @@ impl Pool {
         self.with(Setting::Watchdog(period))
     }
 
-    /// The largest message, in bytes of JSON, either side accepts [default: 1 MiB]. A worker
-    /// that sends a larger one is cut off and replaced.
+    /// The largest message, in bytes of JSON, either side accepts [default: 1 MiB; 1 to
+    /// 2^32 - 1]. A worker that sends a larger one is cut off and replaced.
     pub fn max_message(self, bytes: usize) -> Pool {
         self.with(Setting::MaxMessage(bytes))
     }
@@ -381,6 +391,7 @@ impl Primary {
                     Setting::User(user) => spec.user = Some(user),
                     Setting::After(pools) => spec.after = pools,
                     Setting::Oneshot => spec.oneshot = true,
+                    Setting::LogRateLimit(limit) => spec.log_rate_limit = Some(limit),
                     Setting::BeforeStart(command) => spec.before_start = Some(command),
                     Setting::BeforeStartTimeout(t) => spec.before_start_timeout = t,
                     Setting::Group(group) => spec.group = Some(group),

@@ -483,3 +483,19 @@ async fn before_start_runs_before_the_first_workers_and_an_empty_one_is_refused(
         .unwrap_err();
     assert!(error.to_string().contains("before_start"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_rate_limit_of_no_line_is_refused() {
+    let error = Primary::new()
+        .name(&format!("ustad-library-rate-{}", std::process::id()))
+        .pool(
+            "jobs",
+            Pool::new(1).log_rate_limit(0, Duration::from_secs(1)),
+        )
+        .start()
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("relays no line at all"),
+        "{error}"
+    );
+}

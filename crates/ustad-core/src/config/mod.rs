@@ -568,6 +568,12 @@ impl Config {
                     ),
                 );
             }
+            if let Some(limit) = pool.log_rate_limit {
+                // A file's text was checked as it was read; the library builds the value.
+                if let Err(why) = limit.to_string().parse::<LogRateLimit>() {
+                    problem(Location::PoolField(name.clone(), "log_rate_limit"), why);
+                }
+            }
             if pool.strict && (pool.max_surge.is_some() || pool.max_unavailable.is_some()) {
                 problem(
                     Location::PoolField(name.clone(), "strict"),
