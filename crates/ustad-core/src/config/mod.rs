@@ -9,6 +9,7 @@
 
 mod error;
 mod file;
+mod state;
 pub mod value;
 
 use std::collections::HashMap;
@@ -76,15 +77,18 @@ impl SocketSpec {
 }
 
 /// One pool: a command run as `size` interchangeable workers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolSpec {
     /// What each worker runs.
+    #[serde(with = "state::words")]
     pub command: Command,
     /// How many workers.
+    #[serde(with = "state::text")]
     pub size: Size,
     /// The sockets each worker receives, as fds 3, 4, … in this order.
     pub sockets: Vec<String>,
     /// When a new worker counts as ready.
+    #[serde(with = "state::text")]
     pub ready: Readiness,
     /// A worker not ready this long after it was spawned is killed (a failed start).
     pub ready_timeout: Duration,
@@ -108,6 +112,7 @@ pub struct PoolSpec {
     /// an asset build. Workers of that generation start once it exited 0; when it fails, a
     /// rollout is stopped (the old workers serve on) and a first start is tried again, backing
     /// off.
+    #[serde(with = "state::words_opt")]
     pub before_start: Option<Command>,
     /// How long `before_start` may run before its process group is killed (a failure).
     pub before_start_timeout: Duration,
@@ -117,8 +122,10 @@ pub struct PoolSpec {
     /// same as `max_surge = 0`, `max_unavailable = 1`.
     pub strict: bool,
     /// Replacements a rollout starts at once, beside the workers they replace (default 1).
+    #[serde(with = "state::text_opt")]
     pub max_surge: Option<Budget>,
     /// Slots a rollout may leave without a serving worker at once (default 0).
+    #[serde(with = "state::text_opt")]
     pub max_unavailable: Option<Budget>,
     /// How long a worker may take to stop after `stop_signal` before its group is killed.
     pub kill_timeout: Duration,
@@ -134,17 +141,22 @@ pub struct PoolSpec {
     /// Drop the workers' stdout and stderr instead of relaying them (both `null`).
     pub silent: bool,
     /// Where the workers' stdout goes.
+    #[serde(with = "state::text")]
     pub stdout: OutputTarget,
     /// Where the workers' stderr goes.
+    #[serde(with = "state::text")]
     pub stderr: OutputTarget,
     /// Rotate a `file:` output once it would grow past this.
+    #[serde(with = "state::bytes_opt")]
     pub log_max_size: Option<ByteSize>,
     /// Rotated files kept (`app.log.1` … `app.log.N`).
     pub log_keep: u32,
     /// At most this many lines of each worker's relayed output (or `file:`) per window; the
     /// others are dropped and counted in one `suppressed` line. `None`: every line.
+    #[serde(with = "state::text_opt")]
     pub log_rate_limit: Option<LogRateLimit>,
     /// Replace a worker (rolling) whose process group's RSS stays above this.
+    #[serde(with = "state::bytes_opt")]
     pub max_memory: Option<ByteSize>,
     /// A worker must send `WATCHDOG=1` at least this often (it gets `WATCHDOG_USEC`), else it
     /// is considered hung: killed with SIGABRT, then SIGKILL, and replaced.
@@ -161,9 +173,10 @@ pub struct PoolSpec {
 }
 
 /// A pool's message channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IpcSpec {
     /// What it speaks.
+    #[serde(with = "state::text")]
     pub protocol: IpcProtocol,
     /// The largest frame (or, for Node, line) either side accepts, in bytes.
     pub max_message: usize,

@@ -669,6 +669,14 @@ impl fmt::Display for Signal {
     }
 }
 
+/// Written as its number (as text, which [`FromStr`] reads back): a name is not known for every
+/// number.
+impl serde::Serialize for Signal {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
 impl FromStr for Signal {
     type Err = String;
     fn from_str(text: &str) -> Result<Signal, String> {

@@ -18,18 +18,24 @@
 //! - A worker that exits without being asked leaves its slot empty; the slot is refilled after
 //!   `restart_delay`, or after an exponential backoff when starts keep failing.
 
+mod snapshot;
 mod types;
 
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{Config, IpcProtocol, PoolSpec, Readiness, Signal};
 use crate::status;
+use snapshot::{mono, mono_opt, mono_with};
 
+pub use snapshot::{Clock, RestoreError, STATE_VERSION};
 pub use types::{
     Action, Event, ExitCause, ExitStatus, KillCause, Notice, RolloutTrigger, StopReason, WorkerId,
     WorkerMessage, WorkerRef,
@@ -46,18 +52,21 @@ pub const STATUS_LOG_INTERVAL: Duration = Duration::from_secs(3);
 const MIN_BACKOFF_STEP: Duration = Duration::from_millis(100);
 
 /// The state of one worker process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
     /// Spawned, not yet ready.
     Starting {
         /// When it is killed unless ready.
+        #[serde(with = "mono")]
         deadline: Instant,
         /// With `ready = "delay:…"`: when it becomes ready.
+        #[serde(with = "mono_opt")]
         ready_at: Option<Instant>,
     },
     /// Serving.
     Ready {
         /// Since when.
+        #[serde(with = "mono")]
         since: Instant,
     },
     /// Asked to stop (or killed); waiting for it to exit.
@@ -65,12 +74,13 @@ pub enum Phase {
         /// Why.
         reason: StopReason,
         /// When its process group gets SIGKILL; `None` once it has.
+        #[serde(with = "mono_opt")]
         kill_at: Option<Instant>,
     },
 }
 
 /// One worker, as the plan sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Worker {
     /// Its id.
     pub id: WorkerId,
@@ -83,10 +93,12 @@ pub struct Worker {
     /// Its pid (and process group id), once spawned.
     pub pid: Option<u32>,
     /// When it was spawned.
+    #[serde(with = "mono")]
     pub spawned_at: Instant,
     /// Where it is in its life.
     pub phase: Phase,
     /// When its `ttl` runs out.
+    #[serde(with = "mono_opt")]
     ttl_at: Option<Instant>,
     /// It sent `STOPPING=1`.
     announced_stop: bool,
@@ -95,20 +107,26 @@ pub struct Worker {
     /// Its last `STATUS=` text.
     pub status: Option<String>,
     /// When a change of its `STATUS=` was last logged, and how many since were not.
+    #[serde(with = "mono_with")]
     status_logged: Option<(Instant, u64)>,
     /// When it was first seen waiting for connections, and on which socket
     /// (`ready = "listening"`).
+    #[serde(with = "mono_with")]
     pub seen_listening: Option<(Instant, Arc<str>)>,
     /// The settings it was started with.
     spec: Arc<PoolSpec>,
     /// With a `watchdog`: when it is deemed hung unless it sends `WATCHDOG=1` first.
+    #[serde(with = "mono_opt")]
     watchdog_at: Option<Instant>,
     /// Its last sign of life: spawn, ready or `WATCHDOG=1`.
+    #[serde(with = "mono")]
     last_alive: Instant,
     /// Since when its memory has been above `max_memory`.
+    #[serde(with = "mono_opt")]
     over_memory_since: Option<Instant>,
     /// Stopping, told to stop over its channel (Node's `'shutdown'`): when its stop signal
     /// follows, and which.
+    #[serde(with = "mono_with")]
     signal_at: Option<(Instant, Signal)>,
 }
 
@@ -125,18 +143,19 @@ impl Worker {
 }
 
 /// How the last worker of a slot ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastExit {
     /// Its exit status.
     pub status: ExitStatus,
     /// Why.
     pub cause: ExitCause,
     /// When.
+    #[serde(with = "mono")]
     pub at: Instant,
 }
 
 /// One position in a pool.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Slot {
     /// The worker holding the slot (starting or ready).
     current: Option<WorkerId>,
@@ -147,6 +166,7 @@ struct Slot {
     /// Failed starts in a row.
     failures: u32,
     /// An empty slot is not refilled before this time.
+    #[serde(with = "mono_opt")]
     respawn_at: Option<Instant>,
     /// Workers of this slot that ended and were followed by another (crashes, replacements…).
     restarts: u32,
@@ -171,16 +191,17 @@ enum Role {
 }
 
 /// A rolling restart in progress.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Rollout {
     generation: u64,
     spec: Arc<PoolSpec>,
+    #[serde(with = "mono")]
     started: Instant,
     replaced: usize,
 }
 
 /// One pool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Pool {
     name: Arc<str>,
     /// The settings workers are (re)started with outside a rollout.
@@ -195,7 +216,7 @@ struct Pool {
     /// pool indices stay valid.
     retired: bool,
     /// Workers that ended and were replaced, by reason (`ExitCause::as_str`).
-    restarts: BTreeMap<&'static str, u64>,
+    restarts: BTreeMap<Cow<'static, str>, u64>,
     /// Ready workers that died lately, which are replaced at once within a budget.
     ready_deaths: ReadyDeaths,
     /// Its `after` pools were ready (or done) once: it started, and stays started.
@@ -210,7 +231,7 @@ struct Pool {
 
 /// Where a pool's `before_start` command stands. A generation whose settings have one starts
 /// no worker before it exited 0; a rollout waits for it with the old workers serving.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Hook {
     /// The newest generation it succeeded for (0: none yet).
     passed: u64,
@@ -219,16 +240,19 @@ struct Hook {
     /// Failures in a row for the pool's own generation (a first start; a rollout's failure
     /// stops the rollout instead), and when it runs again.
     failures: u32,
+    #[serde(with = "mono_opt")]
     retry_at: Option<Instant>,
     /// The generation it last failed for and why, for `status` (until it succeeds).
     last_error: Option<(u64, String)>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct HookRun {
     generation: u64,
+    #[serde(with = "mono")]
     started: Instant,
     /// Killed, and failed, past this (`before_start_timeout`).
+    #[serde(with = "mono")]
     deadline: Instant,
 }
 
@@ -238,8 +262,9 @@ struct HookRun {
 /// killer, chaos); beyond that the pool's workers die faster than they could be serving (a
 /// crash on the first request), and each further replacement waits a little: 100 ms, doubling,
 /// at most [`MAX_READY_DEATH_DELAY`], so the pool neither spins nor stays empty for long.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct ReadyDeaths {
+    #[serde(with = "mono_opt")]
     window_start: Option<Instant>,
     count: u32,
 }
@@ -365,7 +390,7 @@ impl Outcome {
 }
 
 /// The supervisor's state machine. See the [module docs](self).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pools: Vec<Pool>,
     workers: BTreeMap<WorkerId, Worker>,
@@ -375,6 +400,7 @@ pub struct Plan {
     shutdown_timeout: Option<Duration>,
     exited: bool,
     rng: u64,
+    #[serde(skip)]
     out: Outcome,
 }
 
@@ -1795,7 +1821,10 @@ impl Plan {
         ) && self.shutdown.is_none();
         let pool = &mut self.pools[worker.pool];
         if counted {
-            *pool.restarts.entry(cause.as_str()).or_default() += 1;
+            *pool
+                .restarts
+                .entry(Cow::Borrowed(cause.as_str()))
+                .or_default() += 1;
         }
         if let Some(slot) = pool.slots.get_mut(worker.slot) {
             slot.last_exit = Some(LastExit {
@@ -1950,7 +1979,7 @@ impl Plan {
                     restarts: pool
                         .restarts
                         .iter()
-                        .map(|(reason, n)| ((*reason).to_owned(), *n))
+                        .map(|(reason, n)| (reason.to_string(), *n))
                         .collect(),
                     workers,
                     waiting,

@@ -1676,7 +1676,7 @@ fn restarts_are_counted_per_slot_and_by_reason() {
     assert_eq!(
         pool.restarts
             .iter()
-            .map(|(k, v)| (*k, *v))
+            .map(|(k, v)| (k.as_ref(), *v))
             .collect::<Vec<_>>(),
         [("crash", 1), ("request", 1)]
     );
@@ -2188,4 +2188,257 @@ fn shutdown_kills_a_running_before_start_and_exits_without_waiting_for_it() {
     assert!(sim.exited);
     sim.hook_exits("web", 1, Err("exited with SIGKILL"));
     assert_eq!(sim.workers("web"), []);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan as a document (`snapshot`): what a new program reads back carries on exactly.
+
+/// A clock for documents written and read in one test: every instant reads back exactly.
+fn test_clock(sim: &Sim) -> Clock {
+    Clock::at(sim.now, 5_000_000_000_000)
+}
+
+/// Replaces the sim's plan by the one its document describes, after checking that the
+/// document reads back to itself.
+fn through_a_document(sim: &mut Sim) {
+    let clock = test_clock(sim);
+    let document = sim.plan.snapshot(clock).unwrap();
+    let restored = Plan::restore(&document, clock).unwrap();
+    assert_eq!(restored.snapshot(clock).unwrap(), document);
+    assert_eq!(restored.status(sim.now), sim.plan.status(sim.now));
+    sim.plan = restored;
+}
+
+/// A day in the life of two pools, calling `checkpoint` between steps: crashes and backoff,
+/// `before_start`, STATUS and watchdog, memory, a rollout caught half way, scaling, a ttl,
+/// and a graceful stop.
+fn a_busy_day(checkpoint: &mut dyn FnMut(&mut Sim)) -> Sim {
+    let mut web = hooked(3);
+    web.ttl = Some(600 * S);
+    web.watchdog = Some(2000 * S);
+    web.max_memory = Some(crate::config::ByteSize(1 << 20));
+    web.max_surge = Some(crate::config::Budget::Count(2));
+    let mut jobs = pool(2, Readiness::Notify);
+    jobs.after = vec!["web".to_owned()];
+    jobs.stop_signal = Signal::INT;
+    let mut sim = Sim::new(&config(&[("web", web), ("jobs", jobs)]));
+    checkpoint(&mut sim);
+    sim.hook_exits("web", 1, Ok(()));
+    checkpoint(&mut sim);
+    for id in sim.starting() {
+        sim.ready(id);
+        checkpoint(&mut sim);
+    }
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    checkpoint(&mut sim);
+    let web0 = sim.serving("web")[0];
+    sim.message(web0, WorkerMessage::Status("warming".to_owned()));
+    sim.message(web0, WorkerMessage::Watchdog);
+    sim.handle(Event::Memory {
+        id: web0,
+        rss: 2 << 20,
+    });
+    checkpoint(&mut sim);
+    sim.advance(4 * S);
+    checkpoint(&mut sim);
+    // Still above max_memory after its grace: replaced.
+    sim.handle(Event::Memory {
+        id: web0,
+        rss: 2 << 20,
+    });
+    checkpoint(&mut sim);
+    // Ready jobs die, faster than one per slot a second: the third one's replacement waits.
+    for _ in 0..3 {
+        let job = sim.serving("jobs")[0];
+        sim.exit(job, ExitStatus::Signal(9));
+        checkpoint(&mut sim);
+        for id in sim.starting() {
+            sim.ready(id);
+        }
+        checkpoint(&mut sim);
+    }
+    sim.advance(300 * MS);
+    checkpoint(&mut sim);
+    // A job that crashes before it is ready: a failed start, backing off.
+    let job = sim.serving("jobs")[0];
+    sim.exit(job, ExitStatus::Signal(9));
+    let starting = sim.starting();
+    sim.exit(starting[0], ExitStatus::Code(3));
+    checkpoint(&mut sim);
+    sim.advance(300 * MS);
+    checkpoint(&mut sim);
+    sim.advance(S);
+    for id in sim.starting() {
+        sim.ready(id);
+    }
+    checkpoint(&mut sim);
+    // A rollout, caught with its hook done and one batch ready.
+    rollout(&mut sim);
+    checkpoint(&mut sim);
+    sim.hook_exits("web", 2, Ok(()));
+    checkpoint(&mut sim);
+    let first = sim.starting();
+    sim.ready(first[0]);
+    checkpoint(&mut sim);
+    sim.exit_stopped();
+    checkpoint(&mut sim);
+    finish(&mut sim);
+    checkpoint(&mut sim);
+    sim.handle(Event::Scale {
+        pool: "jobs".to_owned(),
+        size: 1,
+    });
+    checkpoint(&mut sim);
+    sim.advance(3 * S);
+    sim.exit_stopped();
+    checkpoint(&mut sim);
+    for _ in 0..8 {
+        sim.advance(600 * S);
+        sim.exit_stopped();
+        for id in sim.starting() {
+            sim.ready(id);
+        }
+        checkpoint(&mut sim);
+    }
+    finish(&mut sim);
+    sim.handle(Event::Shutdown {
+        immediate: false,
+        timeout: None,
+    });
+    checkpoint(&mut sim);
+    sim.advance(S);
+    sim.exit_stopped();
+    checkpoint(&mut sim);
+    sim.advance(10 * S);
+    sim.exit_stopped();
+    sim
+}
+
+/// What a sim has done so far, at one moment: counts of what it saw, for comparing two runs
+/// step by step (a spawn or a signal that comes earlier in one shows at the next step). Times
+/// are since `start`, the moment its day began.
+fn trace(sim: &Sim, start: Instant) -> (Duration, usize, usize, usize, usize, Option<Duration>) {
+    (
+        sim.now - start,
+        sim.notices.len(),
+        sim.spawns.len(),
+        sim.signals.len(),
+        sim.kills.len(),
+        sim.plan.next_deadline().map(|at| at - start),
+    )
+}
+
+#[test]
+fn a_plan_read_back_from_its_document_carries_on_exactly_as_the_original() {
+    let mut straight_trace = Vec::new();
+    let mut start = None;
+    let straight = a_busy_day(&mut |sim| {
+        let start = *start.get_or_insert(sim.now);
+        straight_trace.push(trace(sim, start));
+    });
+    let mut restored_trace = Vec::new();
+    let mut start = None;
+    let restored = a_busy_day(&mut |sim| {
+        through_a_document(sim);
+        let start = *start.get_or_insert(sim.now);
+        restored_trace.push(trace(sim, start));
+    });
+    assert!(straight_trace.len() > 15, "{}", straight_trace.len());
+    assert!(straight.exited, "the day ends with the primary exiting");
+    assert_eq!(restored_trace, straight_trace);
+    assert_eq!(restored.notices, straight.notices);
+    assert_eq!(restored.spawns, straight.spawns);
+    assert_eq!(restored.signals, straight.signals);
+    assert_eq!(restored.kills, straight.kills);
+    assert_eq!(restored.hooks, straight.hooks);
+    assert_eq!(restored.exited, straight.exited);
+    // The day was a busy one: each kind of step happened.
+    for name in [
+        "before_start_done",
+        "restart_scheduled",
+        "over_memory",
+        "rollout_finished",
+        "scaled",
+        "replace_queued",
+        "shutdown",
+    ] {
+        assert!(
+            straight.notices.iter().any(|n| n.name() == name),
+            "no {name} in the day"
+        );
+    }
+    assert!(
+        straight.notices.iter().any(|n| matches!(
+            n,
+            Notice::Stopping {
+                reason: StopReason::Ttl,
+                ..
+            }
+        )),
+        "a ttl ran out"
+    );
+}
+
+#[test]
+fn a_document_keeps_each_moment_whatever_time_the_exec_took() {
+    let mut sim = a_busy_day_until_the_rollout();
+    let written = Clock::at(sim.now, 5_000_000_000_000);
+    let document = sim.plan.snapshot(written).unwrap();
+    // The new program reads its clocks 40 ms later: both have moved alike.
+    let read = Clock::at(sim.now + 40 * MS, 5_000_040_000_000);
+    let restored = Plan::restore(&document, read).unwrap();
+    assert_eq!(restored.next_deadline(), sim.plan.next_deadline());
+    assert_eq!(restored.status(sim.now), sim.plan.status(sim.now));
+    sim.plan = restored;
+    finish(&mut sim);
+    assert_eq!(sim.count(|n| n.name() == "rollout_finished"), 1);
+}
+
+fn a_busy_day_until_the_rollout() -> Sim {
+    let mut sim = ready_pool(3, false);
+    sim.message(
+        sim.serving("web")[1],
+        WorkerMessage::Status("up".to_owned()),
+    );
+    rollout(&mut sim);
+    let first = sim.starting();
+    sim.ready(first[0]);
+    sim
+}
+
+#[test]
+fn a_document_of_another_version_or_shape_is_refused_before_anything_is_read() {
+    let sim = a_busy_day_until_the_rollout();
+    let clock = test_clock(&sim);
+    let document = sim.plan.snapshot(clock).unwrap();
+    let newer = document.replacen(
+        &format!("\"version\":{STATE_VERSION}"),
+        &format!("\"version\":{}", STATE_VERSION + 1),
+        1,
+    );
+    let error = Plan::restore(&newer, clock).unwrap_err();
+    assert_eq!(
+        error,
+        RestoreError::Version {
+            found: STATE_VERSION + 1
+        }
+    );
+    assert!(
+        error.to_string().contains(&format!(
+            "state version {} is not one this program knows",
+            STATE_VERSION + 1
+        )),
+        "{error}"
+    );
+    for broken in ["", "{}", "[1]", &document[..document.len() / 2]] {
+        assert!(
+            matches!(
+                Plan::restore(broken, clock),
+                Err(RestoreError::Malformed(_))
+            ),
+            "{broken:?}"
+        );
+    }
 }

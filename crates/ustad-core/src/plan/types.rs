@@ -9,7 +9,9 @@ use crate::config::value::format_duration;
 use crate::config::{ByteSize, PoolSpec, Signal};
 
 /// A worker's identity for the life of the primary: unique and increasing, never reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct WorkerId(pub u64);
 
 impl fmt::Display for WorkerId {
@@ -19,7 +21,7 @@ impl fmt::Display for WorkerId {
 }
 
 /// How a worker process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExitStatus {
     /// It exited with this code.
     Code(i32),
@@ -294,7 +296,7 @@ impl fmt::Display for WorkerRef {
 }
 
 /// Why the supervisor asked a worker to stop (or replaced it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StopReason {
     /// Replaced in a rolling restart of its pool.
     Rollout,
@@ -395,7 +397,7 @@ impl fmt::Display for KillCause {
 }
 
 /// How an exit came about, for the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExitCause {
     /// The supervisor had asked it to stop.
     Stopped(StopReason),
