@@ -27,7 +27,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter, Interest};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::LogRateLimit;
+use crate::config::{LogRateLimit, OutputTarget};
 use crate::control::protocol::LogLine;
 use crate::logbook::LogBook;
 
@@ -98,6 +98,15 @@ pub enum Source<'a> {
         /// The pool.
         pool: &'a str,
     },
+}
+
+impl std::fmt::Display for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Worker { pool, slot, id } => write!(f, "{pool}.{slot} (id {id})"),
+            Source::BeforeStart { pool } => write!(f, "pool {pool}'s before_start"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -262,10 +271,51 @@ impl OutputRelay {
         });
     }
 
+    /// Relays the output of a child of `source` started with `spec`'s settings: the pipes
+    /// it has (a stream that is `inherit` or `null` has none), to a log file for a `file:`
+    /// target, under the pool's `log_rate_limit`.
+    pub fn attach_child(
+        &mut self,
+        source: Source<'_>,
+        child: &mut tokio::process::Child,
+        spec: &crate::config::PoolSpec,
+        hint: Option<String>,
+    ) {
+        let (stdout, stderr) = spec.outputs();
+        let log_file = |target: OutputTarget| match target {
+            OutputTarget::File(path) => Some(LogFile {
+                path,
+                max_size: spec.log_max_size.map(|size| size.0),
+                keep: spec.log_keep,
+            }),
+            _ => None,
+        };
+        let pipe = |pipe: Option<std::io::Result<OwnedFd>>| match pipe? {
+            Ok(fd) => Some(fd),
+            Err(error) => {
+                tracing::error!("cannot relay the output of {source}: {error}");
+                None
+            }
+        };
+        self.attach(
+            source,
+            (
+                pipe(child.stdout.take().map(|p| p.into_owned_fd())),
+                log_file(stdout),
+            ),
+            (
+                pipe(child.stderr.take().map(|p| p.into_owned_fd())),
+                log_file(stderr),
+            ),
+            hint,
+            spec.log_rate_limit,
+        );
+    }
+
     /// Relays a worker's output streams until they close: to the primary's own streams, or,
     /// for a stream with a log file, to that file. `hint` is logged (once for the pool) if the
     /// worker says an address is already in use.
-    pub fn attach(
+    fn attach(
         &mut self,
         source: Source<'_>,
         (stdout, stdout_file): (Option<OwnedFd>, Option<LogFile>),

@@ -9,8 +9,8 @@ use tracing::error;
 
 use super::process_groups::signal_group;
 use super::{Ended, Supervisor};
-use crate::config::{OutputTarget, PoolSpec, Signal};
-use crate::output::{LogFile, Source};
+use crate::config::{PoolSpec, Signal};
+use crate::output::Source;
 use crate::plan::{Event, ExitStatus};
 
 /// The `before_start` commands running: pool → (generation, process group).
@@ -37,35 +37,8 @@ impl Supervisor {
         let Some(pid) = child.id() else {
             return Some(failed("the process vanished at once".to_owned()));
         };
-        let (stdout, stderr) = spec.outputs();
-        let log_file = |target: OutputTarget| match target {
-            OutputTarget::File(path) => Some(LogFile {
-                path,
-                max_size: spec.log_max_size.map(|size| size.0),
-                keep: spec.log_keep,
-            }),
-            _ => None,
-        };
-        let pipe = |pipe: Option<std::io::Result<std::os::fd::OwnedFd>>| match pipe? {
-            Ok(fd) => Some(fd),
-            Err(error) => {
-                error!("cannot relay the output of pool {pool}'s before_start: {error}");
-                None
-            }
-        };
-        self.output.attach(
-            Source::BeforeStart { pool },
-            (
-                pipe(child.stdout.take().map(|p| p.into_owned_fd())),
-                log_file(stdout),
-            ),
-            (
-                pipe(child.stderr.take().map(|p| p.into_owned_fd())),
-                log_file(stderr),
-            ),
-            None,
-            spec.log_rate_limit,
-        );
+        self.output
+            .attach_child(Source::BeforeStart { pool }, &mut child, spec, None);
         if let Some(guard) = &mut self.guard {
             guard.watch(pid);
         }

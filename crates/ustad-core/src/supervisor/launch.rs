@@ -10,9 +10,9 @@ use tracing::error;
 use super::link;
 use super::listen_watch::Expected;
 use super::{Ended, Supervisor};
-use crate::config::{IpcSpec, OutputTarget, PoolSpec, Readiness};
+use crate::config::{IpcSpec, PoolSpec, Readiness};
 use crate::ipc::Outbox;
-use crate::output::{LogFile, Source};
+use crate::output::Source;
 use crate::plan::{Event, ExitStatus, WorkerId, WorkerRef};
 use crate::spawn::{WorkerLaunch, spawn_worker, wants_notify};
 
@@ -66,31 +66,15 @@ impl Supervisor {
                 error: "the process vanished at once".to_owned(),
             };
         };
-        let (stdout, stderr) = spec.outputs();
-        let log_file = |target: OutputTarget| match target {
-            OutputTarget::File(path) => Some(LogFile {
-                path,
-                max_size: spec.log_max_size.map(|size| size.0),
-                keep: spec.log_keep,
-            }),
-            _ => None,
-        };
-        self.output.attach(
+        self.output.attach_child(
             Source::Worker {
                 pool,
                 slot,
                 id: id.0,
             },
-            (
-                output_pipe(child.stdout.take().map(|p| p.into_owned_fd())),
-                log_file(stdout),
-            ),
-            (
-                output_pipe(child.stderr.take().map(|p| p.into_owned_fd())),
-                log_file(stderr),
-            ),
+            &mut child,
+            spec,
             Some(hint),
-            spec.log_rate_limit,
         );
         let worker = WorkerRef {
             pool: Arc::from(pool),
@@ -186,18 +170,6 @@ impl Supervisor {
             };
             let _ = exits.send(Ended::Worker(id, status));
         });
-    }
-}
-
-/// A worker's output pipe, as the relay reads it (taken from tokio's reactor, for the
-/// relay's own registration).
-fn output_pipe(pipe: Option<std::io::Result<OwnedFd>>) -> Option<OwnedFd> {
-    match pipe? {
-        Ok(fd) => Some(fd),
-        Err(error) => {
-            error!("cannot relay a worker's output: {error}");
-            None
-        }
     }
 }
 
