@@ -45,7 +45,8 @@ pub const DEFAULT_LOG_KEEP: u32 = 5;
 pub const DEFAULT_BACKLOG: u32 = 1024;
 
 /// A whole cluster: the sockets the primary binds and the pools of workers it runs.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// Serialisable for the primary's state document (`plan::snapshot`), not as a file format.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     /// Listening sockets by name, in the order they were declared.
     pub sockets: IndexMap<String, SocketSpec>,
@@ -55,11 +56,13 @@ pub struct Config {
 }
 
 /// A listening socket the primary binds and hands to workers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SocketSpec {
     /// Where it listens.
+    #[serde(with = "state::text")]
     pub listen: ListenAddr,
     /// One socket for all workers, or one `SO_REUSEPORT` socket per slot.
+    #[serde(with = "state::text")]
     pub mode: SocketMode,
     /// The `listen(2)` backlog (capped by `net.core.somaxconn`).
     pub backlog: u32,

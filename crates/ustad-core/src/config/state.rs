@@ -169,6 +169,30 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_config_reads_back_exactly() {
+        let mut config = crate::config::Config::default();
+        for (name, listen, mode) in [
+            ("http", "127.0.0.1:8000", "reuseport"),
+            ("v6", "[::1]:0", "shared"),
+            ("unix", "unix:/run/app.sock", "shared"),
+        ] {
+            let mut socket = crate::config::SocketSpec::new(listen.parse().unwrap());
+            socket.mode = mode.parse().unwrap();
+            socket.backlog = 77;
+            config.sockets.insert(name.into(), socket);
+        }
+        config.pools.insert("web".into(), unusual());
+        config
+            .pools
+            .insert("jobs".into(), PoolSpec::new(Command::new(["j"]).unwrap()));
+        let text = serde_json::to_string(&config).unwrap();
+        let back: crate::config::Config = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, config, "{text}");
+        let order: Vec<&String> = back.pools.keys().collect();
+        assert_eq!(order, ["web", "jobs"], "declaration order kept");
+    }
+
+    #[test]
     fn every_setting_reads_back_exactly() {
         for spec in [PoolSpec::new(Command::new(["app"]).unwrap()), unusual()] {
             let text = serde_json::to_string(&spec).unwrap();
