@@ -1,4 +1,4 @@
-# Helpers shared by bench/cluster.sh and bench/naive.sh: logging, the exact commands, process
+# Helpers shared by the bench/*.sh scripts: logging, the exact commands, process
 # handling and the cleanup on exit, the tools (wrk, ustad, PM2) and the quiet-machine check.
 #
 # Source it after setting BENCH, ROOT, TMP (a temp dir, removed on exit) and COMMANDS (the
@@ -86,12 +86,26 @@ bench_tools() { # check node, python3, curl; install wrk and PM2, build ustad, w
   command -v node >/dev/null || die "node is needed"
   command -v python3 >/dev/null || die "python3 is needed"
   command -v curl >/dev/null || die "curl is needed"
+  bench_wrk
+  bench_ustad
+  if [[ -z ${PM2:-} ]]; then
+    log "installing pm2 with npm into $TMP/pm2"
+    npm install --prefix "$TMP/pm2" --no-audit --no-fund --loglevel=error pm2 >/dev/null
+    PM2=$TMP/pm2/node_modules/.bin/pm2
+  fi
+  PM2_VERSION=$(node -p "require('$(dirname "$(readlink -f "$PM2")")/../package.json').version")
+}
+
+bench_wrk() { # install wrk with apt-get when it is missing
   if ! command -v wrk >/dev/null; then
     log "installing wrk from Debian packages"
     local sudo=""
     ((EUID == 0)) || sudo=sudo
     $sudo apt-get update -qq && $sudo apt-get install -y -qq wrk >/dev/null
   fi
+}
+
+bench_ustad() { # build ustad and set USTAD to a copy of it, unless USTAD is given
   if [[ -z ${USTAD:-} ]]; then
     log "building ustad (cargo build --release)"
     (cd "$ROOT" && cargo build --release --quiet)
@@ -99,12 +113,6 @@ bench_tools() { # check node, python3, curl; install wrk and PM2, build ustad, w
     cp "$ROOT/target/release/ustad" "$TMP/ustad"
     USTAD=$TMP/ustad
   fi
-  if [[ -z ${PM2:-} ]]; then
-    log "installing pm2 with npm into $TMP/pm2"
-    npm install --prefix "$TMP/pm2" --no-audit --no-fund --loglevel=error pm2 >/dev/null
-    PM2=$TMP/pm2/node_modules/.bin/pm2
-  fi
-  PM2_VERSION=$(node -p "require('$(dirname "$(readlink -f "$PM2")")/../package.json').version")
 }
 
 bench_versions() { # the machine and tool lines of env.txt
