@@ -14,7 +14,7 @@
 #   - the throughput (200 responses per second while the kills run) against the baseline's.
 # See docs/benchmarks.md ("Reliability", "Chaos") for what is measured, why, and a real run.
 #
-#   bash bench/chaos.sh                        # ~3 minutes with the defaults
+#   bash bench/chaos.sh                        # ~4 minutes with the defaults
 #   RUNS=1 KILL_SECONDS=4 bash bench/chaos.sh  # a quick look, under a minute
 #
 # Knobs (environment variables):
