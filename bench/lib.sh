@@ -1,9 +1,10 @@
-# Helpers shared by bench/cluster.sh and bench/naive.sh: logging, the exact commands, process
-# handling and the cleanup on exit, the tools (wrk, ustad, PM2) and the quiet-machine check.
+# Helpers shared by the bench/*.sh scripts: logging, the exact commands, process handling and
+# the cleanup on exit, the tools (wrk, ustad, PM2), the quiet-machine check, and load runs (wrk
+# with bench/wrk/timeline.lua) and their results.
 #
 # Source it after setting BENCH, ROOT, TMP (a temp dir, removed on exit) and COMMANDS (the
 # commands log), then call bench_traps and bench_tools. RUN (0 before the first run) makes `say`
-# print the commands of the first run.
+# print the commands of the first run. bench_wrk and bench_ustad set up only those two tools.
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -86,12 +87,26 @@ bench_tools() { # check node, python3, curl; install wrk and PM2, build ustad, w
   command -v node >/dev/null || die "node is needed"
   command -v python3 >/dev/null || die "python3 is needed"
   command -v curl >/dev/null || die "curl is needed"
+  bench_wrk
+  bench_ustad
+  if [[ -z ${PM2:-} ]]; then
+    log "installing pm2 with npm into $TMP/pm2"
+    npm install --prefix "$TMP/pm2" --no-audit --no-fund --loglevel=error pm2 >/dev/null
+    PM2=$TMP/pm2/node_modules/.bin/pm2
+  fi
+  PM2_VERSION=$(node -p "require('$(dirname "$(readlink -f "$PM2")")/../package.json').version")
+}
+
+bench_wrk() { # install wrk with apt-get when it is missing
   if ! command -v wrk >/dev/null; then
     log "installing wrk from Debian packages"
     local sudo=""
     ((EUID == 0)) || sudo=sudo
     $sudo apt-get update -qq && $sudo apt-get install -y -qq wrk >/dev/null
   fi
+}
+
+bench_ustad() { # build ustad and set USTAD to a copy of it, unless USTAD is given
   if [[ -z ${USTAD:-} ]]; then
     log "building ustad (cargo build --release)"
     (cd "$ROOT" && cargo build --release --quiet)
@@ -99,12 +114,6 @@ bench_tools() { # check node, python3, curl; install wrk and PM2, build ustad, w
     cp "$ROOT/target/release/ustad" "$TMP/ustad"
     USTAD=$TMP/ustad
   fi
-  if [[ -z ${PM2:-} ]]; then
-    log "installing pm2 with npm into $TMP/pm2"
-    npm install --prefix "$TMP/pm2" --no-audit --no-fund --loglevel=error pm2 >/dev/null
-    PM2=$TMP/pm2/node_modules/.bin/pm2
-  fi
-  PM2_VERSION=$(node -p "require('$(dirname "$(readlink -f "$PM2")")/../package.json').version")
 }
 
 bench_versions() { # the machine and tool lines of env.txt
@@ -142,4 +151,63 @@ wait_quiet() { # print the busy percentage once it is at most QUIET, or after QU
     busy=$(busy_pct)
   done
   echo "$busy"
+}
+
+# --- load runs and results ---------------------------------------------------------------
+# A script that uses these sets TSV (results.tsv), RUN and CONFIG (the first two columns of
+# each result), HOST, PORT, THREADS, CONNECTIONS, LUA (bench/wrk/timeline.lua), GRACE, and
+# QUIET, QUIET_WAIT, QUIET_BUDGET; PACE_MS (timeline.lua) when it wants a paced load.
+record() { printf '%s\t%s\t%s\t%s\n' "$RUN" "$CONFIG" "$1" "$2" >>"$TSV"; }
+
+now_ms() { date +%s%3N; }
+
+sleep_until_ms() { # T: sleep until Unix time T in ms
+  local left=$(($1 - $(now_ms)))
+  ((left <= 0)) || sleep "$(awk "BEGIN {print $left / 1000}")"
+}
+
+STOP=""
+load() { # SECONDS MODE(ka|nc) OUT: a bounded wrk run with timeline.lua in the background
+  local args=(wrk "-t$THREADS" "-c$CONNECTIONS" "-d${1}s" -s "$LUA")
+  [[ $2 == nc ]] && args+=(-H "Connection: close")
+  args+=("http://$HOST:$PORT/")
+  STOP=$TMP/stop-$RANDOM
+  rm -f "$STOP"
+  say "STOP_FILE=$STOP${PACE_MS:+ PACE_MS=$PACE_MS} $(quote "${args[@]}")"
+  STOP_FILE=$STOP PACE_MS=${PACE_MS:-0} timeout -k 5 $(($1 + 30)) "${args[@]}" >"$3" 2>&1 &
+  LOAD_PID=$!
+}
+
+end_load() { # let the requests in flight finish (GRACE s, nothing more is sent), then stop wrk
+  say "touch $STOP; sleep $GRACE; kill -INT <wrk>  # wrk prints its results and exits"
+  touch "$STOP"
+  sleep "$GRACE"
+  kill -INT "$LOAD_PID" 2>/dev/null || true
+  wait "$LOAD_PID" || log "wrk exited with $? (see the raw file)"
+  LOAD_PID=""
+}
+
+QUIET_SPENT=0
+BUSY=0
+quiet() { # wait_quiet (above) within what is left of QUIET_BUDGET; sets BUSY, the busy %
+  # (not a $(…) function: the time spent must be counted in this shell)
+  local started=$SECONDS left=$((QUIET_BUDGET - QUIET_SPENT))
+  ((left > 0)) || left=0
+  BUSY=$(QUIET_WAIT=$((QUIET_WAIT < left ? QUIET_WAIT : left)) wait_quiet)
+  QUIET_SPENT=$((QUIET_SPENT + SECONDS - started))
+}
+
+noise() { # PREFIX BEFORE: record how busy the machine was before and right after a load run
+  local after
+  after=$(busy_pct)
+  record "$1_busy_before" "$2"
+  record "$1_busy_after" "$after"
+  ((${2} <= QUIET && after <= QUIET)) || { record "$1_noisy" 1; log "busy machine during $1 ($2% before, $after% after)"; }
+}
+
+value() { # LINE KEY: the value of KEY=… in a line of key=value pairs
+  local line=" $1 "
+  line=${line#* "$2"=}
+  [[ $line == " $1 " ]] && { echo nan; return; }
+  echo "${line%% *}"
 }

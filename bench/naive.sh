@@ -214,61 +214,6 @@ replaced() { # BEFORE AFTER: true when AFTER is WORKERS pids, none of them in BE
 }
 
 # --- measurements ------------------------------------------------------------------------
-record() { printf '%s\t%s\t%s\t%s\n' "$RUN" "$CONFIG" "$1" "$2" >>"$TSV"; }
-
-now_ms() { date +%s%3N; }
-
-sleep_until_ms() { # T: sleep until Unix time T in ms
-  local left=$(($1 - $(now_ms)))
-  ((left <= 0)) || sleep "$(awk "BEGIN {print $left / 1000}")"
-}
-
-STOP=""
-load() { # SECONDS MODE(ka|nc) OUT: a bounded wrk run with timeline.lua in the background
-  local args=(wrk "-t$THREADS" "-c$CONNECTIONS" "-d${1}s" -s "$LUA")
-  [[ $2 == nc ]] && args+=(-H "Connection: close")
-  args+=("http://$HOST:$PORT/")
-  STOP=$TMP/stop-$RANDOM
-  rm -f "$STOP"
-  say "STOP_FILE=$STOP $(quote "${args[@]}")"
-  STOP_FILE=$STOP timeout -k 5 $(($1 + 30)) "${args[@]}" >"$3" 2>&1 &
-  LOAD_PID=$!
-}
-
-end_load() { # let the requests in flight finish (GRACE s, nothing more is sent), then stop wrk
-  say "touch $STOP; sleep $GRACE; kill -INT <wrk>  # wrk prints its results and exits"
-  touch "$STOP"
-  sleep "$GRACE"
-  kill -INT "$LOAD_PID" 2>/dev/null || true
-  wait "$LOAD_PID" || log "wrk exited with $? (see the raw file)"
-  LOAD_PID=""
-}
-
-QUIET_SPENT=0
-BUSY=0
-quiet() { # wait_quiet (lib.sh) within what is left of QUIET_BUDGET; sets BUSY, the busy %
-  # (not a $(…) function: the time spent must be counted in this shell)
-  local started=$SECONDS left=$((QUIET_BUDGET - QUIET_SPENT))
-  ((left > 0)) || left=0
-  BUSY=$(QUIET_WAIT=$((QUIET_WAIT < left ? QUIET_WAIT : left)) wait_quiet)
-  QUIET_SPENT=$((QUIET_SPENT + SECONDS - started))
-}
-
-noise() { # PREFIX BEFORE: record how busy the machine was before and right after a load run
-  local after
-  after=$(busy_pct)
-  record "$1_busy_before" "$2"
-  record "$1_busy_after" "$after"
-  ((${2} <= QUIET && after <= QUIET)) || { record "$1_noisy" 1; log "busy machine during $1 ($2% before, $after% after)"; }
-}
-
-value() { # LINE KEY: the value of KEY=… in a line of key=value pairs
-  local line=" $1 "
-  line=${line#* "$2"=}
-  [[ $line == " $1 " ]] && { echo nan; return; }
-  echo "${line%% *}"
-}
-
 kill_test() { # MODE(idle|load) N: SIGKILL the oldest worker; time until a new one answers
   local mode=$1 out=$RESULTS/raw/run$RUN-$CONFIG-kill-$1-$2.txt wrk_out victim line before t0
   wrk_out=${out%.txt}-wrk.txt

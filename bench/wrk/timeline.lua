@@ -1,6 +1,6 @@
--- wrk script of bench/naive.sh: counts every request sent and every 200 response, the 200s per
--- 100 ms of wall-clock time, and the responses of each X-Worker-Pid, so that a rolling restart's
--- worst 100 ms and every failed request can be read from one wrk run.
+-- wrk script of bench/naive.sh, chaos.sh and soak.sh: counts every request sent and every 200
+-- response, the 200s per 100 ms of wall-clock time, and the responses of each X-Worker-Pid, so
+-- that a rolling restart's worst 100 ms and every failed request can be read from one wrk run.
 --
 -- wrk alone does not count every failure: when a server closes a connection (FIN) under a
 -- request, wrk reconnects without counting an error, and a request never answered is counted
@@ -32,6 +32,9 @@ local function now_ms()
 end
 
 local stop_file = os.getenv("STOP_FILE")
+-- PACE_MS (bench/soak.sh): a pause before each request of a connection (but its first), for a
+-- light load of about connections * 1000 / PACE_MS requests per second at most. 0 by default.
+local pace = tonumber(os.getenv("PACE_MS") or "0") or 0
 local threads = {}
 
 function setup(thread) -- runs before the thread's init()
@@ -79,7 +82,7 @@ function delay()
       stopping = ffi.C.access(stop_file, 0) == 0
     end
   end
-  return stopping and 3600000 or 0
+  return stopping and 3600000 or pace
 end
 
 function done(summary, latency, requests)
