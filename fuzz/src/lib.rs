@@ -270,9 +270,27 @@ impl Sim {
                         };
                         queue.push(self.plan.handle(event, self.now));
                     }
+                    // A `before_start` ends at once: failing while spawns fail, else passing.
+                    Action::RunHook {
+                        pool, generation, ..
+                    } => {
+                        let result = if self.fail_spawns > 0 {
+                            self.fail_spawns -= 1;
+                            Err("exited with exit code 1".to_owned())
+                        } else {
+                            Ok(())
+                        };
+                        let event = Event::HookExited {
+                            pool: pool.to_string(),
+                            generation,
+                            result,
+                        };
+                        queue.push(self.plan.handle(event, self.now));
+                    }
                     Action::Signal { .. }
                     | Action::Kill { .. }
                     | Action::AskToStop { .. }
+                    | Action::StopHook { .. }
                     | Action::Exit => {}
                 }
             }
