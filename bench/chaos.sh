@@ -58,15 +58,9 @@ SEED=${SEED-}
 HOST=127.0.0.1
 RESULTS=${RESULTS:-$BENCH/results/chaos-$(date -u +%Y%m%dT%H%M%SZ)}
 
-mkdir -p "$RESULTS/raw"
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/ustad-chaos.XXXXXX")
-TSV=$RESULTS/results.tsv
-COMMANDS=$RESULTS/commands.txt
-: >"$TSV"
-: >"$COMMANDS"
-
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
+bench_results chaos
 bench_traps
 command -v python3 >/dev/null || die "python3 is needed"
 command -v ss >/dev/null || die "ss (iproute2) is needed"
@@ -74,10 +68,7 @@ bench_wrk
 bench_ustad
 
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
-  echo "wrk: $(wrk -v 2>&1 | head -1 | cut -d' ' -f2)"
-  echo "ustad: $("$USTAD" --version) ($(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?'))"
+  bench_machine
   echo "settings: RUNS=$RUNS KILL_SECONDS=$KILL_SECONDS INTERVAL=$INTERVAL WORKERS=$WORKERS CONNECTIONS=$CONNECTIONS THREADS=$THREADS GRACE=$GRACE QUIET=$QUIET QUIET_WAIT=$QUIET_WAIT QUIET_BUDGET=$QUIET_BUDGET SEED=${SEED:-random}"
 } >"$RESULTS/env.txt"
 cat "$RESULTS/env.txt" >&2

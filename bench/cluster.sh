@@ -56,15 +56,9 @@ WORKERS=2
 CLK_TCK=$(getconf CLK_TCK)
 RESULTS=${RESULTS:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)}
 
-mkdir -p "$RESULTS/raw"
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/ustad-bench.XXXXXX")
-TSV=$RESULTS/results.tsv
-COMMANDS=$RESULTS/commands.txt
-: >"$TSV"
-: >"$COMMANDS"
-
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
+bench_results bench
 bench_traps
 bench_tools
 

@@ -2,8 +2,8 @@
 # the cleanup on exit, the tools (wrk, ustad, PM2), the quiet-machine check, and load runs (wrk
 # with bench/wrk/timeline.lua) and their results.
 #
-# Source it after setting BENCH, ROOT, TMP (a temp dir, removed on exit) and COMMANDS (the
-# commands log), then call bench_traps and bench_tools. RUN (0 before the first run) makes `say`
+# Source it after setting BENCH, ROOT and RESULTS, then call bench_results (which sets TMP, a
+# temp dir removed on exit, TSV and COMMANDS, the commands log), bench_traps and bench_tools. RUN (0 before the first run) makes `say`
 # print the commands of the first run. bench_wrk and bench_ustad set up only those two tools.
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -116,14 +116,27 @@ bench_ustad() { # build ustad and set USTAD to a copy of it, unless USTAD is giv
   fi
 }
 
-bench_versions() { # the machine and tool lines of env.txt
+bench_results() { # NAME: RESULTS/raw, an empty results.tsv (TSV) and commands.txt (COMMANDS), TMP
+  mkdir -p "$RESULTS/raw"
+  TMP=$(mktemp -d "${TMPDIR:-/tmp}/ustad-$1.XXXXXX")
+  TSV=$RESULTS/results.tsv
+  COMMANDS=$RESULTS/commands.txt
+  : >"$TSV"
+  : >"$COMMANDS"
+}
+
+bench_machine() { # the date, machine, wrk (when there is one) and ustad lines of env.txt
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
+  if command -v wrk >/dev/null; then echo "wrk: $(wrk -v 2>&1 | head -1 | cut -d' ' -f2)"; fi
+  echo "ustad: $("$USTAD" --version) ($(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?'))"
+}
+
+bench_versions() { # env.txt's lines for the scripts that run Node and PM2 too
+  bench_machine
   echo "node: $(node --version)"
   echo "pm2: $PM2_VERSION"
-  echo "wrk: $(wrk -v 2>&1 | head -1 | cut -d' ' -f2)"
   echo "rustc: $(rustc --version 2>/dev/null || echo '?')"
-  echo "ustad: $("$USTAD" --version) ($(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?'))"
 }
 
 # --- a quiet machine ---------------------------------------------------------------------

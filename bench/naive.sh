@@ -77,15 +77,9 @@ RESULTS=${RESULTS:-$BENCH/results/naive-$(date -u +%Y%m%dT%H%M%SZ)}
 ms() { awk "BEGIN {print int($1 * 1000)}"; } # seconds, maybe fractional, in whole ms
 DURATION_MS=$(ms "$DURATION") GAP_MS=$(ms "$RELOAD_GAP") WATCH_MS=$(ms "$NEVER_WATCH")
 
-mkdir -p "$RESULTS/raw"
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/ustad-naive.XXXXXX")
-TSV=$RESULTS/results.tsv
-COMMANDS=$RESULTS/commands.txt
-: >"$TSV"
-: >"$COMMANDS"
-
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
+bench_results naive
 bench_traps
 bench_tools
 

@@ -38,15 +38,9 @@ IDLE=${IDLE:-10}
 STATUS_N=${STATUS_N:-20}
 RESULTS=${RESULTS:-$BENCH/results/scale-$(date -u +%Y%m%dT%H%M%SZ)}
 
-mkdir -p "$RESULTS/raw"
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/ustad-scale.XXXXXX")
-TSV=$RESULTS/results.tsv
-COMMANDS=$RESULTS/commands.txt
-: >"$TSV"
-: >"$COMMANDS"
-
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
+bench_results scale
 bench_traps
 command -v python3 >/dev/null || die "python3 is needed"
 bench_ustad

@@ -52,25 +52,16 @@ POOL=web # the demo's pool
 RESULTS=${RESULTS:-$BENCH/results/soak-$(date -u +%Y%m%dT%H%M%SZ)}
 QUIET=15 QUIET_WAIT=10 QUIET_BUDGET=10 # lib.sh's load runs: one wait at the start, at most
 
-mkdir -p "$RESULTS/raw"
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/ustad-soak.XXXXXX")
-TSV=$RESULTS/results.tsv
-COMMANDS=$RESULTS/commands.txt
-: >"$TSV"
-: >"$COMMANDS"
-
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
+bench_results soak
 bench_traps
 command -v python3 >/dev/null || die "python3 is needed"
 bench_wrk
 bench_ustad
 
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
-  echo "wrk: $(wrk -v 2>&1 | head -1 | cut -d' ' -f2)"
-  echo "ustad: $("$USTAD" --version) ($(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?'))"
+  bench_machine
   echo "settings: MINUTES=$MINUTES WORKERS=$WORKERS CONNECTIONS=$CONNECTIONS THREADS=$THREADS PACE_MS=$PACE_MS GRACE=$GRACE SEED=$SEED"
 } >"$RESULTS/env.txt"
 cat "$RESULTS/env.txt" >&2
