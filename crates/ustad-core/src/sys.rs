@@ -550,26 +550,27 @@ pub(crate) struct Account {
     pub(crate) home: std::path::PathBuf,
 }
 
-/// The account of user `name` (`getpwnam_r`); `None` when there is none.
-pub(crate) fn user_account(name: &str) -> io::Result<Option<Account>> {
-    let name_c = CString::new(name).map_err(io::Error::other)?;
+/// Calls a reentrant lookup of the user or group database (`getpwnam_r`, `getgrnam_r`) with
+/// `call(entry, buffer, length, result)`, growing the buffer on `ERANGE` (up to 1 MiB). The
+/// entry it filled (whose strings point into the buffer returned with it), or `None`.
+///
+/// # Safety
+/// `T` must be a plain C struct for which all zeroes is valid, and `call` a `get*nam_r`
+/// function of that struct.
+unsafe fn lookup_entry<T>(
+    call: impl Fn(*mut T, *mut libc::c_char, usize, *mut *mut T) -> libc::c_int,
+) -> io::Result<Option<(T, Vec<u8>)>> {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
-        // SAFETY: `passwd` is plain old data that getpwnam_r fills; it is read only when the
-        // call returned it in `result`.
-        let mut passwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = ptr::null_mut();
-        // SAFETY: every pointer is valid for the call: a NUL-terminated name, a passwd to fill,
-        // a buffer of the length given for its strings, and where to put the result.
-        let code = unsafe {
-            libc::getpwnam_r(
-                name_c.as_ptr(),
-                &mut passwd,
-                buffer.as_mut_ptr().cast(),
-                buffer.len(),
-                &mut result,
-            )
-        };
+        // SAFETY: the caller promises all zeroes is a valid `T`.
+        let mut entry: T = unsafe { std::mem::zeroed() };
+        let mut result: *mut T = ptr::null_mut();
+        let code = call(
+            &mut entry,
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            &mut result,
+        );
         if code == libc::ERANGE && buffer.len() < 1024 * 1024 {
             buffer.resize(buffer.len() * 4, 0);
             continue;
@@ -577,48 +578,44 @@ pub(crate) fn user_account(name: &str) -> io::Result<Option<Account>> {
         if code != 0 {
             return Err(io::Error::from_raw_os_error(code));
         }
-        if result.is_null() {
-            return Ok(None);
-        }
-        // SAFETY: on success `pw_dir` points to a NUL-terminated string in `buffer`, which
-        // is alive here.
-        let home = unsafe { std::ffi::CStr::from_ptr(passwd.pw_dir) };
-        return Ok(Some(Account {
-            name: name.to_owned(),
-            uid: passwd.pw_uid,
-            gid: passwd.pw_gid,
-            home: std::path::PathBuf::from(std::ffi::OsStr::from_bytes(home.to_bytes())),
-        }));
+        // The strings stay where they are: moving the Vec does not move its heap buffer.
+        return Ok((!result.is_null()).then_some((entry, buffer)));
     }
+}
+
+/// The account of user `name` (`getpwnam_r`); `None` when there is none.
+pub(crate) fn user_account(name: &str) -> io::Result<Option<Account>> {
+    let name_c = CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: `passwd` is plain old data; getpwnam_r is called with a NUL-terminated name and
+    // the pointers and length `lookup_entry` gives, all valid for the call.
+    let found = unsafe {
+        lookup_entry(|entry, buffer, length, result| {
+            libc::getpwnam_r(name_c.as_ptr(), entry, buffer, length, result)
+        })
+    }?;
+    let Some((passwd, _strings)) = found else {
+        return Ok(None);
+    };
+    // SAFETY: on success `pw_dir` points to a NUL-terminated string in `_strings`, alive here.
+    let home = unsafe { std::ffi::CStr::from_ptr(passwd.pw_dir) };
+    Ok(Some(Account {
+        name: name.to_owned(),
+        uid: passwd.pw_uid,
+        gid: passwd.pw_gid,
+        home: std::path::PathBuf::from(std::ffi::OsStr::from_bytes(home.to_bytes())),
+    }))
 }
 
 /// The gid of group `name` (`getgrnam_r`); `None` when there is none.
 pub(crate) fn group_id(name: &str) -> io::Result<Option<u32>> {
     let name_c = CString::new(name).map_err(io::Error::other)?;
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        // SAFETY: `group` is plain old data that getgrnam_r fills.
-        let mut group: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = ptr::null_mut();
-        // SAFETY: as for getpwnam_r: valid pointers and the buffer's real length.
-        let code = unsafe {
-            libc::getgrnam_r(
-                name_c.as_ptr(),
-                &mut group,
-                buffer.as_mut_ptr().cast(),
-                buffer.len(),
-                &mut result,
-            )
-        };
-        if code == libc::ERANGE && buffer.len() < 1024 * 1024 {
-            buffer.resize(buffer.len() * 4, 0);
-            continue;
-        }
-        if code != 0 {
-            return Err(io::Error::from_raw_os_error(code));
-        }
-        return Ok((!result.is_null()).then_some(group.gr_gid));
-    }
+    // SAFETY: as for `user_account`, with `group` and getgrnam_r.
+    let found = unsafe {
+        lookup_entry(|entry, buffer, length, result| {
+            libc::getgrnam_r(name_c.as_ptr(), entry, buffer, length, result)
+        })
+    }?;
+    Ok(found.map(|(group, _strings): (libc::group, _)| group.gr_gid))
 }
 
 /// The groups user `name` belongs to, `primary` included (`getgrouplist`).
