@@ -22,6 +22,15 @@ pub(crate) struct Cli {
     /// Colour the output prefixes and log levels.
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
     pub(crate) color: ColorChoice,
+
+    /// (internal) Carry on as the primary whose state is in this memfd: an upgrade.
+    #[arg(long, hide = true)]
+    pub(crate) handover: Option<i32>,
+
+    /// (internal) Say which ustad this is and which state it reads, having checked the rest
+    /// of the command line, and exit: asked of a new binary before an upgrade to it.
+    #[arg(long, hide = true)]
+    pub(crate) upgrade_check: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,6 +57,20 @@ pub(crate) enum Command {
         /// Roll only these pools (changed pools roll in any case).
         pools: Vec<String>,
         /// Wait until the rolls are over, showing progress; exit 1 if one stopped.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Replace ustad's own program in place, keeping every worker running (same pids, same
+    /// sockets, no request lost): after installing a new version of ustad. The new binary is
+    /// checked first; if it is refused, nothing changes. `kill -URG <primary pid>` does the
+    /// same for scripts that cannot reach the control socket.
+    Upgrade {
+        /// The new binary; by default the path the running primary was started from.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Wait until the new program has taken over, and show what it kept.
         #[arg(long)]
         wait: bool,
         #[command(flatten)]

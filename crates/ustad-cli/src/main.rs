@@ -20,18 +20,28 @@ use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.upgrade_check {
+        return run::upgrade_check(&cli.command);
+    }
     match cli.command {
         Command::Run(args) => {
+            let output = || OutputStyle {
+                color_stdout: logging::use_color(cli.color, std::io::stdout().is_terminal()),
+                color_stderr: logging::use_color(cli.color, std::io::stderr().is_terminal()),
+            };
+            if let Some(handover) = cli.handover {
+                logging::init(cli.log_format, cli.color);
+                return match run::resume(handover, &args, output()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(failure) => failure.report(),
+                };
+            }
             let (config, source) = match run::config_from_args(&args) {
                 Ok(found) => found,
                 Err(failure) => return failure.report(),
             };
             logging::init(cli.log_format, cli.color);
-            let output = OutputStyle {
-                color_stdout: logging::use_color(cli.color, std::io::stdout().is_terminal()),
-                color_stderr: logging::use_color(cli.color, std::io::stderr().is_terminal()),
-            };
-            match run::run(config, source, &args, output) {
+            match run::run(config, source, &args, output()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(failure) => failure.report(),
             }
@@ -43,6 +53,11 @@ fn main() -> ExitCode {
             wait,
             target,
         } => client::reload(&target.target(), pools, wait),
+        Command::Upgrade {
+            binary,
+            wait,
+            target,
+        } => client::upgrade(&target.target(), binary, wait),
         Command::Scale { pool, size, target } => client::scale(&target.target(), pool, &size),
         Command::Restart { what, target } => client::restart(&target.target(), &what),
         Command::Stop {

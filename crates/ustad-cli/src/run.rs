@@ -26,6 +26,20 @@ pub(crate) enum Source {
 /// Builds the configuration `ustad run` was asked for: a single argument ending in `.toml`
 /// is a config file; anything else is the command of a one-pool cluster; nothing is the demo.
 pub(crate) fn config_from_args(args: &RunArgs) -> Result<(Config, Source), Failure> {
+    match source_of(args)? {
+        Source::Flags => {
+            let config = config_from_flags(&args.pool, &args.args)?;
+            Ok((config, Source::Flags))
+        }
+        Source::File(path) => {
+            let config = Config::from_file(&path).map_err(config_failure)?;
+            Ok((config, Source::File(path)))
+        }
+    }
+}
+
+/// Where the configuration comes from, without reading it.
+fn source_of(args: &RunArgs) -> Result<Source, Failure> {
     let config_file = match args.args.as_slice() {
         [only] if only.ends_with(".toml") => Some(PathBuf::from(only)),
         [first, rest @ ..] if first.ends_with(".toml") => {
@@ -37,8 +51,7 @@ pub(crate) fn config_from_args(args: &RunArgs) -> Result<(Config, Source), Failu
         _ => None,
     };
     let Some(path) = config_file else {
-        let config = config_from_flags(&args.pool, &args.args)?;
-        return Ok((config, Source::Flags));
+        return Ok(Source::Flags);
     };
     let given = args.pool.given();
     if !given.is_empty() {
@@ -48,8 +61,7 @@ pub(crate) fn config_from_args(args: &RunArgs) -> Result<(Config, Source), Failu
             path.display()
         )));
     }
-    let config = Config::from_file(&path).map_err(config_failure)?;
-    Ok((config, Source::File(path)))
+    Ok(Source::File(path))
 }
 
 fn config_failure(error: ConfigError) -> Failure {
@@ -218,43 +230,132 @@ pub(crate) fn run(
     args: &RunArgs,
     output: OutputStyle,
 ) -> Result<(), Failure> {
+    let options = options_for(&config, &source, args, output);
+    // Kept until the primary exits: workers load the library from it.
+    let _preload = install_preload();
+    runtime()?
+        .block_on(supervisor::run(config, options))
+        .map_err(supervisor_failure)
+}
+
+/// Carries on as the primary whose previous program handed its state over in the memfd
+/// `handover` (an upgrade: `ustad upgrade` executed this program in place). If the state
+/// cannot be taken, the previous program's workers are stopped gracefully and the cluster
+/// starts afresh from the command line's configuration: never left unsupervised.
+pub(crate) fn resume(handover: i32, args: &RunArgs, output: OutputStyle) -> Result<(), Failure> {
+    let source = source_of(args)?;
+    let _preload = install_preload();
+    let runtime = runtime()?;
+    let why = match supervisor::Handover::read(handover) {
+        Ok(handover) => {
+            let config = handover.config().clone();
+            let options = options_for(&config, &source, args, output);
+            match runtime.block_on(supervisor::resume(handover, options)) {
+                Ok(()) => return Ok(()),
+                Err(error @ (SupervisorError::Resume(_) | SupervisorError::Setup { .. })) => {
+                    error.to_string()
+                }
+                Err(error) => return Err(supervisor_failure(error)),
+            }
+        }
+        Err(error) => error.to_string(),
+    };
+    tracing::error!(
+        event = "upgrade_failed",
+        "upgrade: {why}; stopping the previous program's workers and starting afresh from the configuration"
+    );
+    supervisor::take_back_children(std::time::Duration::from_secs(10));
+    ustad_core::handover::close_leftovers();
+    let (config, source) = config_from_args(args)?;
+    let options = options_for(&config, &source, args, output);
+    runtime
+        .block_on(supervisor::run(config, options))
+        .map_err(supervisor_failure)
+}
+
+/// `ustad --upgrade-check run …`: a primary asks this binary, before executing it in place,
+/// whether it can take over (the command line parsed; the version and state versions said).
+pub(crate) fn upgrade_check(command: &crate::cli::Command) -> ExitCode {
+    if !matches!(command, crate::cli::Command::Run(_)) {
+        return Failure::usage(
+            "--upgrade-check is asked with `ustad run`'s command line".to_owned(),
+        )
+        .report();
+    }
+    match serde_json::to_string(&supervisor::Capabilities::this_program()) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => Failure::runtime(error.to_string()).report(),
+    }
+}
+
+/// How this program was started, for `ustad upgrade` to start its successor the same way.
+fn invocation() -> Option<supervisor::Invocation> {
+    let mut argv = std::env::args_os();
+    let arg0 = argv.next()?;
+    let handover = format!("{}=", supervisor::HANDOVER_FLAG);
+    let args: Vec<_> = argv
+        .filter(|arg| !arg.to_string_lossy().starts_with(&handover))
+        .collect();
+    // After a package manager replaced the file, the kernel names the running one
+    // "… (deleted)": the new binary is at the path without it.
+    let exe = std::env::current_exe().ok()?;
+    let exe = match exe
+        .to_str()
+        .and_then(|path| path.strip_suffix(" (deleted)"))
+    {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    };
+    Some(supervisor::Invocation { exe, arg0, args })
+}
+
+fn supervisor_failure(error: SupervisorError) -> Failure {
+    match error {
+        SupervisorError::Invalid(_) => Failure::usage(error.to_string()),
+        _ => Failure::runtime(error.to_string()),
+    }
+}
+
+/// The primary's runtime.
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG). Writing
+    // to ustad's stdout and stderr (the relay of workers' output) is the only blocking work,
+    // one write at a time per stream: two threads at most, gone after a second of quiet (tokio's
+    // default, 512 threads kept for 10 s, showed as threads appearing after each reload).
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(2)
+        .thread_keep_alive(std::time::Duration::from_secs(1))
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the runtime: {e}")))
+}
+
+/// The supervisor's options for `config`, as `ustad run`'s flags set them.
+fn options_for(config: &Config, source: &Source, args: &RunArgs, output: OutputStyle) -> Options {
     let mut options = Options::default();
-    options.name = instance_name(args, &source, &config);
+    options.invocation = invocation();
+    options.name = instance_name(args, source, config);
     options.control = Some(
         args.control
             .clone()
             .unwrap_or_else(|| ustad_core::control::paths::default_socket(&options.name)),
     );
     options.metrics = args.metrics;
-    options.reload = match &source {
+    options.reload = match source {
         Source::File(path) => {
             let path = path.clone();
             Some(Box::new(move || Config::from_file(&path)))
         }
         Source::Flags => None,
     };
-    if let Source::File(path) = &source {
+    if let Source::File(path) = source {
         options.config_file = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
     }
     options.output = output;
-    // Kept until the primary exits: workers load the library from it.
-    let _preload = install_preload();
-    // One thread: workers die with the thread that forked them (PR_SET_PDEATHSIG). Writing
-    // to ustad's stdout and stderr (the relay of workers' output) is the only blocking work,
-    // one write at a time per stream: two threads at most, gone after a second of quiet (tokio's
-    // default, 512 threads kept for 10 s, showed as threads appearing after each reload).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(2)
-        .thread_keep_alive(std::time::Duration::from_secs(1))
-        .build()
-        .map_err(|e| Failure::runtime(format!("cannot start the runtime: {e}")))?;
-    runtime
-        .block_on(supervisor::run(config, options))
-        .map_err(|error| match error {
-            SupervisorError::Invalid(_) => Failure::usage(error.to_string()),
-            _ => Failure::runtime(error.to_string()),
-        })
+    options
 }
 
 /// Makes the embedded preload library loadable and gives it to the engine, for pools with

@@ -53,6 +53,7 @@
 pub mod accounts;
 pub mod config;
 pub mod control;
+pub mod handover;
 pub mod ipc;
 pub mod listening;
 pub mod logbook;
@@ -68,3 +69,7 @@ pub mod spawn;
 pub mod status;
 pub mod supervisor;
 mod sys;
+
+/// The version of ustad (the engine's crate version, which every crate of the workspace
+/// shares).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -609,6 +609,8 @@ mod tests {
                     before_start: None,
                 },
             ],
+            version: String::new(),
+            upgrade: None,
         }
     }
 

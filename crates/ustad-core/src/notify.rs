@@ -39,7 +39,16 @@ pub struct Datagram {
 pub struct NotifySocket {
     socket: tokio::net::UnixDatagram,
     path: PathBuf,
-    dir: tempfile::TempDir,
+    /// Its private directory, removed with the socket on drop.
+    dir: PathBuf,
+}
+
+/// A [`NotifySocket`] as numbers, for an upgrade's handover document.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HandedNotify {
+    fd: std::os::fd::RawFd,
+    path: PathBuf,
+    dir: PathBuf,
 }
 
 impl NotifySocket {
@@ -58,6 +67,7 @@ impl NotifySocket {
             .tempdir_in(base)?;
         let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path)?;
+        let dir = dir.keep();
         socket.set_nonblocking(true)?;
         sockopt::set_socket_passcred(&socket, true)?;
         Ok(NotifySocket {
@@ -74,7 +84,7 @@ impl NotifySocket {
     /// # Errors
     /// When the permissions cannot be changed.
     pub fn open_to_other_users(&self) -> io::Result<()> {
-        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o711))?;
         std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o666))
     }
 
@@ -86,7 +96,36 @@ impl NotifySocket {
     /// What to remove should the primary die without dropping this: the socket, then its
     /// directory.
     pub fn paths(&self) -> [PathBuf; 2] {
-        [self.path.clone(), self.dir.path().to_owned()]
+        [self.path.clone(), self.dir.clone()]
+    }
+
+    /// Describes the socket, marking it to survive the exec.
+    ///
+    /// # Errors
+    /// When its flags cannot be changed.
+    pub fn hand_over(&self, keep: &mut crate::handover::Keep) -> io::Result<HandedNotify> {
+        Ok(HandedNotify {
+            fd: keep.fd(self.socket.as_fd())?,
+            path: self.path.clone(),
+            dir: self.dir.clone(),
+        })
+    }
+
+    /// The socket `handed` describes. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// When it was not handed over, or cannot be registered.
+    pub fn take_over(
+        handed: HandedNotify,
+        fds: &mut crate::handover::HandedFds,
+    ) -> io::Result<NotifySocket> {
+        let socket = UnixDatagram::from(fds.get(handed.fd, "the notify socket")?);
+        socket.set_nonblocking(true)?;
+        Ok(NotifySocket {
+            socket: tokio::net::UnixDatagram::from_std(socket)?,
+            path: handed.path,
+            dir: handed.dir,
+        })
     }
 
     /// Waits for the next datagram.
@@ -94,6 +133,13 @@ impl NotifySocket {
         self.socket
             .async_io(Interest::READABLE, || receive(&self.socket))
             .await
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 

@@ -17,12 +17,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter, Interest};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
@@ -221,7 +222,12 @@ pub struct OutputRelay {
     writer: JoinHandle<()>,
     /// Per pool: its `address_in_use` hint, shared by its workers.
     hints: HashMap<String, Arc<Hint>>,
+    /// Each worker's pipes (by worker id): stdout, stderr, while their readers hold them.
+    pipes: HashMap<u64, [Weak<Pipe>; 2]>,
 }
+
+/// A worker's pipe, registered with the runtime.
+type Pipe = AsyncFd<OwnedFd>;
 
 impl OutputRelay {
     /// Starts the writer task (on the current tokio runtime).
@@ -240,6 +246,7 @@ impl OutputRelay {
             readers: JoinSet::new(),
             writer,
             hints: HashMap::new(),
+            pipes: HashMap::new(),
         }
     }
 
@@ -251,6 +258,7 @@ impl OutputRelay {
             mut readers,
             writer,
             hints: _,
+            pipes: _,
         } = self;
         drop(queue);
         let drained = tokio::time::timeout(grace, async {
@@ -312,6 +320,53 @@ impl OutputRelay {
         );
     }
 
+    /// The pipes of worker `id` still relayed (stdout, stderr), marked to survive an
+    /// upgrade's exec.
+    ///
+    /// # Errors
+    /// When their flags cannot be changed.
+    pub fn hand_over(
+        &self,
+        id: u64,
+        keep: &mut crate::handover::Keep,
+    ) -> std::io::Result<[Option<RawFd>; 2]> {
+        let mut numbers = [None, None];
+        if let Some(pipes) = self.pipes.get(&id) {
+            for (number, pipe) in numbers.iter_mut().zip(pipes) {
+                if let Some(pipe) = pipe.upgrade() {
+                    *number = Some(keep.fd(pipe.get_ref())?);
+                }
+            }
+        }
+        Ok(numbers)
+    }
+
+    /// Relays the pipes of a worker that an upgrade handed over, as
+    /// [`attach_child`](OutputRelay::attach_child) does for a worker just started.
+    pub fn take_over(
+        &mut self,
+        source: Source<'_>,
+        [stdout, stderr]: [Option<OwnedFd>; 2],
+        spec: &crate::config::PoolSpec,
+    ) {
+        let (stdout_target, stderr_target) = spec.outputs();
+        let log_file = |target: OutputTarget| match target {
+            OutputTarget::File(path) => Some(LogFile {
+                path,
+                max_size: spec.log_max_size.map(|size| size.0),
+                keep: spec.log_keep,
+            }),
+            _ => None,
+        };
+        self.attach(
+            source,
+            (stdout, log_file(stdout_target)),
+            (stderr, log_file(stderr_target)),
+            None,
+            spec.log_rate_limit,
+        );
+    }
+
     /// Relays a worker's output streams until they close: to the primary's own streams, or,
     /// for a stream with a log file, to that file. `hint` is logged (once for the pool) if the
     /// worker says an address is already in use.
@@ -353,23 +408,40 @@ impl OutputRelay {
         });
         // Forget readers that are done, so the set does not grow with every restart.
         while self.readers.try_join_next().is_some() {}
-        if let Some(stdout) = stdout {
+        self.pipes
+            .retain(|_, pipes| pipes.iter().any(|pipe| pipe.strong_count() > 0));
+        let mut registered = [Weak::new(), Weak::new()];
+        for (at, (pipe, stream, file)) in [
+            (stdout, Stream::Stdout, stdout_file),
+            (stderr, Stream::Stderr, stderr_file),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let Some(pipe) = pipe.and_then(register_pipe) else {
+                continue;
+            };
+            registered[at] = Arc::downgrade(&pipe);
             self.readers.spawn(read_lines(
-                stdout,
-                (Stream::Stdout, stdout_file.map(Arc::new)),
+                pipe,
+                (stream, file.map(Arc::new)),
                 prefix.clone(),
                 self.queue.clone(),
             ));
         }
-        if let Some(stderr) = stderr {
-            self.readers.spawn(read_lines(
-                stderr,
-                (Stream::Stderr, stderr_file.map(Arc::new)),
-                prefix,
-                self.queue.clone(),
-            ));
+        if id != 0 {
+            self.pipes.insert(id, registered);
         }
     }
+}
+
+/// A worker's pipe, ready to be read without blocking the supervisor's thread (tokio hands a
+/// child's pipe over in blocking mode); `None` if it cannot be.
+fn register_pipe(pipe: OwnedFd) -> Option<Arc<Pipe>> {
+    rustix::io::ioctl_fionbio(&pipe, true).ok()?;
+    crate::sys::register_fd(pipe, Interest::READABLE)
+        .ok()
+        .map(Arc::new)
 }
 
 /// Bytes read from a pipe at once, into a buffer that every reader of the thread shares.
@@ -386,19 +458,11 @@ thread_local! {
 /// ended yet. (A buffer per pipe, 8 KiB twice per worker, was 18 KiB of the primary's memory
 /// per worker, most of it for a thousand workers that rarely write.)
 async fn read_lines(
-    pipe: OwnedFd,
+    pipe: Arc<Pipe>,
     (stream, file): (Stream, Option<Arc<LogFile>>),
     prefix: Arc<Prefix>,
     queue: mpsc::Sender<Relayed>,
 ) {
-    // Never a blocking read on the supervisor's thread (tokio hands a child's pipe over in
-    // blocking mode).
-    if rustix::io::ioctl_fionbio(&pipe, true).is_err() {
-        return;
-    }
-    let Ok(pipe) = crate::sys::register_fd(pipe, Interest::READABLE) else {
-        return;
-    };
     let mut partial = Vec::new();
     let mut lines = Vec::new();
     let mut open = true;

@@ -17,6 +17,9 @@ pub struct ProcStat {
     pub cpu_ticks: u64,
     /// Resident set size, in pages.
     pub rss_pages: u64,
+    /// When the process started, in clock ticks after boot: with the pid, names one process
+    /// for the life of the machine (a pid is reused, never with the same start time).
+    pub start_ticks: u64,
 }
 
 /// Reads `/proc/<pid>/stat`; `None` if the process is gone.
@@ -41,13 +44,15 @@ fn parse_stat(line: &str) -> Option<ProcStat> {
     // the sum (through their parent), so a group's CPU time does not go down.
     let cutime = rest.next()?.parse::<i64>().ok()?.max(0) as u64;
     let cstime = rest.next()?.parse::<i64>().ok()?.max(0) as u64;
-    let rss_pages = rest.nth(6)?.parse::<i64>().ok()?.max(0) as u64;
+    let start_ticks = rest.nth(4)?.parse().ok()?;
+    let rss_pages = rest.nth(1)?.parse::<i64>().ok()?.max(0) as u64;
     Some(ProcStat {
         state,
         ppid,
         pgrp,
         cpu_ticks: utime + stime + cutime + cstime,
         rss_pages,
+        start_ticks,
     })
 }
 
@@ -153,6 +158,7 @@ mod tests {
                 pgrp: 1234,
                 cpu_ticks: 110,
                 rss_pages: 321,
+                start_ticks: 100,
             })
         );
         assert_eq!(parse_stat("garbage"), None);

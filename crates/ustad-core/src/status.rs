@@ -24,6 +24,35 @@ pub struct ClusterStatus {
     pub shutting_down: bool,
     /// The pools, in configuration order.
     pub pools: Vec<PoolStatus>,
+    /// The version of ustad the primary runs (after an upgrade, the new one).
+    #[serde(default)]
+    pub version: String,
+    /// The primary's last upgrade of itself (`ustad upgrade`), when it had one.
+    #[serde(default)]
+    pub upgrade: Option<UpgradeStatus>,
+}
+
+/// The primary's last upgrade: its program replaced in place, its workers kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeStatus {
+    /// Upgrades since the primary started.
+    pub count: u32,
+    /// The version of ustad it ran before.
+    pub from: String,
+    /// The program it runs now.
+    pub binary: PathBuf,
+    /// When (seconds since the Unix epoch).
+    pub time: f64,
+    /// Milliseconds from the old program's last act (writing its state) to the new one's
+    /// first loop: the time nothing answered the control socket.
+    pub switch_ms: f64,
+    /// Workers the new program took over, with their pids.
+    pub workers_kept: usize,
+    /// Workers that had exited when the new program looked (replaced as crashes are).
+    pub workers_lost: usize,
+    /// When the state could not be taken over: what happened instead.
+    #[serde(default)]
+    pub fallback: Option<String>,
 }
 
 impl ClusterStatus {

@@ -2,8 +2,10 @@
 //! calls std, rustix and tokio have no safe form for here: taking ownership of the fds a
 //! service manager passed to the primary ([`take_listen_fds`]), reading `CLOCK_MONOTONIC`
 //! ([`monotonic_usec`]), registering an fd with the reactor for one direction only
-//! ([`register_fd`]), and reading a notify datagram's credentials, whose pid may be 0
-//! ([`recv_datagram`]).
+//! ([`register_fd`]), reading a notify datagram's credentials, whose pid may be 0
+//! ([`recv_datagram`]), and an upgrade's re-execution in place: the signal mask kept across it
+//! ([`mask_signals`], [`exec_in_place`]) and the fds handed over taken back
+//! ([`take_handed_fds`]).
 //!
 //! Between `fork` and `exec` the child is a copy of a possibly multi-threaded process: it may
 //! only make async-signal-safe calls. Nothing here allocates, locks or logs after the fork.
@@ -676,5 +678,116 @@ mod tests {
         let mut distinct = raw.clone();
         distinct.dedup();
         assert_eq!(distinct.len(), raw.len());
+    }
+}
+
+/// Blocks (`block`) or unblocks the `signals` for this thread. An upgrade blocks the signals
+/// the primary answers before it executes its new program: the mask and what is pending
+/// survive `execve`, while the handlers do not, so a signal that comes while the new program
+/// starts waits for its handlers instead of taking its default action (SIGTERM would end the
+/// primary, SIGTTIN stop it).
+pub(crate) fn mask_signals(signals: &[i32], block: bool) -> io::Result<()> {
+    // SAFETY: sigemptyset/sigaddset only write into the set they are given, which lives on
+    // this stack frame and is initialised by sigemptyset before it is read.
+    let set = unsafe {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        for &signal in signals {
+            libc::sigaddset(set.as_mut_ptr(), signal);
+        }
+        set.assume_init()
+    };
+    let how = if block {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    // SAFETY: `set` is an initialised signal set; the old mask is not asked for (null).
+    match unsafe { libc::pthread_sigmask(how, &set, ptr::null_mut()) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Replaces this process's program with `program`, run with `argv` and the current
+/// environment, keeping its pid, its children, its signal mask and every fd not marked
+/// close-on-exec. Returns only if `execve` failed, with why.
+///
+/// Unlike `std::process::Command::exec`, which resets the signal mask first, this keeps the
+/// mask: see [`mask_signals`].
+pub(crate) fn exec_in_place(program: &CString, argv: &[CString]) -> io::Error {
+    let mut pointers: Vec<*const c_char> = argv.iter().map(|arg| arg.as_ptr()).collect();
+    pointers.push(ptr::null());
+    // SAFETY: `program` and every element of `argv` are NUL-terminated strings that outlive
+    // the call, and `pointers` is NULL-terminated; execv reads `environ` as it stands. It
+    // returns only on failure.
+    unsafe { libc::execv(program.as_ptr(), pointers.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// Whether [`take_handed_fds`] has run: an fd may have only one owner.
+static HANDED_FDS_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of the fds the previous program of this process handed over across its
+/// upgrade (listed in the handover document it wrote), each marked close-on-exec again.
+/// Each number is taken at most once; a number that is not open, or listed twice, gets an
+/// error instead of an fd.
+///
+/// Only the first call takes anything; later calls return `None`.
+pub(crate) fn take_handed_fds(fds: &[RawFd]) -> Option<Vec<io::Result<OwnedFd>>> {
+    if HANDED_FDS_TAKEN.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let taken = fds
+        .iter()
+        .map(|&fd| {
+            if fd < 0 || !seen.insert(fd) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("fd {fd} is listed twice or is not an fd"),
+                ));
+            }
+            // SAFETY: F_GETFD only reads the fd's flags; it fails with EBADF if `fd` is not open.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is open, and has been since this program was executed: the
+            // previous program cleared its close-on-exec flag and wrote its number in the
+            // handover document just before `execve`, so no part of this program opened it
+            // or owns it (an open number is never handed out again). The `seen` set and
+            // `HANDED_FDS_TAKEN` make this the one owner of each number.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+            Ok(owned)
+        })
+        .collect();
+    Some(taken)
+}
+
+/// Marks each of `fds` close-on-exec (again, after an upgrade's exec failed).
+pub(crate) fn close_on_exec(fds: &[RawFd]) {
+    for &fd in fds {
+        // SAFETY: F_SETFD only sets the fd's close-on-exec flag, and fails with EBADF if the
+        // number is not open. Should a number have been closed and reused since it was
+        // collected, the flag is still right: every fd the primary opens is close-on-exec.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
+/// Closes each of `fds` that is open and not close-on-exec (see
+/// `handover::close_leftovers`).
+pub(crate) fn close_inherited(fds: &[RawFd]) {
+    for &fd in fds {
+        // SAFETY: F_GETFD only reads the fd's flags; it fails if `fd` is not open.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags < 0 || flags & libc::FD_CLOEXEC != 0 {
+            continue;
+        }
+        // SAFETY: `fd` is open and not close-on-exec. Every fd this program opens is
+        // close-on-exec (std, tokio, socket2 and rustix open them so), so this one was
+        // inherited across the exec and nothing here owns it: closing it cannot pull an fd
+        // from under an owner.
+        unsafe { libc::close(fd) };
     }
 }

@@ -5,6 +5,7 @@
 mod table;
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -86,6 +87,84 @@ pub(crate) fn reload(target: &Target, pools: Vec<String>, wait: bool) -> ExitCod
         .map_err(|e| Failure::runtime(e.to_string()));
     bars.end(live);
     finish(result)
+}
+
+/// `ustad upgrade [--binary PATH] [--wait]`: the primary checks the new binary and, if it
+/// takes it, executes it in place and closes the connection as it does; with `--wait`, the
+/// new program is asked for its `upgrade` record.
+pub(crate) fn upgrade(target: &Target, binary: Option<PathBuf>, wait: bool) -> ExitCode {
+    let path = match target.resolve() {
+        Ok(path) => path,
+        Err(error) => return Failure::runtime(error).report(),
+    };
+    let before = match status_of(&path) {
+        Ok(status) => status,
+        Err(failure) => return failure.report(),
+    };
+    let count = before.upgrade.as_ref().map_or(0, |upgrade| upgrade.count);
+    let answer = match client::send(&path, &Request::Upgrade { binary }) {
+        Ok(answer) => answer,
+        Err(error) => return Failure::runtime(error.to_string()).report(),
+    };
+    match answer.finish(|_| {}) {
+        Ok(Reply::Error { message }) => return Failure::runtime(message).report(),
+        Ok(other) => {
+            return Failure::runtime(format!("unexpected answer: {other:?}")).report();
+        }
+        // The connection closed without an answer: the primary executed the new program.
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(error) => return Failure::runtime(error.to_string()).report(),
+    }
+    if !wait {
+        println!(
+            "ustad (pid {}) is executing the new program; `ustad status` shows the upgrade",
+            before.pid
+        );
+        return ExitCode::SUCCESS;
+    }
+    // Requests wait in the control socket's backlog while the program changes.
+    let deadline = std::time::Instant::now() + UPGRADE_WAIT;
+    loop {
+        match status_of(&path) {
+            Ok(status) => match status.upgrade {
+                Some(upgrade) if upgrade.count > count => {
+                    println!(
+                        "upgraded ustad {} → {} in place (pid {}): {} workers kept, {} gone; the control socket waited {:.1} ms",
+                        upgrade.from,
+                        status.version,
+                        status.pid,
+                        upgrade.workers_kept,
+                        upgrade.workers_lost,
+                        upgrade.switch_ms
+                    );
+                    return ExitCode::SUCCESS;
+                }
+                _ => {
+                    return Failure::runtime(format!(
+                        "ustad (pid {}) answers, but without a new upgrade: the new program could not take over (see ustad's log)",
+                        status.pid
+                    ))
+                    .report();
+                }
+            },
+            Err(failure) if std::time::Instant::now() >= deadline => return failure.report(),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// How long `upgrade --wait` waits for the new program.
+const UPGRADE_WAIT: Duration = Duration::from_secs(30);
+
+fn status_of(path: &std::path::Path) -> Result<ustad_core::status::ClusterStatus, Failure> {
+    let reply = client::send(path, &Request::Status {})
+        .and_then(|answer| answer.finish(|_| {}))
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    match reply {
+        Reply::Status(status) => Ok(status),
+        Reply::Error { message } => Err(Failure::runtime(message)),
+        other => Err(Failure::runtime(format!("unexpected answer: {other:?}"))),
+    }
 }
 
 /// Progress of `reload --wait`: one line per pool, redrawn in place on a terminal.

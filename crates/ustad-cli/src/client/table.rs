@@ -268,6 +268,8 @@ mod tests {
                 done: false,
                 before_start: None,
             }],
+            version: String::new(),
+            upgrade: None,
         };
         let table = render(&status, false);
         let lines: Vec<&str> = table.lines().collect();

@@ -139,6 +139,8 @@ pub(crate) mod tests {
             config_file: None,
             shutting_down: false,
             pools: Vec::new(),
+            version: String::new(),
+            upgrade: None,
         }
     }
 

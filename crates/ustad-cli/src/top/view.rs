@@ -624,6 +624,8 @@ mod tests {
             config_file: Some(PathBuf::from("/srv/shop/ustad.toml")),
             shutting_down: false,
             pools: vec![web, jobs],
+            version: String::new(),
+            upgrade: None,
         }
     }
 

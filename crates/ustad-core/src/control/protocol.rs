@@ -31,6 +31,16 @@ pub enum Request {
         #[serde(default)]
         wait: bool,
     },
+    /// Replace the primary's own program in place, keeping every worker (see
+    /// `docs/design.md`, "Upgrading ustad itself"). The new binary is checked first; answer:
+    /// `error` if it is refused or cannot be executed, otherwise none: the connection closes
+    /// as the primary executes the new program, which then answers `status` with its
+    /// `upgrade` record.
+    Upgrade {
+        /// The new program; by default the path the primary was started from.
+        #[serde(default)]
+        binary: Option<std::path::PathBuf>,
+    },
     /// Grow or shrink a pool. Answer: `done`.
     Scale {
         /// The pool.

@@ -106,6 +106,35 @@ impl ControlServer {
         &self.path
     }
 
+    /// Describes the socket for an upgrade's handover document (its fd, marked to survive
+    /// the exec, and its path): clients that connect during the exec wait in its backlog.
+    ///
+    /// # Errors
+    /// When its flags cannot be changed.
+    pub fn hand_over(
+        &self,
+        keep: &mut crate::handover::Keep,
+    ) -> io::Result<(std::os::fd::RawFd, PathBuf)> {
+        use std::os::fd::AsFd;
+        Ok((keep.fd(self.listener.as_fd())?, self.path.clone()))
+    }
+
+    /// The socket handed over as `fd`, bound at `path`. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// When it was not handed over, or cannot be registered.
+    pub fn take_over(
+        (fd, path): (std::os::fd::RawFd, PathBuf),
+        fds: &mut crate::handover::HandedFds,
+    ) -> io::Result<ControlServer> {
+        let listener = std::os::unix::net::UnixListener::from(fds.get(fd, "the control socket")?);
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer {
+            listener: UnixListener::from_std(listener)?,
+            path,
+        })
+    }
+
     /// Accepts clients until `calls` is closed, handing each request to the supervisor.
     pub async fn serve(&self, calls: mpsc::Sender<Call>) {
         let streams = Arc::new(Semaphore::new(MAX_STREAMS));

@@ -37,6 +37,12 @@ pub struct ChannelSocket {
     fd: AsyncFd<OwnedFd>,
 }
 
+impl std::os::fd::AsFd for ChannelSocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+}
+
 impl ChannelSocket {
     /// Registers `fd` (a Unix stream socket) with the current runtime, for reading.
     ///

@@ -51,7 +51,7 @@ impl Clock {
         }
     }
 
-    fn to_monotonic(self, at: Instant) -> i64 {
+    pub(crate) fn to_monotonic(self, at: Instant) -> i64 {
         let signed = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
         match at.checked_duration_since(self.instant) {
             Some(after) => self.monotonic_ns.saturating_add(signed(after)),
@@ -61,7 +61,7 @@ impl Clock {
         }
     }
 
-    fn to_instant(self, monotonic_ns: i64) -> Option<Instant> {
+    pub(crate) fn to_instant(self, monotonic_ns: i64) -> Option<Instant> {
         let offset = monotonic_ns.checked_sub(self.monotonic_ns)?;
         let magnitude = Duration::from_nanos(offset.unsigned_abs());
         if offset >= 0 {

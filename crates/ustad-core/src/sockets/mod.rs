@@ -40,8 +40,10 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use crate::config::{Config, ListenAddr, SocketMode, SocketSpec};
 
 mod activation;
+mod handover;
 
 pub use self::activation::{Activation, ActivationError, listen_fds_from};
+pub use self::handover::HandedListeners;
 
 /// The sockets of a configuration cannot be opened; nothing was started.
 #[derive(Debug, thiserror::Error)]

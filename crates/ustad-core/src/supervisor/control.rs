@@ -114,6 +114,7 @@ impl Supervisor {
             } => self.logs(pool, lines, follow, replies),
             Request::Events {} => self.subscribers.push(replies),
             Request::Reload { pools, wait } => self.reload_request(&pools, wait, replies),
+            Request::Upgrade { binary } => self.upgrade_request(binary, Some(replies)),
         }
     }
 

@@ -12,6 +12,13 @@ use tracing::warn;
 
 use crate::sys::{self, GUARD_FORGET, GUARD_RECORD, GUARD_WATCH};
 
+/// A [`Guard`] as numbers, for an upgrade's handover document.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct HandedGuard {
+    pid: u32,
+    pipe: std::os::fd::RawFd,
+}
+
 #[derive(Debug)]
 pub(super) struct Guard {
     /// `None` once closed.
@@ -30,6 +37,36 @@ impl Guard {
             .map(|path| CString::new(path.as_os_str().as_bytes()))
             .collect::<Result<Vec<_>, _>>()?;
         let (pipe, pid): (OwnedFd, Pid) = sys::fork_guard(&cleanup)?;
+        Ok(Guard {
+            pipe: Some(pipe.into()),
+            pid,
+            broken: false,
+            reaped: false,
+        })
+    }
+
+    /// Describes the guard for an upgrade's handover document: its pid, and its pipe, marked
+    /// to survive the exec (the guard must never see end-of-file while the primary lives).
+    pub(super) fn hand_over(&self, keep: &mut crate::handover::Keep) -> io::Result<HandedGuard> {
+        let pipe = self
+            .pipe
+            .as_ref()
+            .filter(|_| !self.broken)
+            .ok_or_else(|| io::Error::other("the guard's pipe is closed"))?;
+        Ok(HandedGuard {
+            pid: self.pid(),
+            pipe: keep.fd(pipe)?,
+        })
+    }
+
+    /// The guard `handed` describes, a child of this process since before the exec.
+    pub(super) fn take_over(
+        handed: &HandedGuard,
+        fds: &mut crate::handover::HandedFds,
+    ) -> io::Result<Guard> {
+        let pipe = fds.get(handed.pipe, "the guard's pipe")?;
+        let pid = Pid::from_raw(i32::try_from(handed.pid).unwrap_or(0))
+            .ok_or_else(|| io::Error::other(format!("guard pid {} is not a pid", handed.pid)))?;
         Ok(Guard {
             pipe: Some(pipe.into()),
             pid,

@@ -83,12 +83,27 @@ impl Supervisor {
             pid: Some(pid),
             generation,
         };
-        self.wire_channel(&worker, pair, spec.ipc);
+        let parent = pair.map(|(parent, child)| {
+            drop(child);
+            parent
+        });
+        self.wire_channel(&worker, parent, spec.ipc);
         if let Some(guard) = &mut self.guard {
             guard.watch(pid);
         }
         self.watch_exit(id, pid, child);
         if spec.ready == Readiness::Listening {
+            self.watch_listening(&worker, spec);
+        }
+        Event::Spawned { id, pid }
+    }
+
+    /// Watches a starting worker of a `ready = "listening"` pool until it listens on its
+    /// sockets.
+    pub(super) fn watch_listening(&mut self, worker: &WorkerRef, spec: &PoolSpec) {
+        let (id, pool, slot) = (worker.id, &*worker.pool, worker.slot);
+        let Some(pid) = worker.pid else { return };
+        {
             let sockets = self
                 .listeners
                 .fds(&spec.sockets, pool, slot)
@@ -105,21 +120,18 @@ impl Supervisor {
             self.listen_watch
                 .watch(id, pid, label, sockets, spec.ready_timeout, now);
         }
-        Event::Spawned { id, pid }
     }
 
     /// Tells the program of the new worker and, when the worker has a message channel (the
-    /// parent's end of `pair`; the child's end is closed here), starts it.
-    fn wire_channel(
+    /// primary's end is `parent`), starts it.
+    pub(super) fn wire_channel(
         &mut self,
         worker: &WorkerRef,
-        pair: Option<(OwnedFd, OwnedFd)>,
+        parent: Option<OwnedFd>,
         ipc: Option<IpcSpec>,
     ) {
-        let channel = match (pair, ipc) {
-            (Some((parent, _child)), Some(ipc)) => {
-                Some((parent, ipc, Outbox::new(crate::ipc::OUTBOX_BYTES)))
-            }
+        let channel = match (parent, ipc) {
+            (Some(parent), Some(ipc)) => Some((parent, ipc, Outbox::new(crate::ipc::OUTBOX_BYTES))),
             _ => None,
         };
         let sink = self.program.as_ref().and_then(|program| {
@@ -140,13 +152,14 @@ impl Supervisor {
             outbox.clone(),
             self.channel_runtime.as_ref(),
         ) {
-            Ok(conns) => {
+            Ok((conns, socket)) => {
                 self.channels.insert(
                     worker.id,
                     link::Outboxes {
                         frames: outbox,
                         conns,
                         protocol: ipc.protocol,
+                        socket,
                     },
                 );
             }
@@ -158,7 +171,7 @@ impl Supervisor {
     }
 
     /// Reports the worker's exit to the loop once its process ends (tokio reaps it).
-    fn watch_exit(&self, id: WorkerId, pid: u32, mut child: tokio::process::Child) {
+    pub(super) fn watch_exit(&self, id: WorkerId, pid: u32, mut child: tokio::process::Child) {
         let exits = self.exits.clone();
         tokio::spawn(async move {
             let status = match child.wait().await {

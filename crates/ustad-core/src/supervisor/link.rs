@@ -139,6 +139,9 @@ pub(super) struct Outboxes {
     pub(super) conns: mpsc::Sender<Handed>,
     /// What the channel speaks.
     pub(super) protocol: IpcProtocol,
+    /// The primary's end of the channel while its reader or writer holds it, to hand over
+    /// in an upgrade.
+    pub(super) socket: std::sync::Weak<ipc::ChannelSocket>,
 }
 
 /// Connections queued for one worker before the acceptor picks another.
@@ -154,7 +157,7 @@ pub(super) fn start_channel(
     sink: Option<Box<dyn FrameSink>>,
     outbox: Outbox,
     runtime: Option<&tokio::runtime::Handle>,
-) -> std::io::Result<mpsc::Sender<Handed>> {
+) -> std::io::Result<(mpsc::Sender<Handed>, std::sync::Weak<ipc::ChannelSocket>)> {
     let runtime = match runtime {
         Some(runtime) => runtime.clone(),
         None => tokio::runtime::Handle::current(),
@@ -169,6 +172,7 @@ pub(super) fn start_channel(
         stream.clone(),
         Some(handed),
     ));
+    let handed_over = Arc::downgrade(&stream);
     let mut receiver = ToProgram {
         worker,
         lifecycle,
@@ -200,7 +204,7 @@ pub(super) fn start_channel(
         }
         outbox.close();
     });
-    Ok(conns)
+    Ok((conns, handed_over))
 }
 
 /// The primary's side of a worker's channel: lifecycle frames go to the supervisor loop, the

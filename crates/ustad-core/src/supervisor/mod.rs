@@ -21,8 +21,10 @@ mod log;
 mod notify;
 mod process_groups;
 mod reload;
+mod resume;
 mod round_robin;
 mod setup;
+mod upgrade;
 mod usage;
 
 use std::collections::{HashMap, VecDeque};
@@ -47,8 +49,10 @@ use crate::sockets::Listeners;
 use self::guard::Guard;
 pub use self::link::{FrameSink, Link, LinkEvent, Program};
 use self::process_groups::{Lingering, signal_group, worker_kill_timeout};
+pub use self::resume::{Handover, HandoverError, take_back_children};
 use self::setup::Inputs;
 pub use self::setup::{Options, Reload, SupervisorError};
+pub use self::upgrade::{CHECK_FLAG, Capabilities, HANDOVER_FLAG, Invocation};
 
 /// Runs the cluster until it is told to stop (SIGINT/SIGTERM) and every worker has exited.
 ///
@@ -59,6 +63,60 @@ pub use self::setup::{Options, Reload, SupervisorError};
 /// the first pool.
 pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError> {
     let (mut supervisor, inputs) = setup::start(config, options)?;
+    if let Some(program) = &supervisor.program {
+        program.event(LinkEvent::Started);
+    }
+    let outcome = supervisor.plan.start(Instant::now());
+    supervisor.perform(outcome);
+    run_loop(supervisor, inputs).await
+}
+
+/// Carries on from where the previous program of this process left off, in an upgrade
+/// (`ustad upgrade`): the same plan, sockets and guard, its workers adopted.
+///
+/// # Errors
+/// When what was handed over cannot be taken (see [`take_back_children`] for what to do
+/// then).
+pub async fn resume(mut handover: Handover, options: Options) -> Result<(), SupervisorError> {
+    let (mut supervisor, inputs, clock) = setup::resume(&mut handover, options)?;
+    let adopted = supervisor.adopt(&mut handover, clock);
+    let left = handover.fds.untaken();
+    if !left.is_empty() {
+        tracing::warn!("upgrade: fds {left:?} were handed over but not taken; closed");
+    }
+    let kept = adopted.len();
+    let lost = handover.document.workers.len().saturating_sub(kept);
+    for worker in adopted {
+        supervisor.watch_adopted(worker);
+    }
+    let record = resume::upgrade_record(&handover, clock, kept, lost);
+    info!(
+        event = "upgraded",
+        from = %record.from,
+        to = crate::VERSION,
+        workers = kept,
+        lost,
+        switch_ms = record.switch_ms,
+        "upgraded from ustad {} to {} in place (pid {}): {kept} workers kept, {lost} gone; nothing answered for {:.1} ms",
+        record.from,
+        crate::VERSION,
+        std::process::id(),
+        record.switch_ms
+    );
+    supervisor.upgraded = Some(record);
+    drop(handover);
+    let now = Instant::now();
+    let outcome = supervisor.plan.tick(now);
+    supervisor.perform(outcome);
+    let status = supervisor.plan.status(now);
+    supervisor
+        .service
+        .ready(&crate::service::summary(&status, false));
+    run_loop(supervisor, inputs).await
+}
+
+/// The loop, until every worker has stopped.
+async fn run_loop(mut supervisor: Supervisor, inputs: Inputs) -> Result<(), SupervisorError> {
     let Inputs {
         mut signals,
         mut exited,
@@ -66,14 +124,9 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
         mut link_calls,
         mut lifecycle_frames,
         mut status_requests,
-        control,
+        mut upgrade_checked,
         servers,
     } = inputs;
-    if let Some(program) = &supervisor.program {
-        program.event(LinkEvent::Started);
-    }
-    let outcome = supervisor.plan.start(Instant::now());
-    supervisor.perform(outcome);
     let mut memory_check = tokio::time::interval(usage::MEMORY_INTERVAL);
     memory_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -113,6 +166,11 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
             _ = signals.tty_in.recv() => supervisor.scale_first_pool(1),
             _ = signals.tty_out.recv() => supervisor.scale_first_pool(-1),
             _ = signals.child.recv() => supervisor.on_child_signal(),
+            _ = signals.upgrade.recv() => {
+                info!(event = "signal", signal = "SIGURG", "SIGURG: upgrading to the program ustad was started from");
+                supervisor.upgrade_request(None, None);
+            }
+            Some(checked) = upgrade_checked.recv() => supervisor.on_upgrade_checked(checked),
             datagram = supervisor.notify.recv() => supervisor.on_datagram(datagram),
             Some(call) = calls.recv() => supervisor.on_call(call),
             Some(call) = async {
@@ -132,7 +190,7 @@ pub async fn run(config: Config, options: Options) -> Result<(), SupervisorError
     for task in servers {
         task.abort();
     }
-    drop(control);
+    drop(supervisor.control.take());
     if supervisor.subreaper {
         supervisor.kill_adopted_orphans().await;
     }
@@ -200,6 +258,18 @@ struct Supervisor {
     rejections: notify::RateLimit,
     /// Starting workers of `ready = "listening"` pools, until they are seen listening.
     listen_watch: listen_watch::ListenWatch,
+    /// How the primary was started, for `ustad upgrade`.
+    invocation: Option<upgrade::Invocation>,
+    /// An upgrade whose new binary is being checked.
+    upgrading: Option<upgrade::Pending>,
+    /// Where checks of new binaries report.
+    upgrade_checks: mpsc::UnboundedSender<upgrade::Checked>,
+    /// The last upgrade, for `status`.
+    upgraded: Option<crate::status::UpgradeStatus>,
+    /// The control server (its socket file goes with it).
+    control: Option<Arc<crate::control::server::ControlServer>>,
+    /// A copy of the metrics server's socket, to hand over in an upgrade.
+    metrics_socket: Option<std::os::fd::OwnedFd>,
 }
 
 /// A child the loop waits for ended.

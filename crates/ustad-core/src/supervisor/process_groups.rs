@@ -25,8 +25,8 @@ pub(super) fn enable_subreaper() -> io::Result<()> {
 /// SIGKILL at `deadline` unless they are gone by then.
 #[derive(Debug)]
 pub(super) struct Lingering {
-    pgid: u32,
-    deadline: Instant,
+    pub(super) pgid: u32,
+    pub(super) deadline: Instant,
 }
 
 impl Supervisor {

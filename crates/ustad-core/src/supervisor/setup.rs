@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,7 +20,9 @@ use super::guard::Guard;
 use super::link::{Lifecycle, Link};
 use super::notify::RateLimit;
 use super::process_groups::enable_subreaper;
+use super::resume::Handover;
 use super::round_robin::RoundRobinAcceptor;
+use super::upgrade::{Checked, HELD_SIGNALS, Invocation};
 use super::usage::Usage;
 use super::{Ended, Supervisor};
 use crate::config::{Config, ConfigError, Problem};
@@ -28,7 +31,7 @@ use crate::ipc::Kind;
 use crate::logbook::LogBook;
 use crate::notify::NotifySocket;
 use crate::output::{OutputRelay, OutputStyle};
-use crate::plan::{Plan, WorkerId};
+use crate::plan::{Clock, Plan, WorkerId};
 use crate::sockets::{BindError, Listeners};
 use crate::status::ClusterStatus;
 
@@ -58,6 +61,9 @@ pub struct Options {
     pub metrics: Option<SocketAddr>,
     /// The embedding program's ends, for the Rust library.
     pub link: Option<Link>,
+    /// How the primary's program was started, so that `ustad upgrade` can execute a new one
+    /// the same way; `None`: upgrades are refused.
+    pub invocation: Option<Invocation>,
 }
 
 impl Default for Options {
@@ -72,6 +78,7 @@ impl Default for Options {
             config_file: None,
             metrics: None,
             link: None,
+            invocation: None,
         }
     }
 }
@@ -88,6 +95,7 @@ impl std::fmt::Debug for Options {
             .field("config_file", &self.config_file)
             .field("metrics", &self.metrics)
             .field("link", &self.link.is_some())
+            .field("invocation", &self.invocation)
             .finish()
     }
 }
@@ -110,6 +118,9 @@ pub enum SupervisorError {
         /// The OS error.
         source: io::Error,
     },
+    /// What an upgrade handed over cannot be taken.
+    #[error("cannot take over from the previous program: {0}")]
+    Resume(String),
     /// The supervisor was called from a multi-threaded runtime.
     #[error(
         "the supervisor must run on a tokio current_thread runtime (workers die with the thread that forked them)"
@@ -131,10 +142,21 @@ pub(super) struct Inputs {
     pub(super) lifecycle_frames: mpsc::UnboundedReceiver<(WorkerId, Result<Kind, String>)>,
     /// Status requests of the metrics server.
     pub(super) status_requests: mpsc::Receiver<oneshot::Sender<ClusterStatus>>,
-    /// The control server (its socket file goes with it).
-    pub(super) control: Option<Arc<ControlServer>>,
+    /// Checks of new binaries for upgrades.
+    pub(super) upgrade_checked: mpsc::UnboundedReceiver<Checked>,
     /// The tasks serving control clients and `/metrics`.
     pub(super) servers: Vec<JoinHandle<()>>,
+}
+
+/// What a fresh start binds, or an upgrade takes over from the previous program.
+struct Bound {
+    listeners: Listeners,
+    control: Option<ControlServer>,
+    metrics: Option<tokio::net::TcpListener>,
+    /// `None`: bound by [`assemble`].
+    notify: Option<NotifySocket>,
+    /// `None`: started by [`assemble`] (when `options.guard`).
+    guard: Option<Guard>,
 }
 
 /// Sets everything up, in order; no worker is started yet (the loop starts them).
@@ -146,45 +168,148 @@ pub(super) fn start(
     config
         .check_privileges()
         .map_err(SupervisorError::Invalid)?;
-    if tokio::runtime::Handle::current().runtime_flavor()
-        != tokio::runtime::RuntimeFlavor::CurrentThread
-    {
-        return Err(SupervisorError::NotCurrentThread);
-    }
-    let setup = |what| move |source| SupervisorError::Setup { what, source };
+    on_current_thread()?;
     let listeners = Listeners::bind(&config)?;
     for (socket, address) in listeners.addresses() {
         info!(event = "listening", socket = %socket, address = %address, "socket {socket} listening on {address}");
     }
     let control = match &options.control {
-        Some(path) => Some(Arc::new(
-            ControlServer::bind(path).map_err(setup("listen on the control socket"))?,
-        )),
+        Some(path) => {
+            Some(ControlServer::bind(path).map_err(setup("listen on the control socket"))?)
+        }
         None => None,
     };
+    let metrics = options.metrics.map(bind_metrics).transpose()?;
+    let plan = Plan::new(&config, seed());
+    let bound = Bound {
+        listeners,
+        control,
+        metrics,
+        notify: None,
+        guard: None,
+    };
+    assemble(config, options, bound, plan, Instant::now())
+}
+
+/// Sets up the primary from what its previous program handed over in an upgrade: the same
+/// sockets, guard and plan; the workers are adopted by the caller.
+pub(super) fn resume(
+    handover: &mut Handover,
+    options: Options,
+) -> Result<(Supervisor, Inputs, Clock), SupervisorError> {
+    on_current_thread()?;
+    let clock = Clock::now();
+    let document = &handover.document;
+    let plan = Plan::restore(document.plan.get(), clock)
+        .map_err(|error| SupervisorError::Resume(error.to_string()))?;
+    let fds = &mut handover.fds;
+    let listeners = Listeners::take_over(document.listeners.clone(), fds)
+        .map_err(setup("take over the sockets"))?;
+    let control = document
+        .control
+        .clone()
+        .map(|control| ControlServer::take_over(control, fds))
+        .transpose()
+        .map_err(setup("take over the control socket"))?;
+    let metrics = document
+        .metrics
+        .map(|fd| {
+            let listener = std::net::TcpListener::from(fds.get(fd, "the metrics socket")?);
+            listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(listener)
+        })
+        .transpose()
+        .map_err(setup("take over the metrics socket"))?;
+    let notify = NotifySocket::take_over(document.notify.clone(), fds)
+        .map_err(setup("take over the notify socket"))?;
+    let guard = document
+        .guard
+        .as_ref()
+        .map(|guard| Guard::take_over(guard, fds))
+        .transpose()
+        .map_err(setup("take over the guard"))?;
+    let started = clock
+        .to_instant(document.started_ns)
+        .unwrap_or_else(Instant::now);
+    let bound = Bound {
+        listeners,
+        control,
+        metrics,
+        notify: Some(notify),
+        guard,
+    };
+    let (supervisor, inputs) = assemble(document.config.clone(), options, bound, plan, started)?;
+    // The handlers are in place: what came while the program changed is delivered now.
+    crate::sys::mask_signals(&HELD_SIGNALS, false).map_err(setup("unblock signals"))?;
+    Ok((supervisor, inputs, clock))
+}
+
+fn on_current_thread() -> Result<(), SupervisorError> {
+    if tokio::runtime::Handle::current().runtime_flavor()
+        != tokio::runtime::RuntimeFlavor::CurrentThread
+    {
+        return Err(SupervisorError::NotCurrentThread);
+    }
+    Ok(())
+}
+
+fn setup(what: &'static str) -> impl Fn(io::Error) -> SupervisorError {
+    move |source| SupervisorError::Setup { what, source }
+}
+
+/// The rest of the set-up, the same for a fresh start and an upgrade, in order.
+fn assemble(
+    config: Config,
+    options: Options,
+    bound: Bound,
+    plan: Plan,
+    started: Instant,
+) -> Result<(Supervisor, Inputs), SupervisorError> {
+    let Bound {
+        listeners,
+        control,
+        metrics,
+        notify,
+        guard,
+    } = bound;
+    let control = control.map(Arc::new);
     if let Some(control) = &control {
         info!(event = "control", path = %control.path().display(), "control socket {}", control.path().display());
     }
-    let metrics = options.metrics.map(bind_metrics).transpose()?;
+    let metrics_socket = metrics
+        .as_ref()
+        .map(|listener| listener.as_fd().try_clone_to_owned())
+        .transpose()
+        .map_err(setup("serve metrics"))?;
     if options.subreaper {
         enable_subreaper().map_err(setup("become a child subreaper"))?;
     }
     let signals = Signals::new().map_err(setup("install signal handlers"))?;
-    let notify = NotifySocket::bind().map_err(setup("bind the notify socket"))?;
-    if config.runs_other_users() {
-        notify
-            .open_to_other_users()
-            .map_err(setup("open the notify socket to the pools' users"))?;
-    }
+    let notify = match notify {
+        Some(notify) => notify,
+        None => {
+            let notify = NotifySocket::bind().map_err(setup("bind the notify socket"))?;
+            if config.runs_other_users() {
+                notify
+                    .open_to_other_users()
+                    .map_err(setup("open the notify socket to the pools' users"))?;
+            }
+            notify
+        }
+    };
     let mut guard_cleanup = notify.paths().to_vec();
     if let Some(control) = &control {
         guard_cleanup.insert(0, control.path().to_owned());
     }
-    let guard = match options.guard {
-        true => Some(Guard::start(&guard_cleanup).map_err(setup("start the guard process"))?),
-        false => None,
+    let guard = match (options.guard, guard) {
+        (_, Some(guard)) => Some(guard),
+        (true, None) => {
+            Some(Guard::start(&guard_cleanup).map_err(setup("start the guard process"))?)
+        }
+        (false, None) => None,
     };
     let (exits, exited) = mpsc::unbounded_channel();
+    let (upgrade_checks, upgrade_checked) = mpsc::unbounded_channel();
     let (calls_tx, calls) = mpsc::channel::<Call>(64);
     let serving = control
         .clone()
@@ -215,7 +340,7 @@ pub(super) fn start(
         lifecycle,
         channels: HashMap::new(),
         round_robin,
-        plan: Plan::new(&config, seed()),
+        plan,
         config,
         listeners,
         notify,
@@ -225,7 +350,7 @@ pub(super) fn start(
         service: crate::service::ServiceNotifier::from_env(),
         name: options.name,
         config_file: options.config_file,
-        started: Instant::now(),
+        started,
         usage: Usage::default(),
         subscribers: Vec::new(),
         stop_waiters: Vec::new(),
@@ -241,6 +366,12 @@ pub(super) fn start(
         finished: false,
         rejections: RateLimit::default(),
         listen_watch: Default::default(),
+        invocation: options.invocation,
+        upgrading: None,
+        upgrade_checks,
+        upgraded: None,
+        control,
+        metrics_socket,
     };
     let inputs = Inputs {
         signals,
@@ -249,7 +380,7 @@ pub(super) fn start(
         link_calls,
         lifecycle_frames,
         status_requests,
-        control,
+        upgrade_checked,
         servers: [serving, metrics_server].into_iter().flatten().collect(),
     };
     Ok((supervisor, inputs))
@@ -289,6 +420,8 @@ pub(super) struct Signals {
     pub(super) tty_in: SignalStream,
     pub(super) tty_out: SignalStream,
     pub(super) child: SignalStream,
+    /// SIGURG: upgrade to the program at the path the primary was started from.
+    pub(super) upgrade: SignalStream,
 }
 
 impl Signals {
@@ -302,6 +435,7 @@ impl Signals {
             tty_in: signal(SignalKind::from_raw(libc::SIGTTIN))?,
             tty_out: signal(SignalKind::from_raw(libc::SIGTTOU))?,
             child: signal(SignalKind::child())?,
+            upgrade: signal(SignalKind::from_raw(libc::SIGURG))?,
         })
     }
 }

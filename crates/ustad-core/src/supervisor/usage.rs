@@ -40,6 +40,8 @@ impl Supervisor {
             config_file: self.config_file.clone(),
             shutting_down: self.plan.is_shutting_down(),
             pools,
+            version: crate::VERSION.to_owned(),
+            upgrade: self.upgraded.clone(),
         }
     }
 
