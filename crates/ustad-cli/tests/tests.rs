@@ -18,6 +18,7 @@ mod preload;
 mod rollout;
 mod systemd;
 mod top;
+mod upgrade;
 mod users;
 mod util;
 mod workers;

@@ -830,7 +830,13 @@ mod tests {
             hint: None,
             limit: limit.map(|limit| Mutex::new(RateWindow::new(limit, Instant::now()))),
         });
-        read_lines(read, (Stream::Stdout, None), prefix, queue).await;
+        read_lines(
+            register_pipe(read).expect("a pipe"),
+            (Stream::Stdout, None),
+            prefix,
+            queue,
+        )
+        .await;
         writer.join().unwrap();
         let mut out = Vec::new();
         while let Ok(line) = lines.try_recv() {
@@ -958,7 +964,12 @@ mod tests {
             hint: None,
             limit: None,
         });
-        let reader = tokio::spawn(read_lines(read, (Stream::Stdout, None), prefix, queue));
+        let reader = tokio::spawn(read_lines(
+            register_pipe(read).expect("a pipe"),
+            (Stream::Stdout, None),
+            prefix,
+            queue,
+        ));
         let text = |relayed: Option<Relayed>| match relayed {
             Some(Relayed::Line(line)) => line.text,
             other => panic!("not a line: {other:?}"),
@@ -1034,14 +1045,20 @@ mod tests {
         });
         let (stdout, out_writer) = filled_pipe(b"to stdout\n");
         read_lines(
-            stdout,
+            register_pipe(stdout).expect("a pipe"),
             (Stream::Stdout, None),
             prefix.clone(),
             queue.clone(),
         )
         .await;
         let (stderr, err_writer) = filled_pipe(b"to stderr\n");
-        read_lines(stderr, (Stream::Stderr, None), prefix, queue).await;
+        read_lines(
+            register_pipe(stderr).expect("a pipe"),
+            (Stream::Stderr, None),
+            prefix,
+            queue,
+        )
+        .await;
         out_writer.join().unwrap();
         err_writer.join().unwrap();
         writer.await.unwrap();

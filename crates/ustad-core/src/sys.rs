@@ -645,42 +645,6 @@ pub(crate) fn user_groups(name: &str, primary: u32) -> io::Result<Vec<u32>> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listen_pid_is_written_in_place_with_a_terminating_nul() {
-        let mut image = ExecImage::new(
-            CString::new("/bin/true").unwrap(),
-            vec![CString::new("true").unwrap()],
-            vec![CString::new("A=1").unwrap()],
-            true,
-        );
-        image.fill_listen_pid();
-        // SAFETY: the pointer is valid for the image's lifetime; test-only read.
-        let written = unsafe { std::ffi::CStr::from_ptr(image.envp_ptrs[1]) };
-        assert_eq!(
-            written.to_str().unwrap(),
-            format!("LISTEN_PID={}", std::process::id())
-        );
-        assert!(image.envp_ptrs[2].is_null());
-        assert!(image.argv_ptrs[1].is_null());
-    }
-
-    #[test]
-    fn reserving_low_fds_returns_only_fds_below_the_limit() {
-        // Other test threads open and close fds concurrently, so only what the call returns
-        // can be checked here; the integration tests check what workers receive.
-        let reserved = reserve_low_fds(40).unwrap();
-        let raw: Vec<RawFd> = reserved.iter().map(AsRawFd::as_raw_fd).collect();
-        assert!(raw.iter().all(|fd| (3..40).contains(fd)), "{raw:?}");
-        let mut distinct = raw.clone();
-        distinct.dedup();
-        assert_eq!(distinct.len(), raw.len());
-    }
-}
-
 /// Blocks (`block`) or unblocks the `signals` for this thread. An upgrade blocks the signals
 /// the primary answers before it executes its new program: the mask and what is pending
 /// survive `execve`, while the handlers do not, so a signal that comes while the new program
@@ -789,5 +753,41 @@ pub(crate) fn close_inherited(fds: &[RawFd]) {
         // inherited across the exec and nothing here owns it: closing it cannot pull an fd
         // from under an owner.
         unsafe { libc::close(fd) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_pid_is_written_in_place_with_a_terminating_nul() {
+        let mut image = ExecImage::new(
+            CString::new("/bin/true").unwrap(),
+            vec![CString::new("true").unwrap()],
+            vec![CString::new("A=1").unwrap()],
+            true,
+        );
+        image.fill_listen_pid();
+        // SAFETY: the pointer is valid for the image's lifetime; test-only read.
+        let written = unsafe { std::ffi::CStr::from_ptr(image.envp_ptrs[1]) };
+        assert_eq!(
+            written.to_str().unwrap(),
+            format!("LISTEN_PID={}", std::process::id())
+        );
+        assert!(image.envp_ptrs[2].is_null());
+        assert!(image.argv_ptrs[1].is_null());
+    }
+
+    #[test]
+    fn reserving_low_fds_returns_only_fds_below_the_limit() {
+        // Other test threads open and close fds concurrently, so only what the call returns
+        // can be checked here; the integration tests check what workers receive.
+        let reserved = reserve_low_fds(40).unwrap();
+        let raw: Vec<RawFd> = reserved.iter().map(AsRawFd::as_raw_fd).collect();
+        assert!(raw.iter().all(|fd| (3..40).contains(fd)), "{raw:?}");
+        let mut distinct = raw.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), raw.len());
     }
 }

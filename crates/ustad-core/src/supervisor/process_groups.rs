@@ -151,7 +151,11 @@ impl Supervisor {
     /// processes adopted as a subreaper (or as PID 1). The others are reaped by their own tasks.
     pub(super) fn reap_adopted(&self) {
         for pid in procfs::own_children() {
-            if self.plan.worker_by_pid(pid).is_some() || self.is_guard(pid) || self.is_hook(pid) {
+            if self.plan.worker_by_pid(pid).is_some()
+                || self.is_guard(pid)
+                || self.is_hook(pid)
+                || self.is_upgrade_check(pid)
+            {
                 continue;
             }
             if procfs::stat(pid).is_some_and(|stat| stat.state == 'Z') {

@@ -98,6 +98,8 @@ pub(super) struct Pending {
     binary: PathBuf,
     replies: Option<mpsc::Sender<Reply>>,
     requested: Instant,
+    /// The check's process, while it runs.
+    check_pid: Option<u32>,
 }
 
 /// The result of a check, for the loop.
@@ -188,17 +190,30 @@ impl Supervisor {
             "upgrade: checking {}",
             binary.display()
         );
+        let checked = self.upgrade_checks.clone();
+        // Spawned here, so that its pid is known before it can exit: a subreaper reaps the
+        // children it does not know (`reap_adopted`).
+        let (check, check_pid) = match spawn_check(&binary, &invocation.args) {
+            Ok(spawned) => spawned,
+            Err(why) => return refuse(why),
+        };
         self.upgrading = Some(Pending {
             binary: binary.clone(),
             replies,
             requested: Instant::now(),
+            check_pid,
         });
-        let args = invocation.args.clone();
-        let checked = self.upgrade_checks.clone();
         tokio::spawn(async move {
-            let result = check_binary(&binary, &args).await;
+            let result = check_binary(&binary, check).await;
             let _ = checked.send((binary, result));
         });
+    }
+
+    /// Whether `pid` is the check of an upgrade's new binary.
+    pub(super) fn is_upgrade_check(&self, pid: u32) -> bool {
+        self.upgrading
+            .as_ref()
+            .is_some_and(|pending| pending.check_pid == Some(pid))
     }
 
     /// What keeps the primary from upgrading now, if anything.
@@ -414,9 +429,11 @@ fn exec_argv(invocation: &Invocation, memfd: RawFd) -> io::Result<Vec<CString>> 
         .collect()
 }
 
-/// Runs `binary --upgrade-check ARGS…` and reads what it says it is.
-async fn check_binary(binary: &Path, args: &[OsString]) -> Result<Capabilities, String> {
-    let shown = binary.display();
+/// Starts `binary --upgrade-check ARGS…`.
+fn spawn_check(
+    binary: &Path,
+    args: &[OsString],
+) -> Result<(tokio::process::Child, Option<u32>), String> {
     let child = tokio::process::Command::new(binary)
         .arg(CHECK_FLAG)
         .args(args)
@@ -425,7 +442,14 @@ async fn check_binary(binary: &Path, args: &[OsString]) -> Result<Capabilities, 
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|error| format!("cannot run {shown}: {error}"))?;
+        .map_err(|error| format!("cannot run {}: {error}", binary.display()))?;
+    let pid = child.id();
+    Ok((child, pid))
+}
+
+/// Reads what the new binary says it is.
+async fn check_binary(binary: &Path, child: tokio::process::Child) -> Result<Capabilities, String> {
+    let shown = binary.display();
     let output = match tokio::time::timeout(CHECK_TIMEOUT, child.wait_with_output()).await {
         Ok(Ok(output)) => output,
         Ok(Err(error)) => return Err(format!("cannot run {shown}: {error}")),

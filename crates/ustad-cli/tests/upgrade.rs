@@ -1,0 +1,283 @@
+//! `ustad upgrade`: the primary replaces its own program in place. Under load, every worker
+//! keeps its pid and keeps serving, not one request fails, a rollout started before goes on
+//! after, a worker's channel and output still reach the primary, a worker killed after is
+//! replaced, and the guard still takes everything down when the new program is SIGKILLed. A
+//! binary that cannot take over is refused and nothing changes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use ustad_testkit::Signal;
+use ustad_testkit::load::{self, LoadOptions};
+use ustad_testkit::process::wait_dead;
+
+use crate::util::{Run, TIMEOUT, signal_pid, ustad};
+
+fn fixture(name: &str) -> String {
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", name]
+        .iter()
+        .collect();
+    path.to_string_lossy().into_owned()
+}
+
+/// A copy of the ustad binary at another path: the "new version" (`/proc/PID/exe` tells
+/// which program the primary runs).
+fn next_binary(dir: &Path) -> PathBuf {
+    let next = dir.join("ustad-next");
+    std::fs::copy(ustad(), &next).expect("copying the ustad binary");
+    next
+}
+
+fn status(run: &Run) -> Value {
+    let out = run.client(&["status", "--json"]).ok();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
+}
+
+/// Each live worker of `pool`: id → pid.
+fn workers(status: &Value, pool: &str) -> BTreeMap<u64, u64> {
+    status["pools"]
+        .as_array()
+        .expect("pools")
+        .iter()
+        .filter(|p| p["name"] == pool)
+        .flat_map(|p| p["workers"].as_array().expect("workers").iter())
+        .map(|w| {
+            (
+                w["id"].as_u64().expect("id"),
+                w["pid"].as_u64().expect("pid"),
+            )
+        })
+        .collect()
+}
+
+fn exe_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).expect("reading /proc/PID/exe")
+}
+
+#[test]
+fn an_upgrade_under_load_keeps_every_worker_and_loses_no_request() {
+    let ustad_path = ustad().to_string_lossy().into_owned();
+    let run = Run::with_config(&format!(
+        r#"
+        [sockets.web]
+        listen = "127.0.0.1:0"
+
+        [pools.web]
+        command = ["{ustad_path}", "demo-worker", "--idle-grace", "300ms"]
+        size = 4
+        sockets = ["web"]
+        ready = "notify"
+
+        [pools.lib]
+        command = ["python3", "{worker}"]
+        size = 1
+        ipc = "ustad"
+        ready = "message"
+        kill_timeout = "20s"
+
+        [pools.slow]
+        command = ["sleep", "300"]
+        size = 2
+        ready = "delay:1500ms"
+        "#,
+        worker = fixture("channel_worker.py"),
+    ));
+    let primary = run.cluster.pid();
+    run.wait_ready(7);
+    let next = next_binary(run.dir.path());
+    let before = status(&run);
+    let web_before = workers(&before, "web");
+    let lib_before = workers(&before, "lib");
+    assert_eq!(web_before.len(), 4, "{before}");
+    assert_eq!(lib_before.len(), 1, "{before}");
+    assert!(before["upgrade"].is_null(), "{before}");
+
+    let mut options = LoadOptions::new(run.addr("web"));
+    options.connections = 8;
+    options.keep_alive = false;
+    options.max_duration = Duration::from_secs(90);
+    let load = load::start(options);
+    assert!(load.wait_for_ok(200, TIMEOUT), "load: {}", load.snapshot());
+
+    // A rollout of `slow` is under way (each replacement takes 1.5 s to be ready) when the
+    // primary changes its program.
+    let since = run.cluster.event_count();
+    run.client(&["restart", "slow"]).ok();
+    run.cluster.wait_event_since(
+        since,
+        |e| e.is("spawned") && e.str("pool") == Some("slow"),
+        TIMEOUT,
+    );
+    let said = run
+        .client(&[
+            "upgrade",
+            "--wait",
+            "--binary",
+            next.to_str().expect("UTF-8"),
+        ])
+        .ok();
+    assert!(said.contains("upgraded ustad"), "{said}");
+    // 4 web, 1 lib, 2 slow and the first replacement of the rollout.
+    assert!(said.contains("8 workers kept, 0 gone"), "{said}");
+
+    assert_eq!(exe_of(primary), next, "the primary runs the new program");
+    let after = status(&run);
+    assert_eq!(after["pid"].as_u64(), Some(u64::from(primary)), "{after}");
+    assert_eq!(
+        workers(&after, "web"),
+        web_before,
+        "web workers kept: {after}"
+    );
+    assert_eq!(
+        workers(&after, "lib"),
+        lib_before,
+        "lib worker kept: {after}"
+    );
+    assert_eq!(after["upgrade"]["count"], 1, "{after}");
+    assert_eq!(after["upgrade"]["workers_kept"], 8, "{after}");
+    assert_eq!(after["version"], env!("CARGO_PKG_VERSION"), "{after}");
+    // The primary's uptime went on across the exec.
+    assert!(
+        after["uptime_secs"].as_f64() >= before["uptime_secs"].as_f64(),
+        "{before} → {after}"
+    );
+
+    // The rollout started before the upgrade finishes after it.
+    let finished = run.cluster.wait_event_since(
+        since,
+        |e| e.is("rollout_finished") && e.str("pool") == Some("slow"),
+        TIMEOUT,
+    );
+    assert_eq!(finished.u64("replaced"), Some(2), "{finished}");
+
+    // The load went on through the upgrade without a failure.
+    let served = load.snapshot().ok;
+    assert!(
+        load.wait_for_ok(served + 200, TIMEOUT),
+        "requests stopped after the upgrade"
+    );
+    let report = load.stop();
+    assert_eq!(
+        report.failed, 0,
+        "failed requests across the upgrade: {report}"
+    );
+
+    // The library worker's channel crossed the exec: restarting its pool sends it the `stop`
+    // frame (it ignores its stop signal), and what it prints comes through its relayed stdout.
+    let lib_pid = *lib_before.values().next().expect("a lib worker");
+    let since = run.cluster.event_count();
+    run.client(&["restart", "lib"]).ok();
+    let line = run.cluster.wait_stdout_line(
+        |line| line.contains(&format!("channel worker {lib_pid}: stop frame received")),
+        TIMEOUT,
+    );
+    assert!(line.contains("lib.0"), "relayed with its prefix: {line}");
+    let exited = run.cluster.wait_event_since(
+        since,
+        |e| e.is("exited") && e.u64("pid") == Some(lib_pid),
+        TIMEOUT,
+    );
+    assert_eq!(exited.u64("code"), Some(0), "{exited}");
+
+    // A worker killed after the upgrade is replaced.
+    let (&id, &victim) = web_before.iter().next().expect("a web worker");
+    let since = run.cluster.event_count();
+    signal_pid(victim as u32, Signal::KILL);
+    let exited = run.cluster.wait_event_since(
+        since,
+        |e| e.is("exited") && e.u64("id") == Some(id),
+        TIMEOUT,
+    );
+    assert_eq!(exited.str("reason"), Some("crash"), "{exited}");
+    run.cluster.wait_event_since(
+        since,
+        |e| e.is("ready") && e.str("pool") == Some("web"),
+        TIMEOUT,
+    );
+
+    // The guard still watches every worker: SIGKILL the new program, and all of them go.
+    let last = status(&run);
+    let pids: Vec<u64> = ["web", "lib", "slow"]
+        .iter()
+        .flat_map(|pool| workers(&last, pool).into_values())
+        .collect();
+    assert_eq!(pids.len(), 7, "{last}");
+    run.cluster
+        .signal(Signal::KILL)
+        .expect("SIGKILL to the primary");
+    for pid in pids {
+        assert!(
+            wait_dead(pid as u32, TIMEOUT),
+            "worker {pid} outlived the SIGKILLed primary"
+        );
+    }
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_cannot_take_over_is_refused_and_changes_nothing() {
+    let ustad_path = ustad().to_string_lossy().into_owned();
+    let mut run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &ustad_path,
+        "demo-worker",
+    ]);
+    let primary = run.cluster.pid();
+    run.wait_ready(2);
+    let before = workers(&status(&run), "app");
+    let exe = exe_of(primary);
+
+    // Not a ustad; a ustad whose state versions differ; not there at all.
+    let other_version = run.path("ustad-other");
+    std::fs::write(
+        &other_version,
+        "#!/bin/sh\necho '{\"ustad\":\"9.0.0\",\"state_versions\":[99]}'\n",
+    )
+    .expect("writing a script");
+    std::fs::set_permissions(
+        &other_version,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let cases = [
+        ("/bin/true", "is not a ustad that can take over"),
+        ("/bin/sleep", "is not a ustad that can take over"),
+        (
+            other_version.to_str().expect("UTF-8"),
+            "reads state versions [99]",
+        ),
+        ("/nonexistent/ustad", "cannot run /nonexistent/ustad"),
+    ];
+    for (binary, why) in cases {
+        let out = run.client(&["upgrade", "--wait", "--binary", binary]);
+        assert_eq!(out.code, Some(1), "{binary}: {out:#?}");
+        assert!(
+            out.stderr.contains("upgrade refused") && out.stderr.contains(why),
+            "{binary}: {out:#?}"
+        );
+    }
+    let after = status(&run);
+    assert_eq!(workers(&after, "app"), before, "{after}");
+    assert!(after["upgrade"].is_null(), "{after}");
+    assert_eq!(exe_of(primary), exe);
+
+    // SIGURG upgrades to the program the primary was started from.
+    let since = run.cluster.event_count();
+    run.cluster.signal(Signal::URG).expect("SIGURG");
+    let upgraded = run
+        .cluster
+        .wait_event_since(since, |e| e.is("upgraded"), TIMEOUT);
+    assert_eq!(upgraded.u64("workers"), Some(2), "{upgraded}");
+    let after = status(&run);
+    assert_eq!(workers(&after, "app"), before, "{after}");
+    assert_eq!(after["upgrade"]["count"], 1, "{after}");
+    run.stop();
+}
