@@ -249,7 +249,7 @@ fn next_state(manager: &UnixDatagram, deadline: Instant) -> (String, String) {
 }
 
 #[test]
-fn ustad_reports_ready_reloading_ready_stopping_on_its_notify_socket() {
+fn ustad_reports_ready_reloading_ready_stopping_on_its_notify_socket_and_around_an_upgrade() {
     let dir: TempDir = tempfile::tempdir().unwrap();
     let path = dir.path().join("systemd-notify");
     let manager = UnixDatagram::bind(&path).unwrap();
@@ -286,6 +286,16 @@ fn ustad_reports_ready_reloading_ready_stopping_on_its_notify_socket() {
     let (state, datagram) = next_state(&manager, deadline);
     assert_eq!(state, "READY=1", "{datagram}");
     cluster.wait_event(|e| e.is("rollout_finished"), TIMEOUT);
+
+    // An upgrade of ustad itself (SIGURG): the old program says RELOADING=1, the new one
+    // READY=1 once it has taken over.
+    cluster.signal(Signal::URG).unwrap();
+    let (state, datagram) = next_state(&manager, deadline);
+    assert_eq!(state, "RELOADING=1", "{datagram}");
+    let (state, datagram) = next_state(&manager, deadline);
+    assert_eq!(state, "READY=1", "{datagram}");
+    let upgraded = cluster.wait_event(|e| e.is("upgraded"), TIMEOUT);
+    assert_eq!(upgraded.u64("workers"), Some(2), "{upgraded}");
 
     cluster.signal(Signal::TERM).unwrap();
     let (state, datagram) = next_state(&manager, deadline);

@@ -52,6 +52,16 @@ fn workers(status: &Value, pool: &str) -> BTreeMap<u64, u64> {
         .collect()
 }
 
+/// The signals `pid` blocks (`SigBlk` of `/proc/PID/status`, a hex mask).
+fn blocked_signals(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigBlk:"))
+        .expect("a SigBlk line");
+    u64::from_str_radix(mask.trim(), 16).expect("a hex mask")
+}
+
 fn exe_of(pid: u32) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/exe")).expect("reading /proc/PID/exe")
 }
@@ -123,6 +133,8 @@ fn an_upgrade_under_load_keeps_every_worker_and_loses_no_request() {
     assert!(said.contains("8 workers kept, 0 gone"), "{said}");
 
     assert_eq!(exe_of(primary), next, "the primary runs the new program");
+    // The signals blocked across the exec are delivered again.
+    assert_eq!(blocked_signals(primary), 0);
     let after = status(&run);
     assert_eq!(after["pid"].as_u64(), Some(u64::from(primary)), "{after}");
     assert_eq!(
@@ -279,5 +291,77 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_is_refused_and_changes_nothing()
     let after = status(&run);
     assert_eq!(workers(&after, "app"), before, "{after}");
     assert_eq!(after["upgrade"]["count"], 1, "{after}");
+    run.stop();
+}
+
+#[test]
+fn a_new_program_that_cannot_take_over_stops_the_old_workers_and_starts_afresh() {
+    let ustad_path = ustad().to_string_lossy().into_owned();
+    let mut run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &ustad_path,
+        "demo-worker",
+    ]);
+    let primary = run.cluster.pid();
+    run.wait_ready(2);
+    let old: Vec<u64> = workers(&status(&run), "app").into_values().collect();
+
+    // A new "binary" that answers the check as ustad does, but loses its handover document:
+    // it is started with the fd of a document that is not there.
+    let broken = run.path("ustad-broken");
+    std::fs::write(
+        &broken,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n  --handover=*) shift; exec '{ustad_path}' --handover=1000 \"$@\";;\n  *) exec '{ustad_path}' \"$@\";;\nesac\n"
+        ),
+    )
+    .expect("writing a script");
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let since = run.cluster.event_count();
+    let out = run.client(&[
+        "upgrade",
+        "--wait",
+        "--binary",
+        broken.to_str().expect("UTF-8"),
+    ]);
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("could not take over"), "{out:#?}");
+
+    let failed = run
+        .cluster
+        .wait_event_since(since, |e| e.is("upgrade_failed"), TIMEOUT);
+    assert!(
+        failed
+            .str("message")
+            .is_some_and(|m| m.contains("handover document")),
+        "{failed}"
+    );
+    // The old workers were stopped (never left running unsupervised)…
+    for pid in &old {
+        assert!(
+            wait_dead(*pid as u32, TIMEOUT),
+            "old worker {pid} still runs"
+        );
+    }
+    // …and the same primary runs a fresh cluster from its command line.
+    run.cluster.wait_event_since(
+        since,
+        |e| e.is("ready") && e.str("pool") == Some("app"),
+        TIMEOUT,
+    );
+    let after = status(&run);
+    assert_eq!(after["pid"].as_u64(), Some(u64::from(primary)), "{after}");
+    let new: Vec<u64> = workers(&after, "app").into_values().collect();
+    assert!(new.iter().all(|pid| !old.contains(pid)), "{after}");
+    // It answers its signals (blocked across the exec) and stops as usual.
+    assert_eq!(blocked_signals(primary), 0);
     run.stop();
 }

@@ -22,6 +22,12 @@ pub struct ProcStat {
     pub start_ticks: u64,
 }
 
+/// The process's name (`/proc/<pid>/comm`); `None` if it is gone.
+pub fn comm(pid: u32) -> Option<String> {
+    let name = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(name.trim_end_matches('\n').to_owned())
+}
+
 /// Reads `/proc/<pid>/stat`; `None` if the process is gone.
 pub fn stat(pid: u32) -> Option<ProcStat> {
     parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)

@@ -220,6 +220,8 @@ pub(crate) const GUARD_RECORD: usize = 5;
 pub(crate) const GUARD_WATCH: u8 = b'+';
 /// Stop tracking a process group.
 pub(crate) const GUARD_FORGET: u8 = b'-';
+/// The guard's name (`/proc/PID/comm`), NUL-terminated for `PR_SET_NAME`.
+pub(crate) const GUARD_NAME: &std::ffi::CStr = c"ustad-guard";
 
 /// Forks the guard: a process that outlives the primary for an instant, to SIGKILL the
 /// process groups of its workers when the primary dies, whatever killed it. Workers die with
@@ -299,8 +301,7 @@ unsafe fn guard_loop(read_fd: RawFd, write_fd: RawFd, cleanup: &[*const libc::c_
             libc::signal(signal, libc::SIG_IGN);
         }
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
-        let name = b"ustad-guard\0";
-        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+        libc::prctl(libc::PR_SET_NAME, GUARD_NAME.as_ptr());
         let mut groups = [0 as libc::pid_t; GUARD_CAPACITY];
         let mut count = 0usize;
         let mut record = [0u8; GUARD_RECORD];

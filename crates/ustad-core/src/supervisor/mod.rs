@@ -105,13 +105,14 @@ pub async fn resume(mut handover: Handover, options: Options) -> Result<(), Supe
     );
     supervisor.upgraded = Some(record);
     drop(handover);
+    // The service manager saw RELOADING=1 from the old program: the new one serves.
     let now = Instant::now();
-    let outcome = supervisor.plan.tick(now);
-    supervisor.perform(outcome);
     let status = supervisor.plan.status(now);
     supervisor
         .service
         .ready(&crate::service::summary(&status, false));
+    let outcome = supervisor.plan.tick(now);
+    supervisor.perform(outcome);
     run_loop(supervisor, inputs).await
 }
 

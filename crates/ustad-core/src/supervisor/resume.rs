@@ -225,10 +225,15 @@ fn open_worker(handed: &HandedWorker) -> Result<OwnedFd, String> {
 
 /// When a handover cannot be taken: stops this process's children (the previous program's
 /// workers, which are still its children) gracefully, their whole process groups, within
-/// `grace`, then kills what is left, and reaps them. The guard, a child too, is let go last
-/// (its pipe closes with the fds nobody took, and it exits).
+/// `grace`, then kills what is left, and reaps them. The guard, a child too, is left alone (it
+/// ignores SIGTERM): it exits when its pipe closes with the fds nobody took
+/// ([`crate::handover::close_leftovers`]), once the workers are gone.
 pub fn take_back_children(grace: Duration) {
-    let children = crate::procfs::own_children();
+    let guard = crate::sys::GUARD_NAME.to_str().unwrap_or_default();
+    let children: Vec<u32> = crate::procfs::own_children()
+        .into_iter()
+        .filter(|pid| crate::procfs::comm(*pid).is_some_and(|name| name != guard))
+        .collect();
     if children.is_empty() {
         return;
     }
@@ -253,8 +258,7 @@ pub fn take_back_children(grace: Duration) {
     };
     while Instant::now() < deadline {
         reap();
-        let left = crate::procfs::own_children();
-        if left
+        if children
             .iter()
             .all(|pid| crate::procfs::stat(*pid).is_none_or(|stat| stat.state == 'Z'))
         {

@@ -239,8 +239,6 @@ pub(super) fn resume(
         guard,
     };
     let (supervisor, inputs) = assemble(document.config.clone(), options, bound, plan, started)?;
-    // The handlers are in place: what came while the program changed is delivered now.
-    crate::sys::mask_signals(&HELD_SIGNALS, false).map_err(setup("unblock signals"))?;
     Ok((supervisor, inputs, clock))
 }
 
@@ -285,6 +283,10 @@ fn assemble(
         enable_subreaper().map_err(setup("become a child subreaper"))?;
     }
     let signals = Signals::new().map_err(setup("install signal handlers"))?;
+    // After an upgrade (or a fallback from one), the signals the previous program blocked
+    // before its exec are still blocked: with the handlers in place, what came meanwhile is
+    // delivered now.
+    crate::sys::mask_signals(&HELD_SIGNALS, false).map_err(setup("unblock signals"))?;
     let notify = match notify {
         Some(notify) => notify,
         None => {
