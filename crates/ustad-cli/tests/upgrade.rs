@@ -281,17 +281,32 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_is_refused_and_changes_nothing()
     assert!(after["upgrade"].is_null(), "{after}");
     assert_eq!(exe_of(primary), exe);
 
-    // SIGURG upgrades to the program the primary was started from.
-    let since = run.cluster.event_count();
-    run.cluster.signal(Signal::URG).expect("SIGURG");
-    let upgraded = run
-        .cluster
-        .wait_event_since(since, |e| e.is("upgraded"), TIMEOUT);
-    assert_eq!(upgraded.u64("workers"), Some(2), "{upgraded}");
-    let after = status(&run);
-    assert_eq!(workers(&after, "app"), before, "{after}");
-    assert_eq!(after["upgrade"]["count"], 1, "{after}");
+    // SIGURG upgrades to the program the primary was started from; again and again, nothing
+    // accumulates (the fds of one upgrade are all taken or closed by the next program).
+    let mut fds = Vec::new();
+    for count in 1..=3 {
+        let since = run.cluster.event_count();
+        run.cluster.signal(Signal::URG).expect("SIGURG");
+        let upgraded = run
+            .cluster
+            .wait_event_since(since, |e| e.is("upgraded"), TIMEOUT);
+        assert_eq!(upgraded.u64("workers"), Some(2), "{upgraded}");
+        let after = status(&run);
+        assert_eq!(workers(&after, "app"), before, "{after}");
+        assert_eq!(after["upgrade"]["count"], count, "{after}");
+        fds.push(fd_count(primary));
+    }
+    assert_eq!(
+        fds[0], fds[2],
+        "the primary's open fds after each upgrade: {fds:?}"
+    );
     run.stop();
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .count()
 }
 
 #[test]

@@ -78,7 +78,11 @@ impl Handover {
         }
         let document: Document = serde_json::from_str(&text)
             .map_err(|error| HandoverError::Malformed(error.to_string()))?;
-        let fds = HandedFds::take(&document.fds);
+        let mut numbers = document.fds.clone();
+        numbers.push(fd);
+        let mut fds = HandedFds::take(&numbers);
+        // Read already: closed here.
+        drop(fds.get(fd, "the handover document"));
         Ok(Handover { document, fds })
     }
 

@@ -130,7 +130,7 @@ pub(super) struct Document {
     /// `CLOCK_MONOTONIC` (ns) when it was written, and when the upgrade was asked for.
     pub(super) written_ns: i64,
     pub(super) requested_ns: i64,
-    /// Every fd handed over.
+    /// Every fd handed over (but the document's own memfd, named by `--handover=FD`).
     pub(super) fds: Vec<RawFd>,
     /// The plan's own document (`Plan::snapshot`).
     pub(super) plan: Box<RawValue>,
