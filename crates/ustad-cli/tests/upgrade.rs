@@ -380,3 +380,74 @@ fn a_new_program_that_cannot_take_over_stops_the_old_workers_and_starts_afresh()
     assert_eq!(blocked_signals(primary), 0);
     run.stop();
 }
+
+#[test]
+fn a_worker_that_dies_as_the_program_changes_is_reaped_and_replaced() {
+    let ustad_path = ustad().to_string_lossy().into_owned();
+    let mut run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &ustad_path,
+        "demo-worker",
+    ]);
+    let primary = run.cluster.pid();
+    run.wait_ready(2);
+    // The kill and the upgrade race: the old program may see the exit first, or hand over a
+    // worker that is already a zombie. Either way it is reaped and replaced, never lost.
+    for round in 1..=5u64 {
+        let before = workers(&status(&run), "app");
+        let (&id, &victim) = before.iter().next().expect("a worker");
+        let since = run.cluster.event_count();
+        signal_pid(victim as u32, Signal::KILL);
+        run.cluster.signal(Signal::URG).expect("SIGURG");
+        run.cluster
+            .wait_event_since(since, |e| e.is("upgraded"), TIMEOUT);
+        let exited = run.cluster.wait_event_since(
+            since,
+            |e| e.is("exited") && e.u64("id") == Some(id),
+            TIMEOUT,
+        );
+        assert_eq!(exited.u64("signal"), Some(9), "round {round}: {exited}");
+        run.cluster.wait_event_since(
+            since,
+            |e| e.is("ready") && e.u64("id").is_some_and(|new| new > id),
+            TIMEOUT,
+        );
+        let after = status(&run);
+        let now = workers(&after, "app");
+        assert_eq!(now.len(), 2, "round {round}: {after}");
+        assert!(
+            !now.values().any(|pid| *pid == victim),
+            "round {round}: {after}"
+        );
+        assert_eq!(after["upgrade"]["count"], round, "{after}");
+        assert!(
+            wait_dead(victim as u32, TIMEOUT),
+            "round {round}: {victim} not reaped"
+        );
+    }
+    assert!(zombies_of(primary).is_empty(), "{:?}", zombies_of(primary));
+    run.stop();
+}
+
+/// Children of `parent` that are zombies (exited, not reaped).
+fn zombies_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+                fields.first() == Some(&"Z") && fields.get(1) == Some(&parent.to_string().as_str())
+            })
+        })
+        .collect()
+}

@@ -147,12 +147,7 @@ async fn run_loop(mut supervisor: Supervisor, inputs: Inputs) -> Result<(), Supe
             }
         };
         tokio::select! {
-            Some(ended) = exited.recv() => match ended {
-                Ended::Worker(id, status) => supervisor.on_exit(id, status),
-                Ended::Hook { pool, generation, pid, status } => {
-                    supervisor.on_hook_exit(pool, generation, pid, status);
-                }
-            },
+            Some(ended) = exited.recv() => supervisor.on_ended(ended),
             _ = signals.interrupt.recv() => supervisor.on_stop_signal("SIGINT"),
             _ = signals.terminate.recv() => supervisor.on_stop_signal("SIGTERM"),
             _ = signals.hangup.recv() => supervisor.on_hangup(),
@@ -171,7 +166,16 @@ async fn run_loop(mut supervisor: Supervisor, inputs: Inputs) -> Result<(), Supe
                 info!(event = "signal", signal = "SIGURG", "SIGURG: upgrading to the program ustad was started from");
                 supervisor.upgrade_request(None, None);
             }
-            Some(checked) = upgrade_checked.recv() => supervisor.on_upgrade_checked(checked),
+            Some(checked) = upgrade_checked.recv() => {
+                if let Some(pending) = supervisor.on_upgrade_checked(checked) {
+                    // Exits already reported go into the plan first: a worker reaped by now
+                    // could not be handed over.
+                    while let Ok(ended) = exited.try_recv() {
+                        supervisor.on_ended(ended);
+                    }
+                    supervisor.upgrade_now(pending);
+                }
+            }
             datagram = supervisor.notify.recv() => supervisor.on_datagram(datagram),
             Some(call) = calls.recv() => supervisor.on_call(call),
             Some(call) = async {
@@ -389,6 +393,18 @@ impl Supervisor {
         }
         if self.service.is_enabled() {
             self.service.update(&self.plan.status(Instant::now()));
+        }
+    }
+
+    fn on_ended(&mut self, ended: Ended) {
+        match ended {
+            Ended::Worker(id, status) => self.on_exit(id, status),
+            Ended::Hook {
+                pool,
+                generation,
+                pid,
+                status,
+            } => self.on_hook_exit(pool, generation, pid, status),
         }
     }
 

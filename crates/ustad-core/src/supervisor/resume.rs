@@ -156,6 +156,24 @@ impl Supervisor {
                 }
             }
         }
+        // A worker of the plan that the document does not list was gone before the old
+        // program could hand it over (its exit not yet heard): it counts as exited, its
+        // status unknown.
+        let listed: std::collections::HashSet<u64> =
+            document.workers.iter().map(|handed| handed.id).collect();
+        let unlisted: Vec<(WorkerId, u32)> = self
+            .plan
+            .workers()
+            .filter(|worker| !listed.contains(&worker.id.0))
+            .filter_map(|worker| Some((worker.id, worker.pid?)))
+            .collect();
+        for (id, pid) in unlisted {
+            warn!(
+                event = "upgrade_lost",
+                "upgrade: worker {id} (pid {pid}) was gone before it could be handed over; it counts as exited (status unknown)"
+            );
+            let _ = self.exits.send(Ended::Worker(id, ExitStatus::Code(-1)));
+        }
         for &(pgid, deadline_ns) in &document.lingering {
             let deadline = clock.to_instant(deadline_ns).unwrap_or_else(Instant::now);
             self.lingering.push(super::Lingering { pgid, deadline });

@@ -102,6 +102,15 @@ pub(super) struct Pending {
     check_pid: Option<u32>,
 }
 
+impl Pending {
+    fn refuse(&self, why: &str) {
+        error!(event = "upgrade_refused", "upgrade refused: {why}");
+        if let Some(replies) = &self.replies {
+            let _ = replies.try_send(Reply::error(format!("upgrade refused: {why}")));
+        }
+    }
+}
+
 /// The result of a check, for the loop.
 pub(super) type Checked = (PathBuf, Result<Capabilities, String>);
 
@@ -248,12 +257,10 @@ impl Supervisor {
         None
     }
 
-    /// The new binary answered (or not): refuse, or execute it. Returns only if the upgrade
-    /// did not happen.
-    pub(super) fn on_upgrade_checked(&mut self, (binary, result): Checked) {
-        let Some(pending) = self.upgrading.take() else {
-            return;
-        };
+    /// The new binary answered (or not): refuses, or returns the upgrade to perform (the
+    /// loop then calls [`Supervisor::upgrade_now`]).
+    pub(super) fn on_upgrade_checked(&mut self, (binary, result): Checked) -> Option<Pending> {
+        let pending = self.upgrading.take()?;
         let refusal = match result {
             Err(why) => Some(why),
             Ok(capabilities) if !capabilities.state_versions.contains(&STATE_VERSION) => {
@@ -266,20 +273,25 @@ impl Supervisor {
             }
             Ok(_) => self.why_not_upgrade(),
         };
-        let fail = |why: String| {
-            error!(event = "upgrade_refused", "upgrade refused: {why}");
-            if let Some(replies) = &pending.replies {
-                let _ = replies.try_send(Reply::error(format!("upgrade refused: {why}")));
+        match refusal {
+            Some(why) => {
+                pending.refuse(&why);
+                None
             }
-        };
-        if let Some(why) = refusal {
-            return fail(why);
+            None => Some(pending),
         }
+    }
+
+    /// Executes the new program. Returns only if that failed, having said why.
+    pub(super) fn upgrade_now(&mut self, pending: Pending) {
         self.service.reloading();
         let error = self.exec_upgrade(&pending);
         // Still here: nothing changed.
         self.service.update(&self.plan.status(Instant::now()));
-        fail(format!("cannot execute {}: {error}", binary.display()));
+        pending.refuse(&format!(
+            "cannot execute {}: {error}",
+            pending.binary.display()
+        ));
     }
 
     /// Writes the document, keeps the fds across the exec and executes the new program.
