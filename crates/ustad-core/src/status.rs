@@ -50,9 +50,6 @@ pub struct UpgradeStatus {
     pub workers_kept: usize,
     /// Workers that had exited when the new program looked (replaced as crashes are).
     pub workers_lost: usize,
-    /// When the state could not be taken over: what happened instead.
-    #[serde(default)]
-    pub fallback: Option<String>,
 }
 
 impl ClusterStatus {

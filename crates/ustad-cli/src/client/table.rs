@@ -32,11 +32,27 @@ pub(crate) fn waiting_state(waiting: &ustad_core::status::WaitingSlot) -> String
 }
 
 /// The whole table, ending with a newline.
+/// `, ustad 0.2.0 (upgraded from 0.1.0 5m ago)`.
+fn upgraded(version: &str, upgrade: &ustad_core::status::UpgradeStatus) -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |now| (now.as_secs_f64() - upgrade.time).max(0.0));
+    let times = match upgrade.count {
+        1 => String::new(),
+        n => format!(", {n} upgrades"),
+    };
+    format!(
+        ", ustad {version} (upgraded from {} {} ago{times})",
+        upgrade.from,
+        age(since)
+    )
+}
+
 pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} (pid {}), up {}{}{}",
+        "{} (pid {}), up {}{}{}{}",
         status.name,
         status.pid,
         age(status.uptime_secs),
@@ -44,6 +60,11 @@ pub(crate) fn render(status: &ClusterStatus, color: bool) -> String {
             .config_file
             .as_ref()
             .map(|p| format!(", config {}", p.display()))
+            .unwrap_or_default(),
+        status
+            .upgrade
+            .as_ref()
+            .map(|upgrade| upgraded(&status.version, upgrade))
             .unwrap_or_default(),
         if status.shutting_down {
             ", shutting down"
@@ -286,5 +307,25 @@ mod tests {
             "{table}"
         );
         assert!(lines[5].ends_with("exit code 1 (crash) 1s ago"), "{table}");
+
+        // After an upgrade of ustad itself, the first line says so.
+        let mut upgraded = status.clone();
+        upgraded.version = "0.2.0".into();
+        upgraded.upgrade = Some(ustad_core::status::UpgradeStatus {
+            count: 2,
+            from: "0.1.0".into(),
+            binary: "/usr/local/bin/ustad".into(),
+            time: 0.0,
+            switch_ms: 8.5,
+            workers_kept: 2,
+            workers_lost: 0,
+        });
+        let first = render(&upgraded, false);
+        let first = first.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("shop (pid 42), up 1h01m, ustad 0.2.0 (upgraded from 0.1.0 ")
+                && first.ends_with(" ago, 2 upgrades)"),
+            "{first}"
+        );
     }
 }

@@ -524,6 +524,5 @@ pub(super) fn record(
         switch_ms,
         workers_kept: kept,
         workers_lost: lost,
-        fallback: None,
     }
 }
