@@ -451,3 +451,78 @@ fn zombies_of(parent: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+#[test]
+fn an_exec_that_fails_after_the_check_undoes_everything() {
+    let ustad_path = ustad().to_string_lossy().into_owned();
+    let mut run = Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &ustad_path,
+        "demo-worker",
+    ]);
+    let primary = run.cluster.pid();
+    run.wait_ready(2);
+    let before = workers(&status(&run), "app");
+    let inherited = inherited_fds(primary);
+
+    // It answers the check as ustad does, and is gone by the time the primary executes it.
+    let vanishing = run.path("ustad-vanishing");
+    std::fs::write(
+        &vanishing,
+        format!("#!/bin/sh\nrm -f \"$0\"\nexec '{ustad_path}' \"$@\"\n"),
+    )
+    .expect("writing a script");
+    std::fs::set_permissions(
+        &vanishing,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let out = run.client(&[
+        "upgrade",
+        "--wait",
+        "--binary",
+        vanishing.to_str().expect("UTF-8"),
+    ]);
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(
+        out.stderr.contains("cannot execute") && out.stderr.contains("No such file"),
+        "{out:#?}"
+    );
+    // Nothing changed: the same program, workers and answers, every fd close-on-exec again,
+    // no signal left blocked.
+    let after = status(&run);
+    assert_eq!(workers(&after, "app"), before, "{after}");
+    assert!(after["upgrade"].is_null(), "{after}");
+    assert_eq!(exe_of(primary), ustad());
+    assert_eq!(inherited_fds(primary), inherited);
+    assert_eq!(blocked_signals(primary), 0);
+    let load = load::get(run.addr("listen"));
+    assert!(load.is_ok_and(|(code, _, _)| code == 200));
+    run.stop();
+}
+
+/// The fds of `pid` that a program it executes would inherit (not close-on-exec).
+fn inherited_fds(pid: u32) -> Vec<u32> {
+    const O_CLOEXEC: u32 = 0o2_000_000;
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| {
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).is_ok_and(|info| {
+                info.lines()
+                    .find_map(|line| line.strip_prefix("flags:"))
+                    .and_then(|flags| u32::from_str_radix(flags.trim(), 8).ok())
+                    .is_some_and(|flags| flags & O_CLOEXEC == 0)
+            })
+        })
+        .collect();
+    fds.sort_unstable();
+    fds
+}
