@@ -265,7 +265,6 @@ pub(crate) fn resume(handover: i32, args: &RunArgs, output: OutputStyle) -> Resu
         "upgrade: {why}; stopping the previous program's workers and starting afresh from the configuration"
     );
     supervisor::take_back_children(std::time::Duration::from_secs(10));
-    ustad_core::handover::close_leftovers();
     let (config, source) = config_from_args(args)?;
     let options = options_for(&config, &source, args, output);
     runtime

@@ -30,6 +30,32 @@ fn next_binary(dir: &Path) -> PathBuf {
     next
 }
 
+/// `ustad run` with two demo workers on a port of its own.
+fn two_demo_workers() -> Run {
+    let ustad_path = ustad().to_string_lossy().into_owned();
+    Run::start(&[
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &ustad_path,
+        "demo-worker",
+    ])
+}
+
+/// An executable shell script `name` in the run's directory.
+fn script(run: &Run, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = run.path(name);
+    std::fs::write(&path, text).expect("writing a script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
 fn status(run: &Run) -> Value {
     let out = run.client(&["status", "--json"]).ok();
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
@@ -229,36 +255,18 @@ fn an_upgrade_under_load_keeps_every_worker_and_loses_no_request() {
 
 #[test]
 fn an_upgrade_to_a_binary_that_cannot_take_over_is_refused_and_changes_nothing() {
-    let ustad_path = ustad().to_string_lossy().into_owned();
-    let mut run = Run::start(&[
-        "run",
-        "-w",
-        "2",
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &ustad_path,
-        "demo-worker",
-    ]);
+    let mut run = two_demo_workers();
     let primary = run.cluster.pid();
     run.wait_ready(2);
     let before = workers(&status(&run), "app");
     let exe = exe_of(primary);
 
     // Not a ustad; a ustad whose state versions differ; not there at all.
-    let other_version = run.path("ustad-other");
-    std::fs::write(
-        &other_version,
+    let other_version = script(
+        &run,
+        "ustad-other",
         "#!/bin/sh\necho '{\"ustad\":\"9.0.0\",\"state_versions\":[99]}'\n",
-    )
-    .expect("writing a script");
-    std::fs::set_permissions(
-        &other_version,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    );
     let cases = [
         ("/bin/true", "is not a ustad that can take over"),
         ("/bin/sleep", "is not a ustad that can take over"),
@@ -312,34 +320,20 @@ fn fd_count(pid: u32) -> usize {
 #[test]
 fn a_new_program_that_cannot_take_over_stops_the_old_workers_and_starts_afresh() {
     let ustad_path = ustad().to_string_lossy().into_owned();
-    let mut run = Run::start(&[
-        "run",
-        "-w",
-        "2",
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &ustad_path,
-        "demo-worker",
-    ]);
+    let mut run = two_demo_workers();
     let primary = run.cluster.pid();
     run.wait_ready(2);
     let old: Vec<u64> = workers(&status(&run), "app").into_values().collect();
 
     // A new "binary" that answers the check as ustad does, but loses its handover document:
     // it is started with the fd of a document that is not there.
-    let broken = run.path("ustad-broken");
-    std::fs::write(
-        &broken,
-        format!(
+    let broken = script(
+        &run,
+        "ustad-broken",
+        &format!(
             "#!/bin/sh\ncase \"$1\" in\n  --handover=*) shift; exec '{ustad_path}' --handover=1000 \"$@\";;\n  *) exec '{ustad_path}' \"$@\";;\nesac\n"
         ),
-    )
-    .expect("writing a script");
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    );
     let since = run.cluster.event_count();
     let out = run.client(&[
         "upgrade",
@@ -383,19 +377,7 @@ fn a_new_program_that_cannot_take_over_stops_the_old_workers_and_starts_afresh()
 
 #[test]
 fn a_worker_that_dies_as_the_program_changes_is_reaped_and_replaced() {
-    let ustad_path = ustad().to_string_lossy().into_owned();
-    let mut run = Run::start(&[
-        "run",
-        "-w",
-        "2",
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &ustad_path,
-        "demo-worker",
-    ]);
+    let mut run = two_demo_workers();
     let primary = run.cluster.pid();
     run.wait_ready(2);
     // The kill and the upgrade race: the old program may see the exit first, or hand over a
@@ -455,35 +437,18 @@ fn zombies_of(parent: u32) -> Vec<u32> {
 #[test]
 fn an_exec_that_fails_after_the_check_undoes_everything() {
     let ustad_path = ustad().to_string_lossy().into_owned();
-    let mut run = Run::start(&[
-        "run",
-        "-w",
-        "2",
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &ustad_path,
-        "demo-worker",
-    ]);
+    let mut run = two_demo_workers();
     let primary = run.cluster.pid();
     run.wait_ready(2);
     let before = workers(&status(&run), "app");
     let inherited = inherited_fds(primary);
 
     // It answers the check as ustad does, and is gone by the time the primary executes it.
-    let vanishing = run.path("ustad-vanishing");
-    std::fs::write(
-        &vanishing,
-        format!("#!/bin/sh\nrm -f \"$0\"\nexec '{ustad_path}' \"$@\"\n"),
-    )
-    .expect("writing a script");
-    std::fs::set_permissions(
-        &vanishing,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    let vanishing = script(
+        &run,
+        "ustad-vanishing",
+        &format!("#!/bin/sh\nrm -f \"$0\"\nexec '{ustad_path}' \"$@\"\n"),
+    );
     let out = run.client(&[
         "upgrade",
         "--wait",

@@ -289,7 +289,31 @@ impl OutputRelay {
         spec: &crate::config::PoolSpec,
         hint: Option<String>,
     ) {
-        let (stdout, stderr) = spec.outputs();
+        let pipe = |pipe: Option<std::io::Result<OwnedFd>>| match pipe? {
+            Ok(fd) => Some(fd),
+            Err(error) => {
+                tracing::error!("cannot relay the output of {source}: {error}");
+                None
+            }
+        };
+        let pipes = [
+            pipe(child.stdout.take().map(|p| p.into_owned_fd())),
+            pipe(child.stderr.take().map(|p| p.into_owned_fd())),
+        ];
+        self.attach_pipes(source, pipes, spec, hint);
+    }
+
+    /// Relays a child's stdout and stderr pipes (those it has) as
+    /// [`attach_child`](OutputRelay::attach_child) does; for the pipes of a worker an upgrade
+    /// handed over, too.
+    pub fn attach_pipes(
+        &mut self,
+        source: Source<'_>,
+        [stdout, stderr]: [Option<OwnedFd>; 2],
+        spec: &crate::config::PoolSpec,
+        hint: Option<String>,
+    ) {
+        let (stdout_target, stderr_target) = spec.outputs();
         let log_file = |target: OutputTarget| match target {
             OutputTarget::File(path) => Some(LogFile {
                 path,
@@ -298,23 +322,10 @@ impl OutputRelay {
             }),
             _ => None,
         };
-        let pipe = |pipe: Option<std::io::Result<OwnedFd>>| match pipe? {
-            Ok(fd) => Some(fd),
-            Err(error) => {
-                tracing::error!("cannot relay the output of {source}: {error}");
-                None
-            }
-        };
         self.attach(
             source,
-            (
-                pipe(child.stdout.take().map(|p| p.into_owned_fd())),
-                log_file(stdout),
-            ),
-            (
-                pipe(child.stderr.take().map(|p| p.into_owned_fd())),
-                log_file(stderr),
-            ),
+            (stdout, log_file(stdout_target)),
+            (stderr, log_file(stderr_target)),
             hint,
             spec.log_rate_limit,
         );
@@ -339,32 +350,6 @@ impl OutputRelay {
             }
         }
         Ok(numbers)
-    }
-
-    /// Relays the pipes of a worker that an upgrade handed over, as
-    /// [`attach_child`](OutputRelay::attach_child) does for a worker just started.
-    pub fn take_over(
-        &mut self,
-        source: Source<'_>,
-        [stdout, stderr]: [Option<OwnedFd>; 2],
-        spec: &crate::config::PoolSpec,
-    ) {
-        let (stdout_target, stderr_target) = spec.outputs();
-        let log_file = |target: OutputTarget| match target {
-            OutputTarget::File(path) => Some(LogFile {
-                path,
-                max_size: spec.log_max_size.map(|size| size.0),
-                keep: spec.log_keep,
-            }),
-            _ => None,
-        };
-        self.attach(
-            source,
-            (stdout, log_file(stdout_target)),
-            (stderr, log_file(stderr_target)),
-            None,
-            spec.log_rate_limit,
-        );
     }
 
     /// Relays a worker's output streams until they close: to the primary's own streams, or,

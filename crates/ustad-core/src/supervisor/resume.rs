@@ -124,15 +124,12 @@ impl Supervisor {
                 Some(worker) => worker.spec().clone(),
                 None => continue,
             };
-            self.output.take_over(
-                Source::Worker {
-                    pool: &worker.pool,
-                    slot: worker.slot,
-                    id: id.0,
-                },
-                pipes,
-                &spec,
-            );
+            let source = Source::Worker {
+                pool: &worker.pool,
+                slot: worker.slot,
+                id: id.0,
+            };
+            self.output.attach_pipes(source, pipes, &spec, None);
             self.wire_channel(&worker, channel, spec.ipc);
             let starting = self
                 .plan
@@ -245,17 +242,34 @@ fn open_worker(handed: &HandedWorker) -> Result<OwnedFd, String> {
     }
 }
 
-/// When a handover cannot be taken: stops this process's children (the previous program's
-/// workers, which are still its children) gracefully, their whole process groups, within
-/// `grace`, then kills what is left, and reaps them. The guard, a child too, is left alone (it
-/// ignores SIGTERM): it exits when its pipe closes with the fds nobody took
-/// ([`crate::handover::close_leftovers`]), once the workers are gone.
+/// When a handover cannot be taken, clears the ground for a fresh start: stops this
+/// process's children (the previous program's workers, which are still its children)
+/// gracefully, their whole process groups, within `grace`, then kills what is left, and reaps
+/// them; closes every fd inherited across the exec ([`crate::handover::close_leftovers`]); and
+/// waits for the previous guard to exit. The guard ignores SIGTERM, and exits when its pipe
+/// closes, removing the control socket's path as it goes: the fresh start must bind after
+/// that, or its new socket would be unlinked.
 pub fn take_back_children(grace: Duration) {
     let guard = crate::sys::GUARD_NAME.to_str().unwrap_or_default();
-    let children: Vec<u32> = crate::procfs::own_children()
+    let (guards, children): (Vec<u32>, Vec<u32>) = crate::procfs::own_children()
         .into_iter()
-        .filter(|pid| crate::procfs::comm(*pid).is_some_and(|name| name != guard))
-        .collect();
+        .partition(|pid| crate::procfs::comm(*pid).is_some_and(|name| name == guard));
+    stop_children(&children, grace);
+    crate::handover::close_leftovers();
+    let gone = |pid: &u32| crate::procfs::stat(*pid).is_none_or(|stat| stat.state == 'Z');
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !guards.iter().all(gone) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for &pid in &guards {
+        if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG);
+        }
+    }
+}
+
+/// Stops `children` and their process groups: SIGTERM, then SIGKILL after `grace`.
+fn stop_children(children: &[u32], grace: Duration) {
     if children.is_empty() {
         return;
     }
@@ -266,7 +280,7 @@ pub fn take_back_children(grace: Duration) {
         grace.as_secs()
     );
     let signal_all = |signal: rustix::process::Signal| {
-        for &pid in &children {
+        for &pid in children {
             if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
                 let _ = rustix::process::kill_process_group(pid, signal);
                 let _ = rustix::process::kill_process(pid, signal);
