@@ -198,6 +198,85 @@ fn a_library_worker_runs_under_the_ustad_command_too() {
 }
 
 #[test]
+fn a_library_pool_keeps_its_workers_and_channels_when_the_ustad_command_upgrades_itself() {
+    // hello_cluster's workers with their message channel (`ipc = "ustad"`: ready is a frame,
+    // stop is a frame), under `ustad run`, which replaces its own program while they serve.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ustad.toml");
+    let control = dir.path().join("control.sock");
+    let worker = example("hello_cluster");
+    std::fs::write(
+        &config,
+        format!(
+            "[sockets.web]\nlisten = \"127.0.0.1:0\"\n\n[pools.web]\ncommand = [{worker:?}]\n\
+             size = 2\nsockets = [\"web\"]\nipc = \"ustad\"\nready = \"message\"\n"
+        ),
+    )
+    .unwrap();
+    let next = dir.path().join("ustad-next");
+    std::fs::copy(ustad_command(), &next).unwrap();
+    let mut command = Command::new(ustad_command());
+    command
+        .arg("run")
+        .arg("--control")
+        .arg(&control)
+        .arg(&config);
+    let mut run = Running::spawn(command, true);
+    run.line_with(&["web.0 (id 1", "ready after"]);
+    run.line_with(&["web.1 (id 2", "ready after"]);
+    let address = run.address();
+    let client = |args: &[&str]| {
+        let output = Command::new(ustad_command())
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .output()
+            .expect("running the ustad client");
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let pids = || -> Vec<u64> {
+        let status: serde_json::Value =
+            serde_json::from_str(&client(&["status", "--json"])).expect("JSON status");
+        status["pools"][0]["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| w["pid"].as_u64().expect("a pid"))
+            .collect()
+    };
+    let before = pids();
+    assert_eq!(before.len(), 2);
+
+    let mut options = load::LoadOptions::new(address);
+    options.connections = 4;
+    options.max_duration = Duration::from_secs(60);
+    let load = load::start(options);
+    assert!(load.wait_for_ok(100, TIMEOUT), "{}", load.snapshot());
+    let said = client(&["upgrade", "--wait", "--binary", next.to_str().unwrap()]);
+    assert!(said.contains("2 workers kept, 0 gone"), "{said}");
+    let served = load.snapshot().ok;
+    assert!(
+        load.wait_for_ok(served + 100, TIMEOUT),
+        "{}",
+        load.snapshot()
+    );
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{report}");
+    assert_eq!(pids(), before, "the same workers serve");
+
+    // Their channels crossed the exec: a rolling restart stops each with its `stop` frame,
+    // and each replacement says ready with its own.
+    client(&["restart", "web"]);
+    run.line("rolling restart of pool web finished");
+    for id in ["(id 1,", "(id 2,"] {
+        let exit = run.line_with(&[id, "exited"]);
+        assert!(exit.contains("with exit code 0 after"), "{exit}");
+    }
+    assert_eq!(run.terminate(), Some(0));
+}
+
+#[test]
 fn hello_cluster_serves_from_several_workers_and_stops_on_sigterm() {
     let mut run = Running::start("hello_cluster", &[("HELLO_ADDR", "127.0.0.1:0")]);
     let address = run.address();
