@@ -2,8 +2,9 @@
 //! calls std, rustix and tokio have no safe form for here: taking ownership of the fds a
 //! service manager passed to the primary ([`take_listen_fds`]), reading `CLOCK_MONOTONIC`
 //! ([`monotonic_usec`]), registering an fd with the reactor for one direction only
-//! ([`register_fd`]), and reading a notify datagram's credentials, whose pid may be 0
-//! ([`recv_datagram`]).
+//! ([`register_fd`]), reading a notify datagram's credentials, whose pid may be 0
+//! ([`recv_datagram`]), and dropping stack pages a deep call left behind
+//! ([`release_stack_below`]).
 //!
 //! Between `fork` and `exec` the child is a copy of a possibly multi-threaded process: it may
 //! only make async-signal-safe calls. Nothing here allocates, locks or logs after the fork.
@@ -641,6 +642,50 @@ pub(crate) fn user_groups(name: &str, primary: u32) -> io::Result<Vec<u32>> {
         }
         groups.resize(count, 0);
     }
+}
+
+/// Gives the kernel back the pages of the main thread's stack that lie more than `keep` bytes
+/// below `near`, the address of a local of the caller: pages that a deep call which has returned
+/// left resident, and that nothing reads before writing them again. Does nothing when `near` is
+/// not on the main thread's stack (`[stack]` in `/proc/self/maps`).
+pub(crate) fn release_stack_below(near: usize, keep: usize) -> io::Result<()> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let stack = maps
+        .lines()
+        .find(|line| line.ends_with("[stack]"))
+        .and_then(|line| {
+            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+            ))
+        });
+    let Some((start, end)) = stack else {
+        return Ok(());
+    };
+    if !(start..end).contains(&near) {
+        return Ok(());
+    }
+    let below = near.saturating_sub(keep) & !(rustix::param::page_size() - 1);
+    if below <= start {
+        return Ok(());
+    }
+    // SAFETY: [start, below) is part of the main thread's stack mapping and lies `keep` bytes
+    // or more below a live local of the caller, so below every live frame: nothing there is read
+    // before it is written again (a signal handler's frame goes right below the current one,
+    // within `keep`). MADV_DONTNEED only drops the pages; they come back as zero pages when the
+    // stack grows into them again.
+    let result = unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            below - start,
+            libc::MADV_DONTNEED,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
