@@ -15,7 +15,7 @@
 //!
 //! The bytes are in a section of the executable file that no segment loads (`.ustad_preload`,
 //! put there by `.incbin`), and are copied from the file. In `.rodata`, where `include_bytes!`
-//! puts them, nothing read them, yet 84–148 KiB of their ~340 KiB were resident in the primary:
+//! puts them, nothing read them, yet 64–212 KiB of their ~340 KiB were resident in the primary:
 //! the kernel maps a whole page-cache folio (up to 128 KiB here) and the 64 KiB around a fault
 //! at once, so their pages came in with the data next to them. Copies are checked against the
 //! length and hash `build.rs` computed.
