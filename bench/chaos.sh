@@ -31,7 +31,7 @@
 #                       QUIET % busy (lib.sh); busier runs are flagged, not repeated
 #   PORT=18380          where the workers listen (127.0.0.1; 10 higher while taken)
 #   SEED=               the victims' random seed (default: a new one each run, logged)
-#   USTAD=path          a prebuilt ustad (default: cargo build --release, then a copy of it)
+#   USTAD=path          a prebuilt ustad (default: cargo build --release -p ustad-cli, then a copy of it)
 #   RESULTS=dir         where raw results go (default bench/results/chaos-<timestamp>)
 #
 # Needs python3, ss (iproute2), wrk (installed with apt-get when missing) and cargo. Every

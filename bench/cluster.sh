@@ -23,7 +23,7 @@
 #   CONFIGS="…"         a subset of: bare limit node-rr node-none pm2 ustad-shared
 #                       ustad-reuseport limit-rust ustad-demo
 #   PORT_BASE=18080     configuration i listens on 127.0.0.1:PORT_BASE+i
-#   USTAD=path          a prebuilt ustad (default: cargo build --release, then a copy of it)
+#   USTAD=path          a prebuilt ustad (default: cargo build --release -p ustad-cli, then a copy of it)
 #   PM2=path            an installed pm2 (default: npm install pm2 into a temp dir)
 #   RESULTS=dir         where raw results go (default bench/results/<timestamp>)
 #   DRAIN=close         app.js stops with Node's http.Server#close() instead of its careful

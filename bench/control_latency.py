@@ -2,7 +2,7 @@
 """How fast the primary answers `status` when it is busy: with 1,000 idle clients holding
 control connections open, and while a pool is in a crash loop, against the same primary idle.
 
-    cargo build --release
+    cargo build --release -p ustad-cli
     python3 bench/control_latency.py --ustad target/release/ustad            # ~1 minute
     python3 bench/control_latency.py --ustad target/release/ustad --rounds 5 --workers 100
 

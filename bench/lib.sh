@@ -108,8 +108,11 @@ bench_wrk() { # install wrk with apt-get when it is missing
 
 bench_ustad() { # build ustad and set USTAD to a copy of it, unless USTAD is given
   if [[ -z ${USTAD:-} ]]; then
-    log "building ustad (cargo build --release)"
-    (cd "$ROOT" && cargo build --release --quiet)
+    # -p ustad-cli: the binary `cargo install --path crates/ustad-cli` installs. A plain
+    # `cargo build --release` also builds the library crate (a default member), whose tokio
+    # features (rt-multi-thread) then go into the binary too: ~60 KiB more code and libm.
+    log "building ustad (cargo build --release -p ustad-cli)"
+    (cd "$ROOT" && cargo build --release --quiet -p ustad-cli)
     # A copy, so that a rebuild in the work tree during the run changes nothing.
     cp "$ROOT/target/release/ustad" "$TMP/ustad"
     USTAD=$TMP/ustad

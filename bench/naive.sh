@@ -40,7 +40,7 @@
 #                       SCHED_POLICY=none) is available too
 #   PORT_BASE=18280     configuration i listens on 127.0.0.1:PORT_BASE+i, or 10, 20, … higher
 #                       when another process holds that port (the machine is shared)
-#   USTAD=path          a prebuilt ustad (default: cargo build --release, then a copy of it)
+#   USTAD=path          a prebuilt ustad (default: cargo build --release -p ustad-cli, then a copy of it)
 #   PM2=path            an installed pm2 (default: npm install pm2 into a temp dir)
 #   RESULTS=dir         where raw results go (default bench/results/naive-<timestamp>)
 #

@@ -22,7 +22,7 @@
 #   SIZES="2 100 1000"  the pool sizes (-w)
 #   IDLE=10             seconds of idleness the CPU time is measured over
 #   STATUS_N=20         status requests timed per size
-#   USTAD=path          a prebuilt ustad (default: cargo build --release, then a copy of it)
+#   USTAD=path          a prebuilt ustad (default: cargo build --release -p ustad-cli, then a copy of it)
 #   RESULTS=dir         where raw results go (default bench/results/scale-<timestamp>)
 #
 # Needs python3 and cargo. Every process it starts is stopped on exit, also on Ctrl-C.

@@ -27,7 +27,7 @@
 #   GRACE=1             seconds the requests in flight get at the end of the load
 #   PORT=18480          where the workers listen (127.0.0.1; 10 higher while taken)
 #   SEED=               the victims' random seed (default: a new one, logged)
-#   USTAD=path          a prebuilt ustad (default: cargo build --release, then a copy of it)
+#   USTAD=path          a prebuilt ustad (default: cargo build --release -p ustad-cli, then a copy of it)
 #   RESULTS=dir         where raw results go (default bench/results/soak-<timestamp>)
 #
 # Needs python3, wrk (installed with apt-get when missing) and cargo. Every process it starts

@@ -1,6 +1,6 @@
 //! Builds the preload library (`crates/ustad-preload`) into `OUT_DIR`, for `src/preload.rs` to
-//! embed with `include_bytes!`: `cargo build`, `cargo install --path crates/ustad-cli` and a
-//! copy of the one `ustad` file then carry it.
+//! embed in a section of the executable file that is not loaded (`.incbin`): `cargo build`,
+//! `cargo install --path crates/ustad-cli` and a copy of the one `ustad` file then carry it.
 //!
 //! The library has no dependencies, so `rustc` alone builds it, for the same target as the
 //! binary: no nested cargo, no second lock or target directory, nothing to fetch. It is built
@@ -16,6 +16,7 @@ use std::process::Command;
 const SUPPORTED_ARCHES: &[&str] = &["x86_64", "x86", "aarch64", "arm", "riscv64"];
 
 fn main() {
+    println!("cargo::rustc-check-cfg=cfg(ustad_preload)");
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let source = manifest.join("../ustad-preload/src");
     let out =
@@ -33,6 +34,7 @@ fn main() {
             "cargo:warning=ustad: no preload library for {target}: programs that bind their own port will not get ustad's sockets (they can take fd 3)"
         );
         std::fs::write(&out, b"").expect("writing an empty preload library");
+        println!("cargo:rustc-env=USTAD_PRELOAD_LEN=0");
         println!("cargo:rustc-env=USTAD_PRELOAD_FNV=0");
         return;
     }
@@ -66,9 +68,17 @@ fn main() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    // Its hash, for src/preload.rs to check a copy against without reading the embedded bytes.
+    // Its length and hash, for src/preload.rs to find and check its copy in the executable file.
     let library = std::fs::read(&out).expect("reading the preload library");
+    println!("cargo:rustc-env=USTAD_PRELOAD_LEN={}", library.len());
     println!("cargo:rustc-env=USTAD_PRELOAD_FNV={}", fnv1a(&library));
+    // src/preload.rs puts it in a section of its own with the assembler's `.incbin "<path>"`.
+    assert!(
+        !out.to_string_lossy().contains(['"', '\\', '\n']),
+        "the preload library's path cannot be quoted for the assembler: {}",
+        out.display()
+    );
+    println!("cargo:rustc-cfg=ustad_preload");
 }
 
 /// FNV-1a, 64 bits (the same as src/preload.rs's).

@@ -1,17 +1,22 @@
 //! ustad's own log on stderr: readable lines, or JSON objects with every field as a key.
 //!
-//! The level comes from `USTAD_LOG` (an `EnvFilter` directive such as `debug`), `info` by
-//! default.
+//! The level comes from `USTAD_LOG`: a level (`debug`, `warn`…) or comma-separated
+//! `target=level` directives (`info,ustad_core=debug`; a word that is not a level names a
+//! target), `info` by default or when it does not parse. A [`Targets`] filter, not an
+//! `EnvFilter`: the latter's span and field filters bring a regex engine (~0.3 MiB of code) into
+//! the binary, whose pages the primary keeps mapped.
 
 use std::fmt;
 use std::io::IsTerminal;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::cli::{ColorChoice, LogFormat};
 
@@ -28,9 +33,13 @@ pub(crate) fn use_color(choice: ColorChoice, is_terminal: bool) -> bool {
 
 /// Installs the global subscriber.
 pub(crate) fn init(format: LogFormat, color: ColorChoice) {
-    let filter = EnvFilter::try_from_env("USTAD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = std::env::var("USTAD_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    // Every level: `filter` decides (the builder's own default would stop at `info`).
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(LevelFilter::TRACE)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder
@@ -39,11 +48,15 @@ pub(crate) fn init(format: LogFormat, color: ColorChoice) {
             .with_current_span(false)
             .with_span_list(false)
             .with_target(false)
+            .finish()
+            .with(filter)
             .init(),
         LogFormat::Text => builder
             .event_format(TextFormat {
                 color: use_color(color, std::io::stderr().is_terminal()),
             })
+            .finish()
+            .with(filter)
             .init(),
     }
 }

@@ -13,9 +13,12 @@
 //! directory only ustad's user may write (`/run/ustad-preload`, or `/tmp/ustad-preload-<uid>`),
 //! named after its contents.
 //!
-//! The bytes are copied from the executable file, not from the embedded copy in memory: reading
-//! that would map its ~330 KiB into the primary's resident memory for good. Copies are checked
-//! against the hash `build.rs` computed.
+//! The bytes are in a section of the executable file that no segment loads (`.ustad_preload`,
+//! put there by `.incbin`), and are copied from the file. In `.rodata`, where `include_bytes!`
+//! puts them, nothing read them, yet 64–212 KiB of their ~340 KiB were resident in the primary:
+//! the kernel maps a whole page-cache folio (up to 128 KiB here) and the 64 KiB around a fault
+//! at once, so their pages came in with the data next to them. Copies are checked against the
+//! length and hash `build.rs` computed.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -23,10 +26,27 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// The library, as built for this binary's target (empty where there is none).
-const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libustad_preload.so"));
+// The library, as built for this binary's target, in a section of the executable file with no
+// flags: no segment loads it, so no page of it is ever mapped. Not where `build.rs` makes none
+// (the section would be empty, and the assembler syntax is ELF's). `global_asm!` counts as unsafe
+// code; this one only adds bytes that nothing in the program refers to.
+#[cfg(ustad_preload)]
+#[allow(unsafe_code)]
+mod section {
+    std::arch::global_asm!(
+        ".pushsection .ustad_preload,\"\",%progbits",
+        concat!(".incbin \"", env!("OUT_DIR"), "/libustad_preload.so\""),
+        ".popsection",
+    );
+}
 
-/// FNV-1a of [`LIBRARY`], computed by `build.rs`.
+/// The name of the section that holds the library.
+const SECTION: &[u8] = b".ustad_preload";
+
+/// The library's length in bytes, computed by `build.rs` (0 where there is none).
+const LIBRARY_LEN: &str = env!("USTAD_PRELOAD_LEN");
+
+/// FNV-1a of the library, computed by `build.rs`.
 const LIBRARY_FNV: &str = env!("USTAD_PRELOAD_FNV");
 
 /// The library, where workers can load it; keeps it there while it lives.
@@ -42,7 +62,7 @@ pub(crate) struct Materialised {
 
 /// Makes the library loadable by workers; `Ok(None)` when this binary has none.
 pub(crate) fn materialise() -> io::Result<Option<Materialised>> {
-    if LIBRARY.is_empty() {
+    if LIBRARY_LEN == "0" {
         return Ok(None);
     }
     let hash: u64 = LIBRARY_FNV
@@ -133,54 +153,98 @@ fn ensure_shared_dir(dir: &Path) -> io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
 }
 
-/// The library's bytes: from the executable file, where the embedded copy is, or (if that
-/// cannot be found) from memory.
-fn library_bytes() -> Box<dyn Read> {
-    match in_executable(LIBRARY) {
-        Ok(reader) => Box::new(reader),
-        Err(_) => Box::new(LIBRARY),
-    }
-}
-
-/// A reader of `embedded`'s bytes in this process's executable file: the file offset of its
-/// address, from the mapping `/proc/self/maps` lists for it.
-fn in_executable(embedded: &'static [u8]) -> io::Result<impl Read> {
-    let address = embedded.as_ptr() as u64;
+/// The library's bytes, from its section of the executable file.
+fn library_bytes() -> io::Result<Box<dyn Read>> {
+    let len = LIBRARY_LEN
+        .parse()
+        .map_err(|_| io::Error::other("the library's length is not a number"))?;
     let mut exe = File::open("/proc/self/exe")?;
-    let exe_meta = exe.metadata()?;
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
-    let offset = maps
-        .lines()
-        .find_map(|line| {
-            // start-end perms offset major:minor inode path
-            let mut fields = line.split_whitespace();
-            let (start, end) = fields.next()?.split_once('-')?;
-            let start = u64::from_str_radix(start, 16).ok()?;
-            let end = u64::from_str_radix(end, 16).ok()?;
-            let _perms = fields.next()?;
-            let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-            let _device = fields.next()?;
-            let inode: u64 = fields.next()?.parse().ok()?;
-            let inside = (start..end).contains(&address)
-                && address + embedded.len() as u64 <= end
-                && inode == exe_meta.ino();
-            inside.then(|| offset + (address - start))
-        })
-        .ok_or_else(|| {
-            io::Error::other("the embedded library is not in a mapping of the executable")
-        })?;
+    let (offset, size) = find_section(&mut exe, SECTION)?;
+    if size != len {
+        return Err(io::Error::other(format!(
+            "the executable's section {} holds {size} bytes, not the library's {len}",
+            String::from_utf8_lossy(SECTION)
+        )));
+    }
     exe.seek(SeekFrom::Start(offset))?;
-    Ok(exe.take(embedded.len() as u64))
+    Ok(Box::new(exe.take(len)))
 }
 
-fn in_memfd(bytes: fn() -> Box<dyn Read>, hash: u64) -> io::Result<(OwnedFd, PathBuf)> {
+/// The file offset and size of the section called `name` of the ELF file `file`, from its
+/// section headers (of this machine's byte order, 32 or 64 bits).
+fn find_section(file: &mut File, name: &[u8]) -> io::Result<(u64, u64)> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let mut header = [0u8; 64];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut header)?;
+    let native_order = if cfg!(target_endian = "little") { 1 } else { 2 };
+    if header[..4] != *b"\x7fELF" || header[5] != native_order {
+        return Err(invalid("not an ELF file of this machine's byte order"));
+    }
+    // Where the fields are: the header's section-table offset; its entry size, entry count and
+    // name-table index; an entry's offset and size (its name is its first 4 bytes).
+    let (table_at, entry_at, entry_offset, entry_size) = match header[4] {
+        1 => ((0x20, 4), (0x2e, 0x30, 0x32), (0x10, 4), (0x14, 4)),
+        2 => ((0x28, 8), (0x3a, 0x3c, 0x3e), (0x18, 8), (0x20, 8)),
+        _ => return Err(invalid("an ELF file of an unknown class")),
+    };
+    let field = |bytes: &[u8], (at, len): (usize, usize)| -> io::Result<u64> {
+        let raw = bytes
+            .get(at..at + len)
+            .ok_or_else(|| invalid("a truncated ELF header"))?;
+        let mut value = [0u8; 8];
+        if cfg!(target_endian = "little") {
+            value[..len].copy_from_slice(raw);
+            Ok(u64::from_le_bytes(value))
+        } else {
+            value[8 - len..].copy_from_slice(raw);
+            Ok(u64::from_be_bytes(value))
+        }
+    };
+    let table = field(&header, table_at)?;
+    let entry_len = field(&header, (entry_at.0, 2))?;
+    let count = field(&header, (entry_at.1, 2))?;
+    let names_index = field(&header, (entry_at.2, 2))?;
+    if count == 0 || names_index >= count || entry_len < 0x28 {
+        return Err(invalid("no usable section headers"));
+    }
+    let mut entries = vec![0u8; (entry_len * count) as usize];
+    file.seek(SeekFrom::Start(table))?;
+    file.read_exact(&mut entries)?;
+    let entry = |index: u64| &entries[(index * entry_len) as usize..][..entry_len as usize];
+    let names_entry = entry(names_index);
+    let names_len = field(names_entry, entry_size)?.min(1 << 20);
+    let mut names = vec![0u8; names_len as usize];
+    file.seek(SeekFrom::Start(field(names_entry, entry_offset)?))?;
+    file.read_exact(&mut names)?;
+    for index in 0..count {
+        let entry = entry(index);
+        let at = field(entry, (0, 4))? as usize;
+        let found = names
+            .get(at..)
+            .and_then(|rest| rest.strip_prefix(name))
+            .is_some_and(|rest| rest.first() == Some(&0));
+        if found {
+            return Ok((field(entry, entry_offset)?, field(entry, entry_size)?));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "the executable file has no section {}",
+            String::from_utf8_lossy(name)
+        ),
+    ))
+}
+
+fn in_memfd(bytes: fn() -> io::Result<Box<dyn Read>>, hash: u64) -> io::Result<(OwnedFd, PathBuf)> {
     use rustix::fs::{MemfdFlags, SealFlags};
     let fd = rustix::fs::memfd_create(
         "ustad-preload",
         MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
     )?;
     let mut file = File::from(fd);
-    io::copy(&mut bytes(), &mut file)?;
+    io::copy(&mut bytes()?, &mut file)?;
     file.flush()?;
     let fd = OwnedFd::from(file);
     // Nobody, not even a worker that finds the fd in /proc, can change it from now on.
@@ -201,7 +265,7 @@ fn in_memfd(bytes: fn() -> Box<dyn Read>, hash: u64) -> io::Result<(OwnedFd, Pat
 /// Writes the library into `dir` (created if needed) as `libustad-preload-<hash>.so`, unless it
 /// is there already.
 fn in_dir(
-    bytes: fn() -> Box<dyn Read>,
+    bytes: fn() -> io::Result<Box<dyn Read>>,
     hash: u64,
     dir: &Path,
     access: Access,
@@ -218,7 +282,7 @@ fn in_dir(
             std::process::id()
         ));
         let mut file = File::create(&partial)?;
-        io::copy(&mut bytes(), &mut file)?;
+        io::copy(&mut bytes()?, &mut file)?;
         if access == Access::Shared {
             use std::os::unix::fs::PermissionsExt;
             file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
@@ -265,12 +329,15 @@ fn fnv1a_more(hash: u64, bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
-    fn bytes_one() -> Box<dyn Read> {
-        Box::new(&b"one"[..])
+    /// The library as `build.rs` made it, for comparison.
+    const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libustad_preload.so"));
+
+    fn bytes_one() -> io::Result<Box<dyn Read>> {
+        Ok(Box::new(&b"one"[..]))
     }
 
-    fn bytes_two() -> Box<dyn Read> {
-        Box::new(&b"two"[..])
+    fn bytes_two() -> io::Result<Box<dyn Read>> {
+        Ok(Box::new(&b"two"[..]))
     }
 
     fn hash(bytes: &[u8]) -> u64 {
@@ -281,19 +348,47 @@ mod tests {
     fn the_binary_carries_a_shared_library_and_its_hash() {
         assert!(
             LIBRARY.starts_with(b"\x7fELF"),
-            "the preload library is embedded"
+            "the preload library is built"
         );
+        assert_eq!(LIBRARY_LEN.parse::<usize>().unwrap(), LIBRARY.len());
         assert_eq!(LIBRARY_FNV.parse::<u64>().unwrap(), hash(LIBRARY));
     }
 
     #[test]
-    fn the_library_is_read_from_the_executable_file() {
+    fn the_library_is_read_from_a_section_of_the_executable_file_that_is_not_loaded() {
         let mut copy = Vec::new();
-        in_executable(LIBRARY)
+        library_bytes()
             .expect("found in the executable")
             .read_to_end(&mut copy)
             .unwrap();
         assert!(copy == LIBRARY, "the same bytes");
+        // Not in any mapping of the executable: no segment loads the section.
+        let (offset, size) =
+            find_section(&mut File::open("/proc/self/exe").unwrap(), SECTION).unwrap();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for line in maps.lines().filter(|l| l.ends_with(exe.to_str().unwrap())) {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next().unwrap().split_once('-').unwrap();
+            let len =
+                u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+            let at = u64::from_str_radix(fields.nth(1).unwrap(), 16).unwrap();
+            assert!(
+                at + len <= offset || offset + size <= at,
+                "mapped: {line} (the section is at {offset:#x}, {size} bytes)"
+            );
+        }
+    }
+
+    #[test]
+    fn sections_are_found_by_their_whole_name() {
+        let mut exe = File::open("/proc/self/exe").unwrap();
+        assert!(find_section(&mut exe, b".text").is_ok());
+        assert!(find_section(&mut exe, b".tex").is_err());
+        assert!(find_section(&mut exe, b".ustad_preload_").is_err());
+        let mut not_elf = tempfile::tempfile().unwrap();
+        not_elf.write_all(&[0u8; 128]).unwrap();
+        assert!(find_section(&mut not_elf, SECTION).is_err());
     }
 
     #[test]

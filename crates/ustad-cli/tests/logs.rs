@@ -1,10 +1,11 @@
 //! Where workers' output goes: log files rotated by size with nothing lost or split, reopened on
-//! SIGUSR1 after an outside rotator, and `inherit`.
+//! SIGUSR1 after an outside rotator, and `inherit`; and the level of ustad's own log.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ustad_testkit::Signal;
+use ustad_testkit::cluster::Cluster;
 
 use crate::util::{Run, TIMEOUT};
 
@@ -200,4 +201,49 @@ log_rate_limit = "100/1h"
         "{logs}"
     );
     run.stop();
+}
+
+#[test]
+fn ustad_log_sets_the_level_of_ustads_own_log_and_per_target() {
+    // The `preload` event is the binary's (target `ustad`), at debug level, before any `ready`.
+    for (directives, shown) in [
+        ("debug", true),
+        ("debug,ustad=info", false),
+        ("info", false),
+    ] {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let args = [
+            "run",
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--ready",
+            "none",
+            "--",
+            "sleep",
+            "100",
+        ];
+        let mut run = Run {
+            cluster: Cluster::start_with_env(
+                crate::util::ustad(),
+                &args,
+                dir.path(),
+                &[("USTAD_LOG", directives)],
+            ),
+            dir,
+        };
+        run.wait_ready(1);
+        let events = run.cluster.events();
+        let preload = events.iter().find(|e| e.is("preload"));
+        assert_eq!(
+            preload.is_some(),
+            shown,
+            "USTAD_LOG={directives}: {events:?}"
+        );
+        if let Some(event) = preload {
+            assert_eq!(event.str("level"), Some("DEBUG"), "{event}");
+        }
+        run.stop();
+    }
 }

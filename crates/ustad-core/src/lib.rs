@@ -66,6 +66,7 @@ pub mod procfs;
 pub mod service;
 pub mod sockets;
 pub mod spawn;
+pub mod stack;
 pub mod status;
 pub mod supervisor;
 mod sys;

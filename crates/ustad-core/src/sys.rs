@@ -3,8 +3,9 @@
 //! service manager passed to the primary ([`take_listen_fds`]), reading `CLOCK_MONOTONIC`
 //! ([`monotonic_usec`]), registering an fd with the reactor for one direction only
 //! ([`register_fd`]), reading a notify datagram's credentials, whose pid may be 0
-//! ([`recv_datagram`]), and an upgrade's re-execution in place: the signal mask kept across it
-//! ([`mask_signals`], [`exec_in_place`]) and the fds handed over taken back
+//! ([`recv_datagram`]), dropping stack pages a deep call left behind
+//! ([`release_stack_below`]), and an upgrade's re-execution in place: the signal mask kept
+//! across it ([`mask_signals`], [`exec_in_place`]) and the fds handed over taken back
 //! ([`take_handed_fds`]).
 //!
 //! Between `fork` and `exec` the child is a copy of a possibly multi-threaded process: it may
@@ -755,6 +756,50 @@ pub(crate) fn close_inherited(fds: &[RawFd]) {
         // from under an owner.
         unsafe { libc::close(fd) };
     }
+}
+
+/// Gives the kernel back the pages of the main thread's stack that lie more than `keep` bytes
+/// below `near`, the address of a local of the caller: pages that a deep call which has returned
+/// left resident, and that nothing reads before writing them again. Does nothing when `near` is
+/// not on the main thread's stack (`[stack]` in `/proc/self/maps`).
+pub(crate) fn release_stack_below(near: usize, keep: usize) -> io::Result<()> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let stack = maps
+        .lines()
+        .find(|line| line.ends_with("[stack]"))
+        .and_then(|line| {
+            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+            ))
+        });
+    let Some((start, end)) = stack else {
+        return Ok(());
+    };
+    if !(start..end).contains(&near) {
+        return Ok(());
+    }
+    let below = near.saturating_sub(keep) & !(rustix::param::page_size() - 1);
+    if below <= start {
+        return Ok(());
+    }
+    // SAFETY: [start, below) is part of the main thread's stack mapping and lies `keep` bytes
+    // or more below a live local of the caller, so below every live frame: nothing there is read
+    // before it is written again (a signal handler's frame goes right below the current one,
+    // within `keep`). MADV_DONTNEED only drops the pages; they come back as zero pages when the
+    // stack grows into them again.
+    let result = unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            below - start,
+            libc::MADV_DONTNEED,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
