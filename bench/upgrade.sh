@@ -24,11 +24,11 @@
 #     errors over the whole load run, with and without upgrades.
 # See docs/benchmarks.md ("Reliability", "Upgrading ustad itself") for a real run.
 #
-#   bash bench/upgrade.sh                          # ~2 minutes with the defaults, plus the build
+#   bash bench/upgrade.sh                          # ~3 minutes with the defaults, plus the build
 #   UPGRADES=4 bash bench/upgrade.sh               # a quick look
 #
 # Knobs (environment variables):
-#   UPGRADES=10         upgrades per run (no load, new connections, keep-alive), half with
+#   UPGRADES=20         upgrades per run (no load, new connections, keep-alive), half with
 #                       the client, half with the protocol
 #   INTERVAL=1          seconds between upgrades
 #   WORKERS=100         ustad's -w
@@ -50,7 +50,7 @@ LUA=$BENCH/wrk/timeline.lua
 HELPER=$BENCH/upgrade.py
 RELIABILITY=$BENCH/reliability.py
 
-UPGRADES=${UPGRADES:-10}
+UPGRADES=${UPGRADES:-20}
 INTERVAL=${INTERVAL:-1}
 WORKERS=${WORKERS:-100}
 CONNECTIONS=${CONNECTIONS:-64}
