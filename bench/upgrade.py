@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no bench/__pycache__ from the import below
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reliability import (fmt, log_events, median, met, now_ms, num, ok_per_s,  # noqa: E402
                          read_tsv, read_wrk, sleep_until)
