@@ -26,7 +26,8 @@ pub(super) struct ReloadWaiter {
     pools: BTreeMap<String, Option<Result<(), String>>>,
 }
 
-fn unix_now() -> f64 {
+/// Seconds since the Unix epoch.
+pub(super) fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |t| t.as_secs_f64())

@@ -22,7 +22,7 @@ use std::io::{self, Seek, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -104,10 +104,15 @@ pub(super) struct Pending {
 
 impl Pending {
     fn refuse(&self, why: &str) {
-        error!(event = "upgrade_refused", "upgrade refused: {why}");
-        if let Some(replies) = &self.replies {
-            let _ = replies.try_send(Reply::error(format!("upgrade refused: {why}")));
-        }
+        refuse(self.replies.as_ref(), why);
+    }
+}
+
+/// Logs why an upgrade does not happen, and tells the client that asked for it, if any.
+fn refuse(replies: Option<&mpsc::Sender<Reply>>, why: &str) {
+    error!(event = "upgrade_refused", "upgrade refused: {why}");
+    if let Some(replies) = replies {
+        let _ = replies.try_send(Reply::error(format!("upgrade refused: {why}")));
     }
 }
 
@@ -171,23 +176,18 @@ impl Supervisor {
         binary: Option<PathBuf>,
         replies: Option<mpsc::Sender<Reply>>,
     ) {
-        let refuse = |why: String| {
-            error!(event = "upgrade_refused", "upgrade refused: {why}");
-            if let Some(replies) = &replies {
-                let _ = replies.try_send(Reply::error(format!("upgrade refused: {why}")));
-            }
-        };
+        let refused = |why: String| refuse(replies.as_ref(), &why);
         if self.upgrading.is_some() {
-            return refuse("an upgrade is already being checked".to_owned());
+            return refused("an upgrade is already being checked".to_owned());
         }
         let Some(invocation) = &self.invocation else {
-            return refuse(
+            return refused(
                 "this primary was not started by the `ustad` command (a program that embeds ustad upgrades by restarting)"
                     .to_owned(),
             );
         };
         if let Some(why) = self.why_not_upgrade() {
-            return refuse(why);
+            return refused(why);
         }
         let binary = match binary {
             Some(binary) => std::path::absolute(&binary).unwrap_or(binary),
@@ -204,7 +204,7 @@ impl Supervisor {
         // children it does not know (`reap_adopted`).
         let (check, check_pid) = match spawn_check(&binary, &invocation.args) {
             Ok(spawned) => spawned,
-            Err(why) => return refuse(why),
+            Err(why) => return refused(why),
         };
         self.upgrading = Some(Pending {
             binary: binary.clone(),
@@ -502,13 +502,6 @@ async fn check_binary(binary: &Path, child: tokio::process::Child) -> Result<Cap
     })
 }
 
-/// Seconds since the Unix epoch.
-pub(super) fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |t| t.as_secs_f64())
-}
-
 /// The record of an upgrade, for `status`.
 pub(super) fn record(
     document: &Document,
@@ -520,7 +513,7 @@ pub(super) fn record(
         count: document.upgrades.saturating_add(1),
         from: document.from.clone(),
         binary: document.binary.clone(),
-        time: unix_now(),
+        time: super::control::unix_now(),
         switch_ms,
         workers_kept: kept,
         workers_lost: lost,
