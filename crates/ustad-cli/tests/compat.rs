@@ -1,19 +1,11 @@
 //! Unmodified Node.js and Python apps, written for systemd socket activation, run as workers.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use ustad_testkit::Signal;
 use ustad_testkit::load::{self, LoadOptions};
 
-use crate::util::{Run, TIMEOUT, pid};
-
-fn fixture(name: &str) -> String {
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", name]
-        .iter()
-        .collect();
-    path.to_string_lossy().into_owned()
-}
+use crate::util::{Run, TIMEOUT, fixture, pid};
 
 /// Serves through `command` with 2 workers, rolls them once, and serves again.
 fn serves_and_rolls(command: &[&str], banner: &str) {

@@ -2,20 +2,12 @@
 //! wait for connections on its socket (`ready = "listening"`), however it waits.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use ustad_testkit::Signal;
 use ustad_testkit::cluster::LogEvent;
 use ustad_testkit::load::{self, LoadOptions};
 
-use crate::util::{Run, TIMEOUT, pid, ustad};
-
-fn fixture(name: &str) -> String {
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", name]
-        .iter()
-        .collect();
-    path.to_string_lossy().into_owned()
-}
+use crate::util::{Run, TIMEOUT, fixture, pid, ustad};
 
 /// Starts `ustad run -w 2 -l 127.0.0.1:0 <extra…> -- <command…>`, waits until both workers
 /// are seen listening (in the way `how`) and ready, then checks that requests are answered by

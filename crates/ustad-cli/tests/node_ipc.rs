@@ -1,21 +1,11 @@
 //! Node's own IPC channel (`--ipc node`): an app written for PM2's conventions runs unmodified.
 
-use std::path::PathBuf;
-
 use ustad_testkit::Signal;
 
-use crate::util::{Run, TIMEOUT, pid};
+use crate::util::{Run, TIMEOUT, fixture, pid};
 
 fn app() -> String {
-    let path: PathBuf = [
-        env!("CARGO_MANIFEST_DIR"),
-        "tests",
-        "fixtures",
-        "pm2_app.js",
-    ]
-    .iter()
-    .collect();
-    path.to_string_lossy().into_owned()
+    fixture("pm2_app.js")
 }
 
 fn start(extra: &[&str]) -> Run {

@@ -13,14 +13,7 @@ use ustad_testkit::Signal;
 use ustad_testkit::load::{self, LoadOptions};
 use ustad_testkit::process::wait_dead;
 
-use crate::util::{Run, TIMEOUT, signal_pid, ustad};
-
-fn fixture(name: &str) -> String {
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", name]
-        .iter()
-        .collect();
-    path.to_string_lossy().into_owned()
-}
+use crate::util::{Run, TIMEOUT, fixture, signal_pid, ustad};
 
 /// A copy of the ustad binary at another path: the "new version" (`/proc/PID/exe` tells
 /// which program the primary runs).

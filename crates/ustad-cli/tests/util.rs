@@ -16,6 +16,14 @@ pub(crate) fn ustad() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ustad"))
 }
 
+/// A file of `tests/fixtures`, as a path for a command line.
+pub(crate) fn fixture(name: &str) -> String {
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", name]
+        .iter()
+        .collect();
+    path.to_string_lossy().into_owned()
+}
+
 pub(crate) fn test_worker() -> String {
     helper_bin(ustad(), TEST_WORKER)
         .to_string_lossy()
