@@ -101,7 +101,8 @@ pub(super) struct Adopted {
 
 impl Supervisor {
     /// Takes over the workers, their pipes and channels, the lingering groups and the log
-    /// lines of the document; returns the workers to watch and those already gone.
+    /// lines of the document; returns the workers to watch (those it cannot take over, or
+    /// that the document does not list, are reported as exited).
     pub(super) fn adopt(&mut self, handover: &mut Handover, clock: Clock) -> Vec<Adopted> {
         let mut adopted = Vec::new();
         let document = &handover.document;
@@ -113,16 +114,16 @@ impl Supervisor {
             let channel = handed
                 .channel
                 .and_then(|fd| handover.fds.get(fd, "a worker's channel").ok());
-            let Some(worker) = self.plan.worker_ref(id) else {
+            let planned = self.plan.worker(id).map(|worker| {
+                let starting = matches!(worker.phase, crate::plan::Phase::Starting { .. });
+                (worker.spec().clone(), starting)
+            });
+            let (Some(worker), Some((spec, starting))) = (self.plan.worker_ref(id), planned) else {
                 warn!(
                     "upgrade: worker {id} (pid {}) is not in the plan; not taken over",
                     handed.pid
                 );
                 continue;
-            };
-            let spec = match self.plan.worker(id) {
-                Some(worker) => worker.spec().clone(),
-                None => continue,
             };
             let source = Source::Worker {
                 pool: &worker.pool,
@@ -131,10 +132,6 @@ impl Supervisor {
             };
             self.output.attach_pipes(source, pipes, &spec, None);
             self.wire_channel(&worker, channel, spec.ipc);
-            let starting = self
-                .plan
-                .worker(id)
-                .is_some_and(|w| matches!(w.phase, crate::plan::Phase::Starting { .. }));
             if starting && spec.ready == Readiness::Listening {
                 self.watch_listening(&worker, &spec);
             }
