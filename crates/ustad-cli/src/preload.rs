@@ -17,8 +17,11 @@
 //! put there by `.incbin`), and are copied from the file. In `.rodata`, where `include_bytes!`
 //! puts them, nothing read them, yet 64–212 KiB of their ~340 KiB were resident in the primary:
 //! the kernel maps a whole page-cache folio (up to 128 KiB here) and the 64 KiB around a fault
-//! at once, so their pages came in with the data next to them. Copies are checked against the
-//! length and hash `build.rs` computed.
+//! at once, so their pages came in with the data next to them. Each copy is hashed as it is
+//! written and checked against the hash `build.rs` computed; a copy already on disk is
+//! compared with the section, byte for byte. Every start pays for this, an upgrade's new
+//! program too while the control socket waits: one hash of the library (~0.4 ms), where
+//! reading each copy back to hash it again cost three times as much.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -244,8 +247,7 @@ fn in_memfd(bytes: fn() -> io::Result<Box<dyn Read>>, hash: u64) -> io::Result<(
         MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
     )?;
     let mut file = File::from(fd);
-    io::copy(&mut bytes()?, &mut file)?;
-    file.flush()?;
+    let len = copy_checked(bytes, hash, &mut file)?;
     let fd = OwnedFd::from(file);
     // Nobody, not even a worker that finds the fd in /proc, can change it from now on.
     rustix::fs::fcntl_add_seals(
@@ -258,7 +260,13 @@ fn in_memfd(bytes: fn() -> io::Result<Box<dyn Read>>, hash: u64) -> io::Result<(
         fd.as_raw_fd()
     ));
     // As a worker's loader will open it (the magic link, not this process's fd).
-    check(&path, hash)?;
+    let opened = File::open(&path)?.metadata()?.len();
+    if opened != len {
+        return Err(io::Error::other(format!(
+            "{} holds {opened} bytes, not the library's {len}",
+            path.display()
+        )));
+    }
     Ok((fd, path))
 }
 
@@ -275,45 +283,90 @@ fn in_dir(
         Access::Shared => ensure_shared_dir(dir)?,
     }
     let path = dir.join(format!("libustad-preload-{hash:016x}.so"));
-    if check(&path, hash).is_err() {
+    if !same_contents(&path, &mut bytes()?).unwrap_or(false) {
         // Written whole under another name, then renamed: a loader never sees half of it.
         let partial = dir.join(format!(
             ".libustad-preload-{hash:016x}-{}.tmp",
             std::process::id()
         ));
-        let mut file = File::create(&partial)?;
-        io::copy(&mut bytes()?, &mut file)?;
-        if access == Access::Shared {
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        let written = File::create(&partial).and_then(|mut file| {
+            copy_checked(bytes, hash, &mut file)?;
+            if access == Access::Shared {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            }
+            file.sync_all()?;
+            drop(file);
+            std::fs::rename(&partial, &path)
+        });
+        if let Err(error) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
         }
-        file.sync_all()?;
-        drop(file);
-        check(&partial, hash)?;
-        std::fs::rename(&partial, &path)?;
     }
     Ok(path)
 }
 
-/// Checks that the file at `path` has the library's hash.
-fn check(path: &Path, hash: u64) -> io::Result<()> {
-    let mut file = File::open(path)?;
+/// Copies the library from `bytes` into `file`, hashing it on the way; returns its length.
+///
+/// # Errors
+/// When it cannot be read or written, or its hash is not `hash` (the file is then not the
+/// library, and must not be used).
+fn copy_checked(
+    bytes: fn() -> io::Result<Box<dyn Read>>,
+    hash: u64,
+    file: &mut File,
+) -> io::Result<u64> {
+    let mut source = bytes()?;
     let mut buffer = [0u8; 16 * 1024];
-    let mut found = FNV_OFFSET;
+    let (mut found, mut len) = (FNV_OFFSET, 0u64);
     loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
+        let n = match source.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
         found = fnv1a_more(found, &buffer[..n]);
+        file.write_all(&buffer[..n])?;
+        len += n as u64;
     }
     if found != hash {
-        return Err(io::Error::other(format!(
-            "{} is not this ustad's preload library",
-            path.display()
-        )));
+        return Err(io::Error::other(
+            "the executable's copy of the preload library has another hash than the one built",
+        ));
     }
-    Ok(())
+    Ok(len)
+}
+
+/// Whether the file at `path` holds exactly what `bytes` reads.
+fn same_contents(path: &Path, bytes: &mut dyn Read) -> io::Result<bool> {
+    let mut file = File::open(path)?;
+    let (mut want, mut have) = ([0u8; 8 * 1024], [0u8; 8 * 1024]);
+    loop {
+        let n = read_full(bytes, &mut want)?;
+        let m = read_full(&mut file, &mut have)?;
+        if want[..n] != have[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Reads into `buffer` until it is full or the end; returns how much it holds.
+fn read_full(source: &mut dyn Read, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match source.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(filled)
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -411,6 +464,10 @@ mod tests {
         assert_eq!(std::fs::read(&first).unwrap(), b"one");
         let again = in_dir(bytes_one, hash(b"one"), &private, Access::Private).unwrap();
         assert_eq!(again, first);
+        assert!(
+            in_dir(bytes_two, hash(b"one"), &private, Access::Private).is_err(),
+            "bytes of another hash are refused"
+        );
         let other = in_dir(bytes_two, hash(b"two"), &private, Access::Private).unwrap();
         assert_ne!(other, first);
         // A damaged copy is replaced.

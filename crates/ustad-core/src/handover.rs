@@ -68,10 +68,13 @@ impl HandedFds {
 }
 
 /// The numbers of fds being handed over, collected from each part, each marked to survive
-/// the exec; [`Keep::undo`] marks them close-on-exec again when the exec failed.
+/// the exec; [`Keep::undo`] marks them close-on-exec again when the exec failed. It also owns
+/// the fds opened only to be handed over ([`Keep::own`]): they live until the exec, and are
+/// closed with it when the exec does not happen.
 #[derive(Debug, Default)]
 pub struct Keep {
     numbers: Vec<RawFd>,
+    owned: Vec<OwnedFd>,
 }
 
 impl Keep {
@@ -88,13 +91,24 @@ impl Keep {
         Ok(number)
     }
 
+    /// Marks `fd`, opened only to be handed over, to survive the exec, keeps it open until
+    /// then and returns its number, for the document.
+    ///
+    /// # Errors
+    /// When its flags cannot be changed (it is closed then).
+    pub fn own(&mut self, fd: OwnedFd) -> io::Result<RawFd> {
+        let number = self.fd(&fd)?;
+        self.owned.push(fd);
+        Ok(number)
+    }
+
     /// Every number kept, in the order kept.
     pub fn numbers(&self) -> &[RawFd] {
         &self.numbers
     }
 
     /// The exec did not happen: every fd kept is close-on-exec again, as every fd of the
-    /// primary is.
+    /// primary is, and those opened only to be handed over are closed.
     pub fn undo(self) {
         crate::sys::close_on_exec(&self.numbers);
     }

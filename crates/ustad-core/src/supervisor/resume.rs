@@ -1,7 +1,7 @@
 //! The new program's side of an upgrade (see `upgrade`): the handover document read, the fds
-//! it lists taken back, and the workers adopted. Each worker is watched through a pidfd,
-//! opened by pid and checked against the start time the old program wrote, so that a process
-//! that is not the worker is never adopted; one that exited during the exec is reaped and
+//! it lists taken back, and the workers adopted. Each worker is watched through the pidfd the
+//! old program opened (its parent, before any exit of it was reaped: the pidfd names that
+//! process, never one that reuses its pid); one that exited during the exec is reaped and
 //! replaced as any exited worker is.
 //!
 //! If the document cannot be read, the workers are not left unsupervised: the new program
@@ -12,11 +12,11 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, PidfdFlags, WaitId, WaitIdOptions, pidfd_open, waitid};
+use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
 use tokio::io::Interest;
 use tracing::{error, info, warn};
 
-use super::upgrade::{Document, HandedWorker, record};
+use super::upgrade::{Document, record};
 use super::{Ended, Supervisor};
 use crate::config::{Config, Readiness};
 use crate::handover::HandedFds;
@@ -135,7 +135,7 @@ impl Supervisor {
             if starting && spec.ready == Readiness::Listening {
                 self.watch_listening(&worker, &spec);
             }
-            match open_worker(handed) {
+            match handover.fds.get(handed.pidfd, "a worker's pidfd") {
                 Ok(pidfd) => adopted.push(Adopted {
                     id,
                     pid: handed.pid,
@@ -144,7 +144,8 @@ impl Supervisor {
                 Err(why) => {
                     warn!(
                         event = "upgrade_lost",
-                        "upgrade: worker {worker} cannot be taken over ({why}); it counts as exited"
+                        "upgrade: worker {worker} (pid {}) cannot be taken over ({why}); it counts as exited",
+                        handed.pid
                     );
                     let _ = self.exits.send(Ended::Worker(id, ExitStatus::Code(-1)));
                 }
@@ -216,26 +217,6 @@ impl Supervisor {
             };
             let _ = exits.send(Ended::Worker(id, status));
         });
-    }
-}
-
-/// The pidfd of a handed-over worker, if the process is still the one the document names.
-fn open_worker(handed: &HandedWorker) -> Result<OwnedFd, String> {
-    let pid = i32::try_from(handed.pid)
-        .ok()
-        .and_then(Pid::from_raw)
-        .ok_or_else(|| format!("{} is not a pid", handed.pid))?;
-    let pidfd = pidfd_open(pid, PidfdFlags::empty())
-        .map_err(|error| format!("pidfd_open({}): {error}", handed.pid))?;
-    // Checked after the pidfd is open: from then on, the pid cannot name another process
-    // without the pidfd reporting this one's exit.
-    match crate::procfs::stat(handed.pid) {
-        Some(stat) if stat.start_ticks == handed.start_ticks => Ok(pidfd),
-        Some(_) => Err(format!(
-            "pid {} is another process now (a different start time)",
-            handed.pid
-        )),
-        None => Err(format!("pid {} is gone", handed.pid)),
     }
 }
 

@@ -124,8 +124,9 @@ pub(super) type Checked = (PathBuf, Result<Capabilities, String>);
 pub(super) struct HandedWorker {
     pub(super) id: u64,
     pub(super) pid: u32,
-    /// Its start time (`/proc/PID/stat`), so that only this process is taken over.
-    pub(super) start_ticks: u64,
+    /// A pidfd of it, opened by the old program: its parent, which has not reaped it, so the
+    /// pid still names this process and no other (not read back from `/proc`).
+    pub(super) pidfd: RawFd,
     /// Its stdout and stderr pipes, while relayed.
     pub(super) pipes: [Option<RawFd>; 2],
     /// The primary's end of its message channel.
@@ -369,9 +370,12 @@ impl Supervisor {
         let mut workers = Vec::new();
         for worker in self.plan.workers() {
             let Some(pid) = worker.pid else { continue };
-            let Some(stat) = crate::procfs::stat(pid) else {
+            // Gone already (reaped by now: its exit is on its way to the loop): not listed,
+            // the new program counts it as exited.
+            let Some(pidfd) = open_pidfd(pid) else {
                 continue;
             };
+            let pidfd = keep.own(pidfd)?;
             let pipes = self.output.hand_over(worker.id.0, keep)?;
             let channel = self
                 .channels
@@ -382,7 +386,7 @@ impl Supervisor {
             workers.push(HandedWorker {
                 id: worker.id.0,
                 pid,
-                start_ticks: stat.start_ticks,
+                pidfd,
                 pipes,
                 channel,
             });
@@ -419,6 +423,12 @@ impl Supervisor {
         };
         serde_json::to_string(&document).map_err(io::Error::other)
     }
+}
+
+/// A pidfd of the worker `pid`, a child of this process; `None` when it is gone.
+fn open_pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
 }
 
 /// Puts `document` in a memfd kept across the exec; its number goes last in `fds`.
