@@ -37,9 +37,9 @@
 #   QUIET=15 QUIET_WAIT=10 QUIET_BUDGET=120   a load run starts once the machine is at most
 #                       QUIET % busy (lib.sh); busier runs are flagged, not repeated
 #   PORT=18580          where the workers listen (127.0.0.1; 10 higher while taken)
-#   PRIMARY_NICE=       a diagnostic: `renice` the primary alone (not its running workers) to
-#                       this once its workers are ready, e.g. -10, to see how much of a switch
-#                       under load is waiting for a CPU among the busy workers (default: none)
+#   PRIMARY_NICE=       ustad's --primary-nice (default: none given, ustad's own default, -10);
+#                       PRIMARY_NICE=0 runs the primary at its workers' priority, to see how much
+#                       of a switch under load is waiting for a CPU among the busy workers
 #   USTAD=path          a prebuilt ustad (default: cargo build --release, then a copy of it)
 #   RESULTS=dir         where raw results go (default bench/results/upgrade-<timestamp>)
 #
@@ -89,7 +89,7 @@ fi
 
 {
   bench_machine
-  echo "settings: UPGRADES=$UPGRADES INTERVAL=$INTERVAL WORKERS=$WORKERS CONNECTIONS=$CONNECTIONS THREADS=$THREADS GRACE=$GRACE QUIET=$QUIET QUIET_WAIT=$QUIET_WAIT QUIET_BUDGET=$QUIET_BUDGET PRIMARY_NICE=${PRIMARY_NICE:-none}; ulimit -n $(ulimit -n)"
+  echo "settings: UPGRADES=$UPGRADES INTERVAL=$INTERVAL WORKERS=$WORKERS CONNECTIONS=$CONNECTIONS THREADS=$THREADS GRACE=$GRACE QUIET=$QUIET QUIET_WAIT=$QUIET_WAIT QUIET_BUDGET=$QUIET_BUDGET PRIMARY_NICE=${PRIMARY_NICE:-default}; ulimit -n $(ulimit -n)"
   echo "commit: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
 } >"$RESULTS/env.txt"
 cat "$RESULTS/env.txt" >&2
@@ -113,15 +113,15 @@ start_ustad() {
   # The built-in demo worker (no command), ustad's defaults. --log-format json: the upgrade
   # events are timed from their timestamps. --control: a socket of our own, not the default one
   # another ustad on this machine may hold; it changes nothing in how workers are run.
+  local nice=()
+  [[ -z $PRIMARY_NICE ]] || nice=(--primary-nice "$PRIMARY_NICE")
   start_server "$LOGFILE" "$USTAD" --log-format json run -w "$WORKERS" -l "$HOST:$PORT" \
-    --control "$CONTROL" --color never
+    --control "$CONTROL" --color never "${nice[@]}"
   say "python3 $RELIABILITY wait-ready --ustad $USTAD --control $CONTROL --size $WORKERS"
   python3 "$RELIABILITY" wait-ready --ustad "$USTAD" --control "$CONTROL" --size "$WORKERS" \
     --timeout 60 --poll 0.1 >/dev/null || die "$WORKERS workers not ready within 60 s (see $LOGFILE)"
-  if [[ -n $PRIMARY_NICE ]]; then
-    say "renice -n $PRIMARY_NICE -p $SERVER"
-    renice -n "$PRIMARY_NICE" -p "$SERVER" >/dev/null || die "cannot renice the primary to $PRIMARY_NICE"
-  fi
+  say "the primary's nice: $(awk '{print $19}' "/proc/$SERVER/stat"), its workers': $(
+    ps -o ni= --ppid "$SERVER" | sort -u | tr -s ' \n' ' ')"
 }
 
 stop_ustad() {

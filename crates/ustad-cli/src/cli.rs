@@ -196,6 +196,20 @@ pub(crate) struct RunArgs {
     /// e.g. 127.0.0.1:9090.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics: Option<std::net::SocketAddr>,
+
+    /// The primary's own nice value, below its workers' (they start at 0) so that it answers,
+    /// restarts and upgrades promptly while they keep every core busy. Needs root
+    /// (CAP_SYS_NICE) or an RLIMIT_NICE that allows it (LimitNICE= in a systemd unit); the
+    /// primary says so and stays at 0 otherwise. 0 leaves it as started, as does a primary
+    /// started at another nice value.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = ustad_core::priority::DEFAULT_NICE,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(-20..=0)
+    )]
+    pub(crate) primary_nice: i32,
 }
 
 /// Which running instance a command talks to.

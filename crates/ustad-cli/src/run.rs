@@ -230,6 +230,7 @@ pub(crate) fn run(
     args: &RunArgs,
     output: OutputStyle,
 ) -> Result<(), Failure> {
+    raise_priority(args);
     let options = options_for(&config, &source, args, output);
     // Kept until the primary exits: workers load the library from it.
     let _preload = install_preload();
@@ -243,6 +244,7 @@ pub(crate) fn run(
 /// cannot be taken, the previous program's workers are stopped gracefully and the cluster
 /// starts afresh from the command line's configuration: never left unsupervised.
 pub(crate) fn resume(handover: i32, args: &RunArgs, output: OutputStyle) -> Result<(), Failure> {
+    raise_priority(args);
     let source = source_of(args)?;
     let _preload = install_preload();
     let runtime = runtime()?;
@@ -287,6 +289,22 @@ pub(crate) fn upgrade_check(command: &crate::cli::Command) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => Failure::runtime(error.to_string()).report(),
+    }
+}
+
+/// Runs the primary above its workers (`--primary-nice`), and says how it runs.
+fn raise_priority(args: &RunArgs) {
+    match ustad_core::priority::raise_primary(args.primary_nice) {
+        priority @ ustad_core::priority::Priority::Raised { already: false, .. } => {
+            tracing::debug!(event = "priority", "{priority}");
+        }
+        ustad_core::priority::Priority::Raised { already: true, .. } => {}
+        priority @ ustad_core::priority::Priority::Kept { .. } if args.primary_nice == 0 => {
+            tracing::debug!(event = "priority", "{priority}");
+        }
+        priority @ ustad_core::priority::Priority::Kept { .. } => {
+            tracing::info!(event = "priority", "{priority}");
+        }
     }
 }
 

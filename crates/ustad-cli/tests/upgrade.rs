@@ -484,3 +484,53 @@ fn inherited_fds(pid: u32) -> Vec<u32> {
     fds.sort_unstable();
     fds
 }
+
+/// The nice value of `pid` (field 19 of `/proc/PID/stat`).
+fn nice_of(pid: u32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    let after = &stat[stat.rfind(')').expect("a comm") + 2..];
+    after
+        .split(' ')
+        .nth(16)
+        .and_then(|nice| nice.parse().ok())
+        .expect("a nice value")
+}
+
+#[test]
+fn the_primary_runs_above_its_workers_before_and_after_an_upgrade() {
+    let mut run = two_demo_workers();
+    let primary = run.cluster.pid();
+    run.wait_ready(2);
+    let raised = nice_of(primary);
+    if raised == 0 {
+        // Not permitted here (no CAP_SYS_NICE): the primary says so and changes nothing.
+        let said = run
+            .cluster
+            .wait_event(|e| e.is("priority"), TIMEOUT)
+            .to_string();
+        assert!(said.contains("not permitted"), "{said}");
+    } else {
+        assert_eq!(raised, ustad_core::priority::DEFAULT_NICE);
+    }
+    let pids = workers(&status(&run), "app");
+    for pid in pids.values() {
+        assert_eq!(nice_of(*pid as u32), 0, "worker {pid}");
+    }
+    let since = run.cluster.event_count();
+    run.client(&["upgrade", "--wait"]).ok();
+    run.cluster
+        .wait_event_since(since, |e| e.is("upgraded"), TIMEOUT);
+    assert_eq!(nice_of(primary), raised, "the same after the exec");
+    // A worker started by the new program starts at 0 too.
+    let (&id, &victim) = pids.iter().next().expect("a worker");
+    signal_pid(victim as u32, Signal::KILL);
+    run.cluster.wait_event_since(
+        since,
+        |e| e.is("ready") && e.u64("id").is_some_and(|new| new > id),
+        TIMEOUT,
+    );
+    for pid in workers(&status(&run), "app").values() {
+        assert_eq!(nice_of(*pid as u32), 0, "worker {pid}");
+    }
+    run.stop();
+}

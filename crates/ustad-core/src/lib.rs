@@ -62,6 +62,7 @@ pub mod notify;
 pub mod output;
 pub mod plan;
 pub mod preload;
+pub mod priority;
 pub mod procfs;
 pub mod service;
 pub mod sockets;

@@ -6,7 +6,8 @@
 //! ([`recv_datagram`]), dropping stack pages a deep call left behind
 //! ([`release_stack_below`]), and an upgrade's re-execution in place: the signal mask kept
 //! across it ([`mask_signals`], [`exec_in_place`]) and the fds handed over taken back
-//! ([`take_handed_fds`]).
+//! ([`take_handed_fds`]), and the primary's scheduling attributes ([`sched_attr`],
+//! [`set_sched_attr`], which have no wrapper in libc or rustix, and [`keep_priority`]).
 //!
 //! Between `fork` and `exec` the child is a copy of a possibly multi-threaded process: it may
 //! only make async-signal-safe calls. Nothing here allocates, locks or logs after the fork.
@@ -835,5 +836,68 @@ mod tests {
         let mut distinct = raw.clone();
         distinct.dedup();
         assert_eq!(distinct.len(), raw.len());
+    }
+}
+
+/// The calling thread's scheduling policy, flags and nice value (`sched_getattr`).
+pub(crate) fn sched_attr() -> io::Result<libc::sched_attr> {
+    // SAFETY: sched_attr is plain integers, for which all zeroes is a valid value.
+    let mut attr: libc::sched_attr = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::sched_attr>() as libc::c_uint;
+    // SAFETY: the kernel writes at most `size` bytes into `attr`, which is that large; pid 0
+    // is the calling thread; flags must be 0.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            0,
+            &mut attr as *mut libc::sched_attr,
+            size,
+            0,
+        )
+    };
+    if done < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(attr)
+}
+
+/// Sets the calling thread's scheduling attributes (`sched_setattr`).
+pub(crate) fn set_sched_attr(attr: &libc::sched_attr) -> io::Result<()> {
+    let mut attr = *attr;
+    attr.size = std::mem::size_of::<libc::sched_attr>() as u32;
+    // SAFETY: the kernel reads `attr.size` bytes from `attr`, which is that large and lives
+    // across the call; pid 0 is the calling thread; flags must be 0.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            0,
+            &attr as *const libc::sched_attr,
+            0,
+        )
+    };
+    if done < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the program `command` starts run at the calling thread's nice value when that is
+/// below 0: a raised primary's children start at nice 0 (`SCHED_RESET_ON_FORK`, see
+/// `priority`), which is right for workers, not for a helper the primary waits on (an
+/// upgrade's check). The helper, this process's own user, may go back to the value its parent
+/// has (the parent got there with the privilege both share).
+pub(crate) fn keep_priority(command: &mut tokio::process::Command) {
+    let nice = match sched_attr() {
+        Ok(attr) if attr.sched_nice < 0 => attr.sched_nice,
+        _ => return,
+    };
+    // SAFETY: the closure runs in the child between fork and exec, where it only makes one
+    // async-signal-safe call (setpriority, on the child's own and only thread); a failure
+    // leaves the child at nice 0, which is what it would have been.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+            Ok(())
+        });
     }
 }

@@ -456,13 +456,17 @@ fn spawn_check(
     binary: &Path,
     args: &[OsString],
 ) -> Result<(tokio::process::Child, Option<u32>), String> {
-    let child = tokio::process::Command::new(binary)
+    let mut command = tokio::process::Command::new(binary);
+    command
         .arg(CHECK_FLAG)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // The primary waits on it: at the primary's priority, not its workers'.
+    crate::sys::keep_priority(&mut command);
+    let child = command
         .spawn()
         .map_err(|error| format!("cannot run {}: {error}", binary.display()))?;
     let pid = child.id();
