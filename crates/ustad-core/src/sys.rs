@@ -803,42 +803,6 @@ pub(crate) fn release_stack_below(near: usize, keep: usize) -> io::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listen_pid_is_written_in_place_with_a_terminating_nul() {
-        let mut image = ExecImage::new(
-            CString::new("/bin/true").unwrap(),
-            vec![CString::new("true").unwrap()],
-            vec![CString::new("A=1").unwrap()],
-            true,
-        );
-        image.fill_listen_pid();
-        // SAFETY: the pointer is valid for the image's lifetime; test-only read.
-        let written = unsafe { std::ffi::CStr::from_ptr(image.envp_ptrs[1]) };
-        assert_eq!(
-            written.to_str().unwrap(),
-            format!("LISTEN_PID={}", std::process::id())
-        );
-        assert!(image.envp_ptrs[2].is_null());
-        assert!(image.argv_ptrs[1].is_null());
-    }
-
-    #[test]
-    fn reserving_low_fds_returns_only_fds_below_the_limit() {
-        // Other test threads open and close fds concurrently, so only what the call returns
-        // can be checked here; the integration tests check what workers receive.
-        let reserved = reserve_low_fds(40).unwrap();
-        let raw: Vec<RawFd> = reserved.iter().map(AsRawFd::as_raw_fd).collect();
-        assert!(raw.iter().all(|fd| (3..40).contains(fd)), "{raw:?}");
-        let mut distinct = raw.clone();
-        distinct.dedup();
-        assert_eq!(distinct.len(), raw.len());
-    }
-}
-
 /// The calling thread's scheduling policy, flags and nice value (`sched_getattr`).
 pub(crate) fn sched_attr() -> io::Result<libc::sched_attr> {
     // SAFETY: sched_attr is plain integers, for which all zeroes is a valid value.
@@ -899,5 +863,41 @@ pub(crate) fn keep_priority(command: &mut tokio::process::Command) {
             libc::setpriority(libc::PRIO_PROCESS, 0, nice);
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_pid_is_written_in_place_with_a_terminating_nul() {
+        let mut image = ExecImage::new(
+            CString::new("/bin/true").unwrap(),
+            vec![CString::new("true").unwrap()],
+            vec![CString::new("A=1").unwrap()],
+            true,
+        );
+        image.fill_listen_pid();
+        // SAFETY: the pointer is valid for the image's lifetime; test-only read.
+        let written = unsafe { std::ffi::CStr::from_ptr(image.envp_ptrs[1]) };
+        assert_eq!(
+            written.to_str().unwrap(),
+            format!("LISTEN_PID={}", std::process::id())
+        );
+        assert!(image.envp_ptrs[2].is_null());
+        assert!(image.argv_ptrs[1].is_null());
+    }
+
+    #[test]
+    fn reserving_low_fds_returns_only_fds_below_the_limit() {
+        // Other test threads open and close fds concurrently, so only what the call returns
+        // can be checked here; the integration tests check what workers receive.
+        let reserved = reserve_low_fds(40).unwrap();
+        let raw: Vec<RawFd> = reserved.iter().map(AsRawFd::as_raw_fd).collect();
+        assert!(raw.iter().all(|fd| (3..40).contains(fd)), "{raw:?}");
+        let mut distinct = raw.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), raw.len());
     }
 }
