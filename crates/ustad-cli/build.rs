@@ -17,6 +17,7 @@ const SUPPORTED_ARCHES: &[&str] = &["x86_64", "x86", "aarch64", "arm", "riscv64"
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(ustad_preload)");
+    order_hot_code();
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let source = manifest.join("../ustad-preload/src");
     let out =
@@ -79,6 +80,62 @@ fn main() {
         out.display()
     );
     println!("cargo:rustc-cfg=ustad_preload");
+}
+
+/// The functions a primary runs (`hot-symbols.txt`, made by `bench/hot_symbols.sh`), placed
+/// together at the start of the program's code, in a release build whose linker can.
+///
+/// The kernel maps a program's code 64 KiB around each page it faults in (fault-around), or a
+/// whole page-cache folio, so what the primary keeps resident is every window holding a
+/// function it ever ran: in the linker's own order, the ~1.4 MiB of functions a primary runs
+/// are spread over nearly all of the ~2.7 MiB of code (client commands, the demo worker,
+/// `ustad check`, error paths), and nearly all of it stays resident. Placed together, 1 MiB
+/// less is (docs/benchmarks.md, "Scale").
+///
+/// The file names symbols as this toolchain mangles them: after a toolchain or dependency
+/// update, names that are no longer there are skipped (`--no-warn-symbol-ordering`) and the
+/// layout falls back towards the linker's own, until the file is made again. The option is
+/// LLD's (rustc's own linker for this target since 1.90) and mold's, not GNU ld's: it is given
+/// only when a probe program links with it, with the same rustc, linker and flags.
+fn order_hot_code() {
+    println!("cargo:rerun-if-changed=hot-symbols.txt");
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
+    let var = |name: &str| env::var(name).unwrap_or_default();
+    if var("PROFILE") != "release" || var("CARGO_CFG_TARGET_OS") != "linux" {
+        return;
+    }
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let order = manifest.join("hot-symbols.txt");
+    if !order.is_file() || order.to_string_lossy().contains([',', ' ']) {
+        return;
+    }
+    let args = [
+        format!("-Wl,--symbol-ordering-file={}", order.display()),
+        "-Wl,--no-warn-symbol-ordering".to_owned(),
+    ];
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    let probe = out.join("order_probe.rs");
+    std::fs::write(&probe, "fn main() {}\n").expect("writing the link probe");
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let mut command = Command::new(rustc);
+    command
+        .args(["--target", &var("TARGET"), "-o"])
+        .arg(out.join("order_probe"))
+        .arg(&probe);
+    for arg in &args {
+        command.arg("-C").arg(format!("link-arg={arg}"));
+    }
+    if let Ok(linker) = env::var("RUSTC_LINKER") {
+        command.arg("-C").arg(format!("linker={linker}"));
+    }
+    let flags = var("CARGO_ENCODED_RUSTFLAGS");
+    command.args(flags.split('\x1f').filter(|flag| !flag.is_empty()));
+    let links = command.output().is_ok_and(|output| output.status.success());
+    if links {
+        for arg in args {
+            println!("cargo:rustc-link-arg-bins={arg}");
+        }
+    }
 }
 
 /// FNV-1a, 64 bits (the same as src/preload.rs's).
