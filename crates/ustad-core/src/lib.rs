@@ -11,7 +11,9 @@
 //!    ([`sockets`]) and holds them for its whole life. Workers receive them as fds 3, 4, …
 //!    with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` set to the worker's own pid
 //!    ([`spawn`]), so a restarting worker never causes a refused connection: the
-//!    kernel queues connections on a socket the primary still holds.
+//!    kernel queues connections on a socket the primary still holds. Under systemd with an fd
+//!    store, the service manager holds a copy of each ([`fdstore`]), so that even a crash of
+//!    the primary refuses no connection.
 //! 2. **Spawning.** Each worker runs in its own process group, with stdin from `/dev/null` and
 //!    stdout/stderr relayed line by line ([`output`]), and dies with the primary
 //!    (`PR_SET_PDEATHSIG`).
@@ -53,6 +55,7 @@
 pub mod accounts;
 pub mod config;
 pub mod control;
+pub mod fdstore;
 pub mod handover;
 pub mod ipc;
 pub mod listening;

@@ -10,6 +10,10 @@
 //! A worker never sees the primary's `NOTIFY_SOCKET` ([`crate::spawn`] drops it from what
 //! workers inherit; a `ready = "notify"` pool gets the primary's socket instead).
 //!
+//! It also keeps copies of the primary's sockets in the service manager's fd store
+//! ([`store_fd`](ServiceNotifier::store_fd), [`remove_stored`](ServiceNotifier::remove_stored);
+//! what to keep there is [`crate::fdstore`]'s to decide).
+//!
 //! Sending never fails the primary: an error is logged (once, until a message gets through
 //! again) and the message is lost, as with `sd_notify(3)`.
 
@@ -24,7 +28,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ustad_proto::env::NOTIFY_SOCKET;
-use ustad_proto::notify::{FLAG, MONOTONIC_USEC, READY, RELOADING, STATUS, STOPPING};
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::os::fd::BorrowedFd;
+
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix};
+use ustad_proto::notify::{
+    FDNAME, FDSTORE, FDSTOREREMOVE, FLAG, MONOTONIC_USEC, READY, RELOADING, STATUS, STOPPING,
+};
 
 use crate::status::PoolStatus;
 use crate::sys;
@@ -65,6 +76,8 @@ pub struct ServiceNotifier {
 struct Target {
     socket: UnixDatagram,
     address: SocketAddr,
+    /// The same address, for `sendmsg` with fds.
+    with_fds: SocketAddrUnix,
     /// `NOTIFY_SOCKET` as given, for messages.
     shown: String,
 }
@@ -118,9 +131,15 @@ impl ServiceNotifier {
     /// not supported), or no socket can be created.
     pub fn new(notify_socket: &OsStr) -> io::Result<ServiceNotifier> {
         let bytes = notify_socket.as_bytes();
-        let address = match bytes.first() {
-            Some(b'@') => SocketAddr::from_abstract_name(&bytes[1..])?,
-            Some(b'/') => SocketAddr::from_pathname(Path::new(notify_socket))?,
+        let (address, with_fds) = match bytes.first() {
+            Some(b'@') => (
+                SocketAddr::from_abstract_name(&bytes[1..])?,
+                SocketAddrUnix::new_abstract_name(&bytes[1..])?,
+            ),
+            Some(b'/') => (
+                SocketAddr::from_pathname(Path::new(notify_socket))?,
+                SocketAddrUnix::new(Path::new(notify_socket))?,
+            ),
             _ => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -135,6 +154,7 @@ impl ServiceNotifier {
             target: Some(Target {
                 socket,
                 address,
+                with_fds,
                 shown: notify_socket.to_string_lossy().into_owned(),
             }),
             state: Mutex::default(),
@@ -206,6 +226,43 @@ impl ServiceNotifier {
         self.send(&format!("{STATUS}={}\n", state.status));
     }
 
+    /// `FDSTORE=1` with `FDNAME=name` and `fd` attached: the service manager keeps a copy of
+    /// `fd`, and passes it back under `name` (in `LISTEN_FDNAMES`) when it starts ustad again.
+    /// It ignores a copy of an fd it already keeps.
+    ///
+    /// # Errors
+    /// When there is no service manager, or the message cannot be sent (then it is logged
+    /// too, as every failed message).
+    pub fn store_fd(&self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let Some(target) = &self.target else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no service manager",
+            ));
+        };
+        let message = format!("{FDSTORE}={FLAG}\n{FDNAME}={name}\n");
+        let fds = [fd];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+        let sent = rustix::net::sendmsg_addr(
+            &target.socket,
+            &target.with_fds,
+            &[IoSlice::new(message.as_bytes())],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+        .map(drop)
+        .map_err(io::Error::from);
+        self.sent(target, &message, sent)
+    }
+
+    /// `FDSTOREREMOVE=1` with `FDNAME=name`: the service manager closes its copies of the fds
+    /// it keeps under `name`.
+    pub fn remove_stored(&self, name: &str) {
+        self.send(&format!("{FDSTOREREMOVE}={FLAG}\n{FDNAME}={name}\n"));
+    }
+
     /// Tells the service manager what changed, given every pool's status after an event:
     /// `READY=1` when every pool first has a ready worker in every slot, `READY=1` when a
     /// reload's rollouts are all over (finished or aborted), else `STATUS=` with
@@ -234,16 +291,23 @@ impl ServiceNotifier {
 
     fn send(&self, message: &str) {
         let Some(target) = &self.target else { return };
-        match target
+        let sent = target
             .socket
             .send_to_addr(message.as_bytes(), &target.address)
-        {
-            Ok(_) => {
+            .map(drop);
+        let _ = self.sent(target, message, sent);
+    }
+
+    /// Logs what became of `message`: a failure once, until a message gets through again.
+    fn sent(&self, target: &Target, message: &str, sent: io::Result<()>) -> io::Result<()> {
+        match sent {
+            Ok(()) => {
                 self.failing.store(false, Ordering::Relaxed);
                 tracing::debug!(
                     "told the service manager: {}",
                     message.trim_end().replace('\n', ", ")
                 );
+                Ok(())
             }
             Err(error) => {
                 let first = !self.failing.swap(true, Ordering::Relaxed);
@@ -260,6 +324,7 @@ impl ServiceNotifier {
                         target.shown
                     );
                 }
+                Err(error)
             }
         }
     }

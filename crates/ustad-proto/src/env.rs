@@ -24,6 +24,9 @@ pub const LISTEN_FDS_START: RawFd = 3;
 /// Where to send `sd_notify` datagrams (see [`crate::notify`]): a path, or `@name` for an
 /// abstract socket. Set by the primary for a pool with `ready = "notify"`.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// How many fds the service manager keeps in its fd store for this service (systemd 254 and
+/// later set it from `FileDescriptorStoreMax=`). Read by the primary; never passed to a worker.
+pub const FDSTORE: &str = "FDSTORE";
 /// How often, in microseconds, the worker must send `WATCHDOG=1`. Set by the primary, with
 /// [`NOTIFY_SOCKET`], for a pool with a `watchdog`.
 pub const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
@@ -80,6 +83,7 @@ pub const RESERVED: &[&str] = &[
     LISTEN_PID,
     LISTEN_FDNAMES,
     NOTIFY_SOCKET,
+    FDSTORE,
     WATCHDOG_USEC,
     WATCHDOG_PID,
     // A channel fd named by ustad's own parent (ustad started by Node's `fork`) is not the

@@ -20,6 +20,14 @@ pub const MONOTONIC_USEC: &str = "MONOTONIC_USEC";
 /// Proof of life for a pool with a `watchdog` ([`FLAG`]), or "I hung, act now"
 /// ([`WATCHDOG_TRIGGER`]). Sent by a worker.
 pub const WATCHDOG: &str = "WATCHDOG";
+/// Keep the fds sent with this message (`SCM_RIGHTS`) in the service manager's fd store
+/// ([`FLAG`], with [`FDNAME`]). Sent by the primary.
+pub const FDSTORE: &str = "FDSTORE";
+/// Close every fd of the store named [`FDNAME`] ([`FLAG`]). Sent by the primary.
+pub const FDSTOREREMOVE: &str = "FDSTOREREMOVE";
+/// The name of the fds of [`FDSTORE`] or [`FDSTOREREMOVE`]; the fds come back under it in
+/// `LISTEN_FDNAMES`.
+pub const FDNAME: &str = "FDNAME";
 /// ustad's own key: a worker asks something of the primary ([`REQUEST_RESTART`]).
 pub const USTAD_REQUEST: &str = "USTAD_REQUEST";
 

@@ -16,7 +16,8 @@ use ustad_proto::env::{
     LISTEN_FDNAMES, LISTEN_FDNAMES_SEPARATOR, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID, UNNAMED_FD,
 };
 
-use crate::config::{ListenAddr, SocketSpec};
+use super::store::{self, StoredSockets};
+use crate::config::{Config, ListenAddr, SocketSpec};
 use crate::sys;
 
 /// The most fds ustad accepts from a service manager.
@@ -147,6 +148,25 @@ impl Activation {
         Activation {
             sockets: sockets.into_iter().collect(),
         }
+    }
+
+    /// Takes out the sockets the service manager kept in its fd store for ustad (named
+    /// `ustad/…`), sorted against `config`: those that still serve it, and the names of those
+    /// closed (see [`StoredSockets`]). What is left are a socket unit's.
+    pub fn take_stored(&mut self, config: &Config) -> StoredSockets {
+        let (stored, unit): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sockets)
+            .into_iter()
+            .partition(|(name, _)| name.starts_with(store::PREFIX));
+        self.sockets = unit;
+        let unit: Vec<&str> = self.names().collect();
+        let stored = stored
+            .into_iter()
+            .map(|(name, fd)| {
+                let number = fd.as_raw_fd();
+                (name, number, Socket::from(fd))
+            })
+            .collect();
+        StoredSockets::sort(stored, config, &unit)
     }
 
     /// Whether no socket was passed.

@@ -104,6 +104,7 @@ impl Listeners {
             sockets,
             unix_paths: handed.unix_paths,
             inherited: handed.inherited,
+            changes: 0,
         })
     }
 }

@@ -41,9 +41,11 @@ use crate::config::{Config, ListenAddr, SocketMode, SocketSpec};
 
 mod activation;
 mod handover;
+mod store;
 
 pub use self::activation::{Activation, ActivationError, listen_fds_from};
 pub use self::handover::HandedListeners;
+pub use self::store::{PREFIX as STORE_PREFIX, StoredSockets};
 
 /// The sockets of a configuration cannot be opened; nothing was started.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,8 @@ pub struct Listeners {
     unix_paths: Vec<PathBuf>,
     /// Sockets passed by the service manager rather than bound.
     inherited: Vec<String>,
+    /// Counts the changes to the set of sockets, for [`Listeners::changes`].
+    changes: u64,
 }
 
 impl Listeners {
@@ -104,11 +108,27 @@ impl Listeners {
     /// When a socket cannot be bound, or a passed socket matches no socket of `config` or
     /// cannot serve as the one it matches; every passed socket is checked before anything is
     /// bound.
-    pub fn bind_with(config: &Config, activation: Activation) -> Result<Listeners, BindError> {
+    pub fn bind_with(config: &Config, mut activation: Activation) -> Result<Listeners, BindError> {
+        let stored = activation.take_stored(config);
+        Listeners::bind_taking(config, activation, stored)
+    }
+
+    /// [`Listeners::bind_with`], taking the sockets `stored` (from the service manager's fd
+    /// store, [`Activation::take_stored`]) too: each is what it was before the primary
+    /// restarted, with the connections queued on it meanwhile.
+    ///
+    /// # Errors
+    /// As [`Listeners::bind_with`].
+    pub fn bind_taking(
+        config: &Config,
+        activation: Activation,
+        mut stored: StoredSockets,
+    ) -> Result<Listeners, BindError> {
         let mut listeners = Listeners {
             sockets: IndexMap::new(),
             unix_paths: Vec::new(),
             inherited: Vec::new(),
+            changes: 0,
         };
         let passed: Vec<String> = activation.names().map(str::to_owned).collect();
         let mut matched = activation.match_sockets(config.sockets.iter())?;
@@ -135,7 +155,10 @@ impl Listeners {
                             spec.listen
                         );
                     }
-                    listeners.bind_one(name, spec)?
+                    match listeners.take_stored(name, spec, &mut stored) {
+                        Some(bound) => bound,
+                        None => listeners.bind_one(name, spec)?,
+                    }
                 }
             };
             listeners.sockets.insert(name.clone(), bound);
@@ -146,6 +169,44 @@ impl Listeners {
             }
         }
         Ok(listeners)
+    }
+
+    /// The socket `[sockets.name]` as the fd store kept it, if it did.
+    fn take_stored(
+        &mut self,
+        name: &str,
+        spec: &SocketSpec,
+        stored: &mut StoredSockets,
+    ) -> Option<Bound> {
+        let backlog = i32::try_from(spec.backlog).unwrap_or(i32::MAX);
+        if let Some(socket) = stored.sockets.remove(name) {
+            // listen() again: the configuration's backlog may have changed meanwhile.
+            let _ = socket.listen(backlog);
+            if let ListenAddr::Unix(path) = &spec.listen {
+                self.unix_paths.push(path.clone());
+            }
+            return Some(if spec.mode == SocketMode::RoundRobin {
+                Bound::Handed(socket)
+            } else {
+                Bound::Shared(socket)
+            });
+        }
+        let slots = stored.slots.remove(name)?;
+        let address = slots
+            .first()
+            .and_then(|(_, socket)| store::tcp_address(socket))?;
+        let per_slot = slots
+            .into_iter()
+            .map(|(key, socket)| {
+                let _ = socket.listen(backlog);
+                (key, socket)
+            })
+            .collect();
+        Some(Bound::ReusePort {
+            address,
+            backlog: spec.backlog,
+            per_slot,
+        })
     }
 
     fn bind_one(&mut self, name: &str, spec: &SocketSpec) -> Result<Bound, BindError> {
@@ -216,6 +277,7 @@ impl Listeners {
                 })?,
             };
             per_slot.insert(key, socket);
+            self.changes += 1;
         }
         Ok(())
     }
@@ -243,6 +305,7 @@ impl Listeners {
 
     /// Closes the `reuseport` sockets of a pool's slots from `from_slot` on (after a shrink).
     pub fn release_slots(&mut self, pool: &str, from_slot: usize) {
+        self.changes += 1;
         for bound in self.sockets.values_mut() {
             if let Bound::ReusePort { per_slot, .. } = bound {
                 per_slot.retain(|(p, slot), _| p != pool || *slot < from_slot);
@@ -287,6 +350,7 @@ impl Listeners {
     pub fn add(&mut self, name: &str, spec: &SocketSpec) -> Result<(), BindError> {
         let bound = self.bind_one(name, spec)?;
         self.sockets.insert(name.to_owned(), bound);
+        self.changes += 1;
         Ok(())
     }
 
@@ -296,12 +360,54 @@ impl Listeners {
         if self.sockets.shift_remove(name).is_none() {
             return;
         }
+        self.changes += 1;
         if let ListenAddr::Unix(path) = &spec.listen {
             if let Some(at) = self.unix_paths.iter().position(|p| p == path) {
                 let _ = std::fs::remove_file(path);
                 self.unix_paths.remove(at);
             }
         }
+    }
+
+    /// How many times the set of sockets changed (one added, removed, or bound for a slot):
+    /// what [`Listeners::to_store`] returns is new when this is.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The sockets to keep in the service manager's fd store, by the name each is stored
+    /// under: every socket this process bound (those a socket unit passed are the service
+    /// manager's already), and each slot's socket of a `reuseport` socket (not the one
+    /// bound before any slot took it).
+    pub fn to_store(&self) -> Vec<(String, BorrowedFd<'_>)> {
+        let mut stored = Vec::new();
+        for (name, bound) in &self.sockets {
+            if self.is_inherited(name) {
+                continue;
+            }
+            match bound {
+                Bound::Shared(socket) | Bound::Handed(socket) => {
+                    let stored_as = store::StoreName::Socket(name.clone());
+                    stored.push((stored_as.to_string(), socket.as_fd()));
+                }
+                Bound::ReusePort { per_slot, .. } => {
+                    let mut slots: Vec<_> = per_slot.iter().collect();
+                    slots.sort_by(|(a, _), (b, _)| a.cmp(b));
+                    for ((pool, slot), socket) in slots {
+                        if pool.is_empty() {
+                            continue;
+                        }
+                        let stored_as = store::StoreName::Slot {
+                            socket: name.clone(),
+                            pool: pool.clone(),
+                            slot: *slot,
+                        };
+                        stored.push((stored_as.to_string(), socket.as_fd()));
+                    }
+                }
+            }
+        }
+        stored
     }
 
     /// Whether a socket of this name is open.

@@ -191,6 +191,8 @@ async fn run_loop(mut supervisor: Supervisor, inputs: Inputs) -> Result<(), Supe
             _ = memory_check.tick(), if supervisor.watches_memory() => supervisor.check_memory(),
             () = sleep => supervisor.on_deadline(),
         }
+        // Sockets added, closed or bound for a slot: the service manager's copies follow.
+        supervisor.fd_store.sync(&supervisor.service, &supervisor.listeners);
     }
     for task in servers {
         task.abort();
@@ -237,6 +239,8 @@ struct Supervisor {
     reload: Option<Reload>,
     /// ustad's own `NOTIFY_SOCKET`, when a service manager gave it one.
     service: ServiceNotifier,
+    /// The sockets the service manager keeps for ustad, when it has an fd store.
+    fd_store: crate::fdstore::FdStore,
     /// The instance's name, for `ustad status`.
     name: String,
     config_file: Option<PathBuf>,

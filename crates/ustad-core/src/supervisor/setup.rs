@@ -32,7 +32,9 @@ use crate::logbook::LogBook;
 use crate::notify::NotifySocket;
 use crate::output::{OutputRelay, OutputStyle};
 use crate::plan::{Clock, Plan, WorkerId};
-use crate::sockets::{BindError, Listeners};
+use crate::fdstore::FdStore;
+use crate::service::ServiceNotifier;
+use crate::sockets::{Activation, BindError, Listeners};
 use crate::status::ClusterStatus;
 
 /// Re-reads the configuration (on SIGHUP).
@@ -157,6 +159,10 @@ struct Bound {
     notify: Option<NotifySocket>,
     /// `None`: started by [`assemble`] (when `options.guard`).
     guard: Option<Guard>,
+    /// ustad's own service manager.
+    service: ServiceNotifier,
+    /// What of `listeners` the service manager keeps.
+    fd_store: FdStore,
 }
 
 /// Sets everything up, in order; no worker is started yet (the loop starts them).
@@ -169,7 +175,13 @@ pub(super) fn start(
         .check_privileges()
         .map_err(SupervisorError::Invalid)?;
     on_current_thread()?;
-    let listeners = Listeners::bind(&config)?;
+    let service = ServiceNotifier::from_env();
+    let fd_store = FdStore::from_env();
+    let mut activation = Activation::from_env().map_err(BindError::from)?;
+    let stored = activation.take_stored(&config);
+    // Before binding: a socket the store still holds would be in the way.
+    fd_store.drop_names(&service, stored.dropped());
+    let listeners = Listeners::bind_taking(&config, activation, stored)?;
     for (socket, address) in listeners.addresses() {
         info!(event = "listening", socket = %socket, address = %address, "socket {socket} listening on {address}");
     }
@@ -187,6 +199,8 @@ pub(super) fn start(
         metrics,
         notify: None,
         guard: None,
+        service,
+        fd_store,
     };
     assemble(config, options, bound, plan, Instant::now())
 }
@@ -237,6 +251,9 @@ pub(super) fn resume(
         metrics,
         notify: Some(notify),
         guard,
+        service: ServiceNotifier::from_env(),
+        // The store holds what the previous program sent: sending it again changes nothing.
+        fd_store: FdStore::from_env(),
     };
     let (supervisor, inputs) = assemble(document.config.clone(), options, bound, plan, started)?;
     Ok((supervisor, inputs, clock))
@@ -269,7 +286,10 @@ fn assemble(
         metrics,
         notify,
         guard,
+        service,
+        mut fd_store,
     } = bound;
+    fd_store.sync(&service, &listeners);
     let control = control.map(Arc::new);
     if let Some(control) = &control {
         info!(event = "control", path = %control.path().display(), "control socket {}", control.path().display());
@@ -349,7 +369,8 @@ fn assemble(
         output: OutputRelay::start(options.output, logbook.clone()),
         logbook,
         reload: options.reload,
-        service: crate::service::ServiceNotifier::from_env(),
+        service,
+        fd_store,
         name: options.name,
         config_file: options.config_file,
         started,
