@@ -7,6 +7,7 @@
 //! `/bin/sh`, which sets `LISTEN_PID` to its own pid before it execs ustad (the pid ustad
 //! keeps), and read ustad's notifications on a datagram socket of their own.
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixDatagram, UnixListener};
@@ -301,4 +302,170 @@ fn ustad_reports_ready_reloading_ready_stopping_on_its_notify_socket_and_around_
     let (state, datagram) = next_state(&manager, deadline);
     assert_eq!(state, "STOPPING=1", "{datagram}");
     assert_eq!(cluster.wait_exit(TIMEOUT).code(), Some(0));
+}
+
+/// Reads datagrams from ustad until `done` says so, keeping each `FDSTORE=1` fd under its
+/// `FDNAME=`, as systemd's fd store does; returns every datagram's text.
+fn receive_store(
+    manager: &UnixDatagram,
+    store: &mut Vec<(String, OwnedFd)>,
+    done: impl Fn(&[String], &[(String, OwnedFd)]) -> bool,
+) -> Vec<String> {
+    use std::mem::MaybeUninit;
+
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let deadline = Instant::now() + TIMEOUT;
+    let mut texts = Vec::new();
+    while !done(&texts, store) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "not done in time; received {texts:?}");
+        manager.set_read_timeout(Some(left)).unwrap();
+        let mut buffer = [0u8; 4096];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
+        let received = rustix::net::recvmsg(manager, &mut iov, &mut control, RecvFlags::empty())
+            .unwrap_or_else(|e| panic!("no datagram from ustad in time ({e}); {texts:?}"));
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(passed) = message {
+                fds.extend(passed);
+            }
+        }
+        let text = String::from_utf8(buffer[..received.bytes].to_vec()).unwrap();
+        let name = text
+            .lines()
+            .find_map(|line| line.strip_prefix("FDNAME="))
+            .map(str::to_owned);
+        if text.lines().any(|line| line == "FDSTORE=1") {
+            let name = name.clone().expect("FDSTORE=1 comes with FDNAME=");
+            // systemd ignores a copy of an fd it keeps.
+            for fd in fds {
+                if !store.iter().any(|(_, kept)| same_socket(kept, &fd)) {
+                    store.push((name.clone(), fd));
+                }
+            }
+        }
+        if text.lines().any(|line| line == "FDSTOREREMOVE=1") {
+            let name = name.expect("FDSTOREREMOVE=1 comes with FDNAME=");
+            store.retain(|(kept, _)| *kept != name);
+        }
+        texts.push(text);
+    }
+    texts
+}
+
+fn same_socket(a: &OwnedFd, b: &OwnedFd) -> bool {
+    let (a, b) = (rustix::fs::fstat(a).unwrap(), rustix::fs::fstat(b).unwrap());
+    (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+}
+
+#[test]
+fn a_killed_primary_restarted_with_its_fd_store_refuses_no_connection_and_serves_the_queued_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager_path = dir.path().join("systemd-notify");
+    let manager = UnixDatagram::bind(&manager_path).unwrap();
+    let worker = test_worker();
+    std::fs::write(
+        dir.path().join("ustad.toml"),
+        format!(
+            r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[sockets.spread]
+listen = "127.0.0.1:0"
+mode = "reuseport"
+
+[pools.web]
+command = ["{worker}", "--serve-http"]
+size = 2
+sockets = ["http", "spread"]
+ready = "notify"
+"#
+        ),
+    )
+    .unwrap();
+    let runtime_dir = dir.path().to_str().unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", manager_path.to_str().unwrap()),
+        ("FDSTORE", "16"),
+        ("XDG_RUNTIME_DIR", runtime_dir),
+    ];
+    let mut first = Cluster::start_with_env(ustad(), &["run", "ustad.toml"], dir.path(), &env);
+    let mut store = Vec::new();
+    let texts = receive_store(&manager, &mut store, |texts, _| {
+        texts.iter().any(|text| text.starts_with("READY=1"))
+    });
+    let mut names: Vec<&str> = store.iter().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["ustad/http", "ustad/spread/web/0", "ustad/spread/web/1"],
+        "{texts:?}"
+    );
+    // One worker fewer (SIGTTOU): its slot's socket closes, and leaves the store.
+    first.signal(Signal::TTOU).unwrap();
+    let texts = receive_store(&manager, &mut store, |_, store| store.len() == 2);
+    assert!(
+        texts
+            .iter()
+            .any(|text| text == "FDSTOREREMOVE=1\nFDNAME=ustad/spread/web/1\n"),
+        "{texts:?}"
+    );
+    let address = first.listen_addr("http");
+    let (status, headers, _) = ustad_testkit::load::get(address).unwrap();
+    assert_eq!(status, 200);
+    let before: u32 = headers["x-worker-pid"].parse().unwrap();
+
+    // The primary dies; its guard stops the workers. Only the store holds the sockets now.
+    first.signal(Signal::KILL).unwrap();
+    first.wait_exit(TIMEOUT);
+    assert!(
+        ustad_testkit::process::wait_dead(before, TIMEOUT),
+        "the workers die with the primary"
+    );
+    let mut waiting = TcpStream::connect(address).expect("not refused while no primary runs");
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: ustad\r\nConnection: close\r\n\r\n")
+        .unwrap();
+
+    // systemd restarts it with the store's fds (in no particular order).
+    store.reverse();
+    let passed: Vec<(String, OwnedFd)> = store
+        .iter()
+        .map(|(name, fd)| (name.clone(), fd.try_clone().unwrap()))
+        .collect();
+    let named: Vec<(&str, OwnedFd)> = passed
+        .iter()
+        .map(|(name, fd)| (name.as_str(), fd.try_clone().unwrap()))
+        .collect();
+    let mut second = start_activated(dir.path(), named, &env);
+    drop(passed);
+    // Two taken back; the configuration's second slot of `spread` is bound anew.
+    let taken = second.wait_events(|e| e.is("taken_from_store"), 2, TIMEOUT);
+    assert!(
+        !second.events().iter().any(|e| e.is("dropped_from_store")),
+        "{taken:?}"
+    );
+    assert_eq!(second.listen_addr("http"), address);
+    waiting.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut answer = String::new();
+    waiting.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the connection queued while no primary ran is served: {answer:?}"
+    );
+    let texts = receive_store(&manager, &mut store, |texts, _| {
+        texts.iter().any(|text| text.starts_with("READY=1"))
+    });
+    let mut names: Vec<&str> = store.iter().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["ustad/http", "ustad/spread/web/0", "ustad/spread/web/1"],
+        "the same sockets stored once, and the new one: {texts:?}"
+    );
+    second.signal(Signal::TERM).unwrap();
+    assert_eq!(second.wait_exit(TIMEOUT).code(), Some(0));
 }
