@@ -52,26 +52,28 @@ const LIBRARY_LEN: &str = env!("USTAD_PRELOAD_LEN");
 /// FNV-1a of the library, computed by `build.rs`.
 const LIBRARY_FNV: &str = env!("USTAD_PRELOAD_FNV");
 
-/// The library, where workers can load it; keeps it there while it lives.
+/// The library, where workers can load it.
 #[derive(Debug)]
 pub(crate) struct Materialised {
-    /// The memfd, when the library is one.
-    _memfd: Option<OwnedFd>,
+    /// The memfd, when the library is one: to keep open while workers may load it.
+    pub(crate) memfd: Option<OwnedFd>,
     /// Its paths.
     pub(crate) library: ustad_core::preload::Library,
     /// Why there is no copy for workers of other users, when ustad could run some.
     pub(crate) shared_error: Option<io::Error>,
 }
 
-/// Makes the library loadable by workers; `Ok(None)` when this binary has none.
-pub(crate) fn materialise() -> io::Result<Option<Materialised>> {
+/// Makes the library loadable by workers; `Ok(None)` when this binary has none. In a memfd at
+/// the number of `at` when given (the previous program's, after an upgrade: the path its
+/// workers were given stays valid), else at a new one.
+pub(crate) fn materialise(at: Option<OwnedFd>) -> io::Result<Option<Materialised>> {
     if LIBRARY_LEN == "0" {
         return Ok(None);
     }
     let hash: u64 = LIBRARY_FNV
         .parse()
         .map_err(|_| io::Error::other("the library's hash is not a number"))?;
-    let (memfd, path) = match in_memfd(library_bytes, hash) {
+    let (memfd, path) = match in_memfd(library_bytes, hash, at) {
         Ok((memfd, path)) => (Some(memfd), path),
         Err(memfd_error) => {
             let dir = ustad_core::control::paths::default_dir();
@@ -100,7 +102,7 @@ pub(crate) fn materialise() -> io::Result<Option<Materialised>> {
         (None, None)
     };
     Ok(Some(Materialised {
-        _memfd: memfd,
+        memfd,
         library: ustad_core::preload::Library {
             path,
             for_other_users,
@@ -240,7 +242,11 @@ fn find_section(file: &mut File, name: &[u8]) -> io::Result<(u64, u64)> {
     ))
 }
 
-fn in_memfd(bytes: fn() -> io::Result<Box<dyn Read>>, hash: u64) -> io::Result<(OwnedFd, PathBuf)> {
+fn in_memfd(
+    bytes: fn() -> io::Result<Box<dyn Read>>,
+    hash: u64,
+    at: Option<OwnedFd>,
+) -> io::Result<(OwnedFd, PathBuf)> {
     use rustix::fs::{MemfdFlags, SealFlags};
     let fd = rustix::fs::memfd_create(
         "ustad-preload",
@@ -254,6 +260,14 @@ fn in_memfd(bytes: fn() -> io::Result<Box<dyn Read>>, hash: u64) -> io::Result<(
         &fd,
         SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
     )?;
+    // At the number given: the old memfd there is closed as this one takes its place.
+    let fd = match at {
+        Some(mut at) => {
+            rustix::io::dup3(&fd, &mut at, rustix::io::DupFlags::CLOEXEC)?;
+            at
+        }
+        None => fd,
+    };
     let path = PathBuf::from(format!(
         "/proc/{}/fd/{}",
         std::process::id(),
@@ -446,14 +460,14 @@ mod tests {
 
     #[test]
     fn the_library_is_a_sealed_memfd_that_reads_back_whole() {
-        let (_memfd, path) = in_memfd(bytes_one, hash(b"one")).unwrap();
+        let (_memfd, path) = in_memfd(bytes_one, hash(b"one"), None).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"one");
         let error = std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
             .and_then(|mut file| file.write_all(b"x"));
         assert!(error.is_err(), "sealed against writes");
-        assert!(in_memfd(bytes_one, hash(b"two")).is_err(), "checked");
+        assert!(in_memfd(bytes_one, hash(b"two"), None).is_err(), "checked");
     }
 
     #[test]

@@ -232,8 +232,7 @@ pub(crate) fn run(
 ) -> Result<(), Failure> {
     raise_priority(args);
     let options = options_for(&config, &source, args, output);
-    // Kept until the primary exits: workers load the library from it.
-    let _preload = install_preload();
+    install_preload(None);
     runtime()?
         .block_on(supervisor::run(config, options))
         .map_err(supervisor_failure)
@@ -246,9 +245,10 @@ pub(crate) fn run(
 pub(crate) fn resume(handover: i32, args: &RunArgs, output: OutputStyle) -> Result<(), Failure> {
     raise_priority(args);
     let source = source_of(args)?;
-    let _preload = install_preload();
+    let mut handover = supervisor::Handover::read(handover);
+    install_preload(handover.as_mut().ok().and_then(|h| h.take_preload()));
     let runtime = runtime()?;
-    let why = match supervisor::Handover::read(handover) {
+    let why = match handover {
         Ok(handover) => {
             let config = handover.config().clone();
             let options = options_for(&config, &source, args, output);
@@ -376,10 +376,11 @@ fn options_for(config: &Config, source: &Source, args: &RunArgs, output: OutputS
 }
 
 /// Makes the embedded preload library loadable and gives it to the engine, for pools with
-/// `preload` on (see `ustad_core::preload`). Without it ustad still runs: workers get their
-/// sockets as fd 3, 4, … only.
-fn install_preload() -> Option<crate::preload::Materialised> {
-    match crate::preload::materialise() {
+/// `preload` on (see `ustad_core::preload`), which keeps its memfd open for the primary's life;
+/// at the number of `at`, the previous program's memfd, after an upgrade. Without it ustad
+/// still runs: workers get their sockets as fd 3, 4, … only.
+fn install_preload(at: Option<std::os::fd::OwnedFd>) {
+    match crate::preload::materialise(at) {
         Ok(Some(materialised)) => {
             let library = &materialised.library;
             tracing::debug!(event = "preload", path = %library.path.display(), "preload library at {}", library.path.display());
@@ -390,15 +391,16 @@ fn install_preload() -> Option<crate::preload::Materialised> {
                 );
             }
             let _ = ustad_core::preload::set_library(library.clone());
-            Some(materialised)
+            if let Some(memfd) = materialised.memfd {
+                let _ = ustad_core::preload::keep_memfd(memfd);
+            }
         }
-        Ok(None) => None,
+        Ok(None) => {}
         Err(error) => {
             tracing::warn!(
                 event = "preload_unavailable",
                 "cannot make the preload library loadable ({error}): programs that bind their own port will not get ustad's sockets (they can take fd 3)"
             );
-            None
         }
     }
 }

@@ -13,7 +13,7 @@ use ustad_testkit::Signal;
 use ustad_testkit::load::{self, LoadOptions};
 use ustad_testkit::process::wait_dead;
 
-use crate::util::{Run, TIMEOUT, fixture, signal_pid, ustad};
+use crate::util::{Run, TIMEOUT, fixture, signal_pid, test_worker, ustad};
 
 /// A copy of the ustad binary at another path: the "new version" (`/proc/PID/exe` tells
 /// which program the primary runs).
@@ -532,5 +532,79 @@ fn the_primary_runs_above_its_workers_before_and_after_an_upgrade() {
     for pid in workers(&status(&run), "app").values() {
         assert_eq!(nice_of(*pid as u32), 0, "worker {pid}");
     }
+    run.stop();
+}
+
+#[test]
+fn a_program_a_worker_starts_after_an_upgrade_still_gets_the_preload_library_and_the_socket() {
+    // The worker is a shell that waits on a FIFO, then execs a program that binds ustad's
+    // address itself: it loads the library from the path the old program gave the shell.
+    let gate_dir = tempfile::tempdir().unwrap();
+    let gate = gate_dir.path().join("go");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&gate)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Read-write: never blocks, and keeps what is written until the shell reads it.
+    let mut gate_end = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&gate)
+        .unwrap();
+    let script = format!(
+        "read go < {}; exec {} --never-ready --serve-http --bind 127.0.0.1:{{port}}",
+        gate.display(),
+        test_worker()
+    );
+    let mut run = Run::start(&[
+        "run",
+        "-w",
+        "1",
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "none",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    run.wait_ready(1);
+    let primary = run.cluster.pid();
+    let shell = *workers(&status(&run), "app").values().next().unwrap() as u32;
+    let environ = std::fs::read(format!("/proc/{shell}/environ")).unwrap();
+    let preload = environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"LD_PRELOAD="))
+        .map(|path| String::from_utf8_lossy(path).into_owned())
+        .expect("the worker has LD_PRELOAD");
+    let prefix = format!("/proc/{primary}/fd/");
+    assert!(preload.starts_with(&prefix), "{preload}");
+
+    let since = run.cluster.event_count();
+    run.client(&["upgrade", "--wait"]).ok();
+    run.cluster
+        .wait_event_since(since, |e| e.is("upgraded"), TIMEOUT);
+    let target = std::fs::read_link(&preload).expect("the path still names an open fd");
+    assert!(
+        target.to_string_lossy().starts_with("/memfd:ustad-preload"),
+        "{preload} -> {}",
+        target.display()
+    );
+
+    use std::io::Write;
+    gate_end.write_all(b"go\n").unwrap();
+    let (status, headers, _) = load::get(run.addr("listen")).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers["x-worker-pid"].parse::<u32>().unwrap(),
+        shell,
+        "the program the shell became serves ustad's socket"
+    );
+    assert!(
+        !run.cluster.events().iter().any(|e| e.is("address_in_use")),
+        "it did not find its address in use"
+    );
     run.stop();
 }

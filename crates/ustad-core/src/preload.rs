@@ -17,7 +17,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -28,6 +28,9 @@ use ustad_proto::env::{LD_PRELOAD, LISTEN_FDS_START, PORT, USTAD_PRELOAD_FDS};
 use crate::config::PoolSpec;
 
 static LIBRARY: OnceLock<Library> = OnceLock::new();
+
+/// The memfd [`Library::path`] names, when it is one (see [`keep_memfd`]).
+static MEMFD: OnceLock<OwnedFd> = OnceLock::new();
 
 /// The preload library, where workers can load it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +66,20 @@ pub fn set_library(library: Library) -> Result<(), Library> {
 /// The library set by [`set_library`].
 pub fn library() -> Option<&'static Library> {
     LIBRARY.get()
+}
+
+/// Keeps open, for the rest of the process's life, the memfd that the library's path names
+/// (`/proc/<pid>/fd/<fd>`). An upgrade hands it over at the same number, and the new program
+/// puts its own library there ([`Handover::take_preload`](crate::supervisor::Handover)): the
+/// path a worker was given stays valid, for the programs it starts after the upgrade too.
+/// Once per process: a second call returns its fd back.
+pub fn keep_memfd(memfd: OwnedFd) -> Result<(), OwnedFd> {
+    MEMFD.set(memfd)
+}
+
+/// The memfd kept by [`keep_memfd`].
+pub(crate) fn memfd() -> Option<BorrowedFd<'static>> {
+    MEMFD.get().map(AsFd::as_fd)
 }
 
 /// Whether the workers of `spec` run as another user or group than ustad.

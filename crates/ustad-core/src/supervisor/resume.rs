@@ -90,6 +90,15 @@ impl Handover {
     pub fn config(&self) -> &Config {
         &self.document.config
     }
+
+    /// The previous program's preload library memfd, at the number its workers were given in
+    /// `LD_PRELOAD` (`/proc/<pid>/fd/<fd>`): put this program's library there, so that the
+    /// programs those workers start from now on still find one (see
+    /// [`crate::preload::keep_memfd`]). `None` when it was not handed over.
+    pub fn take_preload(&mut self) -> Option<OwnedFd> {
+        let fd = self.document.preload?;
+        self.fds.get(fd, "the preload library").ok()
+    }
 }
 
 /// A worker that crossed the exec, with its pidfd.

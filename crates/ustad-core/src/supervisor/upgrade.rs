@@ -167,6 +167,10 @@ pub(super) struct Document {
     pub(super) log: Vec<LogLine>,
     /// Upgrades before this one.
     pub(super) upgrades: u32,
+    /// The preload library's memfd, which workers name by its number (absent from documents of
+    /// programs that did not hand it over).
+    #[serde(default)]
+    pub(super) preload: Option<RawFd>,
 }
 
 impl Supervisor {
@@ -367,6 +371,9 @@ impl Supervisor {
             .as_ref()
             .map(|guard| guard.hand_over(keep))
             .transpose()?;
+        let preload = crate::preload::memfd()
+            .map(|memfd| keep.fd(memfd))
+            .transpose()?;
         let mut workers = Vec::new();
         for worker in self.plan.workers() {
             let Some(pid) = worker.pid else { continue };
@@ -420,6 +427,7 @@ impl Supervisor {
                 .map(|line| (**line).clone())
                 .collect(),
             upgrades: self.upgraded.as_ref().map_or(0, |u| u.count),
+            preload,
         };
         serde_json::to_string(&document).map_err(io::Error::other)
     }
