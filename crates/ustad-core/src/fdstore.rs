@@ -194,13 +194,20 @@ mod tests {
 
     #[test]
     fn closed_sockets_are_removed_and_replaced_ones_removed_then_sent() {
-        let before = sent(&[("ustad/http", 10), ("ustad/rp/web/0", 11), ("ustad/rp/web/1", 12)]);
+        let before = sent(&[
+            ("ustad/http", 10),
+            ("ustad/rp/web/0", 11),
+            ("ustad/rp/web/1", 12),
+        ]);
         // A shrink closed slot 1; a reload moved `http` to another address (a new socket).
         let after = current(&[("ustad/http", 20), ("ustad/rp/web/0", 11)]);
         let changes = changes(&before, &after);
         assert_eq!(changes.remove, ["ustad/http", "ustad/rp/web/1"]);
         assert_eq!(changes.store, ["ustad/http"]);
-        assert_eq!(super::changes(&sent(&[("ustad/a", 1)]), &current(&[("ustad/a", 1)])), Changes::default());
+        assert_eq!(
+            super::changes(&sent(&[("ustad/a", 1)]), &current(&[("ustad/a", 1)])),
+            Changes::default()
+        );
     }
 
     /// A service manager's notify socket: each datagram with the inodes of the fds it carried.
@@ -301,9 +308,14 @@ mod tests {
         store.sync(&manager.service, &listeners);
         assert_eq!(
             manager.received(),
-            [("FDSTOREREMOVE=1\nFDNAME=ustad/http/web/1\n".to_owned(), vec![])]
+            [(
+                "FDSTOREREMOVE=1\nFDNAME=ustad/http/web/1\n".to_owned(),
+                vec![]
+            )]
         );
-        listeners.ensure_slot(&["http".to_owned()], "web", 1).unwrap();
+        listeners
+            .ensure_slot(&["http".to_owned()], "web", 1)
+            .unwrap();
         store.sync(&manager.service, &listeners);
         let received = manager.received();
         assert_eq!(received.len(), 1, "{received:?}");

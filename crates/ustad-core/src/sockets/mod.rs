@@ -392,7 +392,7 @@ impl Listeners {
                 }
                 Bound::ReusePort { per_slot, .. } => {
                     let mut slots: Vec<_> = per_slot.iter().collect();
-                    slots.sort_by(|(a, _), (b, _)| a.cmp(b));
+                    slots.sort_by_key(|(key, _)| *key);
                     for ((pool, slot), socket) in slots {
                         if pool.is_empty() {
                             continue;

@@ -66,6 +66,9 @@ impl fmt::Display for StoreName {
     }
 }
 
+/// A `reuseport` socket's socket for one slot: (pool, slot) and the socket.
+pub(super) type SlotSocket = ((String, usize), Socket);
+
 /// The sockets the service manager handed back from its store, sorted against a
 /// configuration: those to take, by socket name, and the names of those closed.
 #[derive(Debug, Default)]
@@ -73,7 +76,7 @@ pub struct StoredSockets {
     /// `ustad/NAME`: the socket `[sockets.NAME]` (`shared` or `round-robin`).
     pub(super) sockets: HashMap<String, Socket>,
     /// `ustad/NAME/POOL/SLOT`: the slots' sockets of the `reuseport` socket `[sockets.NAME]`.
-    pub(super) slots: HashMap<String, Vec<((String, usize), Socket)>>,
+    pub(super) slots: HashMap<String, Vec<SlotSocket>>,
     /// Names to drop from the store: their sockets were closed.
     dropped: Vec<String>,
 }
@@ -188,8 +191,8 @@ fn log_taken(fdname: &str, fd: RawFd, socket: &Socket) {
 /// Whether a stored socket still is the one `spec` asks for: a listening stream socket on
 /// the configured address (any port for port 0), and for a Unix socket, its file still there.
 fn fits(socket: &Socket, spec: &SocketSpec) -> Result<(), String> {
-    let listening = socket.r#type().ok() == Some(Type::STREAM)
-        && socket.is_listener().unwrap_or(false);
+    let listening =
+        socket.r#type().ok() == Some(Type::STREAM) && socket.is_listener().unwrap_or(false);
     if !listening {
         return Err("it is not a listening stream socket".to_owned());
     }
@@ -226,7 +229,11 @@ fn is_socket(path: &std::path::Path) -> bool {
 /// The address a stored `reuseport` socket listens on, for binding the slots that were not
 /// stored into the same group.
 pub(super) fn tcp_address(socket: &Socket) -> Option<std::net::SocketAddr> {
-    socket.local_addr().ok().as_ref().and_then(SockAddr::as_socket)
+    socket
+        .local_addr()
+        .ok()
+        .as_ref()
+        .and_then(SockAddr::as_socket)
 }
 
 #[cfg(test)]
@@ -243,10 +250,7 @@ mod tests {
     /// of `size` slots.
     fn config(http: &str, http_mode: SocketMode, rp: &str, size: usize) -> Config {
         let mut config = Config::default();
-        for (name, listen, mode) in [
-            ("http", http, http_mode),
-            ("rp", rp, SocketMode::ReusePort),
-        ] {
+        for (name, listen, mode) in [("http", http, http_mode), ("rp", rp, SocketMode::ReusePort)] {
             let mut socket = SocketSpec::new(listen.parse().unwrap());
             socket.mode = mode;
             config.sockets.insert(name.into(), socket);
@@ -307,8 +311,14 @@ mod tests {
             assert_eq!(inode(fd), before, "{name} is the same socket");
         }
         assert_eq!(second.to_store().len(), 3);
-        assert!(!second.is_inherited("http"), "ustad's own, not a socket unit's");
-        let http = second.fds(&sockets, "web", 0)[0].1.try_clone_to_owned().unwrap();
+        assert!(
+            !second.is_inherited("http"),
+            "ustad's own, not a socket unit's"
+        );
+        let http = second.fds(&sockets, "web", 0)[0]
+            .1
+            .try_clone_to_owned()
+            .unwrap();
         let (mut accepted, _) = std::net::TcpListener::from(http).accept().unwrap();
         let mut hello = [0u8; 5];
         accepted.read_exact(&mut hello).unwrap();
@@ -355,7 +365,11 @@ mod tests {
         let listeners = Listeners::bind_taking(&config, activation, stored).unwrap();
         assert!(listeners.is_inherited("http"));
         let names: Vec<String> = listeners.to_store().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["ustad/rp/web/0"], "`http` is the socket unit's to keep");
+        assert_eq!(
+            names,
+            ["ustad/rp/web/0"],
+            "`http` is the socket unit's to keep"
+        );
         let sockets = ["http".to_owned()];
         let http = listeners.fds(&sockets, "web", 0)[0].1;
         assert_eq!(inode(http), unit_inode, "the socket unit's socket serves");

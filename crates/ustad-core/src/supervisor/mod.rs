@@ -192,7 +192,9 @@ async fn run_loop(mut supervisor: Supervisor, inputs: Inputs) -> Result<(), Supe
             () = sleep => supervisor.on_deadline(),
         }
         // Sockets added, closed or bound for a slot: the service manager's copies follow.
-        supervisor.fd_store.sync(&supervisor.service, &supervisor.listeners);
+        supervisor
+            .fd_store
+            .sync(&supervisor.service, &supervisor.listeners);
     }
     for task in servers {
         task.abort();
