@@ -355,6 +355,26 @@ fn receive_store(
     texts
 }
 
+/// [`receive_store`] until ustad says `READY=1`.
+fn receive_store_until_ready(
+    manager: &UnixDatagram,
+    store: &mut Vec<(String, OwnedFd)>,
+) -> Vec<String> {
+    receive_store(manager, store, |texts, _| {
+        texts.iter().any(|text| text.starts_with("READY=1"))
+    })
+}
+
+/// The names in the store, sorted.
+fn stored_names(store: &[(String, OwnedFd)]) -> Vec<&str> {
+    let mut names: Vec<&str> = store.iter().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    names
+}
+
+/// What the test's configuration keeps in the store: `http`, and `spread`'s two slots.
+const ALL_STORED: [&str; 3] = ["ustad/http", "ustad/spread/web/0", "ustad/spread/web/1"];
+
 fn same_socket(a: &OwnedFd, b: &OwnedFd) -> bool {
     let (a, b) = (rustix::fs::fstat(a).unwrap(), rustix::fs::fstat(b).unwrap());
     (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
@@ -394,16 +414,8 @@ ready = "notify"
     ];
     let mut first = Cluster::start_with_env(ustad(), &["run", "ustad.toml"], dir.path(), &env);
     let mut store = Vec::new();
-    let texts = receive_store(&manager, &mut store, |texts, _| {
-        texts.iter().any(|text| text.starts_with("READY=1"))
-    });
-    let mut names: Vec<&str> = store.iter().map(|(name, _)| name.as_str()).collect();
-    names.sort_unstable();
-    assert_eq!(
-        names,
-        ["ustad/http", "ustad/spread/web/0", "ustad/spread/web/1"],
-        "{texts:?}"
-    );
+    let texts = receive_store_until_ready(&manager, &mut store);
+    assert_eq!(stored_names(&store), ALL_STORED, "{texts:?}");
     // One worker fewer (SIGTTOU): its slot's socket closes, and leaves the store.
     first.signal(Signal::TTOU).unwrap();
     let texts = receive_store(&manager, &mut store, |_, store| store.len() == 2);
@@ -456,14 +468,10 @@ ready = "notify"
         answer.starts_with("HTTP/1.1 200"),
         "the connection queued while no primary ran is served: {answer:?}"
     );
-    let texts = receive_store(&manager, &mut store, |texts, _| {
-        texts.iter().any(|text| text.starts_with("READY=1"))
-    });
-    let mut names: Vec<&str> = store.iter().map(|(name, _)| name.as_str()).collect();
-    names.sort_unstable();
+    let texts = receive_store_until_ready(&manager, &mut store);
     assert_eq!(
-        names,
-        ["ustad/http", "ustad/spread/web/0", "ustad/spread/web/1"],
+        stored_names(&store),
+        ALL_STORED,
         "the same sockets stored once, and the new one: {texts:?}"
     );
     second.signal(Signal::TERM).unwrap();
