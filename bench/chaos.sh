@@ -76,15 +76,9 @@ cat "$RESULTS/env.txt" >&2
 CONTROL=$TMP/ustad.sock
 SERVER=""
 
-port_taken() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-
 start_ustad() {
-  local tries=0 logfile=$RESULTS/raw/ustad.log
-  while port_taken "$PORT"; do
-    ((++tries < 10)) || die "ports up to $PORT are all in use: set PORT"
-    log "port $PORT is in use by another process: taking $((PORT + 10))"
-    PORT=$((PORT + 10))
-  done
+  local logfile=$RESULTS/raw/ustad.log
+  free_port
   echo "--- run $RUN" >>"$logfile"
   # --control: a socket of our own, not the default one another ustad on this machine may hold;
   # it changes nothing in how workers are run.

@@ -80,8 +80,6 @@ bench_ustad
 } >"$RESULTS/env.txt"
 cat "$RESULTS/env.txt" >&2
 
-port_taken() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-
 wait_line() { # FILE PATTERN SECONDS: true once a line of FILE matches PATTERN (grep -E)
   local deadline=$((SECONDS + $3))
   until grep -qE "$2" "$1" 2>/dev/null; do
@@ -95,12 +93,7 @@ load_run() { # CONFIG(store|nostore) MODE(ka|nc)
   local out=$RESULTS/raw/run$RUN-$mode-$config
   CONFIG=$mode-$config
   [[ $config == store ]] && store=64
-  local tries=0
-  while port_taken "$PORT"; do
-    ((++tries < 10)) || die "ports up to $PORT are all in use: set PORT"
-    log "port $PORT is in use by another process: taking $((PORT + 10))"
-    PORT=$((PORT + 10))
-  done
+  free_port
   # --control: a socket of our own, not the default one another ustad on this machine may hold.
   start_server "$out-events.txt" python3 "$HELPER" manage --store "$store" --restart-sec "$RESTART_SEC" \
     --log "$out-ustad.log" -- "$USTAD" --log-format json run -w "$WORKERS" -l "$HOST:$PORT" \

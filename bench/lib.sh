@@ -82,6 +82,19 @@ say() { # the exact commands, printed in the first run, all logged in $COMMANDS
 
 quote() { local a out=""; for a in "$@"; do [[ $a == *" "* ]] && a="'$a'"; out+="$a "; done; echo "${out% }"; }
 
+port_taken() { # PORT: true when something listens on TCP PORT (needs ss, from iproute2)
+  [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]
+}
+
+free_port() { # move PORT up by 10 while something else listens on it, 10 tries at most
+  local tries=0
+  while port_taken "$PORT"; do
+    ((++tries < 10)) || die "ports up to $PORT are all in use: set PORT"
+    log "port $PORT is in use by another process: taking $((PORT + 10))"
+    PORT=$((PORT + 10))
+  done
+}
+
 # --- tools -------------------------------------------------------------------------------
 bench_tools() { # check node, python3, curl; install wrk and PM2, build ustad, when not given
   command -v node >/dev/null || die "node is needed"

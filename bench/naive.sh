@@ -102,8 +102,6 @@ PARENT=""  # the process whose children the workers are
 PORT=""
 APPLINK=""
 
-port_taken() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-
 ours() { # true when the server on PORT answers, from one of our manager's workers
   local pid
   pid=$(curl -s -o /dev/null -D - --max-time 2 "http://$HOST:$PORT/" |

@@ -101,15 +101,8 @@ RUN=1
 # Seconds the driver runs: an op every INTERVAL s, UPGRADES of them, and INTERVAL s after.
 DRIVE_S=$(awk -v n="$UPGRADES" -v i="$INTERVAL" 'BEGIN {s = (n + 1) * i; print (s == int(s)) ? s : int(s) + 1}')
 
-port_taken() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-
 start_ustad() {
-  local tries=0
-  while port_taken "$PORT"; do
-    ((++tries < 10)) || die "ports up to $PORT are all in use: set PORT"
-    log "port $PORT is in use by another process: taking $((PORT + 10))"
-    PORT=$((PORT + 10))
-  done
+  free_port
   # The built-in demo worker (no command), ustad's defaults. --log-format json: the upgrade
   # events are timed from their timestamps. --control: a socket of our own, not the default one
   # another ustad on this machine may hold; it changes nothing in how workers are run.
