@@ -83,8 +83,8 @@ pub struct StoredSockets {
 
 impl StoredSockets {
     /// Takes each stored socket that still serves `config` as the socket (or slot) it is
-    /// named after; closes the others.
-    /// `unit` names the sockets a socket unit passed: those are not taken from the store.
+    /// named after; closes the others. `unit` names the sockets a socket unit passed: those
+    /// are not taken from the store.
     pub(super) fn sort(
         stored: Vec<(String, RawFd, Socket)>,
         config: &Config,
@@ -92,7 +92,7 @@ impl StoredSockets {
     ) -> StoredSockets {
         let mut sorted = StoredSockets::default();
         for (fdname, fd, socket) in stored {
-            match sorted.place(&fdname, &socket, config, unit) {
+            match place(&fdname, &socket, config, unit) {
                 Ok(Placed::Socket(name)) if !sorted.sockets.contains_key(&name) => {
                     log_taken(&fdname, fd, &socket);
                     sorted.sockets.insert(name, socket);
@@ -115,44 +115,6 @@ impl StoredSockets {
         sorted
     }
 
-    /// Where a stored socket goes, or why it goes nowhere.
-    fn place(
-        &self,
-        fdname: &str,
-        socket: &Socket,
-        config: &Config,
-        unit: &[&str],
-    ) -> Result<Placed, String> {
-        let name = StoreName::parse(fdname).ok_or("it is not a name ustad gives")?;
-        let (socket_name, slot) = match &name {
-            StoreName::Socket(socket) => (socket, None),
-            StoreName::Slot { socket, pool, slot } => (socket, Some((pool, *slot))),
-        };
-        let spec = config
-            .sockets
-            .get(socket_name)
-            .ok_or("the configuration has no such socket any more")?;
-        if unit.contains(&socket_name.as_str()) {
-            return Err("the service manager passed this socket from its socket unit".to_owned());
-        }
-        let reuseport = spec.mode == SocketMode::ReusePort;
-        let placed = match slot {
-            None if !reuseport => Placed::Socket(socket_name.clone()),
-            Some((pool, slot)) if reuseport => {
-                let serves = config.pools.get(pool).is_some_and(|spec| {
-                    spec.sockets.contains(socket_name) && slot < spec.size.count()
-                });
-                if !serves {
-                    return Err(format!("pool {pool} has no slot {slot} on this socket"));
-                }
-                Placed::Slot(socket_name.clone(), (pool.clone(), slot))
-            }
-            _ => return Err(format!("the socket's mode is now {}", spec.mode)),
-        };
-        fits(socket, spec)?;
-        Ok(placed)
-    }
-
     /// The names to drop from the store: the sockets sorted out, now closed.
     pub fn dropped(&self) -> &[String] {
         &self.dropped
@@ -169,8 +131,44 @@ impl StoredSockets {
     }
 }
 
+/// Where a stored socket goes, or why it goes nowhere.
+fn place(fdname: &str, socket: &Socket, config: &Config, unit: &[&str]) -> Result<Placed, String> {
+    let name = StoreName::parse(fdname).ok_or("it is not a name ustad gives")?;
+    let (socket_name, slot) = match &name {
+        StoreName::Socket(socket) => (socket, None),
+        StoreName::Slot { socket, pool, slot } => (socket, Some((pool, *slot))),
+    };
+    let spec = config
+        .sockets
+        .get(socket_name)
+        .ok_or("the configuration has no such socket any more")?;
+    if unit.contains(&socket_name.as_str()) {
+        return Err("the service manager passed this socket from its socket unit".to_owned());
+    }
+    let reuseport = spec.mode == SocketMode::ReusePort;
+    let placed = match slot {
+        None if !reuseport => Placed::Socket(socket_name.clone()),
+        Some((pool, slot)) if reuseport => {
+            let serves = config
+                .pools
+                .get(pool)
+                .is_some_and(|spec| spec.sockets.contains(socket_name) && slot < spec.size.count());
+            if !serves {
+                return Err(format!("pool {pool} has no slot {slot} on this socket"));
+            }
+            Placed::Slot(socket_name.clone(), (pool.clone(), slot))
+        }
+        _ => return Err(format!("the socket's mode is now {}", spec.mode)),
+    };
+    fits(socket, spec)?;
+    Ok(placed)
+}
+
+/// What a stored socket is taken as.
 enum Placed {
+    /// The socket of this name.
     Socket(String),
+    /// A slot's socket of the `reuseport` socket of this name.
     Slot(String, (String, usize)),
 }
 
