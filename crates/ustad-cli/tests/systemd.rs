@@ -477,3 +477,39 @@ ready = "notify"
     second.signal(Signal::TERM).unwrap();
     assert_eq!(second.wait_exit(TIMEOUT).code(), Some(0));
 }
+
+#[test]
+fn a_reload_that_removes_a_socket_systemd_passed_is_refused_and_the_socket_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = http.local_addr().unwrap();
+    let worker = test_worker();
+    let with_http = format!(
+        "[sockets.http]\nlisten = \"127.0.0.1:0\"\n[pools.web]\ncommand = [\"{worker}\", \"--serve-http\"]\nsockets = [\"http\"]\nready = \"notify\"\n"
+    );
+    std::fs::write(dir.path().join("ustad.toml"), &with_http).unwrap();
+    let runtime_dir = dir.path().to_str().unwrap();
+    let env = [("XDG_RUNTIME_DIR", runtime_dir)];
+    let mut cluster = start_activated(dir.path(), vec![("http", http.into())], &env);
+    cluster.wait_events(|e| e.is("ready"), 1, TIMEOUT);
+
+    std::fs::write(
+        dir.path().join("ustad.toml"),
+        format!("[pools.web]\ncommand = [\"{worker}\"]\nready = \"none\"\n"),
+    )
+    .unwrap();
+    let refused = crate::util::client_in(dir.path(), &["reload"], &env);
+    assert_ne!(refused.code, Some(0), "{refused:#?}");
+    assert!(
+        refused.stderr.contains(
+            "socket `http` was passed by the service manager (socket activation), and its socket unit would go on listening"
+        ),
+        "{refused:#?}"
+    );
+    let (status, _, _) = ustad_testkit::load::get(address).unwrap();
+    assert_eq!(status, 200, "the socket and its workers serve as before");
+    assert!(!cluster.events().iter().any(|e| e.is("socket_closed")));
+
+    cluster.signal(Signal::TERM).unwrap();
+    assert_eq!(cluster.wait_exit(TIMEOUT).code(), Some(0));
+}

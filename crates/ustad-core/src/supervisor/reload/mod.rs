@@ -3,7 +3,8 @@
 //! A configuration that fails to parse or validate is refused whole and nothing changes. One
 //! that does is applied as a difference ([`diff::diff`]): new sockets are bound (a bind error
 //! refuses the whole reload), new pools start, removed pools stop gracefully, changed pools are
-//! rolled with their new settings, and removed sockets are closed once no worker uses them.
+//! rolled with their new settings, and removed sockets are closed once no worker uses them
+//! (a socket the service manager passed is not removed: the reload is refused).
 //! Which unchanged pools roll too is the caller's choice: every pool for SIGHUP and a bare
 //! `ustad reload` (a deploy of new code), only the named ones for `ustad reload POOL…`.
 
@@ -58,6 +59,17 @@ impl Supervisor {
                 .map_err(|error| format!("configuration not reloaded: the notify socket cannot be opened to the pools' users: {error}"))?;
         }
         let changes = diff::diff(&self.config, &config, named)?;
+        if let Some((name, _)) = changes
+            .close
+            .iter()
+            .find(|(name, _)| self.listeners.is_inherited(name))
+        {
+            // Its socket unit would go on listening: connections would queue on a socket
+            // nobody accepts from, and wait forever instead of being refused.
+            return Err(format!(
+                "configuration not reloaded: socket `{name}` was passed by the service manager (socket activation), and its socket unit would go on listening with nobody to accept; stop and remove the socket unit, then restart ustad"
+            ));
+        }
         // Bind new sockets first: if one fails, undo and refuse the whole reload.
         let mut bound = Vec::new();
         for (name, spec) in &changes.bind {
