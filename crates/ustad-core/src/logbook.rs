@@ -47,7 +47,11 @@ impl LogBook {
         let line = Arc::new(line);
         {
             let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
-            let ring = rings.entry(line.pool.clone()).or_default();
+            // The pool's name is copied once, for its first line.
+            let ring = match rings.get_mut(&line.pool) {
+                Some(ring) => ring,
+                None => rings.entry(line.pool.clone()).or_default(),
+            };
             ring.bytes += line.line.len();
             ring.lines.push_back(line.clone());
             while ring.lines.len() > LINES_PER_POOL || ring.bytes > BYTES_PER_POOL {

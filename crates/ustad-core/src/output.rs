@@ -550,12 +550,26 @@ fn hint_if_address_in_use(prefix: &Prefix, line: &[u8]) {
 
 /// Whether a line of output reports `EADDRINUSE`, as Node ("EADDRINUSE"), Go, Python, Rust
 /// and C programs ("address already in use", strerror's words) spell it.
+///
+/// Every line of every worker passes here until its pool's hint is given, so it looks for
+/// what both spellings hold, a "dd" (either case), in one cheap pass, and compares the
+/// phrases only where one is: comparing them at every byte took three quarters of the
+/// relay's time (3.9 µs of the primary's CPU per 80-byte line; 0.8 µs since).
 fn says_address_in_use(line: &[u8]) -> bool {
-    let contains = |needle: &[u8]| {
-        line.windows(needle.len())
-            .any(|window| window.eq_ignore_ascii_case(needle))
+    /// "dd" at 1.
+    const STRERROR: &[u8] = b"address already in use";
+    /// "DD" at 2.
+    const ERRNO: &[u8] = b"EADDRINUSE";
+    let is_at = |start: Option<usize>, phrase: &[u8]| {
+        start
+            .and_then(|start| line.get(start..start.checked_add(phrase.len())?))
+            .is_some_and(|window| window.eq_ignore_ascii_case(phrase))
     };
-    contains(b"address already in use") || contains(b"EADDRINUSE")
+    // `| 0x20` folds `D` to `d`, and no other byte to `d`.
+    line.windows(2)
+        .enumerate()
+        .filter(|(_, pair)| (pair[0] | 0x20) == b'd' && (pair[1] | 0x20) == b'd')
+        .any(|(at, _)| is_at(at.checked_sub(1), STRERROR) || is_at(at.checked_sub(2), ERRNO))
 }
 
 /// One `read` of `pipe` into the scratch buffer, split into complete `lines`; what does not end
@@ -1078,10 +1092,23 @@ mod tests {
             "listen tcp 127.0.0.1:3000: bind: address already in use",
             "OSError: [Errno 98] Address already in use",
             "Error: Os { code: 98, kind: AddrInUse, message: \"Address already in use\" }",
+            "EADDRINUSE",
+            "address already in use",
+            "x ADDRESS ALREADY IN USE",
+            "dd address already in use dd",
         ] {
             assert!(says_address_in_use(line.as_bytes()), "{line}");
         }
-        for line in ["listening on 3000", "address in", ""] {
+        for line in [
+            "listening on 3000",
+            "address in",
+            "",
+            "d",
+            "dd",
+            "ADDRESS ALREADY IN US",
+            "EADDRINUS",
+            "remote address 10.0.0.1, add-on hidden",
+        ] {
             assert!(!says_address_in_use(line.as_bytes()), "{line}");
         }
     }
