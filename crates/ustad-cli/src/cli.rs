@@ -366,6 +366,15 @@ pub(crate) struct PoolFlags {
     #[arg(long, value_name = "DIR")]
     pub(crate) cwd: Option<PathBuf>,
 
+    /// Roll the workers when a file changes here (a directory: anything below it); repeatable.
+    /// Names starting with `.`, node_modules and __pycache__ are passed over.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) watch: Vec<PathBuf>,
+
+    /// With --watch: pass over files and directories of this name too (repeatable).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) watch_ignore: Vec<String>,
+
     /// Run the workers as this user (name or uid), with its groups; ustad must be root.
     #[arg(long, value_name = "USER")]
     pub(crate) user: Option<String>,
@@ -427,6 +436,8 @@ impl PoolFlags {
         );
         note(!self.env.is_empty(), "--env");
         note(self.cwd.is_some(), "--cwd");
+        note(!self.watch.is_empty(), "--watch");
+        note(!self.watch_ignore.is_empty(), "--watch-ignore");
         note(self.user.is_some(), "--user");
         note(self.group.is_some(), "--group");
         given

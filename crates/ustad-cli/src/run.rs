@@ -170,6 +170,12 @@ pub(crate) fn config_from_flags(flags: &PoolFlags, command: &[String]) -> Result
         pool.env.insert(key.to_owned(), value.to_owned());
     }
     pool.cwd = flags.cwd.clone();
+    pool.watch = flags
+        .watch
+        .iter()
+        .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone()))
+        .collect();
+    pool.watch_ignore = flags.watch_ignore.clone();
     pool.user = flags.user.clone();
     if let Some(target) = &flags.stdout {
         pool.stdout = target.clone();

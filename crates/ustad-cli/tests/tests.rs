@@ -21,4 +21,5 @@ mod top;
 mod upgrade;
 mod users;
 mod util;
+mod watch;
 mod workers;

@@ -74,6 +74,7 @@ pub mod stack;
 pub mod status;
 pub mod supervisor;
 mod sys;
+pub mod watch;
 
 /// The version of ustad (the engine's crate version, which every crate of the workspace
 /// shares).

@@ -88,6 +88,9 @@ struct RawPool {
     ipc: Option<Spanned<IpcProtocol>>,
     stop_grace: Option<Spanned<DurationValue>>,
     preload: Option<bool>,
+    watch: Option<Spanned<Vec<PathBuf>>>,
+    #[serde(default)]
+    watch_ignore: Vec<String>,
 }
 
 /// An environment value: a string, or a number or boolean written without quotes
@@ -355,6 +358,16 @@ fn resolve(raw: RawConfig, base_dir: &Path) -> (Config, SpanTable) {
             spec.log_keep = keep;
         }
         spec.preload = pool.preload.or(raw.preload).unwrap_or(spec.preload);
+        if let Some(watch) = pool.watch {
+            spans.insert(field("watch"), watch.span());
+            // Relative to this file, as `cwd` is.
+            spec.watch = watch
+                .into_inner()
+                .iter()
+                .map(|path| base_dir.join(path))
+                .collect();
+        }
+        spec.watch_ignore = pool.watch_ignore;
         spec.max_memory = pool.max_memory.or(raw.max_memory);
         let watchdog = pool.watchdog.map(|t| {
             spans.insert(field("watchdog"), t.span());

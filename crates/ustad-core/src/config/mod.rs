@@ -173,6 +173,15 @@ pub struct PoolSpec {
     /// `PORT` when exactly one of them is TCP). On by default; it does nothing for statically
     /// linked programs (Go), which take fd 3 instead. See `ustad_core::spawn`.
     pub preload: bool,
+    /// Files and directories (directories with everything below them) whose changes roll the
+    /// pool, as a reload of it would: the new code is started and must become ready before an
+    /// old worker stops (see [`crate::watch`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<PathBuf>,
+    /// Names of files and directories that `watch` passes over, besides those it always does
+    /// (names starting with `.`, `node_modules`, `__pycache__`, and backups ending in `~`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watch_ignore: Vec<String>,
 }
 
 /// A pool's message channel.
@@ -237,6 +246,8 @@ impl PoolSpec {
             watchdog: None,
             ipc: None,
             preload: true,
+            watch: Vec::new(),
+            watch_ignore: Vec::new(),
         }
     }
 }
@@ -491,6 +502,12 @@ impl Config {
                 problem(
                     Location::PoolField(name.clone(), "ready"),
                     "ready = \"listening\" needs a socket the workers accept on (\"shared\" or \"reuseport\"); add one to `sockets`, or use \"notify\", \"delay:2s\" or \"none\"".to_owned(),
+                );
+            }
+            if pool.oneshot && !pool.watch.is_empty() {
+                problem(
+                    Location::PoolField(name.clone(), "watch"),
+                    "`watch` rolls a pool when its files change, but a `oneshot` pool runs to completion and is never rolled".to_owned(),
                 );
             }
             if pool.ready == Readiness::Message && pool.ipc.is_none() {

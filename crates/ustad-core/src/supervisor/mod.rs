@@ -26,6 +26,7 @@ mod round_robin;
 mod setup;
 mod upgrade;
 mod usage;
+mod watching;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -126,6 +127,7 @@ async fn run_loop(mut supervisor: Supervisor, inputs: Inputs) -> Result<(), Supe
         mut lifecycle_frames,
         mut status_requests,
         mut upgrade_checked,
+        mut files_changed,
         servers,
     } = inputs;
     let mut memory_check = tokio::time::interval(usage::MEMORY_INTERVAL);
@@ -177,6 +179,7 @@ async fn run_loop(mut supervisor: Supervisor, inputs: Inputs) -> Result<(), Supe
                 }
             }
             datagram = supervisor.notify.recv() => supervisor.on_datagram(datagram),
+            Some(changed) = files_changed.recv() => supervisor.on_files_changed(changed),
             Some(call) = calls.recv() => supervisor.on_call(call),
             Some(call) = async {
                 match &mut link_calls {
@@ -243,6 +246,10 @@ struct Supervisor {
     service: ServiceNotifier,
     /// The sockets the service manager keeps for ustad, when it has an fd store.
     fd_store: crate::fdstore::FdStore,
+    /// The tasks watching pools' files (`watch`).
+    watching: watching::Watching,
+    /// Where they report.
+    watch_changes: mpsc::UnboundedSender<watching::Changed>,
     /// The instance's name, for `ustad status`.
     name: String,
     config_file: Option<PathBuf>,

@@ -146,6 +146,8 @@ pub(super) struct Inputs {
     pub(super) status_requests: mpsc::Receiver<oneshot::Sender<ClusterStatus>>,
     /// Checks of new binaries for upgrades.
     pub(super) upgrade_checked: mpsc::UnboundedReceiver<Checked>,
+    /// Changes of watched pools' files.
+    pub(super) files_changed: mpsc::UnboundedReceiver<super::watching::Changed>,
     /// The tasks serving control clients and `/metrics`.
     pub(super) servers: Vec<JoinHandle<()>>,
 }
@@ -332,6 +334,7 @@ fn assemble(
     };
     let (exits, exited) = mpsc::unbounded_channel();
     let (upgrade_checks, upgrade_checked) = mpsc::unbounded_channel();
+    let (watch_changes, files_changed) = mpsc::unbounded_channel();
     let (calls_tx, calls) = mpsc::channel::<Call>(64);
     let serving = control
         .clone()
@@ -356,7 +359,7 @@ fn assemble(
     let (lifecycle, lifecycle_frames): (Lifecycle, _) = mpsc::unbounded_channel();
     let round_robin =
         RoundRobinAcceptor::start(&listeners).map_err(setup("accept on round-robin sockets"))?;
-    let supervisor = Supervisor {
+    let mut supervisor = Supervisor {
         program,
         channel_runtime,
         lifecycle,
@@ -371,6 +374,8 @@ fn assemble(
         reload: options.reload,
         service,
         fd_store,
+        watching: Default::default(),
+        watch_changes,
         name: options.name,
         config_file: options.config_file,
         started,
@@ -404,8 +409,10 @@ fn assemble(
         lifecycle_frames,
         status_requests,
         upgrade_checked,
+        files_changed,
         servers: [serving, metrics_server].into_iter().flatten().collect(),
     };
+    supervisor.sync_watches();
     Ok((supervisor, inputs))
 }
 

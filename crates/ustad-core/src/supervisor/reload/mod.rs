@@ -89,6 +89,7 @@ impl Supervisor {
         }
         self.retired_sockets.extend(changes.close);
         self.config = config;
+        self.sync_watches();
         let mut refusals = Vec::new();
         for event in changes.events {
             let outcome = self.plan.handle(event, Instant::now());
