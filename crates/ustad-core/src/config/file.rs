@@ -480,6 +480,27 @@ size = "auto"
     }
 
     #[test]
+    fn watched_paths_are_relative_to_the_file_and_not_for_oneshot_pools() {
+        let config = load(
+            "[pools.web]\ncommand = \"node app.js\"\nwatch = [\"src\", \"/srv/shared\"]\nwatch_ignore = [\"dist\"]\n",
+        )
+        .unwrap();
+        let web = &config.pools["web"];
+        assert_eq!(
+            web.watch,
+            [Path::new("/etc/app/src"), Path::new("/srv/shared")]
+        );
+        assert_eq!(web.watch_ignore, ["dist"]);
+        let error =
+            load("[pools.migrate]\ncommand = \"x\"\noneshot = true\nwatch = [\"db\"]\n")
+                .unwrap_err();
+        assert!(
+            error.contains("ustad.toml:4:9: `watch` rolls a pool when its files change, but a `oneshot` pool"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn the_documented_example_loads_with_defaults_applied() {
         let config = load(FULL).unwrap();
         assert_eq!(config.sockets.len(), 2);
