@@ -251,7 +251,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         std::fs::create_dir_all(src.join("lib")).unwrap();
-        let mut watcher = Watcher::new("web", &[src.clone()], &[]).unwrap();
+        let mut watcher = Watcher::new("web", std::slice::from_ref(&src), &[]).unwrap();
         assert_eq!(watcher.directories(), 2);
         std::fs::write(src.join("lib/a.js"), "1").unwrap();
         std::fs::write(src.join("b.js"), "2").unwrap();
@@ -263,7 +263,8 @@ mod tests {
     async fn new_directories_are_watched_and_ignored_names_passed_over() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_owned();
-        let mut watcher = Watcher::new("web", &[root.clone()], &["dist".to_owned()]).unwrap();
+        let mut watcher =
+            Watcher::new("web", std::slice::from_ref(&root), &["dist".to_owned()]).unwrap();
         for ignored in ["node_modules", ".git", "dist", "__pycache__"] {
             std::fs::create_dir(root.join(ignored)).unwrap();
             std::fs::write(root.join(ignored).join("x"), "x").unwrap();
@@ -283,12 +284,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let app = dir.path().join("app.js");
         std::fs::write(&app, "1").unwrap();
-        let mut watcher = Watcher::new("web", &[app.clone()], &[]).unwrap();
+        let mut watcher = Watcher::new("web", std::slice::from_ref(&app), &[]).unwrap();
         std::fs::write(dir.path().join("other.js"), "x").unwrap();
         // As editors save: a new file renamed over the old one.
         std::fs::write(dir.path().join("app.js.new"), "2").unwrap();
         std::fs::rename(dir.path().join("app.js.new"), &app).unwrap();
-        assert_eq!(next(&mut watcher).await, [app.clone()]);
+        assert_eq!(next(&mut watcher).await, [app]);
     }
 
     #[tokio::test]

@@ -491,11 +491,12 @@ size = "auto"
             [Path::new("/etc/app/src"), Path::new("/srv/shared")]
         );
         assert_eq!(web.watch_ignore, ["dist"]);
-        let error =
-            load("[pools.migrate]\ncommand = \"x\"\noneshot = true\nwatch = [\"db\"]\n")
-                .unwrap_err();
+        let error = load("[pools.migrate]\ncommand = \"x\"\noneshot = true\nwatch = [\"db\"]\n")
+            .unwrap_err();
         assert!(
-            error.contains("ustad.toml:4:9: `watch` rolls a pool when its files change, but a `oneshot` pool"),
+            error.contains(
+                "ustad.toml:4:9: `watch` rolls a pool when its files change, but a `oneshot` pool"
+            ),
             "{error}"
         );
     }
