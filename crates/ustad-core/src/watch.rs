@@ -115,7 +115,7 @@ impl Watcher {
         loop {
             match tokio::time::timeout(QUIET, self.read(&mut changed)).await {
                 Ok(result) => result?,
-                Err(_quiet) => return Ok(changed),
+                Err(_quiet) => return Ok(named(changed)),
             }
         }
     }
@@ -228,6 +228,17 @@ impl Watcher {
     }
 }
 
+/// What to name of the paths that changed: those still there (an editor's or `sed -i`'s
+/// temporary files come and go within a save), or, when none is (only deletions), all of them.
+fn named(changed: Vec<PathBuf>) -> Vec<PathBuf> {
+    let there: Vec<PathBuf> = changed
+        .iter()
+        .filter(|path| path.exists())
+        .cloned()
+        .collect();
+    if there.is_empty() { changed } else { there }
+}
+
 fn note(changed: &mut Vec<PathBuf>, path: PathBuf) {
     if changed.len() < NAMED && !changed.contains(&path) {
         changed.push(path);
@@ -290,6 +301,20 @@ mod tests {
         std::fs::write(dir.path().join("app.js.new"), "2").unwrap();
         std::fs::rename(dir.path().join("app.js.new"), &app).unwrap();
         assert_eq!(next(&mut watcher).await, [app]);
+    }
+
+    #[tokio::test]
+    async fn a_save_through_a_temporary_file_names_the_file_saved_and_a_deletion_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        std::fs::write(root.join("app.js"), "1").unwrap();
+        let mut watcher = Watcher::new("web", std::slice::from_ref(&root), &[]).unwrap();
+        // As `sed -i` saves: a temporary file, renamed over the file.
+        std::fs::write(root.join("sedAb12Cd"), "2").unwrap();
+        std::fs::rename(root.join("sedAb12Cd"), root.join("app.js")).unwrap();
+        assert_eq!(next(&mut watcher).await, [root.join("app.js")]);
+        std::fs::remove_file(root.join("app.js")).unwrap();
+        assert_eq!(next(&mut watcher).await, [root.join("app.js")]);
     }
 
     #[tokio::test]
