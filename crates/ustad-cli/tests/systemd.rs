@@ -444,16 +444,11 @@ ready = "notify"
 
     // systemd restarts it with the store's fds (in no particular order).
     store.reverse();
-    let passed: Vec<(String, OwnedFd)> = store
-        .iter()
-        .map(|(name, fd)| (name.clone(), fd.try_clone().unwrap()))
-        .collect();
-    let named: Vec<(&str, OwnedFd)> = passed
+    let passed: Vec<(&str, OwnedFd)> = store
         .iter()
         .map(|(name, fd)| (name.as_str(), fd.try_clone().unwrap()))
         .collect();
-    let mut second = start_activated(dir.path(), named, &env);
-    drop(passed);
+    let mut second = start_activated(dir.path(), passed, &env);
     // Two taken back; the configuration's second slot of `spread` is bound anew.
     let taken = second.wait_events(|e| e.is("taken_from_store"), 2, TIMEOUT);
     assert!(

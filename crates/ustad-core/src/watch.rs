@@ -204,9 +204,7 @@ impl Watcher {
         }
         let wd = inotify::add_watch(self.fd.get_ref(), dir, flags())?;
         match self.dirs.get_mut(&wd) {
-            // A directory watched whole, and for one of its files too: whole wins.
-            Some((_, existing)) if existing.is_none() || only.is_none() => *existing = None,
-            // Two files of one directory: the directory's every entry counts (rare, harmless).
+            // Watched already (whole, or for another of its files): now every entry counts.
             Some((_, existing)) => *existing = None,
             None => {
                 self.dirs.insert(wd, (dir.to_owned(), only));
@@ -318,7 +316,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_missing_path_is_left_out_and_said() {
+    async fn a_missing_path_is_left_out() {
         let dir = tempfile::tempdir().unwrap();
         let watcher = Watcher::new("web", &[dir.path().join("nope")], &[]).unwrap();
         assert_eq!(watcher.directories(), 0);

@@ -45,7 +45,7 @@ mod store;
 
 pub use self::activation::{Activation, ActivationError, listen_fds_from};
 pub use self::handover::HandedListeners;
-pub use self::store::{PREFIX as STORE_PREFIX, StoredSockets};
+pub use self::store::StoredSockets;
 
 /// The sockets of a configuration cannot be opened; nothing was started.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,18 @@ enum Bound {
         backlog: u32,
         per_slot: HashMap<(String, usize), Socket>,
     },
+}
+
+impl Bound {
+    /// One socket bound elsewhere (a service manager's), as `mode` uses it: `reuseport`
+    /// becomes one socket for every slot.
+    fn whole(socket: Socket, mode: SocketMode) -> Bound {
+        if mode == SocketMode::RoundRobin {
+            Bound::Handed(socket)
+        } else {
+            Bound::Shared(socket)
+        }
+    }
 }
 
 /// Every socket of a configuration, bound.
@@ -138,11 +150,7 @@ impl Listeners {
                     let (_, fd, socket) = matched.swap_remove(at);
                     log_inherited(name, spec, fd, &socket);
                     listeners.inherited.push(name.clone());
-                    if spec.mode == SocketMode::RoundRobin {
-                        Bound::Handed(socket)
-                    } else {
-                        Bound::Shared(socket)
-                    }
+                    Bound::whole(socket, spec.mode)
                 }
                 None => {
                     if !passed.is_empty() {
@@ -185,11 +193,7 @@ impl Listeners {
             if let ListenAddr::Unix(path) = &spec.listen {
                 self.unix_paths.push(path.clone());
             }
-            return Some(if spec.mode == SocketMode::RoundRobin {
-                Bound::Handed(socket)
-            } else {
-                Bound::Shared(socket)
-            });
+            return Some(Bound::whole(socket, spec.mode));
         }
         let slots = stored.slots.remove(name)?;
         let address = slots

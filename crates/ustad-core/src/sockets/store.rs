@@ -21,7 +21,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use crate::config::{Config, ListenAddr, SocketMode, SocketSpec};
 
 /// What the names of stored sockets start with.
-pub const PREFIX: &str = "ustad/";
+pub(super) const PREFIX: &str = "ustad/";
 
 /// Which socket a stored fd is.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
